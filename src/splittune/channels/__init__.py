@@ -1,0 +1,6 @@
+"""Channels carry messages between parties; parties never know which one they are on (contract 4)."""
+
+from .base import Channel, RemoteError, Tap
+from .local import LocalChannel
+
+__all__ = ["Channel", "RemoteError", "Tap", "LocalChannel"]

@@ -1,0 +1,165 @@
+"""The run configuration: YAML validated by pydantic, overridable key by key with ``--set``.
+
+Every section forbids unknown keys, so a typo is an error that names the key and the allowed ones
+instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SegmentName = Literal["bottom", "trunk", "top"]
+TrainMode = Literal["lora", "frozen", "full"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "builtin:shakespeare",
+        description="builtin:shakespeare | builtin:sentiment | a local .txt/.jsonl/.csv file | hf:NAME (a hub dataset)",
+    )
+    task: Literal["auto", "causal_lm", "instruction"] = Field(
+        "auto", description="auto: instruction for prompt/response, chat or labelled data, causal_lm for raw text"
+    )
+    eval_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="share of documents held out for evaluation")
+    max_train_examples: int | None = Field(None, ge=1, description="cap on training examples (after packing)")
+    max_eval_examples: int | None = Field(64, ge=1, description="cap on evaluation examples")
+    max_documents: int | None = Field(None, ge=1, description="read at most this many documents from the source")
+    text_field: str = Field("text", description="field of a .jsonl/.csv record holding raw text")
+    hf_split: str = Field("train", description="split of a hub dataset")
+
+
+class TrainConfig(Section):
+    steps: int = Field(40, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    seq_len: int = Field(128, ge=8, description="tokens per example (packed text) or maximum length (instructions)")
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(2, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="global clipping across parties; null disables it")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
+    eval_batches: int | None = Field(None, ge=1, description="cap on evaluation batches")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    model_dropout: bool = Field(
+        False, description="keep the model's own dropout (off by default: each party has its own RNG)"
+    )
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = Field(
+        None, description="module names to adapt; null: the architecture's default; 'all-linear' for every linear layer"
+    )
+
+
+class SegmentsConfig(Section):
+    """How each segment trains: LoRA adapters, frozen, or all its weights."""
+
+    bottom: TrainMode = "lora"
+    trunk: TrainMode = "lora"
+    top: TrainMode = "lora"
+
+
+class RunConfig(Section):
+    model: str = Field("builtin:smollm2-135m", description="builtin:NAME | tiny:MODEL_TYPE | local dir | hub id")
+    cuts: list[int] = Field(
+        default_factory=lambda: [2, 28],
+        description="[a]: two-part split (labels go to the server); [a, b]: U-shaped split (labels stay)",
+    )
+    mode: Literal["split", "centralized"] = "split"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
+
+    @field_validator("cuts")
+    @classmethod
+    def _cuts_shape(cls, cuts: list[int]) -> list[int]:
+        if len(cuts) not in (1, 2):
+            raise ValueError(f"cuts must have 1 (two-part) or 2 (U-shaped) block indices, got {len(cuts)}: {cuts}")
+        if len(cuts) == 2 and cuts[0] >= cuts[1]:
+            raise ValueError(f"cuts must be increasing, got {cuts}")
+        if min(cuts) < 0:
+            raise ValueError(f"cuts are block indices and cannot be negative, got {cuts}")
+        return cuts
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a ``--set`` value with YAML rules (numbers, lists, null, booleans; anything else is a string)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.path=value`` assignment to a nested dict, checking the key exists."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key.path=value, got {assignment!r}")
+    path, _, raw = assignment.partition("=")
+    keys = path.strip().split(".")
+    model: type[BaseModel] = RunConfig
+    node = tree
+    for depth, key in enumerate(keys):
+        fields = model.model_fields
+        if key not in fields:
+            where = ".".join(keys[:depth]) or "the top level"
+            raise ConfigError(f"unknown config key {path!r}: {key!r} is not one of {', '.join(fields)} (at {where})")
+        annotation = fields[key].annotation
+        if depth == len(keys) - 1:
+            node[key] = _parse_value(raw)
+            return
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            raise ConfigError(f"config key {'.'.join(keys[: depth + 1])!r} is a value, not a section; cannot set {path!r}")
+        node = node.setdefault(key, {})
+        model = annotation
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML config (or the builtin default), apply ``--set`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")
+        tree = loaded
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

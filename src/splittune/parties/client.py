@@ -1,0 +1,149 @@
+"""The client party: stage 1 (bottom forward), stage 4 (top forward and loss, U-shape), its half of
+stage 5, and the driver of a step. It holds the data and, in the U-shaped split, the labels.
+
+With no server (``mode: centralized``) the same class runs the whole model locally: the baseline
+shares every line of data handling, optimisation and evaluation with the split run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from ..channels import Channel
+from ..wire import Message
+from .party import Party
+
+Batch = dict[str, torch.Tensor]
+
+
+def count_items(labels: torch.Tensor) -> int:
+    """Tokens that carry loss: labels after the causal shift that are not ignored."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    lr: float
+
+
+class Client:
+    def __init__(self, party: Party, channel: Channel | None = None, session: str | None = None):
+        self.party = party
+        self.plan = party.plan
+        self.channel = channel
+        self.session = session or uuid.uuid4().hex[:12]
+        self.server_info: dict = {}
+        if self.plan.shape != "centralized" and channel is None:
+            raise ValueError(f"a {self.plan.shape} split needs a channel to the server")
+
+    def connect(self) -> dict:
+        """Stage 0: propose the session; the server builds its part from it or says why not."""
+        if self.channel is not None:
+            reply = self.channel.call(Message("hello", self.session, meta=self.party.session.to_meta()))
+            self.server_info = dict(reply.meta)
+        return self.server_info
+
+    def _call(self, kind: str, step: int, micro: int, tensors: dict, **meta) -> Message:
+        return self.channel.call(Message(kind, self.session, step, micro, tensors, meta))
+
+    # -- one micro-batch, forward and backward ----------------------------------------------------------
+    def _micro(self, step: int, micro: int, batch: Batch, num_items: int) -> float:
+        party, plan = self.party, self.plan
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if plan.shape == "centralized":
+            out = party.run(0, plan.n_blocks, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+            out.loss.backward()
+            return float(out.loss.detach())
+        bottom = plan.segment("bottom")
+        h = party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
+        want_grad = h.requires_grad
+        if plan.shape == "two-part":
+            reply = self._call("activations", step, micro, {"hidden": h.detach(), "attention_mask": mask, "labels": labels},
+                               train=True, num_items=num_items, want_grad=want_grad)
+            loss = float(reply.meta["loss"])
+        else:
+            reply = self._call("activations", step, micro, {"hidden": h.detach(), "attention_mask": mask}, train=True)
+            top = plan.segment("top")
+            h_top = reply.tensors["hidden"].requires_grad_(True)
+            out = party.run(top.start, top.end, hidden=h_top, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+            out.loss.backward()
+            loss = float(out.loss.detach())
+            reply = self._call("gradients", step, micro, {"grad": h_top.grad}, want_grad=want_grad)
+        if want_grad:
+            h.backward(reply.tensors["grad"])
+        return loss
+
+    def train_step(self, step: int, micro_batches: list[Batch]) -> StepResult:
+        """Forward and backward every micro-batch, then one optimizer step on both parties.
+
+        Each micro-batch's loss is its token sum divided by the tokens of the *whole* step, so the
+        accumulated gradient is that of one big batch, whatever the micro-batch split.
+        """
+        loss, num_items = self.backward(step, micro_batches)
+        lr = self.party.lr
+        self.optimizer_step(step)
+        return StepResult(loss, num_items, lr)
+
+    def backward(self, step: int, micro_batches: list[Batch]) -> tuple[float, int]:
+        """Stages 1–5 for every micro-batch: gradients accumulate on both parties."""
+        num_items = sum(count_items(b["labels"]) for b in micro_batches)
+        if num_items == 0:
+            raise ValueError(f"step {step}: no label carries loss (every label is -100)")
+        loss = sum(self._micro(step, i, b, num_items) for i, b in enumerate(micro_batches))
+        return loss, num_items
+
+    def optimizer_step(self, step: int) -> None:
+        """Stage 6 on both parties, with the global gradient norm."""
+        own = self.party.sq_grad_norm()
+        server_sq = 0.0
+        if self.channel is not None:
+            reply = self._call("step", step, 0, {}, sq_norm=own)
+            server_sq = float(reply.meta["sq_norm"])
+        self.party.optimizer_step(own + server_sq)
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_batch(self, batch: Batch, score: tuple[list[int], list[int]] | None = None) -> tuple[float, int, torch.Tensor | None]:
+        """Loss *sum* and token count of one batch; optionally candidate-token logits at given positions."""
+        party, plan = self.party, self.plan
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        items = count_items(labels)
+        if items == 0:
+            labels = None
+        scores = None
+        if plan.shape == "centralized" or plan.shape == "u-shape":
+            if plan.shape == "centralized":
+                out = party.run(0, plan.n_blocks, input_ids=ids, attention_mask=mask, labels=labels,
+                                num_items_in_batch=items or None, want_logits=score is not None)
+            else:
+                bottom, top = plan.segment("bottom"), plan.segment("top")
+                h = party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
+                reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask}, train=False)
+                out = party.run(top.start, top.end, hidden=reply.tensors["hidden"], attention_mask=mask, labels=labels,
+                                num_items_in_batch=items or None, want_logits=score is not None)
+            loss = float(out.loss) if out.loss is not None else 0.0
+            if score is not None:
+                rows = torch.arange(ids.shape[0])
+                scores = out.logits[rows, torch.as_tensor(score[0])][:, torch.as_tensor(score[1])].float()
+        else:
+            bottom = plan.segment("bottom")
+            h = party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
+            meta = {"train": False, "num_items": items or None}
+            if score is not None:
+                meta.update(score_positions=list(score[0]), score_tokens=list(score[1]))
+            if labels is None:
+                labels = torch.full_like(ids, -100)
+            reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "labels": labels}, **meta)
+            loss = float(reply.meta["loss"]) if items else 0.0
+            scores = reply.tensors.get("scores")
+        return loss * items, items, scores
+
+    def server_state(self) -> dict[str, torch.Tensor]:
+        if self.channel is None:
+            return {}
+        return dict(self._call("state", 0, 0, {}).tensors)

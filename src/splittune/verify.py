@@ -1,0 +1,117 @@
+"""``splittune verify``: the exactness contract as a command.
+
+The split model and the unsplit model (same weights, same adapters, same seed) take the same batch:
+their losses, every trainable gradient and the adapters after one optimizer step must agree. This
+is what a user runs after pointing splittune at a new architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .channels import LocalChannel
+from .config import RunConfig
+from .models.arch import detect_arch
+from .models.zoo import resolve_model
+from .parties import Client, Party, Server, SessionSpec
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    cuts: list[int]
+    shape: str
+    loss_split: float
+    loss_unsplit: float
+    max_grad_diff: float
+    max_update_diff: float
+    worst_grad: str
+    tensors: int
+    tolerance: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def loss_diff(self) -> float:
+        return abs(self.loss_split - self.loss_unsplit)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and max(self.loss_diff, self.max_grad_diff, self.max_update_diff) <= self.tolerance
+
+
+def make_batch(vocab: int, batch: int, seq: int, padding: bool, seed: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Random tokens; with ``padding``, one row is left-padded and one right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padding:
+        pad = max(1, seq // 3)
+        mask[0, :pad] = 0
+        if batch > 1:
+            mask[1, seq - pad :] = 0
+        ids = ids.masked_fill(mask == 0, pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _grads(*parties: Party) -> dict[str, torch.Tensor]:
+    from .models.adapters import trainable
+
+    out = {}
+    for party in parties:
+        for name, p in trainable(party.model):
+            out[name] = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+    return out
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    worst, where = 0.0, ""
+    for name in a:
+        d = (a[name].float() - b[name].float()).abs().max().item() if a[name].numel() else 0.0
+        if d > worst or not where:
+            worst, where = d, name
+    return worst, where
+
+
+def verify(cfg: RunConfig, batch: int = 2, seq: int = 16, padding: bool = True, tolerance: float = 1e-5) -> VerifyReport:
+    source = resolve_model(cfg.model)
+    config = source.config()
+    spec = detect_arch(config)
+    fingerprint = source.fingerprint()
+    split = SessionSpec.from_run(cfg.model_copy(update={"mode": "split"}), fingerprint, spec.model_type)
+    whole = SessionSpec.from_run(cfg.model_copy(update={"mode": "centralized"}), fingerprint, spec.model_type)
+
+    reference = Client(Party("client", source, spec, whole, config))
+    server = Server(source, spec, config)
+    channel = LocalChannel(server.handle)
+    client = Client(Party("client", source, spec, split, config), channel)
+    client.connect()
+
+    vocab = config.get_text_config().vocab_size
+    data = make_batch(vocab, batch, seq, padding, cfg.seed)
+    half = max(1, batch // 2)
+    micro = [data] if batch == 1 else [{k: v[:half] for k, v in data.items()}, {k: v[half:] for k, v in data.items()}]
+
+    loss_ref, _ = reference.backward(0, micro)
+    loss_split, _ = client.backward(0, micro)
+    g_ref, g_split = _grads(reference.party), _grads(client.party, server.party)
+    problems = []
+    if set(g_ref) != set(g_split):
+        problems.append(f"trainable tensors differ: only unsplit {sorted(set(g_ref) - set(g_split))[:3]}, "
+                        f"only split {sorted(set(g_split) - set(g_ref))[:3]}")
+    common = {k: g_ref[k] for k in g_ref if k in g_split}
+    grad_diff, worst = _max_diff(common, g_split)
+    if not g_ref:
+        problems.append("nothing is trainable: check segments and lora settings")
+    reference.optimizer_step(0)
+    client.optimizer_step(0)
+    after_ref = reference.party.state()
+    after_split = {**client.party.state(), **client.server_state()}
+    update_diff, _ = _max_diff({k: after_ref[k] for k in after_ref if k in after_split}, after_split)
+    return VerifyReport(
+        cfg.model, list(cfg.cuts), client.plan.shape, loss_split, loss_ref, grad_diff, update_diff, worst, len(g_ref),
+        tolerance, channel.bytes_up, channel.bytes_down, problems,
+    )

@@ -1,0 +1,32 @@
+"""Messages: the typed records parties exchange (DESIGN.md vocabulary: message → frame on the wire)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Every kind a party may send; a frame with any other kind is rejected before it is used.
+KINDS = (
+    "hello",  # client → server: session proposal (model fingerprint, cuts, adapters); reply: "hello" accepted
+    "activations",  # forward tensors crossing a cut, either direction
+    "gradients",  # gradients crossing a cut, either direction
+    "step",  # optimizer step: squared gradient norms exchanged for global clipping
+    "state",  # a party's trainable state (adapters), for saving and export
+    "error",  # a refusal with a reason
+)
+
+
+@dataclass
+class Message:
+    kind: str
+    session: str = ""
+    step: int = 0
+    micro: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown message kind {self.kind!r}; kinds: {', '.join(KINDS)}")
