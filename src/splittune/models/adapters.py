@@ -40,8 +40,18 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def _lora_config(spec: ArchSpec, lora: LoraConfig, blocks: list[int], uses_conv1d: bool) -> PeftLoraConfig:
+def linear_names(block: nn.Module) -> list[str]:
+    """Leaf names of every linear layer in a block (what ``all-linear`` means inside the blocks)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+
+
+def _lora_config(spec: ArchSpec, lora: LoraConfig, blocks: list[int], block: nn.Module) -> PeftLoraConfig:
     targets = lora.target_modules if lora.target_modules is not None else default_target_modules(spec.model_type)
+    if targets == "all-linear":  # peft cannot combine its own all-linear with a layer range
+        targets = linear_names(block)
+    elif isinstance(targets, str):
+        targets = [targets]
+    uses_conv1d = any(isinstance(m, Conv1D) for name, m in block.named_modules() if name.rsplit(".", 1)[-1] in targets)
     return PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -79,10 +89,9 @@ def apply_training(
         p.requires_grad_(False)
     lora_blocks = sorted(i for seg, mode in segments if mode == "lora" for i in seg.blocks)
     if lora_blocks:
-        blocks = model.get_submodule(spec.blocks_path)
-        uses_conv1d = any(isinstance(m, Conv1D) for m in blocks[lora_blocks[0]].modules())
+        block = model.get_submodule(spec.blocks_path)[lora_blocks[0]]
         try:
-            model = get_peft_model(model, _lora_config(spec, lora, lora_blocks, uses_conv1d))
+            model = get_peft_model(model, _lora_config(spec, lora, lora_blocks, block))
         except ValueError as err:
             raise AdapterError(f"cannot place LoRA adapters on {spec.model_type}: {err}") from None
         _seeded_lora_init(model, seed)

@@ -1,0 +1,236 @@
+"""The ``splittune`` command: train, verify, export, models, fetch."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split-learning fine-tuning of large language models.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (hub warnings, peft notices) hides what the user asked for; errors still surface."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="peft")
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .assets import AssetError
+    from .channels import RemoteError
+    from .config import ConfigError
+    from .data import DataError
+    from .export import ExportError
+    from .models.adapters import AdapterError
+    from .models.arch import ArchitectureError
+    from .models.builtin import BuiltinModelError
+    from .models.partition import PlanError
+    from .models.tiny import TinyModelError
+    from .models.zoo import ModelError
+
+    return (ConfigError, DataError, ModelError, PlanError, ArchitectureError, AdapterError, ExportError,
+            AssetError, BuiltinModelError, TinyModelError, RemoteError)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; the builtin default when omitted"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a key, e.g. --set train.steps=5 --set cuts=[1,3]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/<timestamp>)"),
+) -> None:
+    """Fine-tune a model split between a client and a server (in one process)."""
+    _quiet_libraries()
+    from .config import load_config
+    from .runner import train as run_train
+
+    try:
+        cfg = load_config(config, set_)
+    except _user_errors() as err:
+        _fail(str(err))
+    if out is None:
+        import time
+
+        out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    console.print(f"[bold]splittune train[/] · model [cyan]{cfg.model}[/] · mode {cfg.mode} · cuts {cfg.cuts} · "
+                  f"{cfg.train.steps} steps · data {cfg.data.source}")
+    with Progress(TextColumn("[bold blue]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task_id = bar.add_task("train", total=cfg.train.steps, info="loading model and data…")
+
+        def progress(step: int, total: int, row: dict) -> None:
+            info = f"loss {row['loss']:.4f} · ↑{_human_bytes(row['bytes_up'])} ↓{_human_bytes(row['bytes_down'])} · {row['step_s']:.2f}s/step"
+            bar.update(task_id, completed=step, info=info)
+
+        try:
+            summary = run_train(cfg, out, progress)
+        except _user_errors() as err:
+            bar.stop()
+            _fail(str(err))
+    _print_summary(summary, out)
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    table = Table(title="result", show_header=True)
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("eval loss", f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}")
+    table.add_row("eval perplexity", f"{s['eval_ppl_before']:.2f}", f"{s['eval_ppl_after']:.2f}")
+    if "eval_accuracy_before" in s:
+        table.add_row("eval accuracy", f"{s['eval_accuracy_before']:.3f}", f"{s['eval_accuracy_after']:.3f}")
+    table.add_row("train loss (first → last step)", f"{s['train_loss_first']:.4f}", f"{s['train_loss_last']:.4f}")
+    console.print(table)
+    console.print(
+        f"bytes sent: client → server [bold]{_human_bytes(s['bytes_up'])}[/] · server → client [bold]{_human_bytes(s['bytes_down'])}[/] "
+        f"({s['steps']} steps; evaluation adds ↑{_human_bytes(s['eval_bytes_up'])} ↓{_human_bytes(s['eval_bytes_down'])})"
+    )
+    console.print(
+        f"client holds {s['client_params'] / 1e6:.2f} M parameters ({_human_bytes(s['client_bytes'])}), "
+        f"server {s['server_params'] / 1e6:.2f} M ({_human_bytes(s['server_bytes'])}) · {s['step_s_mean']:.3f} s/step · {s['wall_s']:.1f} s in all"
+    )
+    console.print(f"run directory: [bold green]{out}[/] (summary.json, metrics.jsonl, loss.png, adapters/)")
+
+
+@app.command()
+def verify(
+    model: str = typer.Option(..., "--model", "-m", help="model reference (builtin:…, tiny:…, directory, hub id)"),
+    cuts: str = typer.Option(..., "--cuts", help="A (two-part) or A,B (U-shaped)"),
+    batch: int = typer.Option(2, "--batch", min=1, help="examples in the test batch"),
+    seq: int = typer.Option(16, "--seq", min=2, help="tokens per example"),
+    padding: bool = typer.Option(False, "--padding/--no-padding", help="pad one row on the left and one on the right"),
+    tolerance: float = typer.Option(1e-5, "--tolerance"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="other config overrides, e.g. --set lora.rank=4"),
+) -> None:
+    """Check that the split model equals the unsplit one: loss, every gradient, one optimizer step."""
+    _quiet_libraries()
+    from .config import load_config
+    from .verify import verify as run_verify
+
+    try:
+        cut_list = [int(c) for c in cuts.replace(" ", "").strip("[]").split(",") if c]
+    except ValueError:
+        _fail(f"--cuts must be one or two block indices like 2 or 2,28; got {cuts!r}")
+    try:
+        cfg = load_config(None, [f"model={model}", f"cuts={cut_list}", *set_])
+        report = run_verify(cfg, batch=batch, seq=seq, padding=padding, tolerance=tolerance)
+    except _user_errors() as err:
+        _fail(str(err))
+    table = Table(title=f"verify {model} · {report.shape} · cuts {report.cuts}" + (" · padded" if padding else ""))
+    table.add_column("check")
+    table.add_column("max |split − unsplit|", justify="right")
+    table.add_row("loss", f"{report.loss_diff:.3e}  ({report.loss_split:.6f} vs {report.loss_unsplit:.6f})")
+    table.add_row(f"gradients ({report.tensors} tensors)", f"{report.max_grad_diff:.3e}  (largest at {report.worst_grad})")
+    table.add_row("adapters after one step", f"{report.max_update_diff:.3e}")
+    console.print(table)
+    for problem in report.problems:
+        err_console.print(f"[red]problem:[/] {problem}")
+    if report.ok:
+        console.print(f"[bold green]OK[/]: within tolerance {tolerance:g}")
+    else:
+        console.print(f"[bold red]FAIL[/]: differences exceed tolerance {tolerance:g}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="where to write the PEFT adapter"),
+    merge: bool = typer.Option(False, "--merge", help="also write full weights with the adapters merged (out/merged)"),
+) -> None:
+    """Write one standard PEFT adapter for the whole model (loadable with PeftModel.from_pretrained)."""
+    _quiet_libraries()
+    from .export import export_run
+
+    try:
+        info = export_run(run_dir, out, merge=merge)
+    except _user_errors() as err:
+        _fail(str(err))
+    console.print(f"wrote a PEFT adapter to [bold green]{out}[/]: {info['lora_tensors']} LoRA tensors"
+                  + (f" on {info['target_modules']} in blocks {info['layers']}" if info.get("lora_tensors") else ""))
+    if merge:
+        console.print(f"merged full weights in [bold green]{out / 'merged'}[/]")
+
+
+@app.command()
+def models() -> None:
+    """Builtin models and the architectures splittune supports."""
+    _quiet_libraries()
+    from .models.builtin import BUILTIN_MODELS
+    from .models.catalog import TESTED_ARCHITECTURES
+
+    table = Table(title="builtin models")
+    table.add_column("reference")
+    table.add_column("description")
+    for name, spec in BUILTIN_MODELS.items():
+        table.add_row(f"builtin:{name}", spec.description)
+    console.print(table)
+    console.print("architectures verified exact in the test suite (two-part and U-shaped, with padding): "
+                  + ", ".join(TESTED_ARCHITECTURES))
+    console.print("any other decoder-only causal LM with embeddings, one list of blocks, a final norm and a head is "
+                  "detected automatically; run `splittune verify --model M --cuts A,B --padding` to check it. "
+                  "Test models: tiny:MODEL_TYPE[,layers=N,hidden=N,seed=N].")
+
+
+@app.command()
+def fetch(
+    names: list[str] = typer.Argument(None, help="builtin:smollm2-135m, builtin:shakespeare, builtin:sentiment (all when omitted)"),
+    print_path: bool = typer.Option(False, "--print-path", help="print only the local directory of each"),
+) -> None:
+    """Fetch builtin models and data into the cache for offline use."""
+    _quiet_libraries()
+    from .data import BUILTIN_SOURCES
+    from .data.builtin import builtin_path
+    from .models.builtin import BUILTIN_MODELS, builtin_model_dir
+
+    names = names or [f"builtin:{n}" for n in BUILTIN_MODELS] + list(BUILTIN_SOURCES)
+    for name in names:
+        try:
+            if name.removeprefix("builtin:") in BUILTIN_MODELS:
+                path = builtin_model_dir(name.removeprefix("builtin:"))
+            elif name in BUILTIN_SOURCES:
+                path = builtin_path(name)
+            else:
+                known = [f"builtin:{n}" for n in BUILTIN_MODELS] + list(BUILTIN_SOURCES)
+                _fail(f"unknown builtin {name!r}; builtins: {', '.join(known)}")
+        except _user_errors() as err:
+            _fail(str(err))
+        if print_path:
+            print(path)
+        else:
+            console.print(f"{name}: [green]{path}[/]")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""Reports people would rather see than read: plots of a run."""

@@ -1,0 +1,61 @@
+"""Contract 1: split training equals unsplit training, for every tested architecture and both shapes."""
+
+import pytest
+
+from splittune.config import load_config
+from splittune.models.catalog import TESTED_ARCHITECTURES
+from splittune.verify import verify
+
+REQUIRED = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt", "gpt_neox"]
+
+
+def test_catalog_covers_required_architectures():
+    assert set(REQUIRED) <= set(TESTED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("cuts", [[2], [1, 3]], ids=["two-part", "u-shape"])
+@pytest.mark.parametrize("arch", TESTED_ARCHITECTURES)
+def test_split_equals_unsplit_with_padding(arch, cuts):
+    cfg = load_config(None, [f"model=tiny:{arch}", f"cuts={cuts}", "lora.target_modules=all-linear"])
+    report = verify(cfg, batch=4, seq=12, padding=True)
+    assert not report.problems
+    assert report.tensors > 0
+    assert report.loss_diff <= 1e-5, report
+    assert report.max_grad_diff <= 1e-5, report
+    assert report.max_update_diff <= 1e-5, report
+    assert report.bytes_up > 0 and report.bytes_down > 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["cuts=[0]"],  # the client keeps only the embeddings
+        ["cuts=[0,3]"],
+        ["cuts=[1,3]", "segments.trunk=frozen"],
+        ["cuts=[1,3]", "segments.bottom=full", "segments.top=full"],  # tied embeddings trained on the client
+        ["cuts=[2]", "segments.bottom=frozen", "lora.rank=4"],
+        ["cuts=[1,3]", "train.max_grad_norm=1e-4"],  # clipping active: the global norm must be exact
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_split_variants_are_exact(overrides):
+    report = verify(load_config(None, ["model=tiny:gpt2", *overrides]), batch=4, seq=12, padding=True)
+    assert report.ok, report
+
+
+def test_verify_detects_a_wrong_split(monkeypatch):
+    """A verify that cannot fail proves nothing: perturb the server's activations and it must fail."""
+    from splittune.parties import server as server_mod
+
+    original = server_mod.Server._activations
+
+    def perturbed(self, msg):
+        reply = original(self, msg)
+        if "hidden" in reply.tensors:
+            reply.tensors["hidden"] = reply.tensors["hidden"] * 1.001
+        return reply
+
+    monkeypatch.setattr(server_mod.Server, "_activations", perturbed)
+    report = verify(load_config(None, ["model=tiny:llama", "cuts=[1,3]"]), batch=2, seq=8, padding=True)
+    assert not report.ok
+    assert report.max_grad_diff > 1e-5
