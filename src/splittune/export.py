@@ -44,8 +44,8 @@ def read_run_adapters(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> dict:
     run_dir, out = Path(run_dir), Path(out)
-    cfg = load_config(run_dir / "config.yaml")
     state, manifest = read_run_adapters(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
     source = resolve_model(cfg.model)
     spec = detect_arch(source.config())
     lora = {k: v for k, v in state.items() if ".lora_" in k}

@@ -29,7 +29,7 @@ class FrameError(ValueError):
 class FrameLimits:
     max_frame_bytes: int = 1 << 31
     max_header_bytes: int = 1 << 20
-    max_tensors: int = 64
+    max_tensors: int = 4096  # a state message carries every adapter tensor of a party
     max_tensor_elements: int = 1 << 31
     max_dims: int = 8
 

@@ -1,0 +1,7 @@
+"""The one error type of the data module."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file (and line) and what is allowed there."""

@@ -1,0 +1,142 @@
+"""Instruction tuning: prompt and response in one sequence, the loss on the response tokens only.
+
+With a chat template (``tokenizer.chat_template``) a record becomes a conversation: the prompt is every
+turn before the last, rendered with the generation prompt (``add_generation_prompt=True``), and the
+response is the rest of the full rendering (the assistant's text and its end-of-turn tokens). Without
+one, the sequence is ``[prefix] + prompt + response + [eos]``. Either way the prompt is tokenized on its
+own and must be an exact prefix of the full sequence's tokens; otherwise the mask would hide or expose
+the wrong tokens, so we refuse instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .errors import DataError
+from .records import Record, record_kind
+from .tokens import cached, encode, special_prefix
+
+Encoded = tuple[Sequence[int], Sequence[int]]  # (prompt ids, full ids)
+
+IGNORE_INDEX = -100
+DEFAULT_LABEL_PROMPT = "Text: {text}\nLabel:"
+
+Example = dict[str, torch.Tensor]
+
+
+class InstructionFormat:
+    """How records become (prompt ids, full ids) for one tokenizer.
+
+    ``label_prompt`` frames labelled records: it becomes the user turn (or the plain prompt), and the label
+    word the response (after a space in the plain form, where the space belongs to the word's token).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, label_prompt: str = DEFAULT_LABEL_PROMPT):
+        self.tokenizer = tokenizer
+        self.label_prompt = label_prompt
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.prefix: list[int] = []
+        self.suffix: list[int] = []
+        if not self.chat:
+            if tokenizer.eos_token_id is None:
+                raise DataError("the tokenizer has no eos_token: instruction examples need one to end each response")
+            self.prefix = special_prefix(tokenizer)
+            self.suffix = [tokenizer.eos_token_id]
+
+    def messages(self, record: Record) -> list[dict[str, str]]:
+        kind = record_kind(record)
+        if kind == "chat":
+            return record["messages"]
+        if kind == "pair":
+            return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+        if kind == "labelled":
+            return [
+                {"role": "user", "content": self.label_prompt.format(text=record["text"])},
+                {"role": "assistant", "content": record["label"]},
+            ]
+        raise DataError("an instruction task needs prompt/response, messages or text+label records, got raw text")
+
+    def _plain(self, record: Record) -> tuple[str, str]:
+        kind = record_kind(record)
+        if kind == "pair":
+            return record["prompt"], record["response"]
+        if kind == "labelled":
+            return self.label_prompt.format(text=record["text"]), " " + record["label"]
+        turns = self.messages(record)
+        context = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in turns[:-1])
+        return context + "Assistant:", " " + turns[-1]["content"]
+
+    def render(self, records: Sequence[Record]) -> tuple[list[str], list[str]]:
+        """The prompt text and the full text of each record."""
+        if self.chat:
+            conversations = [self.messages(r) for r in records]
+            apply = self.tokenizer.apply_chat_template
+            prompts = apply([c[:-1] for c in conversations], add_generation_prompt=True, tokenize=False)
+            fulls = apply(conversations, tokenize=False)
+            return list(prompts), list(fulls)
+        parts = [self._plain(r) for r in records]
+        return [p for p, _ in parts], [p + r for p, r in parts]
+
+    def encode(self, records: Sequence[Record]) -> list[Encoded]:
+        """(prompt ids, full ids) per record, the prompt checked to be a proper prefix of the full sequence."""
+        if not records:
+            return []
+        prompts, fulls = self.render(records)
+        prompt_ids = encode(self.tokenizer, prompts)
+        full_ids = encode(self.tokenizer, fulls)
+        out = []
+        for i, (p, f) in enumerate(zip(prompt_ids, full_ids, strict=True)):
+            if len(f) <= len(p) or f[: len(p)] != p:
+                boundary = f"{prompts[i][-20:]!r} + {fulls[i][len(prompts[i]) :][:20]!r}"
+                raise DataError(
+                    f"record {i}: the prompt's tokens are not a prefix of the prompt+response tokens, so the loss "
+                    f"mask cannot be placed (at {boundary}). The tokenizer merges characters across the boundary: "
+                    "end the prompt with a separator the response does not continue (e.g. move trailing whitespace "
+                    "from the prompt to the response)"
+                )
+            out.append((self.prefix + p, self.prefix + f + self.suffix))
+        return out
+
+    def encode_cached(self, records: Sequence[Record], name: str) -> list[Encoded]:
+        """:meth:`encode` through the token cache; only for public (builtin) records."""
+        key = [
+            "instruction-v1",
+            str(self.tokenizer.chat_template),
+            self.label_prompt,
+            str(self.prefix),
+            str(self.suffix),
+        ]
+        key += [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records]
+        flat = cached(name, self.tokenizer, key, lambda: [ids for pair in self.encode(records) for ids in pair])
+        return list(zip(flat[0::2], flat[1::2], strict=True))
+
+
+def build_examples(encoded: Sequence[Encoded], seq_len: int) -> tuple[list[Example | None], int]:
+    """One example per encoded record (None where the prompt leaves no room for the response), and how many
+    were truncated.
+
+    Sequences longer than ``seq_len`` are cut at the end, so an example keeps its whole prompt and at least
+    the start of its response.
+    """
+    examples: list[Example | None] = []
+    truncated = 0
+    for prompt, full in encoded:
+        if len(prompt) >= seq_len:
+            examples.append(None)
+            continue
+        truncated += len(full) > seq_len
+        ids = torch.as_tensor(np.asarray(full[:seq_len], dtype=np.int64))
+        labels = ids.clone()
+        labels[: len(prompt)] = IGNORE_INDEX
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples, truncated
+
+
+def prompt_length(example: Example) -> int:
+    """Where the response starts: the first position with a label."""
+    return int((example["labels"] != IGNORE_INDEX).nonzero()[0, 0])

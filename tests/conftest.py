@@ -1,0 +1,71 @@
+"""Test tokenizers built in memory (no hub): byte-level BPE where token id == byte value.
+
+Fixed special ids in every variant: ``<|endoftext|>`` 256 (eos), ``<|pad|>`` 257 (pad unless
+``pad=False``), ``<|im_start|>`` 258, ``<|im_end|>`` 259 (``chat=True`` adds a ChatML template),
+``<|bos|>`` 260 (prepended to every text when ``bos=True``). Optional ``merges`` (pairs of byte
+symbols, e.g. ("Ġ", "x") for " x") get ids from 261 upwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _byte_symbols() -> list[str]:
+    """The ByteLevel alphabet in byte order (GPT-2's bytes_to_unicode), so symbol i stands for byte i."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<|bos|>"]  # ids 256..260
+
+
+def build_tokenizer(
+    chat: bool = False, merges: tuple[tuple[str, str], ...] = (), bos: bool = False, pad: bool = True
+) -> PreTrainedTokenizerFast:
+    vocab = {symbol: i for i, symbol in enumerate(_byte_symbols())}
+    for token in SPECIALS:
+        vocab[token] = len(vocab)
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>" if pad else None,
+        bos_token="<|bos|>" if bos else None,
+        additional_special_tokens=SPECIALS[1:4],
+        model_max_length=1 << 20,
+    )
+    if chat:
+        tok.chat_template = CHATML
+    if bos:
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_token_id)]
+        )
+    return tok
+
+
+@pytest.fixture(scope="session")
+def byte_tok() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def chat_tok() -> PreTrainedTokenizerFast:
+    return build_tokenizer(chat=True)
+
+
+@pytest.fixture(scope="session")
+def make_tok():
+    return build_tokenizer
