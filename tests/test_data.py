@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file
 
 from splittune.config import DataConfig
 from splittune.data import (
@@ -145,6 +147,8 @@ def test_builtin_tokens_are_cached_by_tokenizer_and_text(byte_tok, make_tok, tmp
     monkeypatch.undo()
     monkeypatch.setattr(tokens_mod, "cache_dir", lambda: tmp_path)
     path.write_bytes(b"garbage")  # a damaged cache is rebuilt
+    assert [x.tolist() for x in tokens_mod.encode_cached(byte_tok, texts, "demo")] == [ids(t) for t in texts]
+    save_file({"ids": np.zeros(3, dtype=np.int32), "lengths": np.array([2, 2])}, path)  # inconsistent sizes
     assert [x.tolist() for x in tokens_mod.encode_cached(byte_tok, texts, "demo")] == [ids(t) for t in texts]
     tokens_mod.encode_cached(make_tok(merges=(("Ġ", "b"),)), texts, "demo")  # another tokenizer, another file
     assert len(list((tmp_path / "tokens").glob("demo-*.safetensors"))) == 2

@@ -36,7 +36,7 @@ def _read_text(path: Path) -> str:
 
 def read_txt(path: Path, max_documents: int | None = None) -> list[Record]:
     text = strip_gutenberg(_read_text(path))
-    paragraphs = [p.strip() for p in _BLANK_LINES.split(text) if p.strip()]
+    paragraphs = [p.rstrip() for p in _BLANK_LINES.split(text) if p.strip()]  # keeps a first line's indent
     target = min(TXT_DOCUMENT_CHARS, max(1, sum(map(len, paragraphs)) // TXT_MIN_DOCUMENTS))
     documents: list[Record] = []
     group: list[str] = []

@@ -23,7 +23,9 @@ def _label_names(dataset: Any) -> list[str] | None:
 
 def _is_unreachable(err: BaseException) -> bool:
     """Whether an error (or one it was raised from) is a network failure rather than a bad name."""
-    while err is not None:
+    for _ in range(10):  # the chain of causes is short; the bound guards against cycles
+        if err is None:
+            return False
         text = f"{type(err).__name__} {err}".lower()
         if isinstance(err, (ConnectionError, TimeoutError)) or any(
             s in text for s in ("offline", "connect", "resolve", "timed out", "timeout", "network", "unreachable")

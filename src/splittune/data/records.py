@@ -14,8 +14,6 @@ from typing import Any, Literal
 RecordKind = Literal["text", "labelled", "pair", "chat"]
 Record = dict[str, Any]
 
-INSTRUCTION_KINDS = frozenset({"labelled", "pair", "chat"})
-
 
 def allowed_fields(text_field: str = "text") -> str:
     """The field combinations a record may have, for error messages."""

@@ -73,7 +73,9 @@ def cached(
     if path.exists():
         try:
             stored = load_file(path)
-            return np.split(stored["ids"].astype(np.int64), np.cumsum(stored["lengths"])[:-1])
+            ids, lengths = stored["ids"], stored["lengths"]
+            if ids.ndim == lengths.ndim == 1 and (lengths >= 0).all() and lengths.sum() == len(ids):
+                return np.split(ids.astype(np.int64), np.cumsum(lengths)[:-1])
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
     lists = compute()
