@@ -1,5 +1,7 @@
 """Export: one PEFT adapter on the unsplit base model gives the split model's logits."""
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -42,7 +44,6 @@ def test_exported_adapter_reproduces_split_logits(tmp_path, model, monkeypatch):
     batch["attention_mask"][1, :3] = 0
     with torch.no_grad():
         expected = peft_model(**batch).logits
-        plain = base.get_base_model()(**batch).logits if hasattr(base, "get_base_model") else None
     got = split_logits(client, batch)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     with peft_model.disable_adapter(), torch.no_grad():
@@ -72,6 +73,15 @@ def test_two_part_export_and_merge(tmp_path):
     with torch.no_grad():
         out = client.party.run(0, client.plan.n_blocks, input_ids=ids, attention_mask=torch.ones_like(ids), want_logits=True)
         assert torch.allclose(out.logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+def test_gpt2_two_part_with_lora_only_on_the_server(tmp_path):
+    """The Conv1D layout flag comes from whichever party holds LoRA."""
+    train(load_config(None, ["model=tiny:gpt2", "cuts=[2]", "segments.bottom=frozen", *BASE]), tmp_path / "run")
+    export_run(tmp_path / "run", tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    base = AutoModelForCausalLM.from_pretrained(str(resolve_model("tiny:gpt2").path), dtype=torch.float32)
+    PeftModel.from_pretrained(base, str(tmp_path / "adapter"))  # loads without shape errors
 
 
 def test_full_segments_need_merge(tmp_path):

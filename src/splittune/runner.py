@@ -147,7 +147,7 @@ def save_adapters(folder: Path, client: Client, cfg: RunConfig) -> None:
     parts = {"client": client.party.state(), "server": client.server_state()}
     manifest = {"model": cfg.model, "cuts": list(cfg.cuts), "shape": client.plan.shape,
                 "segments": cfg.segments.model_dump(), "lora": cfg.lora.model_dump(), "files": {},
-                "fan_in_fan_out": bool(getattr(getattr(client.party.model, "peft_config", {}).get("default"), "fan_in_fan_out", False))}
+                "fan_in_fan_out": bool(client.party.fan_in_fan_out or client.server_info.get("fan_in_fan_out"))}
     for party, state in parts.items():
         if state:
             save_file(state, str(folder / f"{party}.safetensors"), metadata={"party": party, "format": "splittune-adapter"})

@@ -132,6 +132,12 @@ class Party:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0] if self.scheduler else 0.0
 
+    @property
+    def fan_in_fan_out(self) -> bool | None:
+        """Whether this party's LoRA layers wrap transposed (Conv1D) weights; None without LoRA."""
+        config = getattr(self.model, "peft_config", {}).get("default")
+        return None if config is None else bool(config.fan_in_fan_out)
+
     def state(self) -> dict[str, torch.Tensor]:
         return trainable_state(self.model)
 

@@ -65,7 +65,7 @@ class Server:
         seg = self.party.segments[0]
         return self._reply(
             msg, "hello", accepted=True, blocks=[seg.start, seg.end], params=self.party.weights.params,
-            bytes=self.party.weights.bytes, trainable=self.party.trainable_params,
+            bytes=self.party.weights.bytes, trainable=self.party.trainable_params, fan_in_fan_out=self.party.fan_in_fan_out,
         )
 
     # -- validation -------------------------------------------------------------------------------------
