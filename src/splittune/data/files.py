@@ -64,6 +64,17 @@ def _check_consistent(path: Path, line: int, record: Record, first: Record | Non
         )
 
 
+def _add_record(path: Path, line: int, raw: object, text_field: str, records: list[Record], max_documents: int | None) -> bool:
+    """Normalize one raw row, check it matches the file's first record, append it; True once the cap is reached."""
+    try:
+        record = normalize_record(raw, text_field)
+    except ValueError as err:
+        raise DataError(f"{path}: line {line}: {err}") from None
+    _check_consistent(path, line, record, records[0] if records else None)
+    records.append(record)
+    return max_documents is not None and len(records) >= max_documents
+
+
 def read_jsonl(path: Path, text_field: str = "text", max_documents: int | None = None) -> list[Record]:
     records: list[Record] = []
     with open(path, encoding="utf-8-sig") as f:
@@ -78,13 +89,7 @@ def read_jsonl(path: Path, text_field: str = "text", max_documents: int | None =
                     raise DataError(
                         f"{path}: line {line_no} is not valid JSON ({err.msg} at column {err.colno})"
                     ) from None
-                try:
-                    record = normalize_record(raw, text_field)
-                except ValueError as err:
-                    raise DataError(f"{path}: line {line_no}: {err}") from None
-                _check_consistent(path, line_no, record, records[0] if records else None)
-                records.append(record)
-                if max_documents is not None and len(records) >= max_documents:
+                if _add_record(path, line_no, raw, text_field, records, max_documents):
                     break
         except UnicodeDecodeError as err:
             raise DataError(
@@ -109,13 +114,7 @@ def read_csv(path: Path, text_field: str = "text", max_documents: int | None = N
                 line = reader.line_num  # the row's last physical line (quoted cells may span lines)
                 if None in row:
                     raise DataError(f"{path}: line {line} has more cells than the header's {len(columns)} columns")
-                try:
-                    record = normalize_record({k: v for k, v in row.items() if v is not None}, text_field)
-                except ValueError as err:
-                    raise DataError(f"{path}: line {line}: {err}") from None
-                _check_consistent(path, line, record, records[0] if records else None)
-                records.append(record)
-                if max_documents is not None and len(records) >= max_documents:
+                if _add_record(path, line, {k: v for k, v in row.items() if v is not None}, text_field, records, max_documents):
                     break
         except csv.Error as err:
             raise DataError(f"{path}: line {reader.line_num}: {err}") from None

@@ -259,10 +259,13 @@ def load_party_model(
 
 def _load_owned_buffers(model, source, is_owned, weight_map, names_in_file) -> None:
     """Persistent buffers stored in the checkpoint (rare; e.g. learned scales) come from the file too."""
-    for name, buf in list(model.named_buffers()):
+    by_file: dict[str, list[tuple[str, str, torch.Tensor]]] = defaultdict(list)
+    for name, buf in model.named_buffers():
         key = names_in_file.get(name)
-        if key is None or not is_owned(name):
-            continue
-        with safe_open(str(source.weight_file(weight_map[key])), framework="pt") as f:
-            module_name, _, leaf = name.rpartition(".")
-            model.get_submodule(module_name)._buffers[leaf] = f.get_tensor(key).to(buf.dtype)
+        if key is not None and is_owned(name):
+            by_file[weight_map[key]].append((name, key, buf))
+    for filename, entries in by_file.items():
+        with safe_open(str(source.weight_file(filename)), framework="pt") as f:
+            for name, key, buf in entries:
+                module_name, _, leaf = name.rpartition(".")
+                model.get_submodule(module_name)._buffers[leaf] = f.get_tensor(key).to(buf.dtype)
