@@ -70,3 +70,25 @@ def test_models_and_fetch():
     assert result.output.strip().endswith(".jsonl")
     result = runner.invoke(app, ["fetch", "builtin:nothing"])
     assert result.exit_code == 2 and "unknown builtin" in result.output
+
+
+def test_cli_trains_many_clients_and_exports_one(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", *TINY, "--set", "data.max_documents=8", "--set", "cuts=[1,3]", "--set", "clients=2", "--set", "schedule=sfl-v1",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 clients · sfl-v1" in result.output
+    result = runner.invoke(app, ["export", str(out), "--client", "1", "--out", str(tmp_path / "c1")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c1" / "adapter_config.json").exists()
+    result = runner.invoke(app, ["export", str(out), "--client", "7", "--out", str(tmp_path / "c7")])
+    assert result.exit_code == 2 and "has clients 0..1; there is no client 7" in " ".join(result.output.split())
+
+
+def test_cli_compare(tmp_path):
+    result = runner.invoke(app, ["compare", *TINY, "--set", "data.max_documents=8", "--set", "cuts=[1,3]", "--set", "train.steps=2", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "using clients=3" in result.output
+    for name in ("centralized", "federated", "sequential", "sfl-v1", "sfl-v2"):
+        assert name in result.output
+    assert (tmp_path / "c" / "compare.json").exists()

@@ -49,8 +49,8 @@ def test_verify_detects_a_wrong_split(monkeypatch):
 
     original = server_mod.Server._activations
 
-    def perturbed(self, msg):
-        reply = original(self, msg)
+    def perturbed(self, member, msg):
+        reply = original(self, member, msg)
         if "hidden" in reply.tensors:
             reply.tensors["hidden"] = reply.tensors["hidden"] * 1.001
         return reply

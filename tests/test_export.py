@@ -30,11 +30,11 @@ def test_exported_adapter_reproduces_split_logits(tmp_path, model, monkeypatch):
     import splittune.runner as runner
 
     kept = {}
-    real_build = runner.build
-    monkeypatch.setattr(runner, "build", lambda cfg: kept.setdefault("parts", real_build(cfg)))
+    real_connect = runner.connect
+    monkeypatch.setattr(runner, "connect", lambda *args: kept.setdefault("fleet", real_connect(*args)))
     cfg = load_config(None, [f"model={model}", "cuts=[1,3]", *BASE])
     train(cfg, tmp_path / "run")
-    client = kept["parts"][0]
+    client = kept["fleet"].clients[0]
     info = export_run(tmp_path / "run", tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists() and info["layers"] == [0, 1, 2, 3]
 

@@ -42,7 +42,7 @@ def test_config_errors_name_the_key_and_allowed_values():
         load_config(None, ["train.stepz=5"])
     with pytest.raises(ConfigError, match=r"cuts must be increasing"):
         load_config(None, ["cuts=[3,1]"])
-    with pytest.raises(ConfigError, match=r"mode: Input should be 'split' or 'centralized'"):
+    with pytest.raises(ConfigError, match=r"mode: Input should be 'split', 'centralized' or 'federated'"):
         load_config(None, ["mode=banana"])
     with pytest.raises(ConfigError, match=r"unknown config key 'lora.rnk'"):
         load_config(None, ["lora.rnk=4"])

@@ -79,15 +79,18 @@ def train(
         import time
 
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    who = f" · {cfg.clients} clients, {cfg.schedule if cfg.mode == 'split' else cfg.mode}" if cfg.clients > 1 else ""
     console.print(f"[bold]splittune train[/] · model [cyan]{cfg.model}[/] · mode {cfg.mode} · cuts {cfg.cuts} · "
-                  f"{cfg.train.steps} steps · data {cfg.data.source}")
+                  f"{cfg.train.steps} steps · data {cfg.data.source}{who}")
+    total = cfg.train.steps * (cfg.clients if cfg.mode != "centralized" else 1)
     with Progress(TextColumn("[bold blue]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
-        task_id = bar.add_task("train", total=cfg.train.steps, info="loading model and data…")
+        task_id = bar.add_task("train", total=total, info="loading model and data…")
 
-        def progress(step: int, total: int, row: dict) -> None:
-            info = f"loss {row['loss']:.4f} · ↑{_human_bytes(row['bytes_up'])} ↓{_human_bytes(row['bytes_down'])} · {row['step_s']:.2f}s/step"
-            bar.update(task_id, completed=step, info=info)
+        def progress(done: int, total: int, row: dict) -> None:
+            who = f"client {row['client']} step {row['step']} · " if cfg.clients > 1 else ""
+            info = f"{who}loss {row['loss']:.4f} · ↑{_human_bytes(row['bytes_up'])} ↓{_human_bytes(row['bytes_down'])} · {row['step_s']:.2f}s/step"
+            bar.update(task_id, completed=done, total=total, info=info)
 
         try:
             summary = run_train(cfg, out, progress)
@@ -95,6 +98,54 @@ def train(
             bar.stop()
             _fail(str(err))
     _print_summary(summary, out)
+
+
+@app.command()
+def compare(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; the builtin default when omitted"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a key, e.g. --set clients=4 --set partition=dirichlet"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the runs, compare.json and compare.png"),
+) -> None:
+    """Train centralized, federated and split (sequential, sfl-v1, sfl-v2) on the same data and budget."""
+    _quiet_libraries()
+    from .compare import ENTRIES
+    from .compare import compare as run_compare
+    from .config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+        if cfg.clients == 1:
+            cfg = load_config(config, [*set_, "clients=3"])
+            console.print("[dim]compare needs several clients; using clients=3 (--set clients=N to choose)[/]")
+    except _user_errors() as err:
+        _fail(str(err))
+    console.print(f"[bold]splittune compare[/] · model [cyan]{cfg.model}[/] · {cfg.clients} clients × {cfg.train.steps} steps · "
+                  f"data {cfg.data.source} ({cfg.partition}) · {', '.join(ENTRIES)}")
+    with Progress(TextColumn("[bold blue]{task.fields[entry]:<12}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        tasks = {}
+
+        def progress(entry: str, done: int, total: int, row: dict) -> None:
+            if entry not in tasks:
+                tasks[entry] = bar.add_task(entry, total=total, entry=entry, info="")
+            bar.update(tasks[entry], completed=done, info=f"loss {row['loss']:.4f}")
+
+        try:
+            results = run_compare(cfg, out, progress)
+        except _user_errors() as err:
+            bar.stop()
+            _fail(str(err))
+    table = Table(title="same data, same examples seen", show_header=True)
+    for col in ("", "eval loss before", "after", "train loss (last)", "↑ sent", "↓ received", "wall"):
+        table.add_column(col, justify="right")
+    for name, r in results.items():
+        if "skipped" in r:
+            table.add_row(name, f"[dim]skipped: {r['skipped']}[/]", "", "", "", "", "")
+            continue
+        table.add_row(name, f"{r['eval_loss_before']:.4f}", f"{r['eval_loss_after']:.4f}", f"{r['train_loss_last']:.4f}",
+                      _human_bytes(r["bytes_up"]), _human_bytes(r["bytes_down"]), f"{r['wall_s']:.1f} s")
+    console.print(table)
+    console.print(f"written: [bold green]{out / 'compare.json'}[/], [bold green]{out / 'compare.png'}[/] and one run directory per entry")
 
 
 def _print_summary(s: dict, out: Path) -> None:
@@ -116,6 +167,15 @@ def _print_summary(s: dict, out: Path) -> None:
         f"client holds {s['client_params'] / 1e6:.2f} M parameters ({_human_bytes(s['client_bytes'])}), "
         f"server {s['server_params'] / 1e6:.2f} M ({_human_bytes(s['server_bytes'])}) · {s['step_s_mean']:.3f} s/step · {s['wall_s']:.1f} s in all"
     )
+    if s.get("clients", 1) > 1:
+        clients = Table(title=f"{s['clients']} clients · {s['schedule']}", show_header=True)
+        for col in ("client", "cuts", "rank", "train examples", "eval loss before", "after (own model, own data)", "↑ sent", "↓ received"):
+            clients.add_column(col, justify="right")
+        for c in s["per_client"]:
+            clients.add_row(str(c["client"]), str(c["cuts"]), str(c["lora_rank"]), str(c["train_examples"]),
+                            f"{c['eval_loss_before']:.4f}", f"{c['eval_loss_after']:.4f}",
+                            _human_bytes(c["bytes_up"]), _human_bytes(c["bytes_down"]))
+        console.print(clients)
     console.print(f"run directory: [bold green]{out}[/] (summary.json, metrics.jsonl, loss.png, adapters/)")
 
 
@@ -164,13 +224,14 @@ def export(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     out: Path = typer.Option(..., "--out", "-o", help="where to write the PEFT adapter"),
     merge: bool = typer.Option(False, "--merge", help="also write full weights with the adapters merged (out/merged)"),
+    client: Optional[int] = typer.Option(None, "--client", min=0, help="export this client's personalised model instead of the global one"),
 ) -> None:
     """Write one standard PEFT adapter for the whole model (loadable with PeftModel.from_pretrained)."""
     _quiet_libraries()
     from .export import export_run
 
     try:
-        info = export_run(run_dir, out, merge=merge)
+        info = export_run(run_dir, out, merge=merge, client=client)
     except _user_errors() as err:
         _fail(str(err))
     console.print(f"wrote a PEFT adapter to [bold green]{out}[/]: {info['lora_tensors']} LoRA tensors"

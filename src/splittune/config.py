@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SegmentName = Literal["bottom", "trunk", "top"]
 TrainMode = Literal["lora", "frozen", "full"]
@@ -75,14 +75,41 @@ class SegmentsConfig(Section):
     top: TrainMode = "lora"
 
 
+class ClientOverride(Section):
+    """What one client does differently: a weak client keeps fewer blocks and a smaller LoRA rank."""
+
+    cuts: list[int] | None = Field(None, description="this client's cuts (same split shape as the run's cuts)")
+    lora_rank: int | None = Field(None, ge=1, description="LoRA rank of this client's own segments")
+    source: str | None = Field(None, description="this client's data source (partition: by_source)")
+
+
+Schedule = Literal["sequential", "sfl-v1", "sfl-v2"]
+Partition = Literal["iid", "dirichlet", "by_source"]
+
+
 class RunConfig(Section):
     model: str = Field("builtin:smollm2-135m", description="builtin:NAME | tiny:MODEL_TYPE | local dir | hub id")
     cuts: list[int] = Field(
         default_factory=lambda: [2, 28],
         description="[a]: two-part split (labels go to the server); [a, b]: U-shaped split (labels stay)",
     )
-    mode: Literal["split", "centralized"] = "split"
+    mode: Literal["split", "centralized", "federated"] = Field(
+        "split", description="split | centralized (no split: the baseline) | federated (each client trains the whole model, FedAvg)"
+    )
     seed: int = 0
+    clients: int = Field(1, ge=1, description="data owners training one model with one server")
+    schedule: Schedule = Field("sfl-v2", description="how clients take turns with the server (mode: split, clients > 1)")
+    aggregate_every: int = Field(
+        1, ge=1, description="local steps between adapter averages (sequential: steps of a client's turn before it relays)"
+    )
+    partition: Partition = Field("iid", description="how one dataset is split across clients")
+    partition_alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (partition: dirichlet); small = skewed")
+    client_overrides: list[ClientOverride] | dict[int, ClientOverride] = Field(
+        default_factory=dict, description="per-client cuts, LoRA rank and data source: a list, or a map by client index"
+    )
+    personal: list[SegmentName] = Field(
+        default_factory=list, description="segments each client keeps for itself (trained, never replaced by the average)"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -98,6 +125,69 @@ class RunConfig(Section):
         if min(cuts) < 0:
             raise ValueError(f"cuts are block indices and cannot be negative, got {cuts}")
         return cuts
+
+    def override(self, client: int) -> ClientOverride:
+        overrides = self.client_overrides
+        if isinstance(overrides, list):
+            return overrides[client] if client < len(overrides) else ClientOverride()
+        return overrides.get(client, ClientOverride())
+
+    def client_cuts(self, client: int) -> list[int]:
+        return list(self.override(client).cuts or self.cuts)
+
+    def client_rank(self, client: int) -> int:
+        return self.override(client).lora_rank or self.lora.rank
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Whether any client holds other blocks or another LoRA rank than the run's defaults."""
+        return any(self.client_cuts(i) != list(self.cuts) or self.client_rank(i) != self.lora.rank for i in range(self.clients))
+
+    @model_validator(mode="after")
+    def _clients_fit(self) -> "RunConfig":
+        n = self.clients
+        overrides = self.client_overrides
+        indices = range(len(overrides)) if isinstance(overrides, list) else sorted(overrides)
+        for i in indices:
+            if not 0 <= i < n:
+                raise ValueError(f"client_overrides names client {i}, but clients={n} (allowed indices 0..{n - 1})")
+            o = self.override(i)
+            if o.cuts is not None:
+                try:
+                    RunConfig._cuts_shape(o.cuts)
+                except ValueError as err:
+                    raise ValueError(f"client_overrides[{i}].cuts: {err}") from None
+                if len(o.cuts) != len(self.cuts):
+                    raise ValueError(
+                        f"client_overrides[{i}].cuts={o.cuts} makes a {'two-part' if len(o.cuts) == 1 else 'U-shaped'} split, "
+                        f"but the run's cuts={list(self.cuts)} do not; every client must use the same split shape"
+                    )
+        if self.partition == "by_source":
+            missing = [i for i in range(n) if self.override(i).source is None]
+            if missing:
+                raise ValueError(
+                    f"partition: by_source takes each client's data from client_overrides[i].source; clients {missing} have none"
+                )
+        if n > 1 and self.train.eval_every % self.aggregate_every:
+            raise ValueError(
+                f"train.eval_every={self.train.eval_every} must be a multiple of aggregate_every={self.aggregate_every}: "
+                "the global model exists only right after an average"
+            )
+        if self.personal and self.mode == "split" and self.schedule == "sequential":
+            raise ValueError("schedule: sequential relays one client-side model from client to client; nothing can be personal")
+        if "trunk" in self.personal:
+            raise ValueError("personal: trunk is the server's segment; a client can keep only its own segments (bottom, top)")
+        if self.heterogeneous and self.mode == "split" and self.schedule == "sequential":
+            raise ValueError(
+                "schedule: sequential relays one client-side model from client to client, so every client must keep "
+                "the same cuts and LoRA rank; per-client overrides need sfl-v1 or sfl-v2"
+            )
+        if self.personal and self.mode != "split":
+            raise ValueError(f"personal segments are segments of a split; mode: {self.mode} has none")
+        if self.heterogeneous and self.mode == "federated":
+            if any(self.override(i).cuts for i in range(n)):
+                raise ValueError("mode: federated trains the whole model on every client; per-client cuts do not apply")
+        return self
 
 
 def _parse_value(text: str) -> Any:
@@ -137,6 +227,9 @@ def _format_errors(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r}")
+        elif e["type"] == "value_error":
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}" if e["loc"] else msg)
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
@@ -155,6 +248,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         tree = loaded
     for assignment in overrides:
         apply_override(tree, assignment)
+    return validate(tree)
+
+
+def validate(tree: dict[str, Any]) -> RunConfig:
+    """A config from a plain mapping, or a ConfigError naming every bad key."""
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

@@ -20,20 +20,30 @@ from .models.adapters import PEFT_PREFIX
 from .models.arch import detect_arch
 from .models.zoo import resolve_model
 from .runner import ADAPTERS
+from .schedules.aggregate import low_rank
 
 
 class ExportError(ValueError):
     pass
 
 
-def read_run_adapters(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_run_adapters(run_dir: Path, client: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The global model's tensors of a run (or, with ``client``, that client's personalised model)."""
     folder = run_dir / ADAPTERS
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
         raise ExportError(f"{run_dir} is not a finished run directory: {manifest_path} is missing")
     manifest = json.loads(manifest_path.read_text())
+    files = manifest["files"]
+    if client is not None:
+        clients = manifest.get("clients", {})
+        if not clients:
+            raise ExportError(f"{run_dir} is a single-client run; it has no per-client adapters (export without --client)")
+        if str(client) not in clients:
+            raise ExportError(f"{run_dir} has clients 0..{len(clients) - 1}; there is no client {client}")
+        files = clients[str(client)]
     state: dict[str, torch.Tensor] = {}
-    for party, entry in manifest["files"].items():
+    for party, entry in files.items():
         part = load_file(str(folder / entry["file"]))
         overlap = set(part) & set(state)
         if overlap:
@@ -42,14 +52,15 @@ def read_run_adapters(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, manifest
 
 
-def export_run(run_dir: Path, out: Path, merge: bool = False) -> dict:
+def export_run(run_dir: Path, out: Path, merge: bool = False, client: int | None = None) -> dict:
     run_dir, out = Path(run_dir), Path(out)
-    state, manifest = read_run_adapters(run_dir)
+    state, manifest = read_run_adapters(run_dir, client)
     cfg = load_config(run_dir / "config.yaml")
     source = resolve_model(cfg.model)
     spec = detect_arch(source.config())
-    lora = {k: v for k, v in state.items() if ".lora_" in k}
-    full = {k: v for k, v in state.items() if ".lora_" not in k}
+    fan_in_fan_out = manifest.get("fan_in_fan_out", False)
+    lora, ranks, alphas = _lora_tensors(state, cfg.lora.alpha)
+    full = {k: v for k, v in state.items() if ".lora_" not in k and not k.startswith("fold::")}
     if full and not merge:
         segs = [s for s, mode in manifest["segments"].items() if mode == "full"]
         raise ExportError(
@@ -58,18 +69,46 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> dict:
         )
     out.mkdir(parents=True, exist_ok=True)
     info = {"run": str(run_dir), "out": str(out), "lora_tensors": len(lora), "full_tensors": len(full)}
+    if client is not None:
+        info["client"] = client
     if lora:
-        peft_config = _adapter_config(lora, spec, cfg, source, manifest.get("fan_in_fan_out", False))
+        peft_config = _adapter_config(lora, spec, cfg, source, fan_in_fan_out, ranks, alphas)
         peft_config.save_pretrained(str(out))
         save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.items()}, str(out / "adapter_model.safetensors"))
-        info.update(target_modules=sorted(peft_config.target_modules), layers=peft_config.layers_to_transform)
+        info.update(target_modules=sorted(peft_config.target_modules), layers=peft_config.layers_to_transform,
+                    ranks=sorted(set(ranks.values())))
     if merge:
         _merge(source, out, lora, full)
         info["merged"] = True
     return info
 
 
-def _adapter_config(lora: dict[str, torch.Tensor], spec, cfg, source, fan_in_fan_out: bool) -> PeftLoraConfig:
+def _lora_tensors(state: dict[str, torch.Tensor], alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
+    """LoRA factors per module, with each module's rank and alpha.
+
+    Modules whose update was moved into the base weights by an exact rank-heterogeneous average
+    (``fold::`` entries) are factored again: their whole update (folds plus what LoRA learned since) is
+    written as exact-rank factors with scale 1, so the one PEFT adapter reproduces it.
+    """
+    lora = {k: v for k, v in state.items() if ".lora_" in k}
+    ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in lora.items() if k.endswith(".lora_A.weight")}
+    alphas = {m: alpha for m in ranks}
+    for key, delta in state.items():
+        if not key.startswith("fold::"):
+            continue
+        module = key.removeprefix("fold::")
+        total = delta.double()
+        if module in ranks:
+            a, b = lora[f"{module}.lora_A.weight"].double(), lora[f"{module}.lora_B.weight"].double()
+            total = total + (alphas[module] / ranks[module]) * (b @ a)
+        b, a = low_rank(total)
+        lora[f"{module}.lora_A.weight"], lora[f"{module}.lora_B.weight"] = a.float().contiguous(), b.float().contiguous()
+        ranks[module], alphas[module] = int(a.shape[0]), float(a.shape[0])
+    return lora, ranks, alphas
+
+
+def _adapter_config(lora: dict[str, torch.Tensor], spec, cfg, source, fan_in_fan_out: bool,
+                    ranks: dict[str, int], alphas: dict[str, float]) -> PeftLoraConfig:
     pattern = re.compile(re.escape(spec.blocks_path) + r"\.(\d+)\.(.+)\.lora_[AB]\.weight$")
     modules, layers = set(), set()
     for name in lora:
@@ -78,11 +117,13 @@ def _adapter_config(lora: dict[str, torch.Tensor], spec, cfg, source, fan_in_fan
             raise ExportError(f"adapter tensor {name!r} is not inside a block of {spec.blocks_path}")
         layers.add(int(m.group(1)))
         modules.add(m.group(2).rsplit(".", 1)[-1])
-    first_a = next(v for k, v in lora.items() if k.endswith("lora_A.weight"))
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank; others by pattern
     base = str(source.path) if source.path else source.repo_id
     return PeftLoraConfig(
-        r=int(first_a.shape[0]),
+        r=rank,
         lora_alpha=cfg.lora.alpha,
+        rank_pattern={re.escape(m): r for m, r in ranks.items() if r != rank},
+        alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != cfg.lora.alpha},
         lora_dropout=cfg.lora.dropout,
         target_modules=sorted(modules),
         layers_to_transform=sorted(layers),

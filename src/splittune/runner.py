@@ -1,14 +1,19 @@
 """One run, in-process: every stage of DESIGN.md's pipeline in order, and the run directory.
 
-``mode: split`` builds a client and a server joined by the local channel; ``mode: centralized``
-runs the same client code with the whole model and no channel — the baseline shares everything else.
+``mode: split`` builds the clients and a server joined by local channels; ``mode: centralized`` runs
+the same client code with the whole model and no channel (the baseline shares everything else);
+``mode: federated`` gives every client the whole model and uses the server only to average. Clients
+run in threads, as they would run in processes: the server orders their requests (schedules/).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,12 +23,14 @@ from safetensors.torch import save_file
 from . import __version__
 from .channels import LocalChannel
 from .config import RunConfig, dump_config
-from .data import build_task
+from .data import TaskData, build_client_tasks, merge_tasks
 from .eval import evaluate
 from .models.arch import detect_arch
-from .models.zoo import resolve_model
+from .models.partition import PlanError
+from .models.zoo import ModelSource, resolve_model
 from .parties import Client, Party, Server, SessionSpec
 from .report.plots import plot_loss
+from .schedules.group import personal_names
 
 ADAPTERS = "adapters"
 
@@ -32,124 +39,342 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cfg: RunConfig) -> tuple[Client, Server | None, LocalChannel | None, Any]:
-    """Stage 0: resolve the model, plan the split, build the parties and connect them."""
-    source = resolve_model(cfg.model)
+@dataclass
+class Fleet:
+    """Everything a run trains with: its clients, the server they share, their channels."""
+
+    clients: list[Client]
+    server: Server | None
+    channels: list[LocalChannel | None]
+    source: ModelSource
+
+    def abort(self, err: BaseException) -> None:
+        """A client failed: the server stops waiting for it, so the other clients fail fast instead of timing out."""
+        if self.server is not None:
+            self.server.cancel(f"a client failed: {err}")
+
+    def bytes(self, i: int) -> tuple[int, int]:
+        ch = self.channels[i]
+        return (ch.bytes_up, ch.bytes_down) if ch else (0, 0)
+
+
+def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None] | None = None) -> list:
+    """``fn`` over ``items`` at once (clients of one round run concurrently, like separate machines).
+
+    When one fails, ``on_error`` runs at once (to release the others waiting for it), then the first error is raised.
+    """
+    if len(items) == 1:
+        return [fn(items[0])]
+    with ThreadPoolExecutor(len(items)) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        failed = None
+        for future in as_completed(futures):
+            if future.exception() is not None and failed is None:
+                failed = future.exception()
+                if on_error is not None:
+                    on_error(failed)
+    if failed is not None:
+        raise failed
+    return [f.result() for f in futures]
+
+
+def connect(cfg: RunConfig, source: ModelSource, samples: list[int]) -> Fleet:
+    """Stage 0: plan the split, build the parties, and say hello (the server forms the group)."""
     config = source.config()
     spec = detect_arch(config)
-    session = SessionSpec.from_run(cfg, source.fingerprint(), spec.model_type)
-    party = Party("client", source, spec, session, config)
-    server = channel = None
-    if party.plan.shape != "centralized":
-        server = Server(source, spec, config)
-        channel = LocalChannel(server.handle)
-    client = Client(party, channel)
-    client.connect()
-    return client, server, channel, source
+    fingerprint = source.fingerprint()
+    n = len(samples)
+    server = Server(source, spec, config) if cfg.mode != "centralized" else None
+    clients, channels = [], []
+    for i in range(n):
+        session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, samples[i], clients=n)
+        try:
+            party = Party("client", source, spec, session, config)
+        except (PlanError, ValueError) as err:
+            raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
+        channel = LocalChannel(server.handle) if server is not None else None
+        clients.append(Client(party, channel))
+        channels.append(channel)
+    fleet = Fleet(clients, server, channels, source)
+    parallel(lambda c: c.connect(), clients, fleet.abort)
+    return fleet
+
+
+def build(cfg: RunConfig) -> tuple[Client, Server | None, LocalChannel | None, ModelSource]:
+    """A single-client run's parties (what tests and ``verify`` drive step by step)."""
+    fleet = connect(cfg, resolve_model(cfg.model), [1])
+    return fleet.clients[0], fleet.server, fleet.channels[0], fleet.source
+
+
+def client_tasks(cfg: RunConfig, tokenizer) -> list[TaskData]:
+    """Each client's data; the centralized baseline trains on all of it pooled."""
+    tasks = build_client_tasks(cfg, tokenizer)
+    return [merge_tasks(tasks)] if cfg.mode == "centralized" and len(tasks) > 1 else tasks
+
+
+@contextlib.contextmanager
+def global_view(client: Client, global_state: dict[str, torch.Tensor], personal: set[str]):
+    """Client 0 with its personal segments replaced by their average: the global model, for evaluation."""
+    arch = client.party.spec
+    own = client.party.state()
+    keep = personal_names(own, client.plan, personal, arch) & set(global_state)
+    if not keep:
+        yield client
+        return
+    client.party.load_state({k: global_state[k] for k in keep})
+    try:
+        yield client
+    finally:
+        client.party.load_state({k: own[k] for k in keep})
 
 
 def train(cfg: RunConfig, out: Path, progress: Callable | None = None) -> dict[str, Any]:
     """Run ``cfg`` and write its run directory; returns the summary.
 
-    ``progress(step, total, info)`` is called after every step (the CLI draws a progress bar with it).
+    ``progress(done, total, info)`` is called after every client step (the CLI draws a progress bar with it).
     """
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     set_seed(cfg.seed)
-    client, server, channel, source = build(cfg)
-    tokenizer = source.tokenizer()
-    task = build_task(cfg.data, tokenizer, cfg.train.seq_len, cfg.seed)
-    t = cfg.train
+    source = resolve_model(cfg.model)
+    tasks = client_tasks(cfg, source.tokenizer())
+    pooled = merge_tasks(tasks) if len(tasks) > 1 else tasks[0]
+    fleet = connect(cfg, source, [len(task.train) for task in tasks])
+    return Session(cfg, fleet, tasks, pooled, out, progress, started).run()
 
-    def run_eval(step: int) -> dict[str, Any]:
-        up0, down0 = (channel.bytes_up, channel.bytes_down) if channel else (0, 0)
-        result = {"step": step, **evaluate(client, task, t.batch_size, t.eval_batches)}
-        if channel:  # evaluation traffic is reported, but kept out of the training byte counts
-            result["bytes_up"], result["bytes_down"] = channel.bytes_up - up0, channel.bytes_down - down0
+
+class Session:
+    """The training loop of one run: client steps in schedule order, averages, evaluations, outputs."""
+
+    def __init__(self, cfg, fleet: Fleet, tasks: list[TaskData], pooled: TaskData, out: Path, progress, started: float):
+        self.cfg, self.fleet, self.tasks, self.pooled, self.out, self.progress, self.started = cfg, fleet, tasks, pooled, out, progress, started
+        self.n = len(tasks)
+        self.schedule = "federated" if cfg.mode == "federated" else ("centralized" if cfg.mode == "centralized" else cfg.schedule)
+        self.samplers = [iter(task.sampler(cfg.train.batch_size, cfg.seed)) for task in tasks]
+        self.metrics: list[dict] = []
+        self.evals: list[dict] = []
+        self.train_bytes = [[0, 0] for _ in tasks]
+        self.sync_bytes = [[0, 0] for _ in tasks]
+        self.done = 0
+        self.holder = 0  # the client holding the latest model (the sequential relay moves it)
+
+    # -- one client step ----------------------------------------------------------------------------------
+    def _step(self, job: tuple[int, int]) -> dict:
+        i, step = job
+        t = self.cfg.train
+        task, client = self.tasks[i], self.fleet.clients[i]
+        micro = [task.collate([task.train[k] for k in next(self.samplers[i])]) for _ in range(t.grad_accum)]
+        up0, down0 = self.fleet.bytes(i)
+        t0 = time.perf_counter()
+        result = client.train_step(step, micro)
+        step_s = time.perf_counter() - t0
+        up1, down1 = self.fleet.bytes(i)
+        self.train_bytes[i][0] += up1 - up0
+        self.train_bytes[i][1] += down1 - down0
+        return {"step": step, "client": i, "loss": result.loss, "lr": result.lr, "tokens": result.tokens,
+                "bytes_up": up1 - up0, "bytes_down": down1 - down0, "step_s": round(step_s, 6)}
+
+    def _round(self, jobs: list[tuple[int, int]], log) -> None:
+        for row in parallel(self._step, jobs, self.fleet.abort):
+            self.metrics.append(row)
+            log.write(json.dumps(row) + "\n")
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.n * self.cfg.train.steps, row)
+        log.flush()
+
+    def _sync(self, i: int, call: Callable[[Client], None]) -> None:
+        """An average or a relay: traffic counted apart from the steps' (and in the totals)."""
+        up0, down0 = self.fleet.bytes(i)
+        call(self.fleet.clients[i])
+        up1, down1 = self.fleet.bytes(i)
+        self.sync_bytes[i][0] += up1 - up0
+        self.sync_bytes[i][1] += down1 - down0
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def _evaluate(self, client_index: int, task: TaskData, view=contextlib.nullcontext) -> dict:
+        t = self.cfg.train
+        i = client_index
+        up0, down0 = self.fleet.bytes(i)
+        with view():
+            result = evaluate(self.fleet.clients[i], task, t.batch_size, t.eval_batches)
+        up1, down1 = self.fleet.bytes(i)
+        if self.fleet.channels[i] is not None:  # evaluation traffic is reported, kept out of the training counts
+            result["bytes_up"], result["bytes_down"] = up1 - up0, down1 - down0
         return result
 
-    before = run_eval(0)
-    evals = [before]
-    sampler = iter(task.sampler(t.batch_size, cfg.seed))
-    metrics: list[dict[str, Any]] = []
-    train_bytes = [0, 0]
-    with open(out / "metrics.jsonl", "w") as log:
-        for step in range(1, t.steps + 1):
-            micro = [task.collate([task.train[i] for i in next(sampler)]) for _ in range(t.grad_accum)]
-            up0, down0 = (channel.bytes_up, channel.bytes_down) if channel else (0, 0)
-            t0 = time.perf_counter()
-            result = client.train_step(step, micro)
-            step_s = time.perf_counter() - t0
-            up = channel.bytes_up - up0 if channel else 0
-            down = channel.bytes_down - down0 if channel else 0
-            train_bytes[0] += up
-            train_bytes[1] += down
-            row = {"step": step, "loss": result.loss, "lr": result.lr, "tokens": result.tokens,
-                   "bytes_up": up, "bytes_down": down, "step_s": round(step_s, 6)}
-            metrics.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-                evals.append(run_eval(step))
-            if progress:
-                progress(step, t.steps, row)
-    after = run_eval(t.steps)
-    evals.append(after)
-    with open(out / "evals.jsonl", "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in evals)
+    def _global_eval(self, step: int) -> dict:
+        personal = set(self.cfg.personal)
+        if personal and step > 0:
+            state = self.fleet.clients[0].global_state()
+            view = lambda: global_view(self.fleet.clients[0], state, personal)  # noqa: E731
+            result = self._evaluate(0, self.pooled, view)
+        else:
+            result = self._evaluate(self.holder, self.pooled)
+        row = {"step": step, **result, "train_bytes": sum(u + d for u, d in self.train_bytes) + sum(u + d for u, d in self.sync_bytes)}
+        self.evals.append(row)
+        return row
 
-    save_adapters(out / ADAPTERS, client, cfg)
-    plot_loss(metrics, evals, out / "loss.png", f"{cfg.model} · {client.plan.shape} · cuts {cfg.cuts}")
-    server_info = client.server_info
-    step_times = [m["step_s"] for m in metrics]
-    summary = {
-        "mode": cfg.mode,
-        "shape": client.plan.shape,
-        "model": cfg.model,
-        "cuts": list(cfg.cuts),
-        "steps": t.steps,
-        "seed": cfg.seed,
-        "task": task.kind,
-        "train_examples": len(task.train),
-        "eval_examples": len(task.eval),
-        "train_loss_first": metrics[0]["loss"],
-        "train_loss_last": metrics[-1]["loss"],
-        "eval_loss_before": before["loss"],
-        "eval_loss_after": after["loss"],
-        "eval_ppl_before": before["ppl"],
-        "eval_ppl_after": after["ppl"],
-        "bytes_up": train_bytes[0],
-        "bytes_down": train_bytes[1],
-        "eval_bytes_up": sum(e.get("bytes_up", 0) for e in evals),
-        "eval_bytes_down": sum(e.get("bytes_down", 0) for e in evals),
-        "wall_s": round(time.perf_counter() - started, 3),
-        "step_s_mean": sum(step_times) / len(step_times),
-        "step_s_median": sorted(step_times)[len(step_times) // 2],
-        "client_params": client.party.weights.params,
-        "client_bytes": client.party.weights.bytes,
-        "client_trainable": client.party.trainable_params,
-        "server_params": server_info.get("params", 0),
-        "server_bytes": server_info.get("bytes", 0),
-        "server_trainable": server_info.get("trainable", 0),
-        "versions": {"splittune": __version__, "torch": torch.__version__, "python": platform.python_version()},
-    }
-    if "accuracy" in before:
-        summary["eval_accuracy_before"] = before["accuracy"]
-        summary["eval_accuracy_after"] = after["accuracy"]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every) and step % every == 0 and step != self.cfg.train.steps
+
+    # -- the schedules -----------------------------------------------------------------------------------
+    def _train(self, log) -> None:
+        steps, every = self.cfg.train.steps, self.cfg.aggregate_every
+        clients = self.fleet.clients
+        if self.schedule == "sequential" and self.n > 1:
+            spans = [range(s, min(s + every, steps + 1)) for s in range(1, steps + 1, every)]
+            for r, span in enumerate(spans):
+                for i in range(self.n):
+                    if r or i:
+                        self._sync(i, lambda c: c.take_over(span[0]))
+                    for step in span:
+                        self._round([(i, step)], log)
+                    self._sync(i, lambda c: c.hand_on(span[-1]))
+                    self.holder = i
+                if self._eval_due(span[-1]):
+                    self._global_eval(span[-1])
+            for i in range(self.n):  # everyone ends with the final model
+                self._sync(i, lambda c: c.take_over(0))
+            return
+        for step in range(1, steps + 1):
+            self._round([(i, step) for i in range(self.n)], log)
+            if self.n > 1 and (step % every == 0 or step == steps):
+                parallel(lambda i: self._sync(i, lambda c: c.aggregate(step)), list(range(self.n)), self.fleet.abort)
+            if self._eval_due(step):
+                self._global_eval(step)
+
+    def run(self) -> dict[str, Any]:
+        before = self._global_eval(0)
+        own_before = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.n > 1 else [before]
+        with open(self.out / "metrics.jsonl", "w") as log:
+            self._train(log)
+        after = self._global_eval(self.cfg.train.steps)
+        own_after = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.n > 1 else [after]
+        with open(self.out / "evals.jsonl", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in self.evals)
+        save_adapters(self.out / ADAPTERS, self.fleet, self.cfg)
+        plot_loss(self.metrics, self.evals, self.out / "loss.png", self._title())
+        summary = self._summary(before, after, own_before, own_after)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _title(self) -> str:
+        plan = self.fleet.clients[0].plan
+        who = f" · {self.n} clients · {self.schedule}" if self.n > 1 else ""
+        return f"{self.cfg.model} · {plan.shape} · cuts {self.cfg.cuts}{who}"
+
+    # -- summary ---------------------------------------------------------------------------------------
+    def _summary(self, before: dict, after: dict, own_before: list[dict], own_after: list[dict]) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        clients = self.fleet.clients
+        first = [m for m in self.metrics if m["step"] == 1]
+        last = [m for m in self.metrics if m["step"] == t.steps]
+        step_times = sorted(m["step_s"] for m in self.metrics)
+        server_info = clients[0].server_info
+        summary = {
+            "mode": cfg.mode,
+            "schedule": self.schedule,
+            "clients": self.n,
+            "shape": clients[0].plan.shape,
+            "model": cfg.model,
+            "cuts": list(cfg.cuts),
+            "steps": t.steps,
+            "seed": cfg.seed,
+            "task": self.pooled.kind,
+            "train_examples": sum(len(task.train) for task in self.tasks),
+            "eval_examples": len(self.pooled.eval),
+            "train_loss_first": sum(m["loss"] for m in first) / len(first),
+            "train_loss_last": sum(m["loss"] for m in last) / len(last),
+            "eval_loss_before": before["loss"],
+            "eval_loss_after": after["loss"],
+            "eval_ppl_before": before["ppl"],
+            "eval_ppl_after": after["ppl"],
+            "bytes_up": sum(b[0] for b in self.train_bytes) + sum(b[0] for b in self.sync_bytes),
+            "bytes_down": sum(b[1] for b in self.train_bytes) + sum(b[1] for b in self.sync_bytes),
+            "sync_bytes_up": sum(b[0] for b in self.sync_bytes),
+            "sync_bytes_down": sum(b[1] for b in self.sync_bytes),
+            "eval_bytes_up": sum(e.get("bytes_up", 0) for e in self.evals),
+            "eval_bytes_down": sum(e.get("bytes_down", 0) for e in self.evals),
+            "wall_s": round(time.perf_counter() - self.started, 3),
+            "step_s_mean": sum(step_times) / len(step_times),
+            "step_s_median": step_times[len(step_times) // 2],
+            "client_params": clients[0].party.weights.params,
+            "client_bytes": clients[0].party.weights.bytes,
+            "client_trainable": clients[0].party.trainable_params,
+            "server_params": server_info.get("params", 0),
+            "server_bytes": server_info.get("bytes", 0),
+            "server_trainable": server_info.get("trainable", 0),
+            "versions": {"splittune": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        }
+        if "accuracy" in before:
+            summary["eval_accuracy_before"] = before["accuracy"]
+            summary["eval_accuracy_after"] = after["accuracy"]
+        summary["per_client"] = [self._client_entry(i, own_before[i], own_after[i]) for i in range(self.n)]
+        return summary
+
+    def _client_entry(self, i: int, before: dict, after: dict) -> dict[str, Any]:
+        client, task = self.fleet.clients[i], self.tasks[i]
+        rows = [m for m in self.metrics if m["client"] == i]
+        entry = {
+            "client": i,
+            "cuts": list(client.party.session.cuts),
+            "lora_rank": client.party.session.lora_rank,
+            "samples": len(task.train),
+            "train_examples": len(task.train),
+            "eval_examples": len(task.eval),
+            "data": {k: v for k, v in task.stats.items() if k in ("source", "documents", "records", "labels")},
+            "train_loss_last": rows[-1]["loss"],
+            "eval_loss_before": before["loss"],
+            "eval_loss_after": after["loss"],
+            "bytes_up": self.train_bytes[i][0] + self.sync_bytes[i][0],
+            "bytes_down": self.train_bytes[i][1] + self.sync_bytes[i][1],
+            "sync_bytes_up": self.sync_bytes[i][0],
+            "sync_bytes_down": self.sync_bytes[i][1],
+            "client_params": client.party.weights.params,
+            "client_trainable": client.party.trainable_params,
+        }
+        if "accuracy" in before:
+            entry["eval_accuracy_before"], entry["eval_accuracy_after"] = before["accuracy"], after["accuracy"]
+        return entry
 
 
-def save_adapters(folder: Path, client: Client, cfg: RunConfig) -> None:
-    """Each party's trainable tensors, under the unsplit model's names, in safetensors."""
+def _save(root: Path, folder: Path, name: str, state: dict[str, torch.Tensor], role: str) -> dict:
+    path = folder / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"party": role, "format": "splittune-adapter"})
+    return {"file": str(path.relative_to(root)), "tensors": len(state), "params": sum(v.numel() for v in state.values())}
+
+
+def save_adapters(folder: Path, fleet: Fleet, cfg: RunConfig) -> None:
+    """The global model's trainable tensors (each party's part, or the average), under the unsplit model's
+    names, in safetensors; with several clients also each client's own (personalised) model."""
     folder.mkdir(parents=True, exist_ok=True)
-    parts = {"client": client.party.state(), "server": client.server_state()}
-    manifest = {"model": cfg.model, "cuts": list(cfg.cuts), "shape": client.plan.shape,
-                "segments": cfg.segments.model_dump(), "lora": cfg.lora.model_dump(), "files": {},
-                "fan_in_fan_out": bool(client.party.fan_in_fan_out or client.server_info.get("fan_in_fan_out"))}
-    for party, state in parts.items():
+    clients = fleet.clients
+    first = clients[0]
+    manifest = {"model": cfg.model, "cuts": list(cfg.cuts), "shape": first.plan.shape,
+                "segments": cfg.segments.model_dump(), "lora": cfg.lora.model_dump(), "files": {}, "clients": {},
+                "fan_in_fan_out": bool(first.party.fan_in_fan_out or first.server_info.get("fan_in_fan_out"))}
+    averaged = len(clients) > 1 and cfg.mode != "centralized" and not (cfg.mode == "split" and cfg.schedule == "sequential")
+    if averaged:
+        parts = {"global": first.global_state()}
+    else:
+        parts = {"client": first.party.state(), "server": first.server_state()}
+    for name, state in parts.items():
         if state:
-            save_file(state, str(folder / f"{party}.safetensors"), metadata={"party": party, "format": "splittune-adapter"})
-            manifest["files"][party] = {"file": f"{party}.safetensors", "tensors": len(state), "params": sum(v.numel() for v in state.values())}
+            manifest["files"][name] = _save(folder, folder, name, state, name)
+    if len(clients) > 1:
+        folds = {k: v for k, v in parts.get("global", {}).items() if k.startswith("fold::")}
+        for i, client in enumerate(clients):
+            sub = folder / f"client{i}"
+            sub.mkdir(exist_ok=True)
+            own = client.party.state()
+            keep = personal_names(own, client.plan, set(cfg.personal), client.party.spec)
+            mine = {k: v for k, v in folds.items() if f"{k.removeprefix('fold::')}.lora_A.weight" not in keep}
+            files = {}
+            for name, state in (("client", own), ("server", client.server_state()), ("folds", mine)):
+                if state:
+                    files[name] = _save(folder, sub, name, state, f"client {i}")
+            manifest["clients"][str(i)] = files
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))

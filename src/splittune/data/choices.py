@@ -93,3 +93,19 @@ def choice_accuracy(last_logits: torch.Tensor, choices: ChoiceEval) -> float:
     scores = last_logits[:, choices.candidates.to(last_logits.device)]
     predicted = scores.argmax(dim=-1).cpu()
     return (predicted == choices.targets).float().mean().item()
+
+
+def merge_choices(parts: Sequence[ChoiceEval | None]) -> ChoiceEval | None:
+    """The choice sets of several eval sets, concatenated in order (the union of clients' held-out data);
+    None unless every part has one with the same label words and candidate tokens."""
+    if not parts or any(p is None for p in parts):
+        return None
+    first = parts[0]
+    if any(p.label_words != first.label_words or not torch.equal(p.candidates, first.candidates) for p in parts):
+        return None
+    return ChoiceEval(
+        [prompt for p in parts for prompt in p.prompts],
+        first.candidates,
+        torch.cat([p.targets for p in parts]),
+        first.label_words,
+    )

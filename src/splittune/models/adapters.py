@@ -34,10 +34,19 @@ def default_target_modules(model_type: str) -> list[str] | str:
     return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or []) or "all-linear"
 
 
-def canonical_name(name: str) -> str:
+def canonical_name(name: str, adapter: str = "default") -> str:
     """A trainable tensor's name in the unsplit, unwrapped model (the names PEFT adapter files use)."""
-    name = name.removeprefix(PEFT_PREFIX).replace(".default.", ".").replace(".base_layer.", ".")
+    name = name.removeprefix(PEFT_PREFIX).replace(f".{adapter}.", ".").replace(".base_layer.", ".")
     return name
+
+
+def adapter_of(name: str) -> str | None:
+    """The peft adapter a parameter belongs to (``…lora_A.<adapter>.weight``); None for base weights."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[i + 1]
+    return None
 
 
 def linear_names(block: nn.Module) -> list[str]:
@@ -65,6 +74,7 @@ def _lora_config(spec: ArchSpec, lora: LoraConfig, blocks: list[int], block: nn.
 
 
 def _seeded_lora_init(model: nn.Module, seed: int) -> None:
+    """Every adapter of a module starts from the same draw: clients and their server-side copies agree."""
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
         if not isinstance(lora_a, nn.ModuleDict):
@@ -82,19 +92,30 @@ def apply_training(
     segments: Iterable[tuple[Segment, str]],
     lora: LoraConfig,
     seed: int,
+    adapters: tuple[str, ...] = ("default",),
 ) -> nn.Module:
-    """Wrap ``model`` so that exactly the parameters each (segment, mode) trains require grad."""
+    """Wrap ``model`` so that exactly the parameters each (segment, mode) trains require grad.
+
+    Several ``adapters`` put one LoRA adapter per name on the same frozen base (the server of ``sfl-v1``
+    keeps one per client); they all start identical and all train.
+    """
     segments = list(segments)
     for p in model.parameters():
         p.requires_grad_(False)
     lora_blocks = sorted(i for seg, mode in segments if mode == "lora" for i in seg.blocks)
     if lora_blocks:
         block = model.get_submodule(spec.blocks_path)[lora_blocks[0]]
+        config = _lora_config(spec, lora, lora_blocks, block)
         try:
-            model = get_peft_model(model, _lora_config(spec, lora, lora_blocks, block))
+            model = get_peft_model(model, config, adapter_name=adapters[0])
+            for name in adapters[1:]:
+                model.add_adapter(name, config)
         except ValueError as err:
             raise AdapterError(f"cannot place LoRA adapters on {spec.model_type}: {err}") from None
         _seeded_lora_init(model, seed)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
     full = [seg for seg, mode in segments if mode == "full"]
     if full:
         prefixes = []
@@ -107,20 +128,60 @@ def apply_training(
     return model
 
 
-def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Trainable parameters under canonical names, in a fixed order."""
-    return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+def trainable(model: nn.Module, adapter: str = "default") -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters of one adapter (and fully trained weights) under canonical names, in a fixed order."""
+    return [
+        (canonical_name(n, adapter), p)
+        for n, p in model.named_parameters()
+        if p.requires_grad and adapter_of(n) in (None, adapter)
+    ]
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone().contiguous() for name, p in trainable(model)}
+def trainable_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone().contiguous() for name, p in trainable(model, adapter)}
 
 
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(trainable(model))
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], adapter: str = "default", partial: bool = False) -> None:
+    """Set trainable tensors from ``state``; ``partial`` allows a subset (an average touches some tensors only)."""
+    params = dict(trainable(model, adapter))
     missing, unexpected = set(params) - set(state), set(state) - set(params)
-    if missing or unexpected:
+    if (missing and not partial) or unexpected:
         raise AdapterError(f"adapter state does not match this party: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name])
+        for name, value in state.items():
+            p = params[name]
+            if p.shape != value.shape:
+                raise AdapterError(f"tensor {name} has shape {tuple(value.shape)}; this party's has {tuple(p.shape)}")
+            p.copy_(value)
+
+
+def lora_layers(model: nn.Module, adapter: str = "default") -> dict[str, nn.Module]:
+    """peft LoRA layers by canonical module name (the name of the weight they adapt, minus ``.weight``)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {canonical_name(n, adapter): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+class mixed_adapters:
+    """Within the context, each row of a batch goes through its own adapter (``names[row]``).
+
+    peft implements mixed-adapter batches for inference and refuses them in training mode at the model
+    level only; the per-layer computation is differentiable, so we pass the names to the layers directly.
+    This is how one frozen base serves several clients' adapters in one batched forward.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.layers = list(lora_layers(model).values())
+        self.names = names
+        self.handles: list = []
+
+    def __enter__(self) -> "mixed_adapters":
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": self.names}
+
+        self.handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

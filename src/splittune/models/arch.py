@@ -38,6 +38,15 @@ class ArchSpec:
         return f"{self.blocks_path}.{index}."
 
 
+def block_of(name: str, blocks_path: str) -> int | None:
+    """The block index of a tensor named in the unsplit model; None outside the blocks (embeddings, norm, head)."""
+    prefix = blocks_path + "."
+    if not name.startswith(prefix):
+        return None
+    index = name[len(prefix):].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
 class _Stop(Exception):
     pass
 

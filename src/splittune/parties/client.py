@@ -14,6 +14,7 @@ import torch
 
 from ..channels import Channel
 from ..wire import Message
+from ..schedules.aggregate import fold_delta
 from .party import Party
 
 Batch = dict[str, torch.Tensor]
@@ -38,7 +39,8 @@ class Client:
         self.channel = channel
         self.session = session or uuid.uuid4().hex[:12]
         self.server_info: dict = {}
-        if self.plan.shape != "centralized" and channel is None:
+        self.split = self.plan.shape != "centralized"  # a federated client trains the whole model and talks only to average
+        if self.split and channel is None:
             raise ValueError(f"a {self.plan.shape} split needs a channel to the server")
 
     def connect(self) -> dict:
@@ -101,7 +103,7 @@ class Client:
         """Stage 6 on both parties, with the global gradient norm."""
         own = self.party.sq_grad_norm()
         server_sq = 0.0
-        if self.channel is not None:
+        if self.split:
             reply = self._call("step", step, 0, {}, sq_norm=own)
             server_sq = float(reply.meta["sq_norm"])
         self.party.optimizer_step(own + server_sq)
@@ -144,6 +146,40 @@ class Client:
         return loss * items, items, scores
 
     def server_state(self) -> dict[str, torch.Tensor]:
-        if self.channel is None:
+        """What the server trained for this client (its blocks of the server-side adapter)."""
+        if not self.split:
             return {}
         return dict(self._call("state", 0, 0, {}).tensors)
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The last average (personal segments included) and the updates folded into base weights (``fold::``)."""
+        return dict(self._call("state", 0, 0, {}, op="global").tensors)
+
+    # -- stage 7 and the sequential relay -------------------------------------------------------------
+    def aggregate(self, step: int) -> None:
+        """Send this client's adapters to be averaged, weighted by its training samples; take the average back."""
+        reply = self._call("state", step, 0, self.party.state(), op="aggregate", weight=self.party.session.samples)
+        values, folds = {}, {}
+        for name, tensor in reply.tensors.items():
+            if name.startswith("fold::"):
+                _, module, factor = name.split("::")
+                folds.setdefault(module, {})[factor] = tensor
+            else:
+                values[name] = tensor
+        self.party.load_state(values)
+        for module, factors in folds.items():
+            self.party.fold(module, fold_delta(factors["B"], factors["A"]))
+
+    def hand_on(self, step: int) -> None:
+        """Sequential: end this client's turn by handing its client-side model and optimizer to the next."""
+        moments, meta = self.party.optimizer_state()
+        tensors = {**self.party.state(), **{f"opt::{k}": v for k, v in moments.items()}}
+        self._call("state", step, 0, tensors, op="relay_put", optimizer=meta)
+
+    def take_over(self, step: int) -> None:
+        """Sequential: start a turn (at ``step``; 0 after training) from the model the last client handed on."""
+        reply = self._call("state", step, 0, {}, op="relay_get")
+        state = {k: v for k, v in reply.tensors.items() if not k.startswith("opt::")}
+        moments = {k.removeprefix("opt::"): v for k, v in reply.tensors.items() if k.startswith("opt::")}
+        self.party.load_state(state)
+        self.party.load_optimizer_state(moments, reply.meta["optimizer"])

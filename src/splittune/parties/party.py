@@ -8,46 +8,60 @@ parties scale by the same coefficient, exactly as ``clip_grad_norm_`` on the uns
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from transformers import get_scheduler
 
 from ..config import LoraConfig, RunConfig
-from ..models.adapters import apply_training, trainable, trainable_state
+from ..models.adapters import apply_training, load_trainable_state, lora_layers, trainable, trainable_state
 from ..models.arch import ArchSpec
 from ..models.partition import DTYPES, SplitPlan, load_party_model, plan_split
 from ..models.segment import SegmentOutput, run_segment
 from ..models.zoo import ModelSource
 
 
+# What may differ from client to client in one run; every other field of the proposal must agree.
+PER_CLIENT = ("client", "cuts", "lora_rank", "samples")
+
+
 @dataclass(frozen=True)
 class SessionSpec:
-    """Everything both parties must agree on; the client proposes it in its hello."""
+    """Everything the parties must agree on; each client proposes it in its hello."""
 
     fingerprint: str
     model_type: str
     cuts: list[int]
     mode: str
     segments: dict[str, str]
-    lora: dict[str, Any]
+    lora: dict[str, Any]  # the run's LoRA settings; ``lora_rank`` is this client's own rank
     seed: int
     dtype: str
     lr: float
     weight_decay: float
     warmup_steps: int
-    schedule: str
+    lr_schedule: str
     steps: int
     max_grad_norm: float | None
     model_dropout: bool
+    client: int = 0
+    clients: int = 1
+    schedule: str = "sfl-v2"
+    aggregate_every: int = 1
+    personal: list[str] = field(default_factory=list)
+    lora_rank: int = 8
+    samples: int = 0
 
     @classmethod
-    def from_run(cls, cfg: RunConfig, fingerprint: str, model_type: str) -> "SessionSpec":
+    def from_run(cls, cfg: RunConfig, fingerprint: str, model_type: str, client: int = 0, samples: int = 0,
+                 clients: int | None = None) -> "SessionSpec":
         t = cfg.train
         return cls(
-            fingerprint, model_type, list(cfg.cuts), cfg.mode, cfg.segments.model_dump(), cfg.lora.model_dump(),
+            fingerprint, model_type, cfg.client_cuts(client), cfg.mode, cfg.segments.model_dump(), cfg.lora.model_dump(),
             cfg.seed, t.dtype, t.lr, t.weight_decay, t.warmup_steps, t.schedule, t.steps, t.max_grad_norm, t.model_dropout,
+            client, clients or cfg.clients, "federated" if cfg.mode == "federated" else cfg.schedule, cfg.aggregate_every,
+            list(cfg.personal), cfg.client_rank(client), samples,
         )
 
     def to_meta(self) -> dict[str, Any]:
@@ -61,14 +75,84 @@ class SessionSpec:
             raise ValueError(f"session proposal lacks {sorted(missing)}")
         return cls(**{k: meta[k] for k in fields})
 
+    def shared_terms(self) -> dict[str, Any]:
+        """The fields every client of one run must propose identically."""
+        return {k: v for k, v in asdict(self).items() if k not in PER_CLIENT}
+
     def plan(self, n_blocks: int) -> SplitPlan:
-        return plan_split(n_blocks, self.cuts, self.mode)
+        return plan_split(n_blocks, self.cuts, self.mode if self.mode != "federated" else "centralized")
+
+    @property
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(**{**self.lora, "rank": self.lora_rank})
+
+    @property
+    def client_steps(self) -> int:
+        """Optimizer steps of a client-side LR schedule: a sequential relay hands one schedule through every client."""
+        return self.steps * self.clients if self.schedule == "sequential" else self.steps
+
+    @property
+    def server_steps(self) -> int:
+        """Optimizer steps of a server-side adapter: shared by all clients unless each has its own (sfl-v1)."""
+        return self.steps if self.schedule == "sfl-v1" else self.steps * self.clients
+
+
+class Trainer:
+    """One adapter's trainable tensors with its own AdamW and LR schedule (a party may hold several)."""
+
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], session: SessionSpec, total_steps: int):
+        self.named = params
+        self.params = [p for _, p in params]
+        self.max_grad_norm = session.max_grad_norm
+        self.optimizer = torch.optim.AdamW(self.params, lr=session.lr, weight_decay=session.weight_decay) if self.params else None
+        self.scheduler = (
+            get_scheduler(session.lr_schedule, self.optimizer, num_warmup_steps=session.warmup_steps, num_training_steps=total_steps)
+            if self.optimizer
+            else None
+        )
+
+    def sq_grad_norm(self) -> float:
+        """Sum of squared gradient norms of these tensors (float64 for a stable sum)."""
+        total = 0.0
+        for p in self.params:
+            if p.grad is not None:
+                total += float(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) ** 2)
+        return total
+
+    def step(self, total_sq_norm: float) -> None:
+        """Clip by the global norm, step, advance the LR schedule, clear gradients."""
+        if self.max_grad_norm is not None and self.params:
+            coef = self.max_grad_norm / (math.sqrt(total_sq_norm) + 1e-6)
+            if coef < 1.0:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0] if self.scheduler else 0.0
+
+    def forget(self, names: set[str]) -> None:
+        """Drop the optimizer's moments of ``names``: their values were replaced, the moments refer to the old ones."""
+        if self.optimizer is not None:
+            for name, p in self.named:
+                if name in names:
+                    self.optimizer.state.pop(p, None)
 
 
 class Party:
-    """One side of the split: ``role`` is ``client`` or ``server``."""
+    """One side of the split: ``role`` is ``client`` or ``server``.
 
-    def __init__(self, role: str, source: ModelSource, spec: ArchSpec, session: SessionSpec, config=None):
+    ``adapters`` names the LoRA adapters on this party's frozen base (one per client on an ``sfl-v1``
+    server, else one); ``total_steps`` is how many optimizer steps each adapter's LR schedule spans.
+    """
+
+    def __init__(self, role: str, source: ModelSource, spec: ArchSpec, session: SessionSpec, config=None,
+                 adapters: tuple[str, ...] = ("default",), total_steps: int | None = None):
         self.role = role
         self.spec = spec
         self.session = session
@@ -87,17 +171,15 @@ class Party:
             keep_dropout=session.model_dropout,
         )
         modes = [(s, session.segments[s.name]) for s in self.segments]
-        self.model = apply_training(model, spec, modes, LoraConfig(**session.lora), session.seed)
+        self.model = apply_training(model, spec, modes, session.lora_config, session.seed, adapters)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.blocks = base.get_submodule(spec.blocks_path)
         self.model.train()
-        self.params = [p for _, p in trainable(self.model)]
-        self.optimizer = torch.optim.AdamW(self.params, lr=session.lr, weight_decay=session.weight_decay) if self.params else None
-        self.scheduler = (
-            get_scheduler(session.schedule, self.optimizer, num_warmup_steps=session.warmup_steps, num_training_steps=session.steps)
-            if self.optimizer
-            else None
-        )
+        if total_steps is None:
+            total_steps = session.client_steps if role == "client" else session.server_steps
+        self.trainers = {name: Trainer(trainable(self.model, name), session, total_steps) for name in adapters}
+        self.params = [p for t in self.trainers.values() for p in t.params]
+        self.adapter = adapters[0]
 
     @property
     def trainable_params(self) -> int:
@@ -106,40 +188,83 @@ class Party:
     def run(self, start: int, end: int, **kwargs) -> SegmentOutput:
         return run_segment(self.model, self.blocks, start, end, **kwargs)
 
-    def sq_grad_norm(self) -> float:
-        """Sum of squared gradient norms of this party's trainable tensors (float64 for a stable sum)."""
-        total = 0.0
-        for p in self.params:
-            if p.grad is not None:
-                total += float(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) ** 2)
-        return total
+    def sq_grad_norm(self, adapter: str | None = None) -> float:
+        return self.trainers[adapter or self.adapter].sq_grad_norm()
 
-    def optimizer_step(self, total_sq_norm: float) -> None:
-        """Clip by the global norm, step, advance the LR schedule, clear gradients."""
-        max_norm = self.session.max_grad_norm
-        if max_norm is not None and self.params:
-            coef = max_norm / (math.sqrt(total_sq_norm) + 1e-6)
-            if coef < 1.0:
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+    def optimizer_step(self, total_sq_norm: float, adapter: str | None = None) -> None:
+        self.trainers[adapter or self.adapter].step(total_sq_norm)
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0] if self.scheduler else 0.0
+        return self.trainers[self.adapter].lr
+
+    def lr_of(self, adapter: str) -> float:
+        return self.trainers[adapter].lr
 
     @property
     def fan_in_fan_out(self) -> bool | None:
         """Whether this party's LoRA layers wrap transposed (Conv1D) weights; None without LoRA."""
-        config = getattr(self.model, "peft_config", {}).get("default")
+        config = getattr(self.model, "peft_config", {}).get(self.adapter)
         return None if config is None else bool(config.fan_in_fan_out)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.model)
+    def state(self, adapter: str | None = None) -> dict[str, torch.Tensor]:
+        return trainable_state(self.model, adapter or self.adapter)
+
+    def load_state(self, tensors: dict[str, torch.Tensor], adapter: str | None = None) -> None:
+        """Replace some trainable tensors (an average); their optimizer moments are kept, as in FedAvg."""
+        load_trainable_state(self.model, tensors, adapter or self.adapter, partial=True)
+
+    def holds(self, module: str) -> bool:
+        return module in lora_layers(self.model)
+
+    def fold(self, module: str, delta: torch.Tensor) -> None:
+        """Add ``delta`` ([out, in]) to a LoRA module's frozen base weight and restart its LoRA factors (B = 0).
+
+        After an exact rank-heterogeneous average the module's whole update lives in the base weight; every
+        adapter of the module restarts from zero, so every holder has the same effective weight.
+        """
+        layer = lora_layers(self.model).get(module)
+        if layer is None:
+            raise ValueError(f"this {self.role} holds no LoRA module {module}")
+        weight = layer.get_base_layer().weight
+        with torch.no_grad():
+            weight += (delta.T if layer.fan_in_fan_out else delta).to(weight.dtype)
+            for name, b in layer.lora_B.items():
+                b.weight.zero_()
+        names = {f"{module}.lora_A.weight", f"{module}.lora_B.weight"}
+        for trainer in self.trainers.values():
+            trainer.forget(names)
+
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This party's (single) trainer as tensors and plain metadata: what a sequential relay hands on."""
+        trainer = self.trainers[self.adapter]
+        tensors, meta = {}, {"scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None, "steps": {}}
+        if trainer.optimizer is not None:
+            for name, p in trainer.named:
+                st = trainer.optimizer.state.get(p)
+                if st:
+                    tensors[f"{name}::exp_avg"] = st["exp_avg"].clone()
+                    tensors[f"{name}::exp_avg_sq"] = st["exp_avg_sq"].clone()
+                    meta["steps"][name] = float(st["step"])
+        return tensors, meta
+
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        trainer = self.trainers[self.adapter]
+        if trainer.optimizer is None:
+            return
+        for name, p in trainer.named:
+            if name in meta["steps"]:
+                trainer.optimizer.state[p] = {
+                    "step": torch.tensor(meta["steps"][name]),
+                    "exp_avg": tensors[f"{name}::exp_avg"].clone(),
+                    "exp_avg_sq": tensors[f"{name}::exp_avg_sq"].clone(),
+                }
+            else:
+                trainer.optimizer.state.pop(p, None)
+        if meta.get("scheduler") is not None:
+            trainer.scheduler.load_state_dict(meta["scheduler"])
+            for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
+                group["lr"] = lr  # a scheduler's state does not carry the rate its optimizer is at
 
 
 def _check_tied(spec: ArchSpec, plan: SplitPlan, modes: dict[str, str]) -> None:

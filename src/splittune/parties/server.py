@@ -1,5 +1,6 @@
 """The server party: stage 3 (trunk forward, and in the two-part split the rest of the model and the
-loss) and its half of stage 5 (backward to the cut). It learns its session from the client's hello.
+loss), its half of stage 5 (backward to the cut), and stage 7 (the adapter average) for the clients it
+serves. It learns the run from the clients' hellos; the group forms when every client has said hello.
 
 Every incoming tensor is checked (shape, dtype, finiteness, label range) before it touches the model;
 a refusal is an ``error`` message with the reason, and the server's state is left as it was.
@@ -7,10 +8,16 @@ a refusal is an ``error`` message with the reason, and the server's state is lef
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
+from ..models.adapters import mixed_adapters
 from ..models.arch import ArchSpec
 from ..models.zoo import ModelSource
+from ..schedules.group import Group, Member, turn_ends
+from ..schedules.meet import WaitTimeout
 from ..wire import Message
 from .party import Party, SessionSpec
 
@@ -19,28 +26,45 @@ class ProtocolError(ValueError):
     """A message the server refuses; the text goes back to the client."""
 
 
+STATE_OPS = ("get", "aggregate", "relay_put", "relay_get", "global")
+
+
 class Server:
-    def __init__(self, source: ModelSource, spec: ArchSpec, config=None):
+    def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0):
         self.source = source
         self.spec = spec
         self.config = config if config is not None else source.config()
         self.fingerprint = source.fingerprint()
-        self.party: Party | None = None
-        self.session_id = ""
-        self._pending: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.wait_s = wait_s
+        self.group: Group | None = None
+        self.sessions: dict[str, Member] = {}
+        self._lock = threading.Lock()
+        self._pending: dict[tuple, tuple] = {}
+
+    @property
+    def party(self) -> Party | None:
+        return self.group.party if self.group else None
+
+    def cancel(self, reason: str) -> None:
+        """Call off every wait of the current run (turns, batches, averages) with ``reason``."""
+        if self.group is not None:
+            self.group.meet.cancel(reason)
+            if self.group.turns is not None:
+                self.group.turns.cancel(reason)
 
     # -- dispatch -----------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
         try:
             if msg.kind == "hello":
                 return self._hello(msg)
-            if self.party is None or msg.session != self.session_id:
+            member = self.sessions.get(msg.session)
+            if member is None:
                 raise ProtocolError(f"unknown session {msg.session!r}; send hello first")
             handler = {"activations": self._activations, "gradients": self._gradients, "step": self._step, "state": self._state}.get(msg.kind)
             if handler is None:
                 raise ProtocolError(f"a server does not accept {msg.kind!r} messages")
-            return handler(msg)
-        except (ProtocolError, ValueError) as err:
+            return handler(member, msg)
+        except (ProtocolError, ValueError, WaitTimeout) as err:
             return Message("error", msg.session, msg.step, msg.micro, meta={"reason": str(err)})
 
     def _reply(self, msg: Message, kind: str, tensors=None, **meta) -> Message:
@@ -57,16 +81,29 @@ class Server:
                 f"model mismatch: the client's base model has fingerprint {session.fingerprint}, the server's {self.fingerprint}"
             )
         plan = session.plan(self.spec.n_blocks)
-        if plan.shape == "centralized":
+        if plan.shape == "centralized" and session.schedule != "federated":
             raise ProtocolError("a centralized run has no server part")
-        self.party = Party("server", self.source, self.spec, session, self.config)
-        self.session_id = msg.session
-        self._pending.clear()
-        seg = self.party.segments[0]
-        return self._reply(
-            msg, "hello", accepted=True, blocks=[seg.start, seg.end], params=self.party.weights.params,
-            bytes=self.party.weights.bytes, trainable=self.party.trainable_params, fan_in_fan_out=self.party.fan_in_fan_out,
-        )
+        with self._lock:
+            if self.group is None or session.clients == 1 or len(self.group.members) == self.group.n:
+                self.group = Group(session, self.wait_s)  # a new run
+                self.sessions.clear()
+                self._pending.clear()
+            group = self.group
+            group.check(session)
+            member = Member(session.client, msg.session, session)
+            group.members[session.client] = member
+            self.sessions[msg.session] = member
+        group.meet.meet("hello", member.index, None, set(range(group.n)), lambda items: self._form(group, items))
+        party = group.party
+        info = {"accepted": True, "clients": group.n, "schedule": group.schedule}
+        if party is not None:
+            info.update(blocks=[member.start, member.end], params=party.weights.params, bytes=party.weights.bytes,
+                        trainable=party.trainable_params, fan_in_fan_out=party.fan_in_fan_out)
+        return self._reply(msg, "hello", **info)
+
+    def _form(self, group: Group, items: dict) -> dict:
+        group.form(self.source, self.spec, self.config)
+        return {i: None for i in items}
 
     # -- validation -------------------------------------------------------------------------------------
     def _hidden_in(self, msg: Message, name: str = "hidden") -> torch.Tensor:
@@ -101,45 +138,117 @@ class Server:
             raise ProtocolError(f"labels must be -100 (ignored) or token ids in 0..{vocab - 1}")
         return labels
 
+    def _needs_party(self, member: Member, msg: Message) -> Party:
+        if self.party is None:
+            raise ProtocolError(f"a {self.group.schedule} run has no server part; {msg.kind} messages are not served")
+        return self.party
+
+    def _adapter(self, member: Member, rows: int):
+        """Run with this client's server-side adapter (several share one base under sfl-v1)."""
+        if self.group.schedule == "sfl-v1" and self.group.n > 1:
+            return mixed_adapters(self.party.model, [member.adapter] * rows)
+        return contextlib.nullcontext()
+
+    def _turn(self, member: Member, msg: Message) -> None:
+        if self.group.turns is not None:
+            self.group.turns.enter(member.index, msg.step)
+
     # -- stages 3 and 5 -------------------------------------------------------------------------------------
-    def _activations(self, msg: Message) -> Message:
-        party, seg = self.party, self.party.segments[0]
+    def _activations(self, member: Member, msg: Message) -> Message:
+        party = self._needs_party(member, msg)
+        train = bool(msg.meta.get("train", True))
+        if train:
+            self._turn(member, msg)
         hidden = self._hidden_in(msg)
         mask = self._mask(msg, hidden.shape)
-        train = bool(msg.meta.get("train", True))
-        if seg.head:
-            return self._head(msg, hidden, mask, train)
-        if not train:
-            with torch.no_grad():
-                out = party.run(seg.start, seg.end, hidden=hidden, attention_mask=mask)
-            return self._reply(msg, "activations", {"hidden": out.hidden})
-        hidden.requires_grad_(True)
-        out = party.run(seg.start, seg.end, hidden=hidden, attention_mask=mask)
-        self._pending[(msg.step, msg.micro)] = (hidden, out.hidden)
+        labels = self._labels(msg, hidden.shape) if member.head else None
+        if train and self.group.batched:
+            item = (hidden, mask, labels, msg.meta.get("num_items"), bool(msg.meta.get("want_grad", True)))
+            kind, tensors, meta = self.group.meet.meet(("forward", msg.step, msg.micro), member.index, item,
+                                                       set(self.group.members), lambda items: self._forward_together(msg, items))
+            return self._reply(msg, kind, tensors, **meta)
+        if member.head:
+            return self._head(member, msg, hidden, mask, labels, train)
+        with self._adapter(member, hidden.shape[0]):
+            if not train:
+                with torch.no_grad():
+                    out = party.run(member.start, member.end, hidden=hidden, attention_mask=mask)
+                return self._reply(msg, "activations", {"hidden": out.hidden})
+            hidden.requires_grad_(True)
+            out = party.run(member.start, member.end, hidden=hidden, attention_mask=mask)
+        self._pending[(member.index, msg.step, msg.micro)] = (hidden, out.hidden)
         return self._reply(msg, "activations", {"hidden": out.hidden.detach()})
 
-    def _head(self, msg: Message, hidden, mask, train: bool) -> Message:
+    def _head(self, member: Member, msg: Message, hidden, mask, labels, train: bool) -> Message:
         """Two-part split: the server ends the model, so it computes the loss from the client's labels."""
-        party, seg = self.party, self.party.segments[0]
-        labels = self._labels(msg, hidden.shape)
+        party = self.party
         num_items = msg.meta.get("num_items")
-        if not train:
-            with torch.no_grad():
-                out = party.run(seg.start, seg.end, hidden=hidden, attention_mask=mask, labels=labels,
-                                num_items_in_batch=num_items, want_logits="score_tokens" in msg.meta)
-            tensors = {}
-            if "score_tokens" in msg.meta:
-                tensors["scores"] = _scores(out.logits, msg.meta["score_positions"], msg.meta["score_tokens"])
-            return self._reply(msg, "activations", tensors, loss=float(out.loss))
-        want_grad = bool(msg.meta.get("want_grad", True))
-        hidden.requires_grad_(want_grad)
-        out = party.run(seg.start, seg.end, hidden=hidden, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+        with self._adapter(member, hidden.shape[0]):
+            if not train:
+                with torch.no_grad():
+                    out = party.run(member.start, member.end, hidden=hidden, attention_mask=mask, labels=labels,
+                                    num_items_in_batch=num_items, want_logits="score_tokens" in msg.meta)
+                tensors = {}
+                if "score_tokens" in msg.meta:
+                    tensors["scores"] = _scores(out.logits, msg.meta["score_positions"], msg.meta["score_tokens"])
+                return self._reply(msg, "activations", tensors, loss=float(out.loss))
+            want_grad = bool(msg.meta.get("want_grad", True))
+            hidden.requires_grad_(want_grad)
+            out = party.run(member.start, member.end, hidden=hidden, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
         out.loss.backward()
         tensors = {"grad": hidden.grad} if want_grad else {}
         return self._reply(msg, "gradients", tensors, loss=float(out.loss.detach()))
 
-    def _gradients(self, msg: Message) -> Message:
-        key = (msg.step, msg.micro)
+    def _forward_together(self, msg: Message, items: dict) -> dict:
+        """sfl-v1: the clients' activations of one micro-batch go through the shared base as one batch,
+        each row through its own client's adapter; clients entering at other blocks form their own batch."""
+        party, group = self.party, self.group
+        buckets: dict[tuple, list[int]] = {}
+        for i, (hidden, *_rest) in items.items():
+            m = group.members[i]
+            buckets.setdefault((m.start, m.end, hidden.shape[1]), []).append(i)
+        results = {}
+        for (start, end, _), idx in buckets.items():
+            hidden = torch.cat([items[i][0] for i in idx]).requires_grad_(True)
+            mask = torch.cat([items[i][1] for i in idx])
+            rows = [items[i][0].shape[0] for i in idx]
+            names = [group.members[i].adapter for i, r in zip(idx, rows) for _ in range(r)]
+            head = group.members[idx[0]].head
+            with mixed_adapters(party.model, names):
+                out = party.run(start, end, hidden=hidden, attention_mask=mask, want_logits=head)
+            if head:
+                base = party.model.get_base_model() if hasattr(party.model, "get_base_model") else party.model
+                vocab = self.config.get_text_config().vocab_size
+                losses = [
+                    base.loss_function(logits=logits, labels=items[i][2], vocab_size=vocab, num_items_in_batch=items[i][3])
+                    for i, logits in zip(idx, out.logits.split(rows))
+                ]
+                torch.stack(losses).sum().backward()
+                for i, grad, loss in zip(idx, hidden.grad.split(rows), losses):
+                    results[i] = ("gradients", {"grad": grad} if items[i][4] else {}, {"loss": float(loss.detach())})
+            else:
+                self._pending[("batch", msg.step, msg.micro, start, end, hidden.shape[1])] = (hidden, out.hidden, idx, rows)
+                for i, h in zip(idx, out.hidden.detach().split(rows)):
+                    results[i] = ("activations", {"hidden": h}, {})
+        return results
+
+    def _gradients(self, member: Member, msg: Message) -> Message:
+        self._needs_party(member, msg)
+        self._turn(member, msg)
+        want_grad = bool(msg.meta.get("want_grad", True))
+        if self.group.batched:
+            batch = [v for k, v in self._pending.items() if k[:3] == ("batch", msg.step, msg.micro) and member.index in v[2]]
+            if not batch:
+                raise ProtocolError(f"gradients for step {msg.step} micro-batch {msg.micro}, which has no pending forward")
+            grad = self._hidden_in(msg, "grad")
+            _, hidden_out, idx, rows = batch[0]
+            expected = (rows[idx.index(member.index)], *hidden_out.shape[1:])
+            if tuple(grad.shape) != expected:
+                raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {expected}")
+            grads = self.group.meet.meet(("backward", msg.step, msg.micro), member.index, grad,
+                                         set(self.group.members), lambda items: self._backward_together(msg, items))
+            return self._reply(msg, "gradients", {"grad": grads} if want_grad else {})
+        key = (member.index, msg.step, msg.micro)
         if key not in self._pending:
             raise ProtocolError(f"gradients for step {msg.step} micro-batch {msg.micro}, which has no pending forward")
         hidden_in, hidden_out = self._pending[key]
@@ -148,21 +257,64 @@ class Server:
             raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {tuple(hidden_out.shape)}")
         del self._pending[key]
         hidden_out.backward(grad)
-        want_grad = bool(msg.meta.get("want_grad", True))
         return self._reply(msg, "gradients", {"grad": hidden_in.grad} if want_grad else {})
 
-    def _step(self, msg: Message) -> Message:
+    def _backward_together(self, msg: Message, items: dict) -> dict:
+        results = {}
+        for key in [k for k in self._pending if k[:3] == ("batch", msg.step, msg.micro)]:
+            hidden_in, hidden_out, idx, rows = self._pending.pop(key)
+            hidden_out.backward(torch.cat([items[i] for i in idx]))
+            results.update(zip(idx, hidden_in.grad.split(rows)))
+        return results
+
+    def _step(self, member: Member, msg: Message) -> Message:
+        party = self._needs_party(member, msg)
+        self._turn(member, msg)
         client_sq = msg.meta.get("sq_norm")
         if not isinstance(client_sq, (int, float)) or not client_sq >= 0:
             raise ProtocolError(f"step needs a non-negative sq_norm, got {client_sq!r}")
-        if self._pending:
-            raise ProtocolError(f"step {msg.step} arrived with {len(self._pending)} forward(s) still awaiting gradients")
-        own = self.party.sq_grad_norm()
-        self.party.optimizer_step(client_sq + own)
-        return self._reply(msg, "step", sq_norm=own, lr=self.party.lr)
+        waiting = [k for k, v in self._pending.items() if k[0] == member.index or (k[0] == "batch" and member.index in v[2])]
+        if waiting:
+            raise ProtocolError(f"step {msg.step} arrived with {len(waiting)} forward(s) still awaiting gradients")
+        own = party.sq_grad_norm(member.adapter)
+        party.optimizer_step(client_sq + own, member.adapter)
+        group = self.group
+        if group.turns is not None and not turn_ends(group.schedule, msg.step, group.steps, group.every):
+            group.turns.advance(member.index, msg.step)
+        return self._reply(msg, "step", sq_norm=own, lr=party.lr_of(member.adapter))
 
-    def _state(self, msg: Message) -> Message:
-        return self._reply(msg, "state", self.party.state())
+    # -- state: saving, stage 7, relays -----------------------------------------------------------------------
+    def _state(self, member: Member, msg: Message) -> Message:
+        op = msg.meta.get("op", "get")
+        group = self.group
+        if op == "get":
+            return self._reply(msg, "state", group.on_behalf(member))
+        if op == "global":
+            tensors = {k: v for k, v in group.global_state.items()}
+            tensors.update({f"fold::{k}": v for k, v in group.folded.items()})
+            return self._reply(msg, "state", tensors)
+        if op == "aggregate":
+            weight = msg.meta.get("weight")
+            if not isinstance(weight, (int, float)) or not weight > 0:
+                raise ProtocolError(f"an aggregate needs a positive weight (the client's training samples), got {weight!r}")
+            share = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), float(weight)),
+                                    set(group.members), group.aggregate)
+            return self._reply(msg, "state", share)
+        if op == "relay_put":
+            if group.schedule != "sequential":
+                raise ProtocolError(f"relays belong to the sequential schedule, not {group.schedule}")
+            group.relay = (dict(msg.tensors), dict(msg.meta.get("optimizer", {})))
+            if group.turns is not None and group.turns.current() == (member.index, msg.step):
+                group.turns.advance(member.index, msg.step)
+            return self._reply(msg, "state")
+        if op == "relay_get":
+            if group.relay is None:
+                raise ProtocolError("no client has handed on its model yet")
+            if group.turns is not None and msg.step:
+                group.turns.enter(member.index, msg.step)
+            tensors, optimizer = group.relay
+            return self._reply(msg, "state", tensors, optimizer=optimizer)
+        raise ProtocolError(f"unknown state op {op!r}; ops: {', '.join(STATE_OPS)}")
 
 
 def _scores(logits: torch.Tensor, positions, tokens) -> torch.Tensor:

@@ -24,3 +24,23 @@ def plot_loss(metrics: list[dict], evals: list[dict], out: Path, title: str) -> 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_compare(curves: dict[str, list[dict]], out: Path, title: str) -> Path:
+    """Eval loss against examples seen, and against bytes on the wire (runs that send none are left out)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for name, points in curves.items():
+        left.plot([p["examples"] for p in points], [p["loss"] for p in points], "o-", label=name, lw=1.4, ms=3)
+        if any(p["bytes"] for p in points):
+            right.plot([p["bytes"] / 2**20 for p in points], [p["loss"] for p in points], "o-", label=name, lw=1.4, ms=3)
+    left.set_xlabel("training examples seen (all clients)")
+    right.set_xlabel("MiB sent and received (training, averages and relays)")
+    for ax in (left, right):
+        ax.set_ylabel("global eval loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

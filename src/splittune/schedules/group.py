@@ -1,0 +1,209 @@
+"""The clients one server trains with: who they are, which blocks the server runs for each, which
+server-side adapter each trains, the order of their turns, and stage 7 (their adapters averaged).
+
+- ``sequential`` and ``sfl-v2``: one shared server-side adapter, updated by one client's step at a time;
+- ``sfl-v1``: one server-side adapter per client on one shared frozen base (memory grows by an adapter
+  per client, never by a copy of the trunk), averaged like the clients' own adapters;
+- ``federated``: the server only averages; every client trains the whole model.
+
+A block a client does not hold (its cut is lower than another's) is run by the server *on its
+behalf*: in the average, the client contributes that server-side copy, so every block is averaged
+over every client, each client with the copy that was trained on its data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..models.arch import ArchSpec, block_of
+from ..models.partition import SplitPlan
+from ..models.zoo import ModelSource
+from ..parties.party import Party, SessionSpec
+from .aggregate import Contribution, average
+from .meet import Rendezvous, Turnstile
+
+SCHEDULES = ("sequential", "sfl-v1", "sfl-v2", "federated")
+
+
+@dataclass
+class Member:
+    index: int
+    session: str
+    spec: SessionSpec
+    start: int = 0  # the server blocks [start, end) run for this client
+    end: int = 0
+    head: bool = False  # two-part split: the server ends the model and computes this client's loss
+    adapter: str = "default"
+
+
+def turn_order(schedule: str, clients: int, steps: int, every: int) -> list[tuple[int, int]]:
+    """(client, step) turns in the order the server serves them; empty when clients train in parallel."""
+    if clients == 1 or schedule not in ("sequential", "sfl-v2"):
+        return []
+    if schedule == "sfl-v2":
+        return [(c, t) for t in range(1, steps + 1) for c in range(clients)]
+    turns = [range(s, min(s + every, steps + 1)) for s in range(1, steps + 1, every)]
+    return [(c, t) for span in turns for c in range(clients) for t in span]
+
+
+def turn_ends(schedule: str, step: int, steps: int, every: int) -> bool:
+    """Whether ``step`` is the last of a client's turn in a sequential relay (it then hands its model on)."""
+    return schedule == "sequential" and (step % every == 0 or step == steps)
+
+
+def personal_names(names, plan: SplitPlan, personal: set[str], arch: ArchSpec) -> set[str]:
+    """Which of a client's tensors belong to the segments it keeps for itself (``personal``)."""
+    keep = set()
+    pre = tuple(m + "." for m in arch.pre)
+    for seg in plan.party_segments("client"):
+        if seg.name not in personal:
+            continue
+        for name in names:
+            block = block_of(name, arch.blocks_path)
+            if block is not None:
+                inside = seg.start <= block < seg.end
+            else:  # embeddings belong to the bottom, the final norm and head to the top
+                inside = seg.embeds if name.startswith(pre) else seg.head
+            if inside:
+                keep.add(name)
+    return keep
+
+
+class Group:
+    def __init__(self, first: SessionSpec, wait_s: float):
+        if first.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {first.schedule!r}; schedules: {', '.join(SCHEDULES)}")
+        self.terms = first.shared_terms()
+        self.n = first.clients
+        self.schedule = first.schedule
+        self.steps = first.steps
+        self.every = first.aggregate_every
+        self.personal = set(first.personal)
+        self.members: dict[int, Member] = {}
+        self.party: Party | None = None
+        self.meet = Rendezvous(wait_s)
+        order = turn_order(self.schedule, self.n, self.steps, self.every)
+        self.turns = Turnstile(order, wait_s) if order else None
+        self.relay: tuple[dict[str, torch.Tensor], dict] | None = None
+        self.folded: dict[str, torch.Tensor] = {}  # module -> cumulative update moved into the base weights
+        self.global_state: dict[str, torch.Tensor] = {}  # the last average, personal segments included
+        self.blocks_path = ""
+        self.arch: ArchSpec | None = None
+
+    @property
+    def batched(self) -> bool:
+        return self.schedule == "sfl-v1" and self.n > 1
+
+    def check(self, spec: SessionSpec) -> None:
+        """A client joins only with the terms the group was formed with."""
+        if spec.client in self.members:
+            raise ValueError(f"client {spec.client} already has a session in this run")
+        if not 0 <= spec.client < self.n:
+            raise ValueError(f"client index {spec.client} is outside this run's clients 0..{self.n - 1}")
+        theirs = spec.shared_terms()
+        differ = sorted(k for k in self.terms if self.terms[k] != theirs.get(k))
+        if differ:
+            k = differ[0]
+            raise ValueError(
+                f"client {spec.client} proposes {k}={theirs.get(k)!r}, but this run agreed on {k}={self.terms[k]!r}"
+                + (f" (and {len(differ) - 1} more differences: {', '.join(differ[1:])})" if len(differ) > 1 else "")
+            )
+
+    # -- forming ------------------------------------------------------------------------------------
+    def form(self, source: ModelSource, arch: ArchSpec, config) -> None:
+        """Once every client said hello: load the blocks any of them needs and one adapter per trainer."""
+        self.arch = arch
+        self.blocks_path = arch.blocks_path
+        first = self.members[0].spec
+        if first.schedule == "federated":
+            return
+        ranges = {}
+        for m in self.members.values():
+            segs = m.spec.plan(arch.n_blocks).party_segments("server")
+            m.start, m.end, m.head = segs[0].start, segs[0].end, segs[0].head
+            ranges[m.index] = (m.start, m.end)
+        lo = min(r[0] for r in ranges.values())
+        hi = max(r[1] for r in ranges.values())
+        cuts = [lo] if first.plan(arch.n_blocks).shape == "two-part" else [lo, hi]
+        self._check_modes(first)
+        spec = replace(first, cuts=cuts, lora_rank=first.lora["rank"], client=0)
+        adapters = tuple(f"client{m}" for m in sorted(self.members)) if self.batched else ("default",)
+        if self.batched and "full" in {first.segments[s.name] for s in spec.plan(arch.n_blocks).party_segments("server")}:
+            raise ValueError("sfl-v1 keeps one server-side adapter per client; a segment trained in full would need a copy of it per client (use lora or frozen)")
+        self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=first.server_steps)
+        for m in self.members.values():
+            m.adapter = adapters[m.index] if len(adapters) > 1 else adapters[0]
+
+    def _check_modes(self, first: SessionSpec) -> None:
+        """Blocks that change hands between clients must train the same way on either side."""
+        cuts = {tuple(m.spec.cuts) for m in self.members.values()}
+        if len(cuts) == 1:
+            return
+        names = ["bottom", "trunk"] + (["top"] if len(first.cuts) == 2 else [])
+        moved = {n: first.segments[n] for n in names}
+        if len(set(moved.values())) > 1:
+            raise ValueError(
+                f"clients use different cuts {sorted(cuts)}, so blocks move between client and server segments; "
+                f"those segments must train the same way, but segments are {moved}"
+            )
+
+    # -- what the server trains on a client's behalf ----------------------------------------------------
+    def on_behalf(self, member: Member) -> dict[str, torch.Tensor]:
+        """The server-side tensors trained with ``member``'s data: its adapter, blocks [start, end) (and head)."""
+        if self.party is None:
+            return {}
+        return {k: v for k, v in self.party.state(member.adapter).items() if self._serves(member, k)}
+
+    def _serves(self, member: Member, name: str) -> bool:
+        block = block_of(name, self.blocks_path)
+        if block is None:  # outside the blocks: the final norm or head, held only when the server ends the model
+            return member.head
+        return member.start <= block < member.end
+
+    # -- stage 7 ---------------------------------------------------------------------------------------
+    def aggregate(self, items: dict[int, tuple[dict[str, torch.Tensor], float]]) -> dict[int, dict[str, torch.Tensor]]:
+        """Average every client's adapters (its own and those the server trained for it); apply the
+        server's share; return each client's share: new values and folds for the tensors it holds."""
+        alpha = float(self.terms["lora"]["alpha"])
+        contributions = []
+        for index, (tensors, weight) in items.items():
+            member = self.members[index]
+            own = dict(tensors)
+            overlap = set(own) & set(self.on_behalf(member))
+            if overlap:
+                raise ValueError(f"client {index} sent tensors the server holds for it, e.g. {sorted(overlap)[:2]}")
+            contributions.append(Contribution(weight, {**own, **self.on_behalf(member)}, alpha))
+        result = average(contributions)
+        self.global_state = dict(result.tensors)
+        deltas = {module: result.delta(module) for module in result.folds}
+        for module, delta in deltas.items():
+            self.folded[module] = self.folded.get(module, 0) + delta
+        self._apply_server_share(result.tensors, deltas)
+        replies = {}
+        for index, (tensors, _) in items.items():
+            keep = self._personal_names(self.members[index], tensors)
+            share = {k: v for k, v in result.tensors.items() if k in tensors and k not in keep}
+            for module, (b, a) in result.folds.items():
+                if f"{module}.lora_A.weight" in tensors and f"{module}.lora_A.weight" not in keep:
+                    share[f"fold::{module}::B"], share[f"fold::{module}::A"] = b, a
+            replies[index] = share
+        return replies
+
+    def _personal_names(self, member: Member, tensors: dict[str, torch.Tensor]) -> set[str]:
+        """Tensors of the segments this client keeps for itself."""
+        if not self.personal or self.party is None:
+            return set()
+        plan = member.spec.plan(len(self.party.blocks))
+        return personal_names(tensors, plan, self.personal, self.arch)
+
+    def _apply_server_share(self, tensors: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> None:
+        if self.party is None:
+            return
+        for module, delta in deltas.items():
+            if self.party.holds(module):
+                self.party.fold(module, delta)
+        for adapter in sorted({m.adapter for m in self.members.values()}):
+            held = self.party.state(adapter)
+            self.party.load_state({k: v for k, v in tensors.items() if k in held}, adapter)

@@ -1,0 +1,125 @@
+"""Coordination on the server when several clients train at once: turns and meeting points.
+
+Parties may run in one process (threads) or many (gRPC handlers); either way the server serves
+requests in a fixed order, so a run is deterministic whatever order the requests arrive in.
+
+- :class:`Turnstile` serves training messages in a fixed order of ``(client, step)`` turns
+  (``sequential`` and ``sfl-v2``: the shared server-side adapter is updated by one client at a time).
+- :class:`Rendezvous` lets every client of a round arrive with its part; the last to arrive computes
+  for all (``sfl-v1``'s batched forward, an adapter average), and each gets its own share back.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+
+class WaitTimeout(RuntimeError):
+    """A round waited too long for clients that did not come (or the run was called off)."""
+
+
+class _Waits:
+    """What every waiting place shares: a condition, a time limit, and a way to call the waiting off."""
+
+    def __init__(self, wait_s: float):
+        self.wait_s = wait_s
+        self.cancelled: str | None = None
+        self._cond = threading.Condition()
+
+    def cancel(self, reason: str) -> None:
+        """Wake every waiting client with ``reason`` (a client failed; the others must not wait for it)."""
+        with self._cond:
+            self.cancelled = reason
+            self._cond.notify_all()
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        """Wait (holding ``_cond``) until ``ready()``; raise on the time limit or a cancellation."""
+        done = self._cond.wait_for(lambda: ready() or self.cancelled is not None, timeout=self.wait_s)
+        if self.cancelled is not None and not ready():
+            raise WaitTimeout(f"{what}: the run was called off ({self.cancelled})")
+        if not done:
+            raise WaitTimeout(f"{what}: waited {self.wait_s:g} s")
+
+
+class Turnstile(_Waits):
+    def __init__(self, order: list[tuple[int, int]], wait_s: float):
+        super().__init__(wait_s)
+        self.order = order
+        self._index = {turn: i for i, turn in enumerate(order)}
+        self.position = 0
+
+    def current(self) -> tuple[int, int] | None:
+        return self.order[self.position] if self.position < len(self.order) else None
+
+    def enter(self, client: int, step: int) -> None:
+        """Block until it is ``client``'s turn for ``step``."""
+        turn = (client, step)
+        if turn not in self._index:
+            raise ValueError(f"client {client} has no turn at step {step} in this schedule")
+        with self._cond:
+            if self._index[turn] < self.position:
+                raise ValueError(f"client {client}'s turn for step {step} is over")
+            now = self.current()
+            self._wait(lambda: self.current() == turn,
+                       f"client {client}'s turn at step {step} (the server serves client {now[0]} at step {now[1]})")
+
+    def advance(self, client: int, step: int) -> None:
+        with self._cond:
+            if self.current() != (client, step):
+                raise ValueError(f"client {client} ended a turn at step {step} that was not its turn")
+            self.position += 1
+            self._cond.notify_all()
+
+
+@dataclass
+class _Round:
+    items: dict[int, Any] = field(default_factory=dict)
+    results: dict[int, Any] | None = None
+    error: BaseException | None = None
+    computing: bool = False
+    taken: int = 0
+
+
+class Rendezvous(_Waits):
+    def __init__(self, wait_s: float):
+        super().__init__(wait_s)
+        self._rounds: dict[Hashable, _Round] = {}
+
+    def meet(self, key: Hashable, client: int, item: Any, expected: set[int], compute: Callable[[dict[int, Any]], dict[int, Any]]) -> Any:
+        """Leave ``item`` at ``key``; when every ``expected`` client has, ``compute(items)`` runs once and
+        each client receives ``results[client]`` (or the error ``compute`` raised)."""
+        with self._cond:
+            rnd = self._rounds.setdefault(key, _Round())
+            if client in rnd.items:
+                raise ValueError(f"client {client} already sent its part for {key}")
+            rnd.items[client] = item
+            last = set(rnd.items) >= expected and not rnd.computing
+            if last:
+                rnd.computing = True
+            else:
+                try:
+                    self._wait(lambda: rnd.results is not None or rnd.error is not None,
+                               f"{key} still lacks clients {sorted(expected - set(rnd.items))}")
+                except WaitTimeout:
+                    del rnd.items[client]
+                    if not rnd.items:
+                        self._rounds.pop(key, None)
+                    raise
+        if last:
+            try:
+                results = compute(dict(sorted(rnd.items.items())))
+                error = None
+            except BaseException as err:  # every waiting client must hear about it
+                results, error = None, err
+            with self._cond:
+                rnd.results, rnd.error = results, error
+                self._cond.notify_all()
+        with self._cond:
+            rnd.taken += 1
+            if rnd.taken == len(rnd.items):
+                self._rounds.pop(key, None)
+        if rnd.error is not None:
+            raise rnd.error
+        return rnd.results[client]
