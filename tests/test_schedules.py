@@ -112,6 +112,9 @@ def test_fedavg_is_the_sample_weighted_mean(tmp_path, schedule):
         for i in range(2):
             assert torch.allclose(server.group.on_behalf(server.group.members[i])[name].double(), expected, atol=1e-7)
     assert not torch.equal(own[0][next(k for k in own[0] if "lora_B" in k)], own[1][next(k for k in own[1] if "lora_B" in k)])
+    alone = build(load_config(None, [*TINY, "cuts=[1,3]"]))[1].party
+    assert server.party.weights.params == alone.weights.params  # one base for every client, never a copy
+    assert server.party.trainable_params == (2 if schedule == "sfl-v1" else 1) * alone.trainable_params
 
 
 def test_heterogeneous_clients_average_the_products_exactly(tmp_path):
@@ -259,7 +262,7 @@ def test_multi_client_run_directory_and_export(tmp_path, monkeypatch):
 
 def test_federated_baseline(tmp_path):
     one = train(load_config(None, [*TINY, "mode=federated"]), tmp_path / "f1")
-    central = train(load_config(None, [*TINY, "mode=centralized"]), tmp_path / "c")
+    train(load_config(None, [*TINY, "mode=centralized"]), tmp_path / "c")
     assert losses(tmp_path / "f1") == pytest.approx(losses(tmp_path / "c"), abs=1e-6)
     assert one["bytes_up"] == 0  # one client: nothing to average
     two = train(load_config(None, [*TINY, "mode=federated", "clients=2", "aggregate_every=2"]), tmp_path / "f2")
@@ -325,3 +328,18 @@ def test_server_refuses_what_it_cannot_serve(tmp_path):
         load_config(None, [*TINY, "clients=2", "personal=[trunk]"])
     with pytest.raises(ConfigError, match="sequential relays one client-side model"):
         load_config(None, [*TINY, "clients=2", "schedule=sequential", "client_overrides=[{lora_rank: 2}]"])
+
+
+@pytest.mark.parametrize("cuts", [[1, 3], [2]], ids=["u-shape", "two-part"])
+def test_sfl_v1_is_federated_learning_with_the_model_split(tmp_path, cuts):
+    """sfl-v1 averages every adapter (client- and server-side) like FedAvg does, and the split is exact:
+    the two must train identically, client by client, step by step."""
+    common = [*TINY, f"cuts={cuts}", "clients=3", "aggregate_every=2", "partition=dirichlet", "partition_alpha=1.0",
+              "data.max_documents=12"]
+    split = train(load_config(None, [*common, "schedule=sfl-v1"]), tmp_path / "v1")
+    fed = train(load_config(None, [*common, "mode=federated"]), tmp_path / "fed")
+    for c in range(3):
+        assert losses(tmp_path / "v1", c) == pytest.approx(losses(tmp_path / "fed", c), abs=1e-5)
+    assert max_diff(load_file(tmp_path / "v1/adapters/global.safetensors"), load_file(tmp_path / "fed/adapters/global.safetensors")) < 1e-5
+    assert split["eval_loss_after"] == pytest.approx(fed["eval_loss_after"], abs=1e-5)
+    assert split["bytes_up"] > fed["bytes_up"] > 0  # the split pays activations; federated only adapters

@@ -223,7 +223,6 @@ class Session:
     # -- the schedules -----------------------------------------------------------------------------------
     def _train(self, log) -> None:
         steps, every = self.cfg.train.steps, self.cfg.aggregate_every
-        clients = self.fleet.clients
         if self.schedule == "sequential" and self.n > 1:
             spans = [range(s, min(s + every, steps + 1)) for s in range(1, steps + 1, every)]
             for r, span in enumerate(spans):
