@@ -21,6 +21,7 @@ err_console = Console(stderr=True)
 def _quiet_libraries() -> None:
     """Library chatter (hub warnings, peft notices) hides what the user asked for; errors still surface."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core prints connection notices (GOAWAY) at INFO
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -40,6 +41,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .channels import RemoteError
     from .config import ConfigError
     from .data import DataError
+    from .deploy.wire import DeployError
     from .export import ExportError
     from .models.adapters import AdapterError
     from .models.arch import ArchitectureError
@@ -49,7 +51,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .models.zoo import ModelError
 
     return (ConfigError, DataError, ModelError, PlanError, ArchitectureError, AdapterError, ExportError,
-            AssetError, BuiltinModelError, TinyModelError, RemoteError)
+            AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError)
 
 
 def _human_bytes(n: float) -> str:
@@ -65,14 +67,23 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; the builtin default when omitted"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a key, e.g. --set train.steps=5 --set cuts=[1,3]"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/<timestamp>)"),
+    server: Optional[str] = typer.Option(None, "--server", help="a splittune server: grpcs://host:port (grpc:// on loopback); in-process when omitted"),
+    client_id: str = typer.Option("anonymous", "--client-id", help="who this client is (the server's tokens file names it)"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding this client's token"),
+    client_index: int = typer.Option(0, "--client-index", min=0, help="this client's index in a run of several clients"),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate to verify the server (system roots when omitted)"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate (mutual TLS)"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="client key (mutual TLS)"),
 ) -> None:
-    """Fine-tune a model split between a client and a server (in one process)."""
+    """Fine-tune a model split between a client and a server: in one process, or against `splittune serve`."""
     _quiet_libraries()
     from .config import load_config
     from .runner import train as run_train
 
     try:
         cfg = load_config(config, set_)
+        if server is not None:
+            run_train = _remote_trainer(server, client_id, token_file, client_index, tls_ca, tls_cert, tls_key)
     except _user_errors() as err:
         _fail(str(err))
     if out is None:
@@ -146,6 +157,114 @@ def compare(
                       _human_bytes(r["bytes_up"]), _human_bytes(r["bytes_down"]), f"{r['wall_s']:.1f} s")
     console.print(table)
     console.print(f"written: [bold green]{out / 'compare.json'}[/], [bold green]{out / 'compare.png'}[/] and one run directory per entry")
+
+
+def _remote_trainer(url, client_id, token_file, client_index, ca, cert, key):
+    """``train`` for one client process talking gRPC to ``url``."""
+    from .channels.grpc import GrpcChannel
+    from .deploy.wire import DeployError, parse_server
+    from .runner import train_remote
+
+    parse_server(url)  # a bad address fails before the model loads
+    token = None
+    if token_file is not None:
+        if not token_file.exists():
+            raise DeployError(f"token file {token_file} does not exist")
+        token = token_file.read_text().strip()
+
+    def channel_for(index: int):
+        return GrpcChannel(url, client_id=client_id, token=token, ca=ca, cert=cert, key=key)
+
+    return lambda cfg, out, progress: train_remote(cfg, out, client_index, channel_for, progress)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="the base model (the same as the clients')"),
+    listen: str = typer.Option("127.0.0.1:50051", "--listen", help="HOST:PORT to listen on"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server key (PEM)"),
+    tls_client_ca: Optional[Path] = typer.Option(None, "--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)"),
+    tokens: Optional[Path] = typer.Option(None, "--tokens", help="YAML map of client id to token; without it any client may connect"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow plaintext on a non-loopback address"),
+    max_sessions: int = typer.Option(64, "--max-sessions", min=1, help="sessions the server accepts"),
+    max_frame_mb: int = typer.Option(1024, "--max-frame-mb", min=1, help="largest frame accepted, MiB"),
+    wait_s: float = typer.Option(600.0, "--wait", min=1.0, help="seconds a round waits for a client before giving up"),
+) -> None:
+    """Serve the server's segments to clients over gRPC (TLS by default off loopback)."""
+    import logging
+    import signal
+
+    _quiet_libraries()
+    from .deploy.service import Limits, SplitService, Tls, load_tokens, start
+    from .deploy.wire import DeployError, parse_listen
+    from .models.arch import detect_arch
+    from .models.zoo import resolve_model
+    from .parties.server import Server
+    from .wire import FrameLimits
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        address = parse_listen(listen)
+        if (tls_cert is None) != (tls_key is None):
+            raise DeployError("TLS needs both --tls-cert and --tls-key")
+        if tls_client_ca is not None and tls_cert is None:
+            raise DeployError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+        for path in (tls_cert, tls_key, tls_client_ca, tokens):
+            if path is not None and not path.exists():
+                raise DeployError(f"{path} does not exist")
+        token_map = load_tokens(tokens) if tokens is not None else None
+        source = resolve_model(model)
+        config = source.config()
+        party_server = Server(source, detect_arch(config), config, wait_s=wait_s)
+        service = SplitService(party_server, token_map, Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions))
+        tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
+        grpc_server = start(service, address, tls, insecure)
+    except _user_errors() as err:
+        _fail(str(err))
+    scheme = "grpcs" if tls else "grpc"
+    console.print(f"[bold]splittune serve[/] · model [cyan]{model}[/] · listening on {scheme}://{address.target}"
+                  f"{' · mutual TLS' if tls_client_ca else ''}{' · tokens for ' + str(len(token_map)) + ' clients' if token_map else ''}",
+                  highlight=False)
+    signal.signal(signal.SIGTERM, lambda *_: grpc_server.stop(grace=5))
+    try:
+        grpc_server.wait_for_termination()
+    except KeyboardInterrupt:
+        grpc_server.stop(grace=5)
+
+
+@app.command()
+def certs(
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the CA, server and client files"),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="names and addresses the server certificate covers"),
+    client: list[str] = typer.Option([], "--client", help="a client id: its certificate, key and token (repeatable)"),
+    days: int = typer.Option(30, "--days", min=1),
+) -> None:
+    """Make a test CA, a server certificate, client certificates and tokens (for experiments, not production)."""
+    from .deploy.certs import make_certs
+
+    written = make_certs(out, host, client, days)
+    console.print(f"wrote {', '.join(p.name for p in written.values())} (and keys, tokens) to [bold green]{out}[/]")
+
+
+@app.command()
+def health(
+    server: str = typer.Option(..., "--server", help="grpcs://host:port (grpc:// on loopback)"),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key"),
+) -> None:
+    """Ask a running server whether it serves, and what (exit 1 when it does not answer)."""
+    import json
+
+    import grpc
+
+    from .deploy.service import health as ask
+
+    try:
+        console.print_json(json.dumps(ask(server, ca=tls_ca, cert=tls_cert, key=tls_key)))
+    except (grpc.RpcError, DeployError) as err:
+        _fail(f"{server} does not answer: {getattr(err, 'details', lambda: err)()}")
 
 
 def _print_summary(s: dict, out: Path) -> None:

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
-from .channels import LocalChannel
-from .config import RunConfig, dump_config
+from .channels import Channel, LocalChannel
+from .config import ConfigError, RunConfig, dump_config
 from .data import TaskData, build_client_tasks, merge_tasks
 from .eval import evaluate
 from .models.arch import detect_arch
@@ -44,9 +44,10 @@ class Fleet:
     """Everything a run trains with: its clients, the server they share, their channels."""
 
     clients: list[Client]
-    server: Server | None
-    channels: list[LocalChannel | None]
+    server: Server | None  # None when the server is another process
+    channels: list[Channel | None]
     source: ModelSource
+    indices: list[int]  # each local client's index in the run (all of them in-process)
 
     def abort(self, err: BaseException) -> None:
         """A client failed: the server stops waiting for it, so the other clients fail fast instead of timing out."""
@@ -78,24 +79,33 @@ def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None
     return [f.result() for f in futures]
 
 
-def connect(cfg: RunConfig, source: ModelSource, samples: list[int]) -> Fleet:
-    """Stage 0: plan the split, build the parties, and say hello (the server forms the group)."""
+def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: list[int] | None = None,
+            channel_for: Callable[[int], Channel] | None = None) -> Fleet:
+    """Stage 0: plan the split, build the parties, and say hello (the server forms the group).
+
+    In-process, every client is built here with a local channel to a server built here too; a client
+    process passes its own ``indices`` and ``channel_for`` (a gRPC channel to the server process).
+    """
     config = source.config()
     spec = detect_arch(config)
     fingerprint = source.fingerprint()
-    n = len(samples)
-    server = Server(source, spec, config) if cfg.mode != "centralized" else None
+    n = len(samples) if indices is None else (cfg.clients if cfg.mode != "centralized" else 1)
+    indices = list(range(len(samples))) if indices is None else indices
+    server = None
+    if channel_for is None and cfg.mode != "centralized":
+        server = Server(source, spec, config)
+        channel_for = lambda i: LocalChannel(server.handle)  # noqa: E731
     clients, channels = [], []
-    for i in range(n):
-        session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, samples[i], clients=n)
+    for i, count in zip(indices, samples, strict=True):
+        session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n)
         try:
             party = Party("client", source, spec, session, config)
         except (PlanError, ValueError) as err:
             raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
-        channel = LocalChannel(server.handle) if server is not None else None
+        channel = channel_for(i) if channel_for is not None and cfg.mode != "centralized" else None
         clients.append(Client(party, channel))
         channels.append(channel)
-    fleet = Fleet(clients, server, channels, source)
+    fleet = Fleet(clients, server, channels, source, indices)
     parallel(lambda c: c.connect(), clients, fleet.abort)
     return fleet
 
@@ -144,12 +154,40 @@ def train(cfg: RunConfig, out: Path, progress: Callable | None = None) -> dict[s
     return Session(cfg, fleet, tasks, pooled, out, progress, started).run()
 
 
+def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Callable[[int], Channel],
+                 progress: Callable | None = None) -> dict[str, Any]:
+    """One client of a deployed run: this process's data and segments, the server over ``channel_for``.
+
+    Everything else is the in-process code path; with the same config the losses, adapters and byte
+    counts equal the in-process run's. Evaluations use this client's held-out data.
+    """
+    if cfg.mode == "centralized":
+        raise ConfigError("mode: centralized trains without a server; drop --server")
+    if not 0 <= client_index < cfg.clients:
+        raise ConfigError(f"--client-index {client_index} is outside this run's clients 0..{cfg.clients - 1}")
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    set_seed(cfg.seed)
+    source = resolve_model(cfg.model)
+    task = client_tasks(cfg, source.tokenizer())[client_index]
+    fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for)
+    try:
+        return Session(cfg, fleet, [task], task, out, progress, started).run()
+    finally:
+        for channel in fleet.channels:
+            if channel is not None:
+                channel.close()
+
+
 class Session:
     """The training loop of one run: client steps in schedule order, averages, evaluations, outputs."""
 
     def __init__(self, cfg, fleet: Fleet, tasks: list[TaskData], pooled: TaskData, out: Path, progress, started: float):
         self.cfg, self.fleet, self.tasks, self.pooled, self.out, self.progress, self.started = cfg, fleet, tasks, pooled, out, progress, started
-        self.n = len(tasks)
+        self.n = len(tasks)  # clients in this process
+        self.index = fleet.indices  # their indices in the run
+        self.total = cfg.clients if cfg.mode != "centralized" else 1  # clients in the run
         self.schedule = "federated" if cfg.mode == "federated" else ("centralized" if cfg.mode == "centralized" else cfg.schedule)
         self.samplers = [iter(task.sampler(cfg.train.batch_size, cfg.seed)) for task in tasks]
         self.metrics: list[dict] = []
@@ -172,7 +210,7 @@ class Session:
         up1, down1 = self.fleet.bytes(i)
         self.train_bytes[i][0] += up1 - up0
         self.train_bytes[i][1] += down1 - down0
-        return {"step": step, "client": i, "loss": result.loss, "lr": result.lr, "tokens": result.tokens,
+        return {"step": step, "client": self.index[i], "loss": result.loss, "lr": result.lr, "tokens": result.tokens,
                 "bytes_up": up1 - up0, "bytes_down": down1 - down0, "step_s": round(step_s, 6)}
 
     def _round(self, jobs: list[tuple[int, int]], log) -> None:
@@ -205,6 +243,7 @@ class Session:
         return result
 
     def _global_eval(self, step: int) -> dict:
+        """The global model on the held-out data of this process's clients (all of them in-process)."""
         personal = set(self.cfg.personal)
         if personal and step > 0:
             state = self.fleet.clients[0].global_state()
@@ -223,11 +262,14 @@ class Session:
     # -- the schedules -----------------------------------------------------------------------------------
     def _train(self, log) -> None:
         steps, every = self.cfg.train.steps, self.cfg.aggregate_every
-        if self.schedule == "sequential" and self.n > 1:
+        if self.schedule == "sequential" and self.total > 1:
             spans = [range(s, min(s + every, steps + 1)) for s in range(1, steps + 1, every)]
             for r, span in enumerate(spans):
-                for i in range(self.n):
-                    if r or i:
+                for index in range(self.total):  # other processes' turns are theirs: the server orders them
+                    if index not in self.index:
+                        continue
+                    i = self.index.index(index)
+                    if r or index:
                         self._sync(i, lambda c: c.take_over(span[0]))
                     for step in span:
                         self._round([(i, step)], log)
@@ -240,18 +282,18 @@ class Session:
             return
         for step in range(1, steps + 1):
             self._round([(i, step) for i in range(self.n)], log)
-            if self.n > 1 and (step % every == 0 or step == steps):
+            if self.total > 1 and (step % every == 0 or step == steps):
                 parallel(lambda i: self._sync(i, lambda c: c.aggregate(step)), list(range(self.n)), self.fleet.abort)
             if self._eval_due(step):
                 self._global_eval(step)
 
     def run(self) -> dict[str, Any]:
         before = self._global_eval(0)
-        own_before = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.n > 1 else [before]
+        own_before = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.total > 1 else [before]
         with open(self.out / "metrics.jsonl", "w") as log:
             self._train(log)
         after = self._global_eval(self.cfg.train.steps)
-        own_after = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.n > 1 else [after]
+        own_after = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.total > 1 else [after]
         with open(self.out / "evals.jsonl", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in self.evals)
         save_adapters(self.out / ADAPTERS, self.fleet, self.cfg)
@@ -262,7 +304,7 @@ class Session:
 
     def _title(self) -> str:
         plan = self.fleet.clients[0].plan
-        who = f" · {self.n} clients · {self.schedule}" if self.n > 1 else ""
+        who = f" · {self.total} clients · {self.schedule}" if self.total > 1 else ""
         return f"{self.cfg.model} · {plan.shape} · cuts {self.cfg.cuts}{who}"
 
     # -- summary ---------------------------------------------------------------------------------------
@@ -276,7 +318,7 @@ class Session:
         summary = {
             "mode": cfg.mode,
             "schedule": self.schedule,
-            "clients": self.n,
+            "clients": self.total,
             "shape": clients[0].plan.shape,
             "model": cfg.model,
             "cuts": list(cfg.cuts),
@@ -316,9 +358,9 @@ class Session:
 
     def _client_entry(self, i: int, before: dict, after: dict) -> dict[str, Any]:
         client, task = self.fleet.clients[i], self.tasks[i]
-        rows = [m for m in self.metrics if m["client"] == i]
+        rows = [m for m in self.metrics if m["client"] == self.index[i]]
         entry = {
-            "client": i,
+            "client": self.index[i],
             "cuts": list(client.party.session.cuts),
             "lora_rank": client.party.session.lora_rank,
             "samples": len(task.train),
@@ -355,7 +397,8 @@ def save_adapters(folder: Path, fleet: Fleet, cfg: RunConfig) -> None:
     manifest = {"model": cfg.model, "cuts": list(cfg.cuts), "shape": first.plan.shape,
                 "segments": cfg.segments.model_dump(), "lora": cfg.lora.model_dump(), "files": {}, "clients": {},
                 "fan_in_fan_out": bool(first.party.fan_in_fan_out or first.server_info.get("fan_in_fan_out"))}
-    averaged = len(clients) > 1 and cfg.mode != "centralized" and not (cfg.mode == "split" and cfg.schedule == "sequential")
+    several = cfg.clients > 1 and cfg.mode != "centralized"
+    averaged = several and not (cfg.mode == "split" and cfg.schedule == "sequential")
     if averaged:
         parts = {"global": first.global_state()}
     else:
@@ -363,9 +406,9 @@ def save_adapters(folder: Path, fleet: Fleet, cfg: RunConfig) -> None:
     for name, state in parts.items():
         if state:
             manifest["files"][name] = _save(folder, folder, name, state, name)
-    if len(clients) > 1:
+    if several:
         folds = {k: v for k, v in parts.get("global", {}).items() if k.startswith("fold::")}
-        for i, client in enumerate(clients):
+        for i, client in zip(fleet.indices, clients):
             sub = folder / f"client{i}"
             sub.mkdir(exist_ok=True)
             own = client.party.state()

@@ -13,7 +13,11 @@ Tap = Callable[[str, Message, int], None]
 
 
 class RemoteError(RuntimeError):
-    """The other party refused a message; the text is its reason."""
+    """The other party refused a message; the text is its reason, ``code`` its gRPC status name."""
+
+    def __init__(self, reason: str, code: str = "UNKNOWN"):
+        super().__init__(reason)
+        self.code = code
 
 
 class Channel(ABC):
@@ -46,7 +50,7 @@ class Channel(ABC):
         reply = decode_frame(frame)
         self._observe("down", reply, len(frame))
         if reply.kind == "error":
-            raise RemoteError(reply.meta.get("reason", "the server refused the message"))
+            raise RemoteError(reply.meta.get("reason", "the server refused the message"), reply.meta.get("code", "UNKNOWN"))
         return reply
 
     @abstractmethod

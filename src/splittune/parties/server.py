@@ -23,7 +23,20 @@ from .party import Party, SessionSpec
 
 
 class ProtocolError(ValueError):
-    """A message the server refuses; the text goes back to the client."""
+    """A message the server refuses; the text goes back to the client with a gRPC status name."""
+
+    def __init__(self, reason: str, code: str = "INVALID_ARGUMENT"):
+        super().__init__(reason)
+        self.code = code
+
+
+def status_of(err: Exception) -> str:
+    """The gRPC status name a refusal travels with (also in-process, so clients see the same codes)."""
+    if isinstance(err, ProtocolError):
+        return err.code
+    if isinstance(err, WaitTimeout):
+        return "DEADLINE_EXCEEDED"
+    return "INVALID_ARGUMENT"
 
 
 STATE_OPS = ("get", "aggregate", "relay_put", "relay_get", "global")
@@ -39,6 +52,9 @@ class Server:
         self.group: Group | None = None
         self.sessions: dict[str, Member] = {}
         self._lock = threading.Lock()
+        # One model serves every client: its forward hooks and stubs are per call, so computations take
+        # turns on it (waits for turns and rounds happen outside this lock).
+        self._compute = threading.RLock()
         self._pending: dict[tuple, tuple] = {}
 
     @property
@@ -52,6 +68,10 @@ class Server:
             if self.group.turns is not None:
                 self.group.turns.cancel(reason)
 
+    def _locked(self, fn, *args):
+        with self._compute:
+            return fn(*args)
+
     # -- dispatch -----------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
         try:
@@ -59,13 +79,13 @@ class Server:
                 return self._hello(msg)
             member = self.sessions.get(msg.session)
             if member is None:
-                raise ProtocolError(f"unknown session {msg.session!r}; send hello first")
+                raise ProtocolError(f"unknown session {msg.session!r}; send hello first", "NOT_FOUND")
             handler = {"activations": self._activations, "gradients": self._gradients, "step": self._step, "state": self._state}.get(msg.kind)
             if handler is None:
                 raise ProtocolError(f"a server does not accept {msg.kind!r} messages")
             return handler(member, msg)
         except (ProtocolError, ValueError, WaitTimeout) as err:
-            return Message("error", msg.session, msg.step, msg.micro, meta={"reason": str(err)})
+            return Message("error", msg.session, msg.step, msg.micro, meta={"reason": str(err), "code": status_of(err)})
 
     def _reply(self, msg: Message, kind: str, tensors=None, **meta) -> Message:
         return Message(kind, msg.session, msg.step, msg.micro, tensors or {}, meta)
@@ -78,7 +98,8 @@ class Server:
             raise ProtocolError(f"bad session proposal: {err}") from None
         if session.fingerprint != self.fingerprint:
             raise ProtocolError(
-                f"model mismatch: the client's base model has fingerprint {session.fingerprint}, the server's {self.fingerprint}"
+                f"model mismatch: the client's base model has fingerprint {session.fingerprint}, the server's {self.fingerprint}",
+                "FAILED_PRECONDITION",
             )
         plan = session.plan(self.spec.n_blocks)
         if plan.shape == "centralized" and session.schedule != "federated":
@@ -164,12 +185,13 @@ class Server:
         labels = self._labels(msg, hidden.shape) if member.head else None
         if train and self.group.batched:
             item = (hidden, mask, labels, msg.meta.get("num_items"), bool(msg.meta.get("want_grad", True)))
-            kind, tensors, meta = self.group.meet.meet(("forward", msg.step, msg.micro), member.index, item,
-                                                       set(self.group.members), lambda items: self._forward_together(msg, items))
+            kind, tensors, meta = self.group.meet.meet(("forward", msg.step, msg.micro), member.index, item, set(self.group.members),
+                                                       lambda items: self._locked(self._forward_together, msg, items))
             return self._reply(msg, kind, tensors, **meta)
         if member.head:
-            return self._head(member, msg, hidden, mask, labels, train)
-        with self._adapter(member, hidden.shape[0]):
+            with self._compute:
+                return self._head(member, msg, hidden, mask, labels, train)
+        with self._compute, self._adapter(member, hidden.shape[0]):
             if not train:
                 with torch.no_grad():
                     out = party.run(member.start, member.end, hidden=hidden, attention_mask=mask)
@@ -239,24 +261,25 @@ class Server:
         if self.group.batched:
             batch = [v for k, v in self._pending.items() if k[:3] == ("batch", msg.step, msg.micro) and member.index in v[2]]
             if not batch:
-                raise ProtocolError(f"gradients for step {msg.step} micro-batch {msg.micro}, which has no pending forward")
+                raise ProtocolError(f"gradients for step {msg.step} micro-batch {msg.micro}, which has no pending forward", "FAILED_PRECONDITION")
             grad = self._hidden_in(msg, "grad")
             _, hidden_out, idx, rows = batch[0]
             expected = (rows[idx.index(member.index)], *hidden_out.shape[1:])
             if tuple(grad.shape) != expected:
                 raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {expected}")
-            grads = self.group.meet.meet(("backward", msg.step, msg.micro), member.index, grad,
-                                         set(self.group.members), lambda items: self._backward_together(msg, items))
+            grads = self.group.meet.meet(("backward", msg.step, msg.micro), member.index, grad, set(self.group.members),
+                                         lambda items: self._locked(self._backward_together, msg, items))
             return self._reply(msg, "gradients", {"grad": grads} if want_grad else {})
         key = (member.index, msg.step, msg.micro)
         if key not in self._pending:
-            raise ProtocolError(f"gradients for step {msg.step} micro-batch {msg.micro}, which has no pending forward")
+            raise ProtocolError(f"gradients for step {msg.step} micro-batch {msg.micro}, which has no pending forward", "FAILED_PRECONDITION")
         hidden_in, hidden_out = self._pending[key]
         grad = self._hidden_in(msg, "grad")
         if grad.shape != hidden_out.shape:
             raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {tuple(hidden_out.shape)}")
         del self._pending[key]
-        hidden_out.backward(grad)
+        with self._compute:
+            hidden_out.backward(grad)
         return self._reply(msg, "gradients", {"grad": hidden_in.grad} if want_grad else {})
 
     def _backward_together(self, msg: Message, items: dict) -> dict:
@@ -275,9 +298,10 @@ class Server:
             raise ProtocolError(f"step needs a non-negative sq_norm, got {client_sq!r}")
         waiting = [k for k, v in self._pending.items() if k[0] == member.index or (k[0] == "batch" and member.index in v[2])]
         if waiting:
-            raise ProtocolError(f"step {msg.step} arrived with {len(waiting)} forward(s) still awaiting gradients")
-        own = party.sq_grad_norm(member.adapter)
-        party.optimizer_step(client_sq + own, member.adapter)
+            raise ProtocolError(f"step {msg.step} arrived with {len(waiting)} forward(s) still awaiting gradients", "FAILED_PRECONDITION")
+        with self._compute:
+            own = party.sq_grad_norm(member.adapter)
+            party.optimizer_step(client_sq + own, member.adapter)
         group = self.group
         if group.turns is not None and not turn_ends(group.schedule, msg.step, group.steps, group.every):
             group.turns.advance(member.index, msg.step)
@@ -288,7 +312,8 @@ class Server:
         op = msg.meta.get("op", "get")
         group = self.group
         if op == "get":
-            return self._reply(msg, "state", group.on_behalf(member))
+            with self._compute:
+                return self._reply(msg, "state", group.on_behalf(member))
         if op == "global":
             tensors = {k: v for k, v in group.global_state.items()}
             tensors.update({f"fold::{k}": v for k, v in group.folded.items()})
@@ -298,7 +323,7 @@ class Server:
             if not isinstance(weight, (int, float)) or not weight > 0:
                 raise ProtocolError(f"an aggregate needs a positive weight (the client's training samples), got {weight!r}")
             share = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), float(weight)),
-                                    set(group.members), group.aggregate)
+                                    set(group.members), lambda items: self._locked(group.aggregate, items))
             return self._reply(msg, "state", share)
         if op == "relay_put":
             if group.schedule != "sequential":

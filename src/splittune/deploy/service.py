@@ -1,0 +1,217 @@
+"""The server process: the party code of ``parties/server.py`` behind gRPC, with authentication, session
+ownership, size limits, gRPC statuses and structured logs. Tokens are never logged.
+
+Transport-level faults end the stream with a gRPC status (a wrong token: UNAUTHENTICATED; another
+client's session: PERMISSION_DENIED; a malformed frame: INVALID_ARGUMENT; too big: RESOURCE_EXHAUSTED);
+the refusals of a message the server understood (NaN, a wrong shape, a step out of turn) come back as
+error messages carrying a status name, and the session stays usable. Either way the server keeps
+serving every other client, and nothing already trained is touched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import yaml
+
+from ..parties.server import Server
+from ..wire import FrameError, FrameLimits, Message, decode_frame, encode_frame
+from .wire import CHUNK_BYTES, DeployError, HEALTH_METHOD, KEEPALIVE, LAST, MAX_CHUNK_BYTES, MORE, SESSION_METHOD, Address, chunks, is_loopback
+
+log = logging.getLogger("splittune.serve")
+
+
+def load_tokens(path: Path) -> dict[str, str]:
+    """``client id: token`` pairs from YAML; refuses empty or short tokens."""
+    try:
+        tokens = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise DeployError(f"cannot read tokens file {path}: {err}") from None
+    if not isinstance(tokens, dict) or not tokens:
+        raise DeployError(f"tokens file {path} must map client ids to tokens, e.g. 'alice: <token>'")
+    out = {}
+    for cid, token in tokens.items():
+        if not isinstance(token, str) or len(token) < 16:
+            raise DeployError(f"tokens file {path}: the token of client {cid!r} must be a string of at least 16 characters")
+        out[str(cid)] = token
+    return out
+
+
+@dataclass
+class Limits:
+    frame: FrameLimits = field(default_factory=lambda: FrameLimits(max_frame_bytes=1 << 30))
+    max_sessions: int = 64
+
+
+class SplitService:
+    """The two RPCs: ``Session`` (a bidirectional stream of chunked frames) and ``Health``."""
+
+    def __init__(self, server: Server, tokens: dict[str, str] | None, limits: Limits | None = None, chunk_bytes: int = CHUNK_BYTES):
+        self.server = server
+        self.tokens = tokens
+        self.limits = limits or Limits()
+        self.chunk_bytes = chunk_bytes
+        self.owner: dict[str, str] = {}  # session id -> client id
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.counts = {"sessions": 0, "messages": 0, "bytes_in": 0, "bytes_out": 0, "refused": 0}
+
+    # -- authentication ---------------------------------------------------------------------------------
+    def _client(self, context) -> str:
+        meta = dict(context.invocation_metadata())
+        client = meta.get("x-splittune-client", "anonymous")
+        if self.tokens is None:
+            return client
+        given = meta.get("authorization", "").removeprefix("Bearer ")
+        expected = self.tokens.get(client)
+        # compare in constant time, also for unknown ids, so timing tells nothing about which ids exist
+        ok = hmac.compare_digest((expected or "\0" * 32).encode(), given.encode()) and expected is not None
+        if not ok:
+            self._event("refused", client=client, reason="bad token" if given else "no token")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"client {client!r} did not present a valid token")
+        return client
+
+    def _event(self, event: str, **fields) -> None:
+        if event == "refused":
+            self.counts["refused"] += 1
+        log.info(json.dumps({"event": event, "t": round(time.time(), 3), **fields}))
+
+    # -- the session stream -------------------------------------------------------------------------------
+    def session(self, requests, context):
+        client = self._client(context)
+        peer = context.peer()
+        self._event("connect", client=client, peer=peer)
+        buffer = bytearray()
+        opened: set[str] = set()
+        try:
+            for chunk in requests:
+                if not chunk or chunk[0] not in (MORE, LAST):
+                    self._abort(context, client, grpc.StatusCode.INVALID_ARGUMENT, "malformed chunk: the first byte must be 0 (more) or 1 (last)")
+                buffer += chunk[1:]
+                if len(buffer) > self.limits.frame.max_frame_bytes:
+                    self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"frame exceeds {self.limits.frame.max_frame_bytes} bytes")
+                if chunk[0] == MORE:
+                    continue
+                frame = bytes(buffer)
+                buffer.clear()
+                reply = self._handle(frame, client, context)
+                if reply.kind == "hello":
+                    opened.add(reply.session)
+                out = encode_frame(reply)
+                self.counts["bytes_in"] += len(frame)
+                self.counts["bytes_out"] += len(out)
+                yield from chunks(out, self.chunk_bytes)
+        finally:  # the sessions of this stream end with it (the trained state stays with the server)
+            with self._lock:
+                for session in opened:
+                    self.owner.pop(session, None)
+            self._event("disconnect", client=client, peer=peer, sessions=sorted(opened))
+
+    def _handle(self, frame: bytes, client: str, context) -> Message:
+        try:
+            msg = decode_frame(frame, self.limits.frame)
+        except FrameError as err:
+            self._abort(context, client, grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {err}")
+        with self._lock:
+            owner = self.owner.get(msg.session)
+            if owner is not None and owner != client:
+                self._abort(context, client, grpc.StatusCode.PERMISSION_DENIED,
+                            f"session {msg.session!r} belongs to another client")
+            if owner is None and msg.kind != "hello":
+                self._abort(context, client, grpc.StatusCode.NOT_FOUND, f"unknown session {msg.session!r}; send hello first")
+            if owner is None and len(self.owner) >= self.limits.max_sessions:
+                self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the server holds its maximum of {self.limits.max_sessions} sessions")
+        started = time.perf_counter()
+        try:
+            reply = self.server.handle(msg)
+        except Exception as err:  # a fault of ours must not take the server down with it
+            log.exception("handler failed")
+            reply = Message("error", msg.session, msg.step, msg.micro, meta={"reason": f"internal error: {type(err).__name__}: {err}", "code": "INTERNAL"})
+        if msg.kind == "hello" and reply.kind == "hello":
+            with self._lock:
+                self.owner[msg.session] = client
+                self.counts["sessions"] += 1
+        self.counts["messages"] += 1
+        fields = {"client": client, "session": msg.session, "kind": msg.kind, "step": msg.step, "micro": msg.micro,
+                  "bytes_in": len(frame), "ms": round(1000 * (time.perf_counter() - started), 1)}
+        if reply.kind == "error":
+            fields.update(code=reply.meta.get("code"), reason=reply.meta.get("reason"))
+        self._event("message", **fields)
+        return reply
+
+    def _abort(self, context, client: str, code, details: str):
+        self._event("refused", client=client, code=code.name, reason=details)
+        context.abort(code, details)
+
+    def health(self, request: bytes, context) -> bytes:
+        group = self.server.group
+        body = {"status": "SERVING", "uptime_s": round(time.time() - self.started, 1), "sessions": len(self.owner),
+                "clients": group.n if group else 0, "joined": len(group.members) if group else 0,
+                "schedule": group.schedule if group else None, **self.counts}
+        return json.dumps(body).encode()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler("splittune.Split", {
+            "Session": grpc.stream_stream_rpc_method_handler(self.session),
+            "Health": grpc.unary_unary_rpc_method_handler(self.health),
+        })
+
+
+@dataclass
+class Tls:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # mutual TLS: clients must present a certificate signed by this CA
+
+
+def start(service: SplitService, listen: Address, tls: Tls | None, insecure: bool = False, workers: int | None = None) -> grpc.Server:
+    """Bind and start; refuses a plaintext listener on a non-loopback address unless ``insecure``."""
+    if tls is None and not is_loopback(listen.host) and not insecure:
+        raise DeployError(
+            f"refusing to listen on {listen.target} without TLS: give --tls-cert and --tls-key "
+            "(splittune certs makes a test CA), or --insecure if the network is trusted"
+        )
+    options = [*KEEPALIVE, ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 0),
+               ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 16),
+               ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 16), ("grpc.so_reuseport", 0)]
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers or service.limits.max_sessions + 8), options=options,
+                         maximum_concurrent_rpcs=service.limits.max_sessions + 8)
+    server.add_generic_rpc_handlers((service.handler(),))
+    if tls is not None:
+        creds = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=tls.client_ca is not None,
+        )
+        port = server.add_secure_port(listen.target, creds)
+    else:
+        port = server.add_insecure_port(listen.target)
+    if port == 0:
+        raise DeployError(f"cannot listen on {listen.target} (address in use or not available)")
+    server.start()
+    return server
+
+
+def health(url: str, timeout_s: float = 5.0, ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> dict:
+    """Ask a server how it is (for probes and ``splittune health``)."""
+    from .wire import parse_server
+
+    address = parse_server(url)
+    if address.tls:
+        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        channel = grpc.secure_channel(address.target, grpc.ssl_channel_credentials(read(ca), read(key), read(cert)))
+    else:
+        channel = grpc.insecure_channel(address.target)
+    with channel:
+        reply = channel.unary_unary(HEALTH_METHOD, request_serializer=None, response_deserializer=None)(b"", timeout=timeout_s)
+    return json.loads(reply)

@@ -1,0 +1,288 @@
+"""Deployment over gRPC on loopback: separate server and client processes equal the in-process run;
+TLS, mutual TLS and tokens; every kind of bad input gets its status and the server keeps serving."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splittune.channels import RemoteError
+from splittune.channels.grpc import GrpcChannel
+from splittune.config import load_config
+from splittune.deploy.certs import make_certs
+from splittune.deploy.service import Limits, SplitService, Tls, health, start
+from splittune.deploy.wire import LAST, MORE, SESSION_METHOD, DeployError, chunks, parse_listen, parse_server
+from splittune.models.arch import detect_arch
+from splittune.models.zoo import resolve_model
+from splittune.parties.server import Server
+from splittune.runner import train
+from splittune.wire import FrameLimits, Message, encode_frame
+
+CLI = [sys.executable, "-m", "splittune.cli"]
+RUN = ["model=tiny:llama", "cuts=[1,3]", "train.steps=3", "train.seq_len=32", "train.batch_size=2",
+       "data.max_documents=6", "train.eval_batches=1", "train.lr=0.01", "train.warmup_steps=0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.fixture
+def serve_process(tmp_path):
+    """``splittune serve`` in its own process; yields its URL."""
+    procs = []
+
+    def launch(*extra, model="tiny:llama"):
+        port = free_port()
+        proc = subprocess.Popen([*CLI, "serve", "--model", model, "--listen", f"127.0.0.1:{port}", *extra],
+                                stdout=subprocess.PIPE, stderr=open(tmp_path / f"serve-{port}.log", "w"), text=True)
+        procs.append(proc)
+        url = f"grpc://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                health(url, timeout_s=1)
+                return url
+            except grpc.RpcError:
+                time.sleep(0.1)
+        raise RuntimeError((tmp_path / f"serve-{port}.log").read_text())
+
+    yield launch
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpc_processes_equal_the_in_process_run(tmp_path, serve_process):
+    url = serve_process()
+    remote = subprocess.run([*CLI, "train", *sets(RUN), "--server", url, "--out", str(tmp_path / "remote")],
+                            capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0, remote.stdout + remote.stderr
+    train(load_config(None, RUN), tmp_path / "local")
+    got, want = rows(tmp_path / "remote"), rows(tmp_path / "local")
+    for g, w in zip(got, want, strict=True):
+        assert (g["loss"], g["bytes_up"], g["bytes_down"]) == (w["loss"], w["bytes_up"], w["bytes_down"])
+    for part in ("client", "server"):
+        a = load_file(tmp_path / f"remote/adapters/{part}.safetensors")
+        b = load_file(tmp_path / f"local/adapters/{part}.safetensors")
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    status = health(url)
+    assert status["status"] == "SERVING" and status["messages"] > 0
+
+
+def test_two_client_processes_under_sfl_v1(tmp_path, serve_process):
+    url = serve_process()
+    run = [*RUN, "clients=2", "schedule=sfl-v1", "aggregate_every=2"]
+    procs = [subprocess.Popen([*CLI, "train", *sets(run), "--server", url, "--client-index", str(i), "--client-id", f"c{i}",
+                               "--out", str(tmp_path / f"c{i}")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    train(load_config(None, run), tmp_path / "local")
+    local = rows(tmp_path / "local")
+    for i in range(2):
+        assert [r["loss"] for r in rows(tmp_path / f"c{i}")] == pytest.approx([r["loss"] for r in local if r["client"] == i], abs=1e-6)
+        assert [r["bytes_up"] for r in rows(tmp_path / f"c{i}")] == [r["bytes_up"] for r in local if r["client"] == i]
+    a = load_file(tmp_path / "c0/adapters/global.safetensors")
+    b = load_file(tmp_path / "local/adapters/global.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-6
+
+
+# -- TLS, tokens and refusals (a gRPC server in this process, real sockets) -------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    make_certs(folder, ["localhost", "127.0.0.1"], ["alice", "bob"])
+    return folder
+
+
+def _serve(tokens=None, tls=None, limits=None, insecure=False, host="127.0.0.1"):
+    source = resolve_model("tiny:llama")
+    config = source.config()
+    service = SplitService(Server(source, detect_arch(config), config, wait_s=30), tokens, limits)
+    port = free_port()
+    server = start(service, parse_listen(f"{host}:{port}"), tls, insecure)
+    return server, service, port
+
+
+def _hello(channel, client=0):
+    """A client's real session proposal for RUN."""
+    from splittune.parties import SessionSpec
+
+    cfg = load_config(None, RUN)
+    source = resolve_model(cfg.model)
+    spec = SessionSpec.from_run(cfg, source.fingerprint(), "llama", client, 10)
+    return channel.call(Message("hello", f"session-{random.random()}", meta=spec.to_meta()))
+
+
+def test_tls_tokens_and_mutual_tls(pki):
+    tokens = {k: v.strip() for k, v in __import__("yaml").safe_load((pki / "tokens.yaml").read_text()).items()}
+    server, _, port = _serve(tokens, Tls(pki / "server.pem", pki / "server.key", pki / "ca.pem"))
+    url = f"grpcs://localhost:{port}"
+    try:
+        alice = dict(client_id="alice", token=tokens["alice"], ca=pki / "ca.pem", cert=pki / "alice.pem", key=pki / "alice.key")
+        reply = _hello(GrpcChannel(url, **alice))
+        assert reply.meta["accepted"]
+        with pytest.raises(RemoteError) as err:  # no token
+            _hello(GrpcChannel(url, **{**alice, "token": None}))
+        assert err.value.code == "UNAUTHENTICATED" and "did not present a valid token" in str(err.value)
+        with pytest.raises(RemoteError) as err:  # alice's certificate, bob's name, alice's token
+            _hello(GrpcChannel(url, **{**alice, "client_id": "bob"}))
+        assert err.value.code == "UNAUTHENTICATED"
+        with pytest.raises(RemoteError) as err:  # mutual TLS: no client certificate, no connection
+            GrpcChannel(url, **{**alice, "cert": None, "key": None}, connect_timeout_s=3)
+        assert err.value.code == "UNAVAILABLE"
+        with pytest.raises(RemoteError) as err:  # plaintext to a TLS server
+            GrpcChannel(f"grpc://127.0.0.1:{port}", connect_timeout_s=3)
+        assert err.value.code == "UNAVAILABLE"
+        # another client's session: bob may not touch alice's
+        channel_a = GrpcChannel(url, **alice)
+        session = "alice-session"
+        from splittune.parties import SessionSpec
+
+        cfg = load_config(None, RUN)
+        spec = SessionSpec.from_run(cfg, resolve_model(cfg.model).fingerprint(), "llama", 0, 10)
+        channel_a.call(Message("hello", session, meta=spec.to_meta()))
+        bob = GrpcChannel(url, client_id="bob", token=tokens["bob"], ca=pki / "ca.pem", cert=pki / "bob.pem", key=pki / "bob.key")
+        with pytest.raises(RemoteError) as err:
+            bob.call(Message("state", session, meta={"op": "get"}))
+        assert err.value.code == "PERMISSION_DENIED" and "belongs to another client" in str(err.value)
+        assert channel_a.call(Message("state", session, meta={"op": "get"})).kind == "state"  # alice still fine
+    finally:
+        server.stop(None)
+
+
+def test_bad_input_gets_a_status_and_the_server_keeps_serving():
+    server, _, port = _serve(limits=Limits(FrameLimits(max_frame_bytes=1 << 20), max_sessions=8))
+    url = f"grpc://127.0.0.1:{port}"
+    try:
+        channel = GrpcChannel(url)
+        hello = _hello(channel)
+        session = hello.session
+        good = torch.zeros(2, 8, 64)
+        mask = torch.ones(2, 8, dtype=torch.long)
+        bad = good.clone()
+        bad[0, 0, 0] = float("nan")
+        with pytest.raises(RemoteError) as err:
+            channel.call(Message("activations", session, 1, 0, {"hidden": bad, "attention_mask": mask}, {"train": True}))
+        assert err.value.code == "INVALID_ARGUMENT" and "NaN" in str(err.value)
+        with pytest.raises(RemoteError) as err:
+            channel.call(Message("gradients", session, 7, 0, {"grad": good}))
+        assert err.value.code == "FAILED_PRECONDITION"
+        with pytest.raises(RemoteError) as err:
+            channel.call(Message("activations", session, 1, 0, {"hidden": good[..., :10], "attention_mask": mask}, {"train": True}))
+        assert "expected [batch, seq, 64]" in str(err.value)
+        # the same session still works after every refusal
+        reply = channel.call(Message("activations", session, 1, 0, {"hidden": good, "attention_mask": mask}, {"train": True}))
+        assert reply.tensors["hidden"].shape == good.shape
+        with pytest.raises(RemoteError) as err:
+            GrpcChannel(url).call(Message("state", "nobody", meta={"op": "get"}))
+        assert err.value.code == "NOT_FOUND"
+        with pytest.raises(RemoteError) as err:  # 2 MiB frame against a 1 MiB limit
+            GrpcChannel(url).call(Message("hello", "x", tensors={"junk": torch.zeros(1 << 19)}))
+        assert err.value.code == "RESOURCE_EXHAUSTED"
+        raw = grpc.insecure_channel(f"127.0.0.1:{port}").stream_stream(SESSION_METHOD, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            list(raw(iter([bytes([LAST]) + b"STN1 garbage"])))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed frame" in err.value.details()
+        assert health(url)["refused"] >= 3
+    finally:
+        server.stop(None)
+
+
+def test_fuzzed_frames_do_not_stop_a_well_behaved_client(tmp_path):
+    """Thousands of random and mutated frames, then a normal run on the same server."""
+    server, service, port = _serve(limits=Limits(FrameLimits(max_frame_bytes=1 << 20), max_sessions=4096))
+    target = f"127.0.0.1:{port}"
+    rng = random.Random(0)
+    try:
+        stub = grpc.insecure_channel(target).stream_stream(SESSION_METHOD, request_serializer=None, response_deserializer=None)
+        channel = GrpcChannel(f"grpc://{target}")
+        session = _hello(channel).session
+        templates = [
+            encode_frame(Message("activations", session, 1, 0, {"hidden": torch.randn(2, 8, 64), "attention_mask": torch.ones(2, 8, dtype=torch.long)}, {"train": True})),
+            encode_frame(Message("gradients", session, 1, 0, {"grad": torch.randn(2, 8, 64)})),
+            encode_frame(Message("step", session, 1, 0, meta={"sq_norm": 1.0})),
+            encode_frame(Message("state", session, 0, 0, meta={"op": "aggregate", "weight": 1})),
+        ]
+        codes = {}
+        for i in range(2000):
+            frame = bytearray(rng.choice(templates))
+            for _ in range(rng.randint(1, 8)):  # flip, cut or grow
+                what = rng.random()
+                if what < 0.6 and frame:
+                    frame[rng.randrange(len(frame))] = rng.randrange(256)
+                elif what < 0.8 and frame:
+                    del frame[rng.randrange(len(frame)):]
+                else:
+                    frame += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+            if i % 10 == 0:
+                frame = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+            try:
+                for reply in stub(iter(list(chunks(bytes(frame), 97)))):
+                    pass
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.RpcError as err:
+                codes[err.code().name] = codes.get(err.code().name, 0) + 1
+        assert codes.get("UNKNOWN", 0) == 0 and codes.get("INTERNAL", 0) == 0, codes
+        assert codes.get("INVALID_ARGUMENT", 0) > 500
+        summary = None
+        url = f"grpc://{target}"
+        from splittune.runner import train_remote
+
+        summary = train_remote(load_config(None, RUN), tmp_path / "after", 0, lambda i: GrpcChannel(url))
+        train(load_config(None, RUN), tmp_path / "ref")
+        assert [r["loss"] for r in rows(tmp_path / "after")] == [r["loss"] for r in rows(tmp_path / "ref")]
+        assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    finally:
+        server.stop(None)
+
+
+def test_addresses_and_listening_rules():
+    with pytest.raises(DeployError, match="plaintext grpc:// is allowed only to a loopback address"):
+        parse_server("grpc://10.0.0.5:50051")
+    assert parse_server("grpc://[::1]:7").host == "[::1]" and parse_server("grpcs://example.org:443").tls
+    with pytest.raises(DeployError, match="HOST:PORT"):
+        parse_server("grpcs://example.org")
+    with pytest.raises(DeployError, match="refusing to listen on 0.0.0.0:.* without TLS"):
+        _serve(host="0.0.0.0")
+    server, _, _ = _serve(host="0.0.0.0", insecure=True)
+    server.stop(None)
+
+
+def test_serve_cli_refusals(tmp_path):
+    result = subprocess.run([*CLI, "serve", "--model", "tiny:llama", "--listen", "0.0.0.0:1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "without TLS" in result.stderr
+    result = subprocess.run([*CLI, "train", "--server", "grpc://10.1.1.1:5"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "allowed only to a loopback address" in " ".join(result.stderr.split())
+    tokens = tmp_path / "t.yaml"
+    tokens.write_text("alice: short\n")
+    result = subprocess.run([*CLI, "serve", "--model", "tiny:llama", "--tokens", str(tokens)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "at least 16 characters" in " ".join(result.stderr.split())
+
+
+def test_certs_are_private_and_usable(tmp_path):
+    written = make_certs(tmp_path, ["localhost"], ["carol"])
+    assert (tmp_path / "carol.token").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "server.key").stat().st_mode & 0o777 == 0o600
+    assert set(written) == {"ca", "server", "carol", "tokens"}
