@@ -31,7 +31,7 @@ def test_exported_adapter_reproduces_split_logits(tmp_path, model, monkeypatch):
 
     kept = {}
     real_connect = runner.connect
-    monkeypatch.setattr(runner, "connect", lambda *args: kept.setdefault("fleet", real_connect(*args)))
+    monkeypatch.setattr(runner, "connect", lambda *args, **kw: kept.setdefault("fleet", real_connect(*args, **kw)))
     cfg = load_config(None, [f"model={model}", "cuts=[1,3]", *BASE])
     train(cfg, tmp_path / "run")
     client = kept["fleet"].clients[0]

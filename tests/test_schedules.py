@@ -228,7 +228,7 @@ def test_multi_client_run_directory_and_export(tmp_path, monkeypatch):
 
     kept = {}
     real_connect = runner.connect
-    monkeypatch.setattr(runner, "connect", lambda *a: kept.setdefault("fleet", real_connect(*a)))
+    monkeypatch.setattr(runner, "connect", lambda *a, **k: kept.setdefault("fleet", real_connect(*a, **k)))
     out = tmp_path / "run"
     summary = train(load_config(None, [*TINY, "clients=2", "schedule=sfl-v1", "cuts=[1,3]", "aggregate_every=2",
                                        "train.eval_every=2", "client_overrides={1: {cuts: [2,3], lora_rank: 2}}"]), out)

@@ -190,6 +190,7 @@ def serve(
     max_sessions: int = typer.Option(64, "--max-sessions", min=1, help="sessions the server accepts"),
     max_frame_mb: int = typer.Option(1024, "--max-frame-mb", min=1, help="largest frame accepted, MiB"),
     wait_s: float = typer.Option(600.0, "--wait", min=1.0, help="seconds a round waits for a client before giving up"),
+    state: Optional[Path] = typer.Option(None, "--state", help="directory for the server's checkpoints (restart with the same command to resume)"),
 ) -> None:
     """Serve the server's segments to clients over gRPC (TLS by default off loopback)."""
     import logging
@@ -216,7 +217,7 @@ def serve(
         token_map = load_tokens(tokens) if tokens is not None else None
         source = resolve_model(model)
         config = source.config()
-        party_server = Server(source, detect_arch(config), config, wait_s=wait_s)
+        party_server = Server(source, detect_arch(config), config, wait_s=wait_s, state_dir=state)
         service = SplitService(party_server, token_map, Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions))
         tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
         grpc_server = start(service, address, tls, insecure)

@@ -52,6 +52,9 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="global clipping across parties; null disables it")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     eval_batches: int | None = Field(None, ge=1, description="cap on evaluation batches")
+    checkpoint_every: int = Field(
+        0, ge=0, description="both parties checkpoint every N steps (0: only at the end); the same command resumes"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     model_dropout: bool = Field(
         False, description="keep the model's own dropout (off by default: each party has its own RNG)"
@@ -182,6 +185,8 @@ class RunConfig(Section):
                 "schedule: sequential relays one client-side model from client to client, so every client must keep "
                 "the same cuts and LoRA rank; per-client overrides need sfl-v1 or sfl-v2"
             )
+        if self.train.checkpoint_every and n > 1 and self.mode == "split" and self.schedule == "sequential":
+            raise ValueError("checkpoints of a sequential relay between several clients are not supported yet; use sfl-v1 or sfl-v2")
         if self.personal and self.mode != "split":
             raise ValueError(f"personal segments are segments of a split; mode: {self.mode} has none")
         if self.heterogeneous and self.mode == "federated":

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
+from . import __version__, checkpoint
 from .channels import Channel, LocalChannel
 from .config import ConfigError, RunConfig, dump_config
 from .data import TaskData, build_client_tasks, merge_tasks
@@ -33,6 +33,7 @@ from .report.plots import plot_loss
 from .schedules.group import personal_names
 
 ADAPTERS = "adapters"
+CHECKPOINTS = "checkpoint"
 
 
 def set_seed(seed: int) -> None:
@@ -80,7 +81,7 @@ def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None
 
 
 def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: list[int] | None = None,
-            channel_for: Callable[[int], Channel] | None = None) -> Fleet:
+            channel_for: Callable[[int], Channel] | None = None, resume: int | None = None, state_dir: Path | None = None) -> Fleet:
     """Stage 0: plan the split, build the parties, and say hello (the server forms the group).
 
     In-process, every client is built here with a local channel to a server built here too; a client
@@ -93,7 +94,7 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
     indices = list(range(len(samples))) if indices is None else indices
     server = None
     if channel_for is None and cfg.mode != "centralized":
-        server = Server(source, spec, config)
+        server = Server(source, spec, config, state_dir=state_dir)
         channel_for = lambda i: LocalChannel(server.handle)  # noqa: E731
     clients, channels = [], []
     for i, count in zip(indices, samples, strict=True):
@@ -106,7 +107,7 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
         clients.append(Client(party, channel))
         channels.append(channel)
     fleet = Fleet(clients, server, channels, source, indices)
-    parallel(lambda c: c.connect(), clients, fleet.abort)
+    parallel(lambda c: c.connect(resume), clients, fleet.abort)
     return fleet
 
 
@@ -144,14 +145,26 @@ def train(cfg: RunConfig, out: Path, progress: Callable | None = None) -> dict[s
     ``progress(done, total, info)`` is called after every client step (the CLI draws a progress bar with it).
     """
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    resume = prepare_run_dir(cfg, out)
     set_seed(cfg.seed)
     source = resolve_model(cfg.model)
     tasks = client_tasks(cfg, source.tokenizer())
     pooled = merge_tasks(tasks) if len(tasks) > 1 else tasks[0]
-    fleet = connect(cfg, source, [len(task.train) for task in tasks])
-    return Session(cfg, fleet, tasks, pooled, out, progress, started).run()
+    fleet = connect(cfg, source, [len(task.train) for task in tasks], resume=resume, state_dir=out / CHECKPOINTS / "server")
+    return Session(cfg, fleet, tasks, pooled, out, progress, started, resume).run()
+
+
+def prepare_run_dir(cfg: RunConfig, out: Path) -> int | None:
+    """Create the run directory, or find the step to resume from in it (the same command resumes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    resume = checkpoint.latest(out / CHECKPOINTS / "client")
+    if resume is not None:
+        saved = (out / "config.yaml").read_text() if (out / "config.yaml").exists() else ""
+        if saved != dump_config(cfg):
+            raise ConfigError(f"{out} holds a checkpoint of another config; resume with the same config, or use another --out")
+        return resume
+    (out / "config.yaml").write_text(dump_config(cfg))
+    return None
 
 
 def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Callable[[int], Channel],
@@ -166,14 +179,13 @@ def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Call
     if not 0 <= client_index < cfg.clients:
         raise ConfigError(f"--client-index {client_index} is outside this run's clients 0..{cfg.clients - 1}")
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    resume = prepare_run_dir(cfg, out)
     set_seed(cfg.seed)
     source = resolve_model(cfg.model)
     task = client_tasks(cfg, source.tokenizer())[client_index]
-    fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for)
+    fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume)
     try:
-        return Session(cfg, fleet, [task], task, out, progress, started).run()
+        return Session(cfg, fleet, [task], task, out, progress, started, resume).run()
     finally:
         for channel in fleet.channels:
             if channel is not None:
@@ -183,7 +195,8 @@ def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Call
 class Session:
     """The training loop of one run: client steps in schedule order, averages, evaluations, outputs."""
 
-    def __init__(self, cfg, fleet: Fleet, tasks: list[TaskData], pooled: TaskData, out: Path, progress, started: float):
+    def __init__(self, cfg, fleet: Fleet, tasks: list[TaskData], pooled: TaskData, out: Path, progress, started: float,
+                 resume: int | None = None):
         self.cfg, self.fleet, self.tasks, self.pooled, self.out, self.progress, self.started = cfg, fleet, tasks, pooled, out, progress, started
         self.n = len(tasks)  # clients in this process
         self.index = fleet.indices  # their indices in the run
@@ -196,6 +209,10 @@ class Session:
         self.sync_bytes = [[0, 0] for _ in tasks]
         self.done = 0
         self.holder = 0  # the client holding the latest model (the sequential relay moves it)
+        self.start = 0  # the last completed step (a resumed run continues after it)
+        self.own_before: list[dict] = []
+        if resume is not None:
+            self._restore(resume)
 
     # -- one client step ----------------------------------------------------------------------------------
     def _step(self, job: tuple[int, int]) -> dict:
@@ -280,17 +297,55 @@ class Session:
             for i in range(self.n):  # everyone ends with the final model
                 self._sync(i, lambda c: c.take_over(0))
             return
-        for step in range(1, steps + 1):
+        for step in range(self.start + 1, steps + 1):
             self._round([(i, step) for i in range(self.n)], log)
             if self.total > 1 and (step % every == 0 or step == steps):
                 parallel(lambda i: self._sync(i, lambda c: c.aggregate(step)), list(range(self.n)), self.fleet.abort)
             if self._eval_due(step):
                 self._global_eval(step)
+            keep = self.cfg.train.checkpoint_every
+            if (keep and step % keep == 0) or step == steps:
+                self._checkpoint(step)
+
+    # -- checkpoints (stage-independent: everything needed to continue exactly) -----------------------------
+    def _checkpoint(self, step: int) -> None:
+        """The server saves its part first, then this process saves its clients: a killed client always finds
+        the server holding its step (the server keeps the last two)."""
+        if self.fleet.channels[0] is not None:
+            if not self.fleet.clients[0].server_info.get("checkpoints"):
+                return  # a server without --state could not resume its part: a client checkpoint alone is useless
+            parallel(lambda c: c.checkpoint(step), self.fleet.clients, self.fleet.abort)
+        groups = {}
+        for index, client in zip(self.index, self.fleet.clients):
+            parts, party_meta = client.party.checkpoint()
+            groups.update({f"c{index}.{name}": t for name, t in parts.items()})
+        groups["rng"] = {"torch": torch.get_rng_state()}
+        meta = {"step": step, "samplers": [s.state_dict() for s in self.samplers], "metrics": self.metrics,
+                "evals": self.evals, "own_before": self.own_before, "train_bytes": self.train_bytes,
+                "sync_bytes": self.sync_bytes, "done": self.done, "holder": self.holder,
+                "parties": {str(i): c.party.checkpoint()[1] for i, c in zip(self.index, self.fleet.clients)}}
+        checkpoint.save(self.out / CHECKPOINTS / "client", step, checkpoint.pack(groups), meta)
+
+    def _restore(self, step: int) -> None:
+        flat, meta = checkpoint.load(self.out / CHECKPOINTS / "client", step)
+        groups = checkpoint.unpack(flat)
+        for index, client in zip(self.index, self.fleet.clients):
+            prefix = f"c{index}."
+            client.party.restore({k.removeprefix(prefix): v for k, v in groups.items() if k.startswith(prefix)}, meta["parties"][str(index)])
+        for sampler, state in zip(self.samplers, meta["samplers"], strict=True):
+            sampler.load_state_dict(state)
+        torch.set_rng_state(groups["rng"]["torch"])
+        self.metrics, self.evals, self.own_before = meta["metrics"], meta["evals"], meta["own_before"]
+        self.train_bytes, self.sync_bytes, self.done, self.holder = meta["train_bytes"], meta["sync_bytes"], meta["done"], meta["holder"]
+        self.start = step
 
     def run(self) -> dict[str, Any]:
-        before = self._global_eval(0)
-        own_before = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.total > 1 else [before]
+        if self.start == 0:
+            before = self._global_eval(0)
+            self.own_before = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.total > 1 else [before]
+        before, own_before = self.evals[0], self.own_before
         with open(self.out / "metrics.jsonl", "w") as log:
+            log.writelines(json.dumps(row) + "\n" for row in self.metrics)  # a resumed run keeps the steps it had
             self._train(log)
         after = self._global_eval(self.cfg.train.steps)
         own_after = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.total > 1 else [after]

@@ -43,10 +43,13 @@ class Client:
         if self.split and channel is None:
             raise ValueError(f"a {self.plan.shape} split needs a channel to the server")
 
-    def connect(self) -> dict:
-        """Stage 0: propose the session; the server builds its part from it or says why not."""
+    def connect(self, resume: int | None = None) -> dict:
+        """Stage 0: propose the session; the server builds its part from it (restored to step ``resume``) or says why not."""
         if self.channel is not None:
-            reply = self.channel.call(Message("hello", self.session, meta=self.party.session.to_meta()))
+            meta = self.party.session.to_meta()
+            if resume is not None:
+                meta["resume"] = resume
+            reply = self.channel.call(Message("hello", self.session, meta=meta))
             self.server_info = dict(reply.meta)
         return self.server_info
 
@@ -154,6 +157,10 @@ class Client:
     def global_state(self) -> dict[str, torch.Tensor]:
         """The last average (personal segments included) and the updates folded into base weights (``fold::``)."""
         return dict(self._call("state", 0, 0, {}, op="global").tensors)
+
+    def checkpoint(self, step: int) -> None:
+        """Ask the server to save its part of the run at ``step`` (all clients of the run ask together)."""
+        self._call("state", step, 0, {}, op="checkpoint")
 
     # -- stage 7 and the sequential relay -------------------------------------------------------------
     def aggregate(self, step: int) -> None:

@@ -180,6 +180,7 @@ class Party:
         self.trainers = {name: Trainer(trainable(self.model, name), session, total_steps) for name in adapters}
         self.params = [p for t in self.trainers.values() for p in t.params]
         self.adapter = adapters[0]
+        self.folded: dict[str, torch.Tensor] = {}  # module -> updates added to its base weight (exact averages)
 
     @property
     def trainable_params(self) -> int:
@@ -227,6 +228,7 @@ class Party:
         if layer is None:
             raise ValueError(f"this {self.role} holds no LoRA module {module}")
         weight = layer.get_base_layer().weight
+        self.folded[module] = self.folded.get(module, 0) + delta
         with torch.no_grad():
             weight += (delta.T if layer.fan_in_fan_out else delta).to(weight.dtype)
             for name, b in layer.lora_B.items():
@@ -235,9 +237,9 @@ class Party:
         for trainer in self.trainers.values():
             trainer.forget(names)
 
-    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This party's (single) trainer as tensors and plain metadata: what a sequential relay hands on."""
-        trainer = self.trainers[self.adapter]
+    def optimizer_state(self, adapter: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """One trainer's optimizer and schedule as tensors and plain metadata (a relay, a checkpoint)."""
+        trainer = self.trainers[adapter or self.adapter]
         tensors, meta = {}, {"scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None, "steps": {}}
         if trainer.optimizer is not None:
             for name, p in trainer.named:
@@ -248,8 +250,8 @@ class Party:
                     meta["steps"][name] = float(st["step"])
         return tensors, meta
 
-    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        trainer = self.trainers[self.adapter]
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], adapter: str | None = None) -> None:
+        trainer = self.trainers[adapter or self.adapter]
         if trainer.optimizer is None:
             return
         for name, p in trainer.named:
@@ -265,6 +267,32 @@ class Party:
             trainer.scheduler.load_state_dict(meta["scheduler"])
             for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
                 group["lr"] = lr  # a scheduler's state does not carry the rate its optimizer is at
+
+
+    def checkpoint(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Everything this party trained: every adapter, its optimizer and schedule, and the folds."""
+        layers = lora_layers(self.model)
+        groups: dict[str, dict[str, torch.Tensor]] = {
+            "folded": dict(self.folded),
+            # the base weights themselves: re-adding the summed folds would round differently than adding each
+            "folded_weights": {m: layers[m].get_base_layer().weight.detach().clone() for m in self.folded},
+        }
+        meta: dict[str, Any] = {"adapters": {}}
+        for name in self.trainers:
+            groups[f"state.{name}"] = self.state(name)
+            groups[f"optimizer.{name}"], meta["adapters"][name] = self.optimizer_state(name)
+        return groups, meta
+
+    def restore(self, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+        """Bring a fresh party to the saved point: folded base weights, adapters, optimizers, schedules."""
+        layers = lora_layers(self.model)
+        self.folded = dict(groups.get("folded", {}))
+        with torch.no_grad():
+            for module, weight in groups.get("folded_weights", {}).items():
+                layers[module].get_base_layer().weight.copy_(weight)
+        for name in self.trainers:
+            load_trainable_state(self.model, groups.get(f"state.{name}", {}), name)
+            self.load_optimizer_state(groups.get(f"optimizer.{name}", {}), meta["adapters"][name], name)
 
 
 def _check_tied(spec: ArchSpec, plan: SplitPlan, modes: dict[str, str]) -> None:

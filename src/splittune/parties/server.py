@@ -9,10 +9,14 @@ a refusal is an ``error`` message with the reason, and the server's state is lef
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import threading
+from pathlib import Path
 
 import torch
 
+from .. import checkpoint
 from ..models.adapters import mixed_adapters
 from ..models.arch import ArchSpec
 from ..models.zoo import ModelSource
@@ -39,16 +43,17 @@ def status_of(err: Exception) -> str:
     return "INVALID_ARGUMENT"
 
 
-STATE_OPS = ("get", "aggregate", "relay_put", "relay_get", "global")
+STATE_OPS = ("get", "aggregate", "relay_put", "relay_get", "global", "checkpoint")
 
 
 class Server:
-    def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0):
+    def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0, state_dir: Path | None = None):
         self.source = source
         self.spec = spec
         self.config = config if config is not None else source.config()
         self.fingerprint = source.fingerprint()
         self.wait_s = wait_s
+        self.state_dir = state_dir  # checkpoints of the server's part, one folder per run
         self.group: Group | None = None
         self.sessions: dict[str, Member] = {}
         self._lock = threading.Lock()
@@ -114,9 +119,12 @@ class Server:
             member = Member(session.client, msg.session, session)
             group.members[session.client] = member
             self.sessions[msg.session] = member
-        group.meet.meet("hello", member.index, None, set(range(group.n)), lambda items: self._form(group, items))
+        resume = msg.meta.get("resume")
+        if resume is not None and (not isinstance(resume, int) or resume < 1):
+            raise ProtocolError(f"resume must be a completed step (a positive integer), got {resume!r}")
+        group.meet.meet("hello", member.index, resume, set(range(group.n)), lambda items: self._form(group, items))
         party = group.party
-        info = {"accepted": True, "clients": group.n, "schedule": group.schedule}
+        info = {"accepted": True, "clients": group.n, "schedule": group.schedule, "checkpoints": self.state_dir is not None}
         if party is not None:
             info.update(blocks=[member.start, member.end], params=party.weights.params, bytes=party.weights.bytes,
                         trainable=party.trainable_params, fan_in_fan_out=party.fan_in_fan_out)
@@ -124,7 +132,40 @@ class Server:
 
     def _form(self, group: Group, items: dict) -> dict:
         group.form(self.source, self.spec, self.config)
+        resumes = set(items.values())
+        if len(resumes) > 1:
+            raise ProtocolError(f"clients resume from different steps {sorted(map(str, resumes))}; resume them all from one checkpoint",
+                                "FAILED_PRECONDITION")
+        step = resumes.pop()
+        if step is not None:
+            self._restore(group, step)
         return {i: None for i in items}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def _run_root(self, group: Group) -> Path:
+        if self.state_dir is None:
+            raise ProtocolError("this server keeps no checkpoints (start it with --state DIR to resume runs)", "FAILED_PRECONDITION")
+        key = hashlib.sha256(json.dumps(group.terms, sort_keys=True).encode()).hexdigest()[:16]
+        return self.state_dir / f"run-{key}"
+
+    def _save(self, group: Group, step: int) -> dict:
+        groups, meta = group.party.checkpoint() if group.party is not None else ({}, {})
+        groups["global"], groups["group_folded"] = dict(group.global_state), dict(group.folded)
+        meta.update(step=step, turns=group.turns.position if group.turns else None)
+        checkpoint.save(self._run_root(group), step, checkpoint.pack(groups), meta)
+        return {i: None for i in group.members}
+
+    def _restore(self, group: Group, step: int) -> None:
+        try:
+            flat, meta = checkpoint.load(self._run_root(group), step)
+        except FileNotFoundError as err:
+            raise ProtocolError(f"cannot resume: {err}", "FAILED_PRECONDITION") from None
+        groups = checkpoint.unpack(flat)
+        if group.party is not None:
+            group.party.restore(groups, meta)
+        group.global_state, group.folded = groups.get("global", {}), groups.get("group_folded", {})
+        if group.turns is not None:
+            group.turns.position = meta["turns"]
 
     # -- validation -------------------------------------------------------------------------------------
     def _hidden_in(self, msg: Message, name: str = "hidden") -> torch.Tensor:
@@ -325,6 +366,10 @@ class Server:
             share = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), float(weight)),
                                     set(group.members), lambda items: self._locked(group.aggregate, items))
             return self._reply(msg, "state", share)
+        if op == "checkpoint":
+            group.meet.meet(("checkpoint", msg.step), member.index, None, set(group.members),
+                            lambda items: self._locked(self._save, group, msg.step))
+            return self._reply(msg, "state", saved=msg.step)
         if op == "relay_put":
             if group.schedule != "sequential":
                 raise ProtocolError(f"relays belong to the sequential schedule, not {group.schedule}")
