@@ -2,13 +2,11 @@
 TLS, mutual TLS and tokens; every kind of bad input gets its status and the server keeps serving."""
 
 import json
-import os
 import random
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,7 +18,7 @@ from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
 from splittune.deploy.certs import make_certs
 from splittune.deploy.service import Limits, SplitService, Tls, health, start
-from splittune.deploy.wire import LAST, MORE, SESSION_METHOD, DeployError, chunks, parse_listen, parse_server
+from splittune.deploy.wire import LAST, SESSION_METHOD, DeployError, chunks, parse_listen, parse_server
 from splittune.models.arch import detect_arch
 from splittune.models.zoo import resolve_model
 from splittune.parties.server import Server
@@ -275,6 +273,8 @@ def test_serve_cli_refusals(tmp_path):
     assert result.returncode == 2 and "without TLS" in result.stderr
     result = subprocess.run([*CLI, "train", "--server", "grpc://10.1.1.1:5"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "allowed only to a loopback address" in " ".join(result.stderr.split())
+    result = subprocess.run([*CLI, "health", "--server", f"grpc://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "does not answer" in result.stderr
     tokens = tmp_path / "t.yaml"
     tokens.write_text("alice: short\n")
     result = subprocess.run([*CLI, "serve", "--model", "tiny:llama", "--tokens", str(tokens)], capture_output=True, text=True, timeout=120)
@@ -286,3 +286,22 @@ def test_certs_are_private_and_usable(tmp_path):
     assert (tmp_path / "carol.token").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "server.key").stat().st_mode & 0o777 == 0o600
     assert set(written) == {"ca", "server", "carol", "tokens"}
+
+
+@pytest.mark.parametrize("schedule", ["sfl-v1", "sfl-v2"])
+def test_a_vanished_client_is_given_up_and_the_round_goes_on(tmp_path, serve_process, schedule):
+    url = serve_process("--wait", "2")
+    run = [*RUN, "clients=2", f"schedule={schedule}", "train.steps=4"]
+    procs = [subprocess.Popen([*CLI, "train", *sets(run), "--server", url, "--client-index", str(i), "--client-id", f"c{i}",
+                               "--out", str(tmp_path / f"c{i}")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    metrics = tmp_path / "c1" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.02)
+    procs[1].kill()
+    out, _ = procs[0].communicate(timeout=300)
+    assert procs[0].returncode == 0, out
+    assert [r["step"] for r in rows(tmp_path / "c0")] == [1, 2, 3, 4]
+    log = "".join(p.read_text() for p in tmp_path.glob("serve-*.log"))
+    assert '"event": "dropped", "client": 1' in log

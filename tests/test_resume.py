@@ -130,3 +130,22 @@ def test_killed_client_and_server_processes_resume_exactly(tmp_path):
     assert final.returncode == 0, final.stdout + final.stderr
     train(load_config(None, run), tmp_path / "whole")
     same_run(tmp_path / "whole", tmp_path / "remote")
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):
+    run = [*RUN, "train.steps=40", "train.checkpoint_every=0", "train.eval_every=0"]
+    sets = [a for item in run for a in ("--set", item)]
+    command = [*CLI, "train", *sets, "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run/metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "run the same command to resume" in " ".join(err.split())
+    stopped = int((tmp_path / "run/checkpoint/client/latest").read_text())
+    assert 3 <= stopped < 40
+    assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+    train(load_config(None, run), tmp_path / "whole")
+    same_run(tmp_path / "whole", tmp_path / "run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -103,11 +104,26 @@ def train(
             info = f"{who}loss {row['loss']:.4f} · ↑{_human_bytes(row['bytes_up'])} ↓{_human_bytes(row['bytes_down'])} · {row['step_s']:.2f}s/step"
             bar.update(task_id, completed=done, total=total, info=info)
 
+        from . import runner
+
+        def stop(signum, frame):  # finish the step, save a checkpoint, exit; the same command resumes
+            runner.STOP.set()
+            bar.update(task_id, info="stopping after this step…")
+
+        runner.STOP.clear()
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             summary = run_train(cfg, out, progress)
+        except runner.Interrupted as err:
+            bar.stop()
+            err_console.print(f"[bold yellow]{err}[/]")
+            raise typer.Exit(130) from None
         except _user_errors() as err:
             bar.stop()
             _fail(str(err))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     _print_summary(summary, out)
 
 
@@ -255,17 +271,20 @@ def health(
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert"),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key"),
 ) -> None:
-    """Ask a running server whether it serves, and what (exit 1 when it does not answer)."""
+    """Ask a running server whether it serves, and what (exit 2 when it does not answer)."""
     import json
 
     import grpc
 
     from .deploy.service import health as ask
+    from .deploy.wire import DeployError
 
     try:
         console.print_json(json.dumps(ask(server, ca=tls_ca, cert=tls_cert, key=tls_key)))
-    except (grpc.RpcError, DeployError) as err:
-        _fail(f"{server} does not answer: {getattr(err, 'details', lambda: err)()}")
+    except DeployError as err:
+        _fail(str(err))
+    except grpc.RpcError as err:
+        _fail(f"{server} does not answer: {err.details()}")
 
 
 def _print_summary(s: dict, out: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -33,6 +34,17 @@ from .report.plots import plot_loss
 from .schedules.group import personal_names
 
 ADAPTERS = "adapters"
+STOP = threading.Event()  # set by a signal handler: finish the step, checkpoint, stop
+
+
+class Interrupted(Exception):
+    """A run stopped on request after ``step``, with a checkpoint to resume from."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}; the checkpoint is saved: run the same command to resume")
+        self.step = step
+
+
 CHECKPOINTS = "checkpoint"
 
 
@@ -304,8 +316,10 @@ class Session:
             if self._eval_due(step):
                 self._global_eval(step)
             keep = self.cfg.train.checkpoint_every
-            if (keep and step % keep == 0) or step == steps:
+            if (keep and step % keep == 0) or step == steps or STOP.is_set():
                 self._checkpoint(step)
+            if STOP.is_set() and step < steps:
+                raise Interrupted(step)
 
     # -- checkpoints (stage-independent: everything needed to continue exactly) -----------------------------
     def _checkpoint(self, step: int) -> None:

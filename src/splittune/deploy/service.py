@@ -24,7 +24,7 @@ import yaml
 
 from ..parties.server import Server
 from ..wire import FrameError, FrameLimits, Message, decode_frame, encode_frame
-from .wire import CHUNK_BYTES, DeployError, HEALTH_METHOD, KEEPALIVE, LAST, MAX_CHUNK_BYTES, MORE, SESSION_METHOD, Address, chunks, is_loopback
+from .wire import CHUNK_BYTES, DeployError, HEALTH_METHOD, KEEPALIVE, LAST, MAX_CHUNK_BYTES, MORE, Address, chunks, is_loopback
 
 log = logging.getLogger("splittune.serve")
 

@@ -85,6 +85,9 @@ class Server:
             member = self.sessions.get(msg.session)
             if member is None:
                 raise ProtocolError(f"unknown session {msg.session!r}; send hello first", "NOT_FOUND")
+            if member.index in self.group.dropped:
+                raise ProtocolError(f"client {member.index} was given up after missing a round; the run went on without it",
+                                    "FAILED_PRECONDITION")
             handler = {"activations": self._activations, "gradients": self._gradients, "step": self._step, "state": self._state}.get(msg.kind)
             if handler is None:
                 raise ProtocolError(f"a server does not accept {msg.kind!r} messages")
@@ -213,7 +216,18 @@ class Server:
 
     def _turn(self, member: Member, msg: Message) -> None:
         if self.group.turns is not None:
-            self.group.turns.enter(member.index, msg.step)
+            self.group.turns.enter(member.index, msg.step, self._give_up_turn)
+
+    def _give_up_turn(self, client: int) -> None:
+        """A client vanished in its turn: forget its half-done step (pending forwards, gradients it left on
+        the shared adapter) so the next client's step is its own."""
+        self.group.drop(client, "its turn outlasted the wait")
+        with self._compute:
+            for key in [k for k in self._pending if k[0] == client]:
+                del self._pending[key]
+            trainer = self.party.trainers[self.group.members[client].adapter] if self.party else None
+            if trainer is not None and trainer.optimizer is not None:
+                trainer.optimizer.zero_grad(set_to_none=True)
 
     # -- stages 3 and 5 -------------------------------------------------------------------------------------
     def _activations(self, member: Member, msg: Message) -> Message:
@@ -226,8 +240,8 @@ class Server:
         labels = self._labels(msg, hidden.shape) if member.head else None
         if train and self.group.batched:
             item = (hidden, mask, labels, msg.meta.get("num_items"), bool(msg.meta.get("want_grad", True)))
-            kind, tensors, meta = self.group.meet.meet(("forward", msg.step, msg.micro), member.index, item, set(self.group.members),
-                                                       lambda items: self._locked(self._forward_together, msg, items))
+            kind, tensors, meta = self.group.meet.meet(("forward", msg.step, msg.micro), member.index, item, self.group.active,
+                                                       lambda items: self._locked(self._forward_together, msg, items), self.group.drop)
             return self._reply(msg, kind, tensors, **meta)
         if member.head:
             with self._compute:
@@ -308,8 +322,8 @@ class Server:
             expected = (rows[idx.index(member.index)], *hidden_out.shape[1:])
             if tuple(grad.shape) != expected:
                 raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {expected}")
-            grads = self.group.meet.meet(("backward", msg.step, msg.micro), member.index, grad, set(self.group.members),
-                                         lambda items: self._locked(self._backward_together, msg, items))
+            grads = self.group.meet.meet(("backward", msg.step, msg.micro), member.index, grad, self.group.active,
+                                         lambda items: self._locked(self._backward_together, msg, items), self.group.drop)
             return self._reply(msg, "gradients", {"grad": grads} if want_grad else {})
         key = (member.index, msg.step, msg.micro)
         if key not in self._pending:
@@ -327,8 +341,11 @@ class Server:
         results = {}
         for key in [k for k in self._pending if k[:3] == ("batch", msg.step, msg.micro)]:
             hidden_in, hidden_out, idx, rows = self._pending.pop(key)
-            hidden_out.backward(torch.cat([items[i] for i in idx]))
-            results.update(zip(idx, hidden_in.grad.split(rows)))
+            # a client given up in the middle of the step contributes no gradient
+            grads = [items[i] if i in items else torch.zeros((r, *hidden_out.shape[1:]), dtype=hidden_out.dtype)
+                     for i, r in zip(idx, rows)]
+            hidden_out.backward(torch.cat(grads))
+            results.update((i, g) for i, g in zip(idx, hidden_in.grad.split(rows)) if i in items)
         return results
 
     def _step(self, member: Member, msg: Message) -> Message:
@@ -364,11 +381,11 @@ class Server:
             if not isinstance(weight, (int, float)) or not weight > 0:
                 raise ProtocolError(f"an aggregate needs a positive weight (the client's training samples), got {weight!r}")
             share = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), float(weight)),
-                                    set(group.members), lambda items: self._locked(group.aggregate, items))
+                                    group.active, lambda items: self._locked(group.aggregate, items), group.drop)
             return self._reply(msg, "state", share)
         if op == "checkpoint":
-            group.meet.meet(("checkpoint", msg.step), member.index, None, set(group.members),
-                            lambda items: self._locked(self._save, group, msg.step))
+            group.meet.meet(("checkpoint", msg.step), member.index, None, group.active,
+                            lambda items: self._locked(self._save, group, msg.step), group.drop)
             return self._reply(msg, "state", saved=msg.step)
         if op == "relay_put":
             if group.schedule != "sequential":

@@ -13,6 +13,8 @@ over every client, each client with the copy that was trained on its data.
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,6 +27,7 @@ from .aggregate import Contribution, average
 from .meet import Rendezvous, Turnstile
 
 SCHEDULES = ("sequential", "sfl-v1", "sfl-v2", "federated")
+log = logging.getLogger("splittune.serve")
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Group:
         self.every = first.aggregate_every
         self.personal = set(first.personal)
         self.members: dict[int, Member] = {}
+        self.dropped: set[int] = set()
         self.party: Party | None = None
         self.meet = Rendezvous(wait_s)
         order = turn_order(self.schedule, self.n, self.steps, self.every)
@@ -91,6 +95,20 @@ class Group:
         self.global_state: dict[str, torch.Tensor] = {}  # the last average, personal segments included
         self.blocks_path = ""
         self.arch: ArchSpec | None = None
+
+    @property
+    def active(self) -> set[int]:
+        """The clients a round waits for: every member but those given up."""
+        return set(self.members) - self.dropped
+
+    def drop(self, clients, why: str = "it missed a round") -> None:
+        """Give up on clients that vanished: rounds go on with the others; their later requests are refused."""
+        for c in sorted(set(clients) if not isinstance(clients, int) else {clients}):
+            if c not in self.dropped:
+                self.dropped.add(c)
+                log.warning(json.dumps({"event": "dropped", "client": c, "reason": why, "remaining": sorted(self.active)}))
+                if self.turns is not None:
+                    self.turns.skip(c)
 
     @property
     def batched(self) -> bool:

@@ -53,17 +53,34 @@ class Turnstile(_Waits):
     def current(self) -> tuple[int, int] | None:
         return self.order[self.position] if self.position < len(self.order) else None
 
-    def enter(self, client: int, step: int) -> None:
-        """Block until it is ``client``'s turn for ``step``."""
+    def enter(self, client: int, step: int, give_up: Callable[[int], None] | None = None) -> None:
+        """Block until it is ``client``'s turn for ``step``; with ``give_up``, a client whose turn lasts longer
+        than the time limit is given up (``give_up(that client)``) and its turns are skipped."""
         turn = (client, step)
         if turn not in self._index:
             raise ValueError(f"client {client} has no turn at step {step} in this schedule")
         with self._cond:
-            if self._index[turn] < self.position:
-                raise ValueError(f"client {client}'s turn for step {step} is over")
-            now = self.current()
-            self._wait(lambda: self.current() == turn,
-                       f"client {client}'s turn at step {step} (the server serves client {now[0]} at step {now[1]})")
+            while True:
+                if self._index[turn] < self.position:
+                    raise ValueError(f"client {client}'s turn for step {step} is over")
+                now = self.current()
+                try:
+                    self._wait(lambda: self.current() == turn,
+                               f"client {client}'s turn at step {step} (the server serves client {now[0]} at step {now[1]})")
+                    return
+                except WaitTimeout:
+                    if give_up is None or self.cancelled is not None or self.current() != now:
+                        raise
+                    give_up(now[0])
+                    self.skip(now[0])
+
+    def skip(self, client: int) -> None:
+        """Drop every remaining turn of ``client`` (it left the run)."""
+        with self._cond:
+            current = self.order[self.position :]
+            self.order = self.order[: self.position] + [t for t in current if t[0] != client]
+            self._index = {turn: i for i, turn in enumerate(self.order)}
+            self._cond.notify_all()
 
     def advance(self, client: int, step: int) -> None:
         with self._cond:
@@ -87,9 +104,14 @@ class Rendezvous(_Waits):
         super().__init__(wait_s)
         self._rounds: dict[Hashable, _Round] = {}
 
-    def meet(self, key: Hashable, client: int, item: Any, expected: set[int], compute: Callable[[dict[int, Any]], dict[int, Any]]) -> Any:
+    def meet(self, key: Hashable, client: int, item: Any, expected: set[int], compute: Callable[[dict[int, Any]], dict[int, Any]],
+             give_up: Callable[[set[int]], None] | None = None) -> Any:
         """Leave ``item`` at ``key``; when every ``expected`` client has, ``compute(items)`` runs once and
-        each client receives ``results[client]`` (or the error ``compute`` raised)."""
+        each client receives ``results[client]`` (or the error ``compute`` raised).
+
+        With ``give_up``, a round that waited its time limit proceeds with the clients present:
+        ``give_up(missing)`` is told who never came (the server drops them from the run).
+        """
         with self._cond:
             rnd = self._rounds.setdefault(key, _Round())
             if client in rnd.items:
@@ -103,10 +125,13 @@ class Rendezvous(_Waits):
                     self._wait(lambda: rnd.results is not None or rnd.error is not None,
                                f"{key} still lacks clients {sorted(expected - set(rnd.items))}")
                 except WaitTimeout:
-                    del rnd.items[client]
-                    if not rnd.items:
-                        self._rounds.pop(key, None)
-                    raise
+                    if give_up is None or self.cancelled is not None or rnd.computing:
+                        del rnd.items[client]
+                        if not rnd.items:
+                            self._rounds.pop(key, None)
+                        raise
+                    give_up(expected - set(rnd.items))  # proceed without them
+                    rnd.computing = last = True
         if last:
             try:
                 results = compute(dict(sorted(rnd.items.items())))
