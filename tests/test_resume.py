@@ -53,11 +53,12 @@ def crash_at(monkeypatch, step):
     monkeypatch.setattr(Client, "train_step", train_step)
 
 
-@pytest.mark.parametrize("extra", [[], ["clients=2", "schedule=sfl-v1"], ["clients=2", "schedule=sfl-v2", "client_overrides={1: {lora_rank: 2}}"]],
-                         ids=["one-client", "sfl-v1", "sfl-v2-heterogeneous"])
+@pytest.mark.parametrize("extra", [[], ["clients=2", "schedule=sfl-v1"], ["clients=2", "schedule=sfl-v2", "client_overrides={1: {lora_rank: 2}}"],
+                                   ["clients=3", "schedule=sequential", "aggregate_every=2"], ["clients=2", "mode=federated"]],
+                         ids=["one-client", "sfl-v1", "sfl-v2-heterogeneous", "sequential", "federated"])
 def test_in_process_resume_is_exact(tmp_path, monkeypatch, extra):
     cfg = load_config(None, [*RUN, *extra])
-    names = ("global",) if extra else ("client", "server")
+    names = ("client", "server") if not extra or "schedule=sequential" in extra else ("global",)
     train(cfg, tmp_path / "whole")
     with monkeypatch.context() as m:
         crash_at(m, 5)

@@ -185,8 +185,6 @@ class RunConfig(Section):
                 "schedule: sequential relays one client-side model from client to client, so every client must keep "
                 "the same cuts and LoRA rank; per-client overrides need sfl-v1 or sfl-v2"
             )
-        if self.train.checkpoint_every and n > 1 and self.mode == "split" and self.schedule == "sequential":
-            raise ValueError("checkpoints of a sequential relay between several clients are not supported yet; use sfl-v1 or sfl-v2")
         if self.personal and self.mode != "split":
             raise ValueError(f"personal segments are segments of a split; mode: {self.mode} has none")
         if self.heterogeneous and self.mode == "federated":

@@ -294,6 +294,8 @@ class Session:
         if self.schedule == "sequential" and self.total > 1:
             spans = [range(s, min(s + every, steps + 1)) for s in range(1, steps + 1, every)]
             for r, span in enumerate(spans):
+                if span[-1] <= self.start:  # done before a resume
+                    continue
                 for index in range(self.total):  # other processes' turns are theirs: the server orders them
                     if index not in self.index:
                         continue
@@ -306,6 +308,7 @@ class Session:
                     self.holder = i
                 if self._eval_due(span[-1]):
                     self._global_eval(span[-1])
+                self._maybe_stop(span[-1])  # a relay checkpoints at the end of a round: every client is between turns
             for i in range(self.n):  # everyone ends with the final model
                 self._sync(i, lambda c: c.take_over(0))
             return
@@ -315,11 +318,15 @@ class Session:
                 parallel(lambda i: self._sync(i, lambda c: c.aggregate(step)), list(range(self.n)), self.fleet.abort)
             if self._eval_due(step):
                 self._global_eval(step)
-            keep = self.cfg.train.checkpoint_every
-            if (keep and step % keep == 0) or step == steps or STOP.is_set():
-                self._checkpoint(step)
-            if STOP.is_set() and step < steps:
-                raise Interrupted(step)
+            self._maybe_stop(step)
+
+    def _maybe_stop(self, step: int) -> None:
+        """Checkpoint when due (every ``checkpoint_every`` steps, at the end, on a stop request); stop if asked."""
+        keep, steps = self.cfg.train.checkpoint_every, self.cfg.train.steps
+        if (keep and step % keep == 0) or step == steps or STOP.is_set():
+            self._checkpoint(step)
+        if STOP.is_set() and step < steps:
+            raise Interrupted(step)
 
     # -- checkpoints (stage-independent: everything needed to continue exactly) -----------------------------
     def _checkpoint(self, step: int) -> None:

@@ -154,7 +154,9 @@ class Server:
     def _save(self, group: Group, step: int) -> dict:
         groups, meta = group.party.checkpoint() if group.party is not None else ({}, {})
         groups["global"], groups["group_folded"] = dict(group.global_state), dict(group.folded)
-        meta.update(step=step, turns=group.turns.position if group.turns else None)
+        groups["relay"] = dict(group.relay[0]) if group.relay else {}
+        meta.update(step=step, turns=group.turns.position if group.turns else None,
+                    relay=group.relay[1] if group.relay else None, dropped=sorted(group.dropped))
         checkpoint.save(self._run_root(group), step, checkpoint.pack(groups), meta)
         return {i: None for i in group.members}
 
@@ -167,6 +169,8 @@ class Server:
         if group.party is not None:
             group.party.restore(groups, meta)
         group.global_state, group.folded = groups.get("global", {}), groups.get("group_folded", {})
+        if meta.get("relay") is not None:
+            group.relay = (groups.get("relay", {}), meta["relay"])
         if group.turns is not None:
             group.turns.position = meta["turns"]
 
