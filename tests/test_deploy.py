@@ -6,7 +6,9 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -244,8 +246,13 @@ def test_fuzzed_frames_do_not_stop_a_well_behaved_client(tmp_path):
                 codes[err.code().name] = codes.get(err.code().name, 0) + 1
         assert codes.get("UNKNOWN", 0) == 0 and codes.get("INTERNAL", 0) == 0, codes
         assert codes.get("INVALID_ARGUMENT", 0) > 500
-        summary = None
+        channel.close()
         url = f"grpc://{target}"
+        deadline = time.time() + 10
+        while health(url)["sessions"]:  # live sessions: the fuzzing session ends, the server is free for a new run
+            assert time.time() < deadline, health(url)
+            time.sleep(0.05)
+        assert health(url)["sessions_opened"] == 1
         from splittune.runner import train_remote
 
         summary = train_remote(load_config(None, RUN), tmp_path / "after", 0, lambda i: GrpcChannel(url))
@@ -269,16 +276,24 @@ def test_addresses_and_listening_rules():
 
 
 def test_serve_cli_refusals(tmp_path):
-    result = subprocess.run([*CLI, "serve", "--model", "tiny:llama", "--listen", "0.0.0.0:1"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "without TLS" in result.stderr
-    result = subprocess.run([*CLI, "train", "--server", "grpc://10.1.1.1:5"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "allowed only to a loopback address" in " ".join(result.stderr.split())
-    result = subprocess.run([*CLI, "health", "--server", f"grpc://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "does not answer" in result.stderr
+    from typer.testing import CliRunner
+
+    from splittune.cli import app
+
+    def cli(*args):
+        result = CliRunner().invoke(app, list(args))
+        return result.exit_code, " ".join(result.output.split())
+
+    code, out = cli("serve", "--model", "tiny:llama", "--listen", "0.0.0.0:1")
+    assert code == 2 and "without TLS" in out
+    code, out = cli("train", "--server", "grpc://10.1.1.1:5")
+    assert code == 2 and "allowed only to a loopback address" in out
+    code, out = cli("health", "--server", f"grpc://127.0.0.1:{free_port()}")
+    assert code == 2 and "does not answer" in out
     tokens = tmp_path / "t.yaml"
     tokens.write_text("alice: short\n")
-    result = subprocess.run([*CLI, "serve", "--model", "tiny:llama", "--tokens", str(tokens)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "at least 16 characters" in " ".join(result.stderr.split())
+    code, out = cli("serve", "--model", "tiny:llama", "--tokens", str(tokens))
+    assert code == 2 and "at least 16 characters" in out
 
 
 def test_certs_are_private_and_usable(tmp_path):
@@ -305,3 +320,54 @@ def test_a_vanished_client_is_given_up_and_the_round_goes_on(tmp_path, serve_pro
     assert [r["step"] for r in rows(tmp_path / "c0")] == [1, 2, 3, 4]
     log = "".join(p.read_text() for p in tmp_path.glob("serve-*.log"))
     assert '"event": "dropped", "client": 1' in log
+
+
+def test_a_second_run_cannot_take_over_a_busy_server():
+    server, _, port = _serve()
+    url = f"grpc://127.0.0.1:{port}"
+    try:
+        first = GrpcChannel(url, client_id="alice")
+        _hello(first)
+        with pytest.raises(RemoteError) as err:
+            _hello(GrpcChannel(url, client_id="bob"))
+        assert err.value.code == "RESOURCE_EXHAUSTED" and "serving another run (clients alice)" in str(err.value)
+        again = GrpcChannel(url, client_id="alice")  # alice restarting her own run while her old stream lingers
+        assert _hello(again).meta["accepted"]
+        first.close()
+        again.close()
+        deadline = time.time() + 10
+        while True:  # once the first run's clients are gone, anyone may start a new run
+            try:
+                assert _hello(GrpcChannel(url, client_id="bob")).meta["accepted"]
+                break
+            except RemoteError:
+                assert time.time() < deadline
+                time.sleep(0.05)
+    finally:
+        server.stop(None)
+
+
+def test_a_server_that_stops_answering_hits_the_reply_deadline():
+    """Keepalive cannot see a live server that never replies; the per-reply deadline does."""
+    release = threading.Event()
+
+    def silent(requests, context):
+        next(requests)
+        release.wait(30)
+        return iter(())
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "splittune.Split", {"Session": grpc.stream_stream_rpc_method_handler(silent)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        channel = GrpcChannel(f"grpc://127.0.0.1:{port}", reply_timeout_s=1)
+        with pytest.raises(RemoteError) as err:
+            channel.call(Message("hello", "s"))
+        assert err.value.code == "DEADLINE_EXCEEDED" and "no reply to 'hello' (step 0) within 1 s" in str(err.value)
+        with pytest.raises(RemoteError, match="no reply"):  # the session is over: later calls fail the same way
+            channel.call(Message("hello", "s"))
+    finally:
+        release.set()
+        server.stop(None)

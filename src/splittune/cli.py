@@ -75,6 +75,8 @@ def train(
     tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate to verify the server (system roots when omitted)"),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate (mutual TLS)"),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="client key (mutual TLS)"),
+    reply_timeout: float = typer.Option(3600.0, "--reply-timeout", min=1.0,
+                                        help="seconds to wait for any one reply of the server (it may wait for other clients' turns)"),
 ) -> None:
     """Fine-tune a model split between a client and a server: in one process, or against `splittune serve`."""
     _quiet_libraries()
@@ -84,7 +86,7 @@ def train(
     try:
         cfg = load_config(config, set_)
         if server is not None:
-            run_train = _remote_trainer(server, client_id, token_file, client_index, tls_ca, tls_cert, tls_key)
+            run_train = _remote_trainer(server, client_id, token_file, client_index, tls_ca, tls_cert, tls_key, reply_timeout)
     except _user_errors() as err:
         _fail(str(err))
     if out is None:
@@ -175,7 +177,7 @@ def compare(
     console.print(f"written: [bold green]{out / 'compare.json'}[/], [bold green]{out / 'compare.png'}[/] and one run directory per entry")
 
 
-def _remote_trainer(url, client_id, token_file, client_index, ca, cert, key):
+def _remote_trainer(url, client_id, token_file, client_index, ca, cert, key, reply_timeout_s):
     """``train`` for one client process talking gRPC to ``url``."""
     from .channels.grpc import GrpcChannel
     from .deploy.wire import DeployError, parse_server
@@ -189,7 +191,7 @@ def _remote_trainer(url, client_id, token_file, client_index, ca, cert, key):
         token = token_file.read_text().strip()
 
     def channel_for(index: int):
-        return GrpcChannel(url, client_id=client_id, token=token, ca=ca, cert=cert, key=key)
+        return GrpcChannel(url, client_id=client_id, token=token, ca=ca, cert=cert, key=key, reply_timeout_s=reply_timeout_s)
 
     return lambda cfg, out, progress: train_remote(cfg, out, client_index, channel_for, progress)
 

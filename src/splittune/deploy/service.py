@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import yaml
 
+from ..parties.party import SessionSpec
 from ..parties.server import Server
 from ..wire import FrameError, FrameLimits, Message, decode_frame, encode_frame
 from .wire import CHUNK_BYTES, DeployError, HEALTH_METHOD, KEEPALIVE, LAST, MAX_CHUNK_BYTES, MORE, Address, chunks, is_loopback
@@ -62,7 +63,7 @@ class SplitService:
         self.owner: dict[str, str] = {}  # session id -> client id
         self._lock = threading.Lock()
         self.started = time.time()
-        self.counts = {"sessions": 0, "messages": 0, "bytes_in": 0, "bytes_out": 0, "refused": 0}
+        self.counts = {"sessions_opened": 0, "messages": 0, "bytes_in": 0, "bytes_out": 0, "refused": 0}
 
     # -- authentication ---------------------------------------------------------------------------------
     def _client(self, context) -> str:
@@ -128,6 +129,12 @@ class SplitService:
                             f"session {msg.session!r} belongs to another client")
             if owner is None and msg.kind != "hello":
                 self._abort(context, client, grpc.StatusCode.NOT_FOUND, f"unknown session {msg.session!r}; send hello first")
+            others = sorted({c for c in self.owner.values() if c != client})
+            # a client restarting its own run may replace its stale sessions; no one may replace another's run
+            if msg.kind == "hello" and others and self._starts_new_run(msg):
+                self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the server is serving another run (clients {', '.join(others)}); "
+                            "a new run can start when its clients have disconnected")
             if owner is None and len(self.owner) >= self.limits.max_sessions:
                 self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"the server holds its maximum of {self.limits.max_sessions} sessions")
@@ -140,7 +147,7 @@ class SplitService:
         if msg.kind == "hello" and reply.kind == "hello":
             with self._lock:
                 self.owner[msg.session] = client
-                self.counts["sessions"] += 1
+                self.counts["sessions_opened"] += 1
         self.counts["messages"] += 1
         fields = {"client": client, "session": msg.session, "kind": msg.kind, "step": msg.step, "micro": msg.micro,
                   "bytes_in": len(frame), "ms": round(1000 * (time.perf_counter() - started), 1)}
@@ -148,6 +155,12 @@ class SplitService:
             fields.update(code=reply.meta.get("code"), reason=reply.meta.get("reason"))
         self._event("message", **fields)
         return reply
+
+    def _starts_new_run(self, msg: Message) -> bool:
+        try:
+            return self.server.starts_new_run(SessionSpec.from_meta(msg.meta))
+        except (TypeError, ValueError):
+            return False  # a bad proposal: the server refuses it with the reason
 
     def _abort(self, context, client: str, code, details: str):
         self._event("refused", client=client, code=code.name, reason=details)

@@ -112,9 +112,12 @@ class Server:
         plan = session.plan(self.spec.n_blocks)
         if plan.shape == "centralized" and session.schedule != "federated":
             raise ProtocolError("a centralized run has no server part")
+        resume = msg.meta.get("resume")
+        if resume is not None and (not isinstance(resume, int) or resume < 1):
+            raise ProtocolError(f"resume must be a completed step (a positive integer), got {resume!r}")
         with self._lock:
-            if self.group is None or session.clients == 1 or len(self.group.members) == self.group.n:
-                self.group = Group(session, self.wait_s)  # a new run
+            if self.starts_new_run(session):
+                self.group = Group(session, self.wait_s)
                 self.sessions.clear()
                 self._pending.clear()
             group = self.group
@@ -122,9 +125,6 @@ class Server:
             member = Member(session.client, msg.session, session)
             group.members[session.client] = member
             self.sessions[msg.session] = member
-        resume = msg.meta.get("resume")
-        if resume is not None and (not isinstance(resume, int) or resume < 1):
-            raise ProtocolError(f"resume must be a completed step (a positive integer), got {resume!r}")
         group.meet.meet("hello", member.index, resume, set(range(group.n)), lambda items: self._form(group, items))
         party = group.party
         info = {"accepted": True, "clients": group.n, "schedule": group.schedule, "checkpoints": self.state_dir is not None}
@@ -132,6 +132,10 @@ class Server:
             info.update(blocks=[member.start, member.end], params=party.weights.params, bytes=party.weights.bytes,
                         trainable=party.trainable_params, fan_in_fan_out=party.fan_in_fan_out)
         return self._reply(msg, "hello", **info)
+
+    def starts_new_run(self, session: SessionSpec) -> bool:
+        """Whether this hello starts a new run (the server serves one run at a time) rather than joining one."""
+        return self.group is None or session.clients == 1 or len(self.group.members) == self.group.n
 
     def _form(self, group: Group, items: dict) -> dict:
         group.form(self.source, self.spec, self.config)
