@@ -43,6 +43,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
     from .data import DataError
     from .deploy.wire import DeployError
+    from .device import DeviceError
     from .export import ExportError
     from .models.adapters import AdapterError
     from .models.arch import ArchitectureError
@@ -52,7 +53,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .models.zoo import ModelError
 
     return (ConfigError, DataError, ModelError, PlanError, ArchitectureError, AdapterError, ExportError,
-            AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError)
+            AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError, DeviceError)
 
 
 def _human_bytes(n: float) -> str:
@@ -81,10 +82,12 @@ def train(
     """Fine-tune a model split between a client and a server: in one process, or against `splittune serve`."""
     _quiet_libraries()
     from .config import load_config
+    from .device import resolve_device
     from .runner import train as run_train
 
     try:
         cfg = load_config(config, set_)
+        device = resolve_device(cfg.train.device)
         if server is not None:
             run_train = _remote_trainer(server, client_id, token_file, client_index, tls_ca, tls_cert, tls_key, reply_timeout)
     except _user_errors() as err:
@@ -94,7 +97,7 @@ def train(
 
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     who = f" · {cfg.clients} clients, {cfg.schedule if cfg.mode == 'split' else cfg.mode}" if cfg.clients > 1 else ""
-    console.print(f"[bold]splittune train[/] · model [cyan]{cfg.model}[/] · mode {cfg.mode} · cuts {cfg.cuts} · "
+    console.print(f"[bold]splittune train[/] · model [cyan]{cfg.model}[/] on {device} · mode {cfg.mode} · cuts {cfg.cuts} · "
                   f"{cfg.train.steps} steps · data {cfg.data.source}{who}")
     total = cfg.train.steps * (cfg.clients if cfg.mode != "centralized" else 1)
     with Progress(TextColumn("[bold blue]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -209,6 +212,7 @@ def serve(
     max_frame_mb: int = typer.Option(1024, "--max-frame-mb", min=1, help="largest frame accepted, MiB"),
     wait_s: float = typer.Option(600.0, "--wait", min=1.0, help="seconds a round waits for a client before giving up"),
     state: Optional[Path] = typer.Option(None, "--state", help="directory for the server's checkpoints (restart with the same command to resume)"),
+    device: str = typer.Option("auto", "--device", help="where the server computes: auto (a GPU when there is one) | cpu | cuda | cuda:N | mps"),
 ) -> None:
     """Serve the server's segments to clients over gRPC (TLS by default off loopback)."""
     import logging
@@ -217,6 +221,7 @@ def serve(
     _quiet_libraries()
     from .deploy.service import Limits, SplitService, Tls, load_tokens, start
     from .deploy.wire import DeployError, parse_listen
+    from .device import resolve_device
     from .models.arch import detect_arch
     from .models.zoo import resolve_model
     from .parties.server import Server
@@ -235,14 +240,14 @@ def serve(
         token_map = load_tokens(tokens) if tokens is not None else None
         source = resolve_model(model)
         config = source.config()
-        party_server = Server(source, detect_arch(config), config, wait_s=wait_s, state_dir=state)
+        party_server = Server(source, detect_arch(config), config, wait_s=wait_s, state_dir=state, device=resolve_device(device))
         service = SplitService(party_server, token_map, Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions))
         tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
         grpc_server = start(service, address, tls, insecure)
     except _user_errors() as err:
         _fail(str(err))
     scheme = "grpcs" if tls else "grpc"
-    console.print(f"[bold]splittune serve[/] · model [cyan]{model}[/] · listening on {scheme}://{address.target}"
+    console.print(f"[bold]splittune serve[/] · model [cyan]{model}[/] on {party_server.device} · listening on {scheme}://{address.target}"
                   f"{' · mutual TLS' if tls_client_ca else ''}{' · tokens for ' + str(len(token_map)) + ' clients' if token_map else ''}",
                   highlight=False)
     signal.signal(signal.SIGTERM, lambda *_: grpc_server.stop(grace=5))

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .device import check_name
+
 SegmentName = Literal["bottom", "trunk", "top"]
 TrainMode = Literal["lora", "frozen", "full"]
 
@@ -56,9 +58,15 @@ class TrainConfig(Section):
         0, ge=0, description="both parties checkpoint every N steps (0: only at the end); the same command resumes"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="where this process computes: auto (a GPU when there is one) | cpu | cuda | cuda:N | mps")
     model_dropout: bool = Field(
         False, description="keep the model's own dropout (off by default: each party has its own RNG)"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        return check_name(name)
 
 
 class LoraConfig(Section):

@@ -25,6 +25,7 @@ from . import __version__, checkpoint
 from .channels import Channel, LocalChannel
 from .config import ConfigError, RunConfig, dump_config
 from .data import TaskData, build_client_tasks, merge_tasks
+from .device import resolve_device, rng_state, set_rng_state
 from .eval import evaluate
 from .models.arch import detect_arch
 from .models.partition import PlanError
@@ -104,15 +105,16 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
     fingerprint = source.fingerprint()
     n = len(samples) if indices is None else (cfg.clients if cfg.mode != "centralized" else 1)
     indices = list(range(len(samples))) if indices is None else indices
+    device = resolve_device(cfg.train.device)
     server = None
     if channel_for is None and cfg.mode != "centralized":
-        server = Server(source, spec, config, state_dir=state_dir)
+        server = Server(source, spec, config, state_dir=state_dir, device=device)
         channel_for = lambda i: LocalChannel(server.handle)  # noqa: E731
     clients, channels = [], []
     for i, count in zip(indices, samples, strict=True):
         session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n)
         try:
-            party = Party("client", source, spec, session, config)
+            party = Party("client", source, spec, session, config, device=device)
         except (PlanError, ValueError) as err:
             raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
         channel = channel_for(i) if channel_for is not None and cfg.mode != "centralized" else None
@@ -336,15 +338,15 @@ class Session:
             if not self.fleet.clients[0].server_info.get("checkpoints"):
                 return  # a server without --state could not resume its part: a client checkpoint alone is useless
             parallel(lambda c: c.checkpoint(step), self.fleet.clients, self.fleet.abort)
-        groups = {}
+        groups, parties = {}, {}
         for index, client in zip(self.index, self.fleet.clients):
-            parts, party_meta = client.party.checkpoint()
+            parts, parties[str(index)] = client.party.checkpoint()
             groups.update({f"c{index}.{name}": t for name, t in parts.items()})
-        groups["rng"] = {"torch": torch.get_rng_state()}
+        groups["rng"] = rng_state()
         meta = {"step": step, "samplers": [s.state_dict() for s in self.samplers], "metrics": self.metrics,
                 "evals": self.evals, "own_before": self.own_before, "train_bytes": self.train_bytes,
                 "sync_bytes": self.sync_bytes, "done": self.done, "holder": self.holder,
-                "parties": {str(i): c.party.checkpoint()[1] for i, c in zip(self.index, self.fleet.clients)}}
+                "parties": parties}
         checkpoint.save(self.out / CHECKPOINTS / "client", step, checkpoint.pack(groups), meta)
 
     def _restore(self, step: int) -> None:
@@ -355,7 +357,7 @@ class Session:
             client.party.restore({k.removeprefix(prefix): v for k, v in groups.items() if k.startswith(prefix)}, meta["parties"][str(index)])
         for sampler, state in zip(self.samplers, meta["samplers"], strict=True):
             sampler.load_state_dict(state)
-        torch.set_rng_state(groups["rng"]["torch"])
+        set_rng_state(groups["rng"])
         self.metrics, self.evals, self.own_before = meta["metrics"], meta["evals"], meta["own_before"]
         self.train_bytes, self.sync_bytes, self.done, self.holder = meta["train_bytes"], meta["sync_bytes"], meta["done"], meta["holder"]
         self.start = step
@@ -418,6 +420,8 @@ class Session:
             "wall_s": round(time.perf_counter() - self.started, 3),
             "step_s_mean": sum(step_times) / len(step_times),
             "step_s_median": step_times[len(step_times) // 2],
+            "device": str(clients[0].party.device),
+            "server_device": server_info.get("device"),
             "client_params": clients[0].party.weights.params,
             "client_bytes": clients[0].party.weights.bytes,
             "client_trainable": clients[0].party.trainable_params,
@@ -460,7 +464,7 @@ class Session:
 
 def _save(root: Path, folder: Path, name: str, state: dict[str, torch.Tensor], role: str) -> dict:
     path = folder / f"{name}.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"party": role, "format": "splittune-adapter"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata={"party": role, "format": "splittune-adapter"})
     return {"file": str(path.relative_to(root)), "tensors": len(state), "params": sum(v.numel() for v in state.values())}
 
 

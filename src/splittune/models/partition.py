@@ -138,6 +138,18 @@ def is_placeholder(t: torch.Tensor) -> bool:
     return t.numel() > 1 and all(s == 0 for s in t.stride())
 
 
+def move_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)`` that keeps placeholders one element each: ``Tensor.to`` would materialise them
+    at full size, and a client would hold the trunk it must never hold (DESIGN.md contract 3)."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if is_placeholder(t):
+            return torch.zeros((), dtype=t.dtype, device=device).expand(t.shape)
+        return t.to(device)
+
+    return model._apply(move)  # what nn.Module.to uses: parameters stay the same objects, ties stay tied
+
+
 def checkpoint_names(model: nn.Module, weight_map: dict[str, str]) -> dict[str, str]:
     """Model parameter name → checkpoint key, through transformers' own key renamings.
 

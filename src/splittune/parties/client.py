@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..channels import Channel
+from ..device import to_device
 from ..wire import Message
 from ..schedules.aggregate import fold_delta
 from .party import Party
@@ -54,11 +55,14 @@ class Client:
         return self.server_info
 
     def _call(self, kind: str, step: int, micro: int, tensors: dict, **meta) -> Message:
-        return self.channel.call(Message(kind, self.session, step, micro, tensors, meta))
+        reply = self.channel.call(Message(kind, self.session, step, micro, tensors, meta))
+        reply.tensors = to_device(reply.tensors, self.party.device)
+        return reply
 
     # -- one micro-batch, forward and backward ----------------------------------------------------------
     def _micro(self, step: int, micro: int, batch: Batch, num_items: int) -> float:
         party, plan = self.party, self.plan
+        batch = to_device(batch, party.device)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         if plan.shape == "centralized":
             out = party.run(0, plan.n_blocks, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
@@ -116,6 +120,7 @@ class Client:
     def eval_batch(self, batch: Batch, score: tuple[list[int], list[int]] | None = None) -> tuple[float, int, torch.Tensor | None]:
         """Loss *sum* and token count of one batch; optionally candidate-token logits at given positions."""
         party, plan = self.party, self.plan
+        batch = to_device(batch, party.device)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         items = count_items(labels)
         if items == 0:
@@ -146,7 +151,7 @@ class Client:
             reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "labels": labels}, **meta)
             loss = float(reply.meta["loss"]) if items else 0.0
             scores = reply.tensors.get("scores")
-        return loss * items, items, scores
+        return loss * items, items, None if scores is None else scores.cpu()
 
     def server_state(self) -> dict[str, torch.Tensor]:
         """What the server trained for this client (its blocks of the server-side adapter)."""

@@ -15,9 +15,10 @@ import torch
 from transformers import get_scheduler
 
 from ..config import LoraConfig, RunConfig
+from ..device import to_device
 from ..models.adapters import apply_training, load_trainable_state, lora_layers, trainable, trainable_state
 from ..models.arch import ArchSpec
-from ..models.partition import DTYPES, SplitPlan, load_party_model, plan_split
+from ..models.partition import DTYPES, SplitPlan, load_party_model, move_model, plan_split
 from ..models.segment import SegmentOutput, run_segment
 from ..models.zoo import ModelSource
 
@@ -148,11 +149,12 @@ class Party:
     """One side of the split: ``role`` is ``client`` or ``server``.
 
     ``adapters`` names the LoRA adapters on this party's frozen base (one per client on an ``sfl-v1``
-    server, else one); ``total_steps`` is how many optimizer steps each adapter's LR schedule spans.
+    server, else one); ``total_steps`` is how many optimizer steps each adapter's LR schedule spans;
+    ``device`` is where this party computes (the CPU when None).
     """
 
     def __init__(self, role: str, source: ModelSource, spec: ArchSpec, session: SessionSpec, config=None,
-                 adapters: tuple[str, ...] = ("default",), total_steps: int | None = None):
+                 adapters: tuple[str, ...] = ("default",), total_steps: int | None = None, device: torch.device | None = None):
         self.role = role
         self.spec = spec
         self.session = session
@@ -171,7 +173,8 @@ class Party:
             keep_dropout=session.model_dropout,
         )
         modes = [(s, session.segments[s.name]) for s in self.segments]
-        self.model = apply_training(model, spec, modes, session.lora_config, session.seed, adapters)
+        self.device = device if device is not None else torch.device("cpu")
+        self.model = move_model(apply_training(model, spec, modes, session.lora_config, session.seed, adapters), self.device)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.blocks = base.get_submodule(spec.blocks_path)
         self.model.train()
@@ -230,7 +233,7 @@ class Party:
         weight = layer.get_base_layer().weight
         self.folded[module] = self.folded.get(module, 0) + delta
         with torch.no_grad():
-            weight += (delta.T if layer.fan_in_fan_out else delta).to(weight.dtype)
+            weight += (delta.T if layer.fan_in_fan_out else delta).to(device=weight.device, dtype=weight.dtype)
             for name, b in layer.lora_B.items():
                 b.weight.zero_()
         names = {f"{module}.lora_A.weight", f"{module}.lora_B.weight"}
@@ -258,8 +261,8 @@ class Party:
             if name in meta["steps"]:
                 trainer.optimizer.state[p] = {
                     "step": torch.tensor(meta["steps"][name]),
-                    "exp_avg": tensors[f"{name}::exp_avg"].clone(),
-                    "exp_avg_sq": tensors[f"{name}::exp_avg_sq"].clone(),
+                    "exp_avg": tensors[f"{name}::exp_avg"].to(p.device, copy=True),
+                    "exp_avg_sq": tensors[f"{name}::exp_avg_sq"].to(p.device, copy=True),
                 }
             else:
                 trainer.optimizer.state.pop(p, None)
@@ -286,7 +289,7 @@ class Party:
     def restore(self, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
         """Bring a fresh party to the saved point: folded base weights, adapters, optimizers, schedules."""
         layers = lora_layers(self.model)
-        self.folded = dict(groups.get("folded", {}))
+        self.folded = to_device(groups.get("folded", {}), self.device)
         with torch.no_grad():
             for module, weight in groups.get("folded_weights", {}).items():
                 layers[module].get_base_layer().weight.copy_(weight)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
+from ..device import to_device
 from ..models.adapters import mixed_adapters
 from ..models.arch import ArchSpec
 from ..models.zoo import ModelSource
@@ -47,8 +48,10 @@ STATE_OPS = ("get", "aggregate", "relay_put", "relay_get", "global", "checkpoint
 
 
 class Server:
-    def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0, state_dir: Path | None = None):
+    def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0, state_dir: Path | None = None,
+                 device: torch.device | None = None):
         self.source = source
+        self.device = device if device is not None else torch.device("cpu")
         self.spec = spec
         self.config = config if config is not None else source.config()
         self.fingerprint = source.fingerprint()
@@ -88,6 +91,8 @@ class Server:
             if member.index in self.group.dropped:
                 raise ProtocolError(f"client {member.index} was given up after missing a round; the run went on without it",
                                     "FAILED_PRECONDITION")
+            if self.party is not None:  # tensors arrive on the CPU; the model may be elsewhere
+                msg.tensors = to_device(msg.tensors, self.party.device)
             handler = {"activations": self._activations, "gradients": self._gradients, "step": self._step, "state": self._state}.get(msg.kind)
             if handler is None:
                 raise ProtocolError(f"a server does not accept {msg.kind!r} messages")
@@ -130,7 +135,7 @@ class Server:
         info = {"accepted": True, "clients": group.n, "schedule": group.schedule, "checkpoints": self.state_dir is not None}
         if party is not None:
             info.update(blocks=[member.start, member.end], params=party.weights.params, bytes=party.weights.bytes,
-                        trainable=party.trainable_params, fan_in_fan_out=party.fan_in_fan_out)
+                        trainable=party.trainable_params, fan_in_fan_out=party.fan_in_fan_out, device=str(party.device))
         return self._reply(msg, "hello", **info)
 
     def starts_new_run(self, session: SessionSpec) -> bool:
@@ -138,7 +143,7 @@ class Server:
         return self.group is None or session.clients == 1 or len(self.group.members) == self.group.n
 
     def _form(self, group: Group, items: dict) -> dict:
-        group.form(self.source, self.spec, self.config)
+        group.form(self.source, self.spec, self.config, self.device)
         resumes = set(items.values())
         if len(resumes) > 1:
             raise ProtocolError(f"clients resume from different steps {sorted(map(str, resumes))}; resume them all from one checkpoint",
@@ -172,7 +177,8 @@ class Server:
         groups = checkpoint.unpack(flat)
         if group.party is not None:
             group.party.restore(groups, meta)
-        group.global_state, group.folded = groups.get("global", {}), groups.get("group_folded", {})
+        device = group.party.device if group.party is not None else torch.device("cpu")  # where new averages will be
+        group.global_state, group.folded = groups.get("global", {}), to_device(groups.get("group_folded", {}), device)
         if meta.get("relay") is not None:
             group.relay = (groups.get("relay", {}), meta["relay"])
         if group.turns is not None:
@@ -350,7 +356,7 @@ class Server:
         for key in [k for k in self._pending if k[:3] == ("batch", msg.step, msg.micro)]:
             hidden_in, hidden_out, idx, rows = self._pending.pop(key)
             # a client given up in the middle of the step contributes no gradient
-            grads = [items[i] if i in items else torch.zeros((r, *hidden_out.shape[1:]), dtype=hidden_out.dtype)
+            grads = [items[i] if i in items else torch.zeros((r, *hidden_out.shape[1:]), dtype=hidden_out.dtype, device=hidden_out.device)
                      for i, r in zip(idx, rows)]
             hidden_out.backward(torch.cat(grads))
             results.update((i, g) for i, g in zip(idx, hidden_in.grad.split(rows)) if i in items)

@@ -130,7 +130,7 @@ class Group:
             )
 
     # -- forming ------------------------------------------------------------------------------------
-    def form(self, source: ModelSource, arch: ArchSpec, config) -> None:
+    def form(self, source: ModelSource, arch: ArchSpec, config, device=None) -> None:
         """Once every client said hello: load the blocks any of them needs and one adapter per trainer."""
         self.arch = arch
         self.blocks_path = arch.blocks_path
@@ -150,7 +150,8 @@ class Group:
         adapters = tuple(f"client{m}" for m in sorted(self.members)) if self.batched else ("default",)
         if self.batched and "full" in {first.segments[s.name] for s in spec.plan(arch.n_blocks).party_segments("server")}:
             raise ValueError("sfl-v1 keeps one server-side adapter per client; a segment trained in full would need a copy of it per client (use lora or frozen)")
-        self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=first.server_steps)
+        self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=first.server_steps,
+                           device=device)
         for m in self.members.values():
             m.adapter = adapters[m.index] if len(adapters) > 1 else adapters[0]
 

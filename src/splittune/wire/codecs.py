@@ -29,6 +29,8 @@ class Codec:
     name = "codec"
 
     def encode(self, tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
+        """``tensor`` may live on any device (a GPU party sends from its GPU); ``decode`` returns CPU tensors,
+        which the receiving party moves to its own device."""
         raise NotImplementedError
 
     def decode(self, data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], params: dict[str, Any]) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""Where a party computes: each party picks its own device (it is not a session term, since the server may
+have a GPU and the client none). Tensors cross the wire on the CPU; each party moves what it receives to
+its device once, at the door."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class DeviceError(ValueError):
+    pass
+
+
+def _available() -> str:
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return ", ".join(found)
+
+
+def check_name(name: str) -> str:
+    """A well-formed device name (whether this machine has it is checked where the party runs)."""
+    if not DEVICE_PATTERN.match(name):
+        raise DeviceError(f"unknown device {name!r}; devices: auto, cpu, cuda, cuda:N, mps")
+    return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first GPU when there is one (CUDA, then Apple MPS), else the CPU; a named device must exist."""
+    if check_name(name) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r} is not available to this torch {torch.__version__}; available: {_available()}")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device 'mps' is not available to this torch {torch.__version__}; available: {_available()}")
+    return device
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """Every random generator a party draws from (CPU, and each CUDA device once CUDA is in use)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = [state[k] for k in sorted((k for k in state if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    if cuda:
+        if not torch.cuda.is_available() or torch.cuda.device_count() < len(cuda):
+            raise DeviceError(f"this checkpoint was written with {len(cuda)} CUDA device(s); this machine has {_available()}")
+        torch.cuda.set_rng_state_all(cuda)
