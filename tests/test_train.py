@@ -116,3 +116,23 @@ def test_instruction_task_with_accuracy(tmp_path):
                          "data.max_documents=200", "data.max_eval_examples=16", "train.seq_len=320")
     assert two_part["eval_accuracy_after"] == centralized["eval_accuracy_after"]
     assert two_part["eval_loss_after"] == pytest.approx(centralized["eval_loss_after"], abs=1e-5)
+
+
+@pytest.mark.parametrize("shape", [["cuts=[1,3]"], ["cuts=[2]"]], ids=["u-shape", "two-part"])
+def test_eval_batch_scores_and_loss_equal_the_unsplit_model(shape):
+    """Evaluation takes three paths (local, logits on the client, loss and scores from the server): one answer."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    score = ([11, 8, 5], [17, 42, 99])
+    split, _, _, _ = build(load_config(None, [*TINY, *shape]))
+    whole, _, _, _ = build(load_config(None, [*TINY, *shape, "mode=centralized"]))
+    got, want = split.eval_batch(batch, score), whole.eval_batch(batch, score)
+    assert got[1] == want[1] == 3 * 11 - 3
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    assert got[2].shape == (3, 3) and torch.allclose(got[2], want[2], atol=1e-5)
+    unlabelled = {**batch, "labels": torch.full_like(ids, -100)}
+    assert split.eval_batch(unlabelled, score)[:2] == (0.0, 0)
+    assert torch.allclose(split.eval_batch(unlabelled, score)[2], want[2], atol=1e-5)

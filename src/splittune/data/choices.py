@@ -109,3 +109,10 @@ def merge_choices(parts: Sequence[ChoiceEval | None]) -> ChoiceEval | None:
         torch.cat([p.targets for p in parts]),
         first.label_words,
     )
+
+
+def candidate_scores(logits: torch.Tensor, positions: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+    """``[rows, candidates]``: each row's logits of the candidate tokens at its own position (its last prompt token)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    pos = torch.as_tensor(positions, dtype=torch.long, device=logits.device)
+    return logits[rows, pos][:, torch.as_tensor(tokens, dtype=torch.long, device=logits.device)].float()

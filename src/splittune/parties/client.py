@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..channels import Channel
+from ..data.choices import candidate_scores
 from ..device import to_device
 from ..wire import Message
 from ..schedules.aggregate import fold_delta
@@ -119,39 +120,38 @@ class Client:
     @torch.no_grad()
     def eval_batch(self, batch: Batch, score: tuple[list[int], list[int]] | None = None) -> tuple[float, int, torch.Tensor | None]:
         """Loss *sum* and token count of one batch; optionally candidate-token logits at given positions."""
-        party, plan = self.party, self.plan
-        batch = to_device(batch, party.device)
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        items = count_items(labels)
-        if items == 0:
-            labels = None
-        scores = None
-        if plan.shape == "centralized" or plan.shape == "u-shape":
-            if plan.shape == "centralized":
-                out = party.run(0, plan.n_blocks, input_ids=ids, attention_mask=mask, labels=labels,
-                                num_items_in_batch=items or None, want_logits=score is not None)
-            else:
-                bottom, top = plan.segment("bottom"), plan.segment("top")
-                h = party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
-                reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask}, train=False)
-                out = party.run(top.start, top.end, hidden=reply.tensors["hidden"], attention_mask=mask, labels=labels,
-                                num_items_in_batch=items or None, want_logits=score is not None)
-            loss = float(out.loss) if out.loss is not None else 0.0
-            if score is not None:
-                rows = torch.arange(ids.shape[0])
-                scores = out.logits[rows, torch.as_tensor(score[0])][:, torch.as_tensor(score[1])].float()
-        else:
-            bottom = plan.segment("bottom")
-            h = party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
-            meta = {"train": False, "num_items": items or None}
-            if score is not None:
-                meta.update(score_positions=list(score[0]), score_tokens=list(score[1]))
-            if labels is None:
-                labels = torch.full_like(ids, -100)
-            reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "labels": labels}, **meta)
-            loss = float(reply.meta["loss"]) if items else 0.0
-            scores = reply.tensors.get("scores")
+        batch = to_device(batch, self.party.device)
+        items = count_items(batch["labels"])
+        evaluate = self._eval_on_server if self.plan.shape == "two-part" else self._eval_here
+        loss, scores = evaluate(batch, items, score)
         return loss * items, items, None if scores is None else scores.cpu()
+
+    def _eval_here(self, batch: Batch, items: int, score) -> tuple[float, torch.Tensor | None]:
+        """Centralized and U-shape: this side ends the model, so loss and logits are computed here."""
+        party, plan = self.party, self.plan
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ending = dict(attention_mask=mask, labels=batch["labels"] if items else None, num_items_in_batch=items or None,
+                      want_logits=score is not None)
+        if plan.shape == "centralized":
+            out = party.run(0, plan.n_blocks, input_ids=ids, **ending)
+        else:
+            bottom, top = plan.segment("bottom"), plan.segment("top")
+            h = party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
+            reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask}, train=False)
+            out = party.run(top.start, top.end, hidden=reply.tensors["hidden"], **ending)
+        loss = float(out.loss) if out.loss is not None else 0.0
+        return loss, None if score is None else candidate_scores(out.logits, *score)
+
+    def _eval_on_server(self, batch: Batch, items: int, score) -> tuple[float, torch.Tensor | None]:
+        """Two-part: the server ends the model; it returns the loss and candidate scores, never whole logits."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        h = self.party.run(0, self.plan.segment("bottom").end, input_ids=ids, attention_mask=mask).hidden
+        meta = {"train": False, "num_items": items or None}
+        if score is not None:
+            meta.update(score_positions=list(score[0]), score_tokens=list(score[1]))
+        labels = batch["labels"] if items else torch.full_like(ids, -100)
+        reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "labels": labels}, **meta)
+        return (float(reply.meta["loss"]) if items else 0.0), reply.tensors.get("scores")
 
     def server_state(self) -> dict[str, torch.Tensor]:
         """What the server trained for this client (its blocks of the server-side adapter)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
+from ..data.choices import candidate_scores
 from ..device import to_device
 from ..models.adapters import mixed_adapters
 from ..models.arch import ArchSpec
@@ -281,7 +282,7 @@ class Server:
                                     num_items_in_batch=num_items, want_logits="score_tokens" in msg.meta)
                 tensors = {}
                 if "score_tokens" in msg.meta:
-                    tensors["scores"] = _scores(out.logits, msg.meta["score_positions"], msg.meta["score_tokens"])
+                    tensors["scores"] = candidate_scores(out.logits, msg.meta["score_positions"], msg.meta["score_tokens"])
                 return self._reply(msg, "activations", tensors, loss=float(out.loss))
             want_grad = bool(msg.meta.get("want_grad", True))
             hidden.requires_grad_(want_grad)
@@ -416,10 +417,3 @@ class Server:
             tensors, optimizer = group.relay
             return self._reply(msg, "state", tensors, optimizer=optimizer)
         raise ProtocolError(f"unknown state op {op!r}; ops: {', '.join(STATE_OPS)}")
-
-
-def _scores(logits: torch.Tensor, positions, tokens) -> torch.Tensor:
-    """Logits of candidate tokens at one position per row: label-word scoring for classification."""
-    rows = torch.arange(logits.shape[0])
-    pos = torch.as_tensor(positions, dtype=torch.long)
-    return logits[rows, pos][:, torch.as_tensor(tokens, dtype=torch.long)].float()
