@@ -371,3 +371,23 @@ def test_a_server_that_stops_answering_hits_the_reply_deadline():
     finally:
         release.set()
         server.stop(None)
+
+
+def test_a_tap_on_the_grpc_channel_sees_what_the_local_one_sees():
+    """Taps (what an observer sees; attacks read them) get the decoded frame and its size on either channel."""
+    server, _, port = _serve()
+    try:
+        seen = []
+        channel = GrpcChannel(f"grpc://127.0.0.1:{port}")
+        channel.add_tap(lambda direction, msg, n: seen.append((direction, msg, n)))
+        session = _hello(channel).session
+        hidden = torch.randn(2, 8, 64)
+        msg = Message("activations", session, 1, 0, {"hidden": hidden, "attention_mask": torch.ones(2, 8, dtype=torch.long)}, {"train": False})
+        reply = channel.call(msg)
+        assert [(d, m.kind) for d, m, _ in seen] == [("up", "hello"), ("down", "hello"), ("up", "activations"), ("down", "activations")]
+        up = seen[2][1]
+        assert up is not msg and torch.equal(up.tensors["hidden"], hidden) and seen[2][2] == len(encode_frame(msg))
+        assert torch.equal(seen[3][1].tensors["hidden"], reply.tensors["hidden"])
+        assert channel.bytes_up == seen[0][2] + seen[2][2] and channel.bytes_down == seen[1][2] + seen[3][2]
+    finally:
+        server.stop(None)

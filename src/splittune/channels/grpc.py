@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from ..deploy.wire import CHUNK_BYTES, KEEPALIVE, LAST, MAX_CHUNK_BYTES, MORE, SESSION_METHOD, chunks, parse_server
-from ..wire import Message
+from ..wire import Message, decode_frame
 from .base import Channel, RemoteError
 
 
@@ -53,7 +53,8 @@ class GrpcChannel(Channel):
         if self._failure is not None:
             raise self._failure
         frame = self.encode_up(msg)
-        self._observe("up", msg, len(frame))
+        # a tap sees what the server receives (after the codec), as on the local channel
+        self._observe("up", decode_frame(frame) if self.taps else msg, len(frame))
         for chunk in chunks(frame, self.chunk_bytes):
             self._requests.put(chunk)
         parts = []
