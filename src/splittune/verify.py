@@ -13,6 +13,7 @@ import torch
 
 from .channels import LocalChannel
 from .config import RunConfig
+from .device import resolve_device
 from .models.arch import detect_arch
 from .models.zoo import resolve_model
 from .parties import Client, Party, Server, SessionSpec
@@ -84,10 +85,11 @@ def verify(cfg: RunConfig, batch: int = 2, seq: int = 16, padding: bool = True, 
     split = SessionSpec.from_run(cfg.model_copy(update={"mode": "split"}), fingerprint, spec.model_type)
     whole = SessionSpec.from_run(cfg.model_copy(update={"mode": "centralized"}), fingerprint, spec.model_type)
 
-    reference = Client(Party("client", source, spec, whole, config))
-    server = Server(source, spec, config)
+    device = resolve_device(cfg.train.device)  # --set train.device=cuda checks the split on a GPU
+    reference = Client(Party("client", source, spec, whole, config, device=device))
+    server = Server(source, spec, config, device=device)
     channel = LocalChannel(server.handle)
-    client = Client(Party("client", source, spec, split, config), channel)
+    client = Client(Party("client", source, spec, split, config, device=device), channel)
     client.connect()
 
     vocab = config.get_text_config().vocab_size
