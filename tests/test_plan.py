@@ -48,12 +48,18 @@ def test_config_errors_name_the_key_and_allowed_values():
         load_config(None, ["lora.rnk=4"])
     with pytest.raises(ConfigError, match=r"'model' is a value, not a section"):
         load_config(None, ["model.name=x"])
+    for overrides in ("{1: {rank: 4}}", "[{}, {rank: 4}]"):  # a map or a list of per-client sections
+        with pytest.raises(ConfigError) as err:
+            load_config(None, ["clients=2", f"client_overrides={overrides}"])
+        assert str(err.value) == "unknown config key 'client_overrides.1.rank': 'rank' is not one of cuts, lora_rank, source"
+    with pytest.raises(ConfigError, match=r"^client_overrides.1.lora_rank: Input should be greater than or equal to 1 \(got 0\)$"):
+        load_config(None, ["clients=2", "client_overrides=[{}, {lora_rank: 0}]"])
 
 
 def test_config_file_with_unknown_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: tiny:llama\ntrain:\n  stpes: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.stpes'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stpes': 'stpes' is not one of steps, batch_size"):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

@@ -7,7 +7,7 @@ instead of a silently ignored setting.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -232,18 +232,51 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         model = annotation
 
 
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The config section a location points into (through lists and maps of sections), for naming its keys."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue  # a list index or map key stays in the same section
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _inner_section(field.annotation)
+    return model
+
+
+def _inner_section(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):  # Optional, unions, list[...] and dict[..., ...]
+        found = _inner_section(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _format_errors(err: ValidationError) -> str:
+    errors = err.errors()
+    # a union (e.g. a list or a map of overrides) reports every member's errors, tagged like 'list[...]':
+    # keep the member the input was written as, and drop the tags from the key
+    tagged = [e for e in errors if any(isinstance(p, str) and "[" in p for p in e["loc"])]
+    if tagged:
+        mismatched = {e["loc"] for e in tagged if e["type"] in ("list_type", "dict_type")}
+        errors = [e for e in errors if e["loc"] not in mismatched] or errors
     lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+    for e in errors:
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+        key = ".".join(str(p) for p in loc) or "config"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {key!r}")
+            section = _section_at(loc[:-1])
+            allowed = f": {str(loc[-1])!r} is not one of {', '.join(section.model_fields)}" if section else ""
+            lines.append(f"unknown config key {key!r}{allowed}")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg}" if e["loc"] else msg)
+            lines.append(f"{key}: {msg}" if loc else msg)
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-    return "; ".join(lines)
+    return "; ".join(dict.fromkeys(lines))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
