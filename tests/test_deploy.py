@@ -3,6 +3,7 @@ TLS, mutual TLS and tokens; every kind of bad input gets its status and the serv
 
 import json
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from splittune.channels import RemoteError
 from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
 from splittune.deploy.certs import make_certs
-from splittune.deploy.service import Limits, SplitService, Tls, health, start
+from splittune.deploy.service import Limits, SplitService, Tls, health, load_tokens, start
 from splittune.deploy.wire import LAST, SESSION_METHOD, DeployError, chunks, parse_listen, parse_server
 from splittune.models.arch import detect_arch
 from splittune.models.zoo import resolve_model
@@ -116,10 +117,10 @@ def pki(tmp_path_factory):
     return folder
 
 
-def _serve(tokens=None, tls=None, limits=None, insecure=False, host="127.0.0.1"):
+def _serve(tokens=None, tls=None, limits=None, insecure=False, host="127.0.0.1", bindings=None):
     source = resolve_model("tiny:llama")
     config = source.config()
-    service = SplitService(Server(source, detect_arch(config), config, wait_s=30), tokens, limits)
+    service = SplitService(Server(source, detect_arch(config), config, wait_s=30), tokens, limits, bindings=bindings)
     port = free_port()
     server = start(service, parse_listen(f"{host}:{port}"), tls, insecure)
     return server, service, port
@@ -389,5 +390,27 @@ def test_a_tap_on_the_grpc_channel_sees_what_the_local_one_sees():
         assert up is not msg and torch.equal(up.tensors["hidden"], hidden) and seen[2][2] == len(encode_frame(msg))
         assert torch.equal(seen[3][1].tensors["hidden"], reply.tensors["hidden"])
         assert channel.bytes_up == seen[0][2] + seen[2][2] and channel.bytes_down == seen[1][2] + seen[3][2]
+    finally:
+        server.stop(None)
+
+
+def test_a_tokens_file_can_bind_a_client_id_to_its_index(tmp_path):
+    path = tmp_path / "tokens.yaml"
+    path.write_text("alice: aaaaaaaaaaaaaaaaaaaa\nbob: {token: bbbbbbbbbbbbbbbbbbbb, index: 1}\n")
+    tokens, bindings = load_tokens(path)
+    assert tokens == {"alice": "a" * 20, "bob": "b" * 20} and bindings == {"bob": 1}
+    for text, message in [("bob: {token: bbbbbbbbbbbbbbbbbbbb, idx: 1}", "unknown keys ['idx']; keys: token, index"),
+                          ("bob: {token: bbbbbbbbbbbbbbbbbbbb, index: -1}", "must be a client index"),
+                          ("bob: {index: 1}", "must be a string of at least 16 characters")]:
+        path.write_text(text)
+        with pytest.raises(DeployError, match=re.escape(message)):
+            load_tokens(path)
+    server, _, port = _serve({"alice": "a" * 20, "bob": "b" * 20}, bindings={"bob": 1})
+    url = f"grpc://127.0.0.1:{port}"
+    try:
+        with pytest.raises(RemoteError) as err:  # bob may not take client 0's place (its data, its adapters)
+            _hello(GrpcChannel(url, client_id="bob", token="b" * 20), client=0)
+        assert err.value.code == "PERMISSION_DENIED" and "'bob' may only be client 1 of a run" in str(err.value)
+        assert _hello(GrpcChannel(url, client_id="alice", token="a" * 20), client=0).meta["accepted"]
     finally:
         server.stop(None)

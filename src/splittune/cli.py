@@ -206,7 +206,7 @@ def serve(
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)"),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server key (PEM)"),
     tls_client_ca: Optional[Path] = typer.Option(None, "--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)"),
-    tokens: Optional[Path] = typer.Option(None, "--tokens", help="YAML map of client id to token; without it any client may connect"),
+    tokens: Optional[Path] = typer.Option(None, "--tokens", help="YAML map of client id to token (or to {token, index}: that id may only be that client index); without it any client may connect"),
     insecure: bool = typer.Option(False, "--insecure", help="allow plaintext on a non-loopback address"),
     max_sessions: int = typer.Option(64, "--max-sessions", min=1, help="sessions the server accepts"),
     max_frame_mb: int = typer.Option(1024, "--max-frame-mb", min=1, help="largest frame accepted, MiB"),
@@ -237,11 +237,12 @@ def serve(
         for path in (tls_cert, tls_key, tls_client_ca, tokens):
             if path is not None and not path.exists():
                 raise DeployError(f"{path} does not exist")
-        token_map = load_tokens(tokens) if tokens is not None else None
+        token_map, bindings = load_tokens(tokens) if tokens is not None else (None, None)
         source = resolve_model(model)
         config = source.config()
         party_server = Server(source, detect_arch(config), config, wait_s=wait_s, state_dir=state, device=resolve_device(device))
-        service = SplitService(party_server, token_map, Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions))
+        service = SplitService(party_server, token_map, Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions),
+                               bindings=bindings)
         tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
         grpc_server = start(service, address, tls, insecure)
     except _user_errors() as err:

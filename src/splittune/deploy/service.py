@@ -30,20 +30,32 @@ from .wire import CHUNK_BYTES, DeployError, HEALTH_METHOD, KEEPALIVE, LAST, MAX_
 log = logging.getLogger("splittune.serve")
 
 
-def load_tokens(path: Path) -> dict[str, str]:
-    """``client id: token`` pairs from YAML; refuses empty or short tokens."""
+def load_tokens(path: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """Tokens by client id, and the client indices some ids are bound to, from YAML:
+    ``alice: <token>`` (any index) or ``bob: {token: <token>, index: 1}`` (only client 1 of a run)."""
     try:
-        tokens = yaml.safe_load(Path(path).read_text())
+        entries = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
         raise DeployError(f"cannot read tokens file {path}: {err}") from None
-    if not isinstance(tokens, dict) or not tokens:
-        raise DeployError(f"tokens file {path} must map client ids to tokens, e.g. 'alice: <token>'")
-    out = {}
-    for cid, token in tokens.items():
-        if not isinstance(token, str) or len(token) < 16:
+    if not isinstance(entries, dict) or not entries:
+        raise DeployError(f"tokens file {path} must map client ids to tokens, e.g. 'alice: <token>' or 'bob: {{token: <token>, index: 1}}'")
+    tokens, bindings = {}, {}
+    for cid, entry in entries.items():
+        cid = str(cid)
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"token", "index"}
+            if unknown:
+                raise DeployError(f"tokens file {path}: client {cid!r} has unknown keys {sorted(unknown)}; keys: token, index")
+            index = entry.get("index")
+            if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+                raise DeployError(f"tokens file {path}: the index of client {cid!r} must be a client index (0, 1, …), got {index!r}")
+            if index is not None:
+                bindings[cid] = index
+            entry = entry.get("token")
+        if not isinstance(entry, str) or len(entry) < 16:
             raise DeployError(f"tokens file {path}: the token of client {cid!r} must be a string of at least 16 characters")
-        out[str(cid)] = token
-    return out
+        tokens[cid] = entry
+    return tokens, bindings
 
 
 @dataclass
@@ -55,9 +67,11 @@ class Limits:
 class SplitService:
     """The two RPCs: ``Session`` (a bidirectional stream of chunked frames) and ``Health``."""
 
-    def __init__(self, server: Server, tokens: dict[str, str] | None, limits: Limits | None = None, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, server: Server, tokens: dict[str, str] | None, limits: Limits | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 bindings: dict[str, int] | None = None):
         self.server = server
         self.tokens = tokens
+        self.bindings = bindings or {}  # client id -> the one client index it may take in a run
         self.limits = limits or Limits()
         self.chunk_bytes = chunk_bytes
         self.owner: dict[str, str] = {}  # session id -> client id
@@ -129,6 +143,11 @@ class SplitService:
                             f"session {msg.session!r} belongs to another client")
             if owner is None and msg.kind != "hello":
                 self._abort(context, client, grpc.StatusCode.NOT_FOUND, f"unknown session {msg.session!r}; send hello first")
+            bound = self.bindings.get(client)
+            if msg.kind == "hello" and bound is not None and msg.meta.get("client") != bound:
+                self._abort(context, client, grpc.StatusCode.PERMISSION_DENIED,
+                            f"client {client!r} may only be client {bound} of a run (the server's tokens file binds it), "
+                            f"not client {msg.meta.get('client')!r}")
             others = sorted({c for c in self.owner.values() if c != client})
             # a client restarting its own run may replace its stale sessions; no one may replace another's run
             if msg.kind == "hello" and others and self._starts_new_run(msg):
