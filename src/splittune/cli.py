@@ -169,7 +169,7 @@ def compare(
             _fail(str(err))
     table = Table(title="same data, same examples seen", show_header=True)
     for col in ("", "eval loss before", "after", "train loss (last)", "↑ sent", "↓ received", "wall"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=not col)  # entry names stay whole on narrow terminals
     for name, r in results.items():
         if "skipped" in r:
             table.add_row(name, f"[dim]skipped: {r['skipped']}[/]", "", "", "", "", "")
