@@ -117,7 +117,9 @@ class Trainer:
         total = 0.0
         for p in self.params:
             if p.grad is not None:
-                total += float(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) ** 2)
+                grad = p.grad.detach()
+                grad = grad.cpu() if grad.device.type == "mps" else grad  # mps has no float64
+                total += float(torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2)
         return total
 
     def step(self, total_sq_norm: float) -> None:

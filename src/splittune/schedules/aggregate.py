@@ -50,8 +50,9 @@ class Average:
 
 
 def fold_delta(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``B @ A`` multiplied in float64, returned in float32: every party computes the same bits from the same factors."""
-    return (B.double() @ A.double()).float()
+    """``B @ A`` multiplied in float64 on the CPU, returned in float32 on B's device: every party computes the
+    same bits from the same factors, whatever device it trains on (a GPU matmul sums in another order)."""
+    return (B.cpu().double() @ A.cpu().double()).float().to(B.device)
 
 
 def lora_module(name: str) -> tuple[str, str] | None:
