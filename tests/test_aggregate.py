@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splittune.schedules.aggregate import Contribution, average, fold_into, lora_module, low_rank
+from splittune.schedules.aggregate import Contribution, add_delta, average, lora_module, low_rank
 
 M = "model.layers.1.self_attn.q_proj"
 A_, B_ = f"{M}.lora_A.weight", f"{M}.lora_B.weight"
@@ -94,15 +94,15 @@ def test_same_rank_different_alpha_goes_to_folds():
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_fold_into(fan_in_fan_out):
+def test_add_delta(fan_in_fan_out):
     g = torch.Generator().manual_seed(3)
-    B, A = torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g)
+    delta = torch.randn(6, 5, generator=g)
     W = torch.randn(5, 6, generator=g) if fan_in_fan_out else torch.randn(6, 5, generator=g)
-    expected = W + ((B @ A).T if fan_in_fan_out else B @ A)
-    fold_into(W, B, A, fan_in_fan_out)
-    torch.testing.assert_close(W, expected)
-    with pytest.raises(ValueError, match="cannot fold"):
-        fold_into(W, B, A, not fan_in_fan_out)
+    expected = W + (delta.T if fan_in_fan_out else delta)
+    add_delta(W, delta, fan_in_fan_out)
+    assert torch.equal(W, expected)
+    with pytest.raises(ValueError, match=r"cannot fold a \(\d+, \d+\) update into a \(\d+, \d+\) weight"):
+        add_delta(W, delta, not fan_in_fan_out)
 
 
 def test_low_rank_recovers_exact_rank():

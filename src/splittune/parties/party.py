@@ -21,6 +21,7 @@ from ..models.arch import ArchSpec
 from ..models.partition import DTYPES, SplitPlan, load_party_model, move_model, plan_split
 from ..models.segment import SegmentOutput, run_segment
 from ..models.zoo import ModelSource
+from ..schedules.aggregate import add_delta
 
 
 # What may differ from client to client in one run; every other field of the proposal must agree.
@@ -232,10 +233,9 @@ class Party:
         layer = lora_layers(self.model).get(module)
         if layer is None:
             raise ValueError(f"this {self.role} holds no LoRA module {module}")
-        weight = layer.get_base_layer().weight
+        add_delta(layer.get_base_layer().weight, delta, layer.fan_in_fan_out)
         self.folded[module] = self.folded.get(module, 0) + delta
         with torch.no_grad():
-            weight += (delta.T if layer.fan_in_fan_out else delta).to(device=weight.device, dtype=weight.dtype)
             for name, b in layer.lora_B.items():
                 b.weight.zero_()
         names = {f"{module}.lora_A.weight", f"{module}.lora_B.weight"}

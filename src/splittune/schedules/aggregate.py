@@ -130,15 +130,13 @@ def average(contributions: list[Contribution]) -> Average:
 
 
 @torch.no_grad()
-def fold_into(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, fan_in_fan_out: bool) -> None:
-    """In place: ``weight += B @ A`` (``(B @ A).T`` for Conv1D, stored [in, out]); sum in float64, cast once."""
-    w = _f64(weight)
-    delta = _f64(B).to(w.device) @ _f64(A).to(w.device)
+def add_delta(weight: torch.Tensor, delta: torch.Tensor, fan_in_fan_out: bool) -> None:
+    """In place: ``weight += delta`` (``delta`` is [out, in]; Conv1D weights are stored [in, out])."""
     if fan_in_fan_out:
         delta = delta.T
     if delta.shape != weight.shape:
         raise ValueError(f"cannot fold a {tuple(delta.shape)} update into a {tuple(weight.shape)} weight (fan_in_fan_out={fan_in_fan_out})")
-    weight.copy_((w + delta).to(weight.dtype))
+    weight += delta.to(device=weight.device, dtype=weight.dtype)
 
 
 def low_rank(delta: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
