@@ -39,12 +39,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
-        index = device.index if device.index is not None else 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise DeviceError(f"device {name!r} is not available to this torch {torch.__version__}; available: {_available()}")
-        return torch.device("cuda", index)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"device 'mps' is not available to this torch {torch.__version__}; available: {_available()}")
+        device = torch.device("cuda", device.index or 0)
+        present = torch.cuda.is_available() and device.index < torch.cuda.device_count()
+    else:
+        present = device.type == "cpu" or torch.backends.mps.is_available()
+    if not present:
+        raise DeviceError(f"device {name!r} is not available to this torch {torch.__version__}; available: {_available()}")
     return device
 
 

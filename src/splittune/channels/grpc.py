@@ -70,8 +70,10 @@ class GrpcChannel(Channel):
             if isinstance(chunk, RemoteError):
                 self._failure = chunk
                 raise chunk
-            if not chunk or chunk[0] not in (MORE, LAST):
-                raise RemoteError("the server sent a malformed chunk", "DATA_LOSS")
+            if not chunk or chunk[0] not in (MORE, LAST):  # the stream is out of step: nothing later can be trusted
+                self._failure = RemoteError("the server sent a malformed chunk", "DATA_LOSS")
+                self._responses.cancel()
+                raise self._failure
             parts.append(chunk[1:])
             if chunk[0] == LAST:
                 return self.receive_down(b"".join(parts))

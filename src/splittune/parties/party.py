@@ -21,7 +21,7 @@ from ..models.arch import ArchSpec
 from ..models.partition import DTYPES, SplitPlan, load_party_model, move_model, plan_split
 from ..models.segment import SegmentOutput, run_segment
 from ..models.zoo import ModelSource
-from ..schedules.aggregate import add_delta
+from ..schedules.aggregate import add_delta, as_float64
 
 
 # What may differ from client to client in one run; every other field of the proposal must agree.
@@ -118,9 +118,7 @@ class Trainer:
         total = 0.0
         for p in self.params:
             if p.grad is not None:
-                grad = p.grad.detach()
-                grad = grad.cpu() if grad.device.type == "mps" else grad  # mps has no float64
-                total += float(torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2)
+                total += float(torch.linalg.vector_norm(as_float64(p.grad.detach())) ** 2)
         return total
 
     def step(self, total_sq_norm: float) -> None:

@@ -61,7 +61,8 @@ def lora_module(name: str) -> tuple[str, str] | None:
     return (m["module"], m["factor"]) if m else None
 
 
-def _f64(x: torch.Tensor) -> torch.Tensor:
+def as_float64(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64, on its device unless that is MPS (which has no float64), then on the CPU."""
     return x.to(device="cpu" if x.device.type == "mps" else x.device, dtype=torch.float64)  # mps has no float64
 
 
@@ -70,9 +71,9 @@ def _mean(name: str, xs: list[torch.Tensor], ws: list[float]) -> torch.Tensor:
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) > 1:
         raise ValueError(f"cannot average {name!r}: shapes differ across contributors: {sorted(shapes)}")
-    acc = torch.zeros_like(_f64(xs[0]))
+    acc = torch.zeros_like(as_float64(xs[0]))
     for x, w in zip(xs, ws):
-        acc += w * _f64(x).to(acc.device)
+        acc += w * as_float64(x).to(acc.device)
     return (acc / sum(ws)).to(device=xs[0].device, dtype=xs[0].dtype)
 
 
@@ -84,7 +85,7 @@ def _stack(module: str, parts: list[tuple[float, float, torch.Tensor, torch.Tens
     if len(ins) > 1 or len(outs) > 1:
         raise ValueError(f"cannot average LoRA module {module!r}: in/out sizes differ: in {sorted(ins)}, out {sorted(outs)}")
     device = parts[0][3].device
-    Bs = [(_f64(B).to(device) * (w / total * alpha / A.shape[0])).float() for w, alpha, B, A in parts]
+    Bs = [(as_float64(B).to(device) * (w / total * alpha / A.shape[0])).float() for w, alpha, B, A in parts]
     As = [A.to(device=device, dtype=torch.float32) for _, _, _, A in parts]
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
@@ -145,7 +146,7 @@ def low_rank(delta: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, tor
     Singular values above ``rtol * largest`` are kept and split as ``sqrt(S)`` into both factors, so
     they are balanced; a zero matrix gives ``k = 1`` with zero factors (LoRA needs rank ≥ 1).
     """
-    U, S, Vh = torch.linalg.svd(_f64(delta), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(as_float64(delta), full_matrices=False)
     k = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
     if k == 0:
         z = delta.new_zeros
