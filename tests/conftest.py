@@ -69,3 +69,21 @@ def chat_tok() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def make_tok():
     return build_tokenizer
+
+
+def mutate_frame(frame: bytearray, rng, times: int, grow: int) -> bytearray:
+    """``frame`` flipped, cut or grown ``times`` times (the frame fuzz tests' mutations)."""
+    for _ in range(times):
+        what = rng.random()
+        if what < 0.6 and frame:
+            frame[rng.randrange(len(frame))] = rng.randrange(256)
+        elif what < 0.8 and frame:
+            del frame[rng.randrange(len(frame)):]
+        else:
+            frame += bytes(rng.randrange(256) for _ in range(rng.randint(1, grow)))
+    return frame
+
+
+@pytest.fixture(scope="session")
+def mutate():
+    return mutate_frame

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splittune.schedules.aggregate import Contribution, add_delta, average, lora_module, low_rank
+from splittune.averaging import Contribution, add_delta, average, lora_module, low_rank
 
 M = "model.layers.1.self_attn.q_proj"
 A_, B_ = f"{M}.lora_A.weight", f"{M}.lora_B.weight"

@@ -21,10 +21,12 @@ from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
 from splittune.deploy.certs import make_certs
 from splittune.deploy.service import Limits, SplitService, Tls, health, load_tokens, start
-from splittune.deploy.wire import LAST, SESSION_METHOD, DeployError, chunks, parse_listen, parse_server
+from splittune.channels.transport import LAST, SESSION_METHOD, DeployError, chunks, parse_listen, parse_server
 from splittune.models.arch import detect_arch
 from splittune.models.zoo import resolve_model
+from splittune.parties import SessionSpec
 from splittune.parties.server import Server
+from splittune.schedules.policy import POLICIES
 from splittune.runner import train
 from splittune.wire import FrameLimits, Message, encode_frame
 
@@ -120,7 +122,7 @@ def pki(tmp_path_factory):
 def _serve(tokens=None, tls=None, limits=None, insecure=False, host="127.0.0.1", bindings=None):
     source = resolve_model("tiny:llama")
     config = source.config()
-    service = SplitService(Server(source, detect_arch(config), config, wait_s=30), tokens, limits, bindings=bindings)
+    service = SplitService(Server(source, detect_arch(config), config, wait_s=30, policies=POLICIES), tokens, limits, bindings=bindings)
     port = free_port()
     server = start(service, parse_listen(f"{host}:{port}"), tls, insecure)
     return server, service, port
@@ -166,9 +168,9 @@ def test_tls_tokens_and_mutual_tls(pki):
         channel_a.call(Message("hello", session, meta=spec.to_meta()))
         bob = GrpcChannel(url, client_id="bob", token=tokens["bob"], ca=pki / "ca.pem", cert=pki / "bob.pem", key=pki / "bob.key")
         with pytest.raises(RemoteError) as err:
-            bob.call(Message("state", session, meta={"op": "get"}))
+            bob.call(Message("state", session))
         assert err.value.code == "PERMISSION_DENIED" and "belongs to another client" in str(err.value)
-        assert channel_a.call(Message("state", session, meta={"op": "get"})).kind == "state"  # alice still fine
+        assert channel_a.call(Message("state", session)).kind == "state"  # alice still fine
     finally:
         server.stop(None)
 
@@ -197,21 +199,21 @@ def test_bad_input_gets_a_status_and_the_server_keeps_serving():
         reply = channel.call(Message("activations", session, 1, 0, {"hidden": good, "attention_mask": mask}, {"train": True}))
         assert reply.tensors["hidden"].shape == good.shape
         with pytest.raises(RemoteError) as err:
-            GrpcChannel(url).call(Message("state", "nobody", meta={"op": "get"}))
+            GrpcChannel(url).call(Message("state", "nobody"))
         assert err.value.code == "NOT_FOUND"
         with pytest.raises(RemoteError) as err:  # 2 MiB frame against a 1 MiB limit
             GrpcChannel(url).call(Message("hello", "x", tensors={"junk": torch.zeros(1 << 19)}))
         assert err.value.code == "RESOURCE_EXHAUSTED"
         raw = grpc.insecure_channel(f"127.0.0.1:{port}").stream_stream(SESSION_METHOD, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as err:
-            list(raw(iter([bytes([LAST]) + b"STN1 garbage"])))
+            list(raw(iter([bytes([LAST]) + bytes(4) + b"STN1 garbage"])))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed frame" in err.value.details()
         assert health(url)["refused"] >= 3
     finally:
         server.stop(None)
 
 
-def test_fuzzed_frames_do_not_stop_a_well_behaved_client(tmp_path):
+def test_fuzzed_frames_do_not_stop_a_well_behaved_client(tmp_path, mutate):
     """Thousands of random and mutated frames, then a normal run on the same server."""
     server, service, port = _serve(limits=Limits(FrameLimits(max_frame_bytes=1 << 20), max_sessions=4096))
     target = f"127.0.0.1:{port}"
@@ -224,19 +226,15 @@ def test_fuzzed_frames_do_not_stop_a_well_behaved_client(tmp_path):
             encode_frame(Message("activations", session, 1, 0, {"hidden": torch.randn(2, 8, 64), "attention_mask": torch.ones(2, 8, dtype=torch.long)}, {"train": True})),
             encode_frame(Message("gradients", session, 1, 0, {"grad": torch.randn(2, 8, 64)})),
             encode_frame(Message("step", session, 1, 0, meta={"sq_norm": 1.0})),
-            encode_frame(Message("state", session, 0, 0, meta={"op": "aggregate", "weight": 1})),
+            encode_frame(Message("aggregate", session, 0, 0, meta={"weight": 1})),
+            # every lossy codec's parameters and payloads are fuzzed too
+            *(encode_frame(Message("activations", session, 1, 0, {"hidden": torch.randn(2, 8, 64), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
+                                   {"train": True}), {"hidden": codec})
+              for codec in ("fp16", "bf16", "int8", {"name": "int4", "group": 32}, {"name": "topk", "fraction": 0.2})),
         ]
         codes = {}
         for i in range(2000):
-            frame = bytearray(rng.choice(templates))
-            for _ in range(rng.randint(1, 8)):  # flip, cut or grow
-                what = rng.random()
-                if what < 0.6 and frame:
-                    frame[rng.randrange(len(frame))] = rng.randrange(256)
-                elif what < 0.8 and frame:
-                    del frame[rng.randrange(len(frame)):]
-                else:
-                    frame += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+            frame = mutate(bytearray(rng.choice(templates)), rng, rng.randint(1, 8), 64)  # flip, cut or grow
             if i % 10 == 0:
                 frame = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
             try:
@@ -374,22 +372,29 @@ def test_a_server_that_stops_answering_hits_the_reply_deadline():
         server.stop(None)
 
 
-def test_a_tap_on_the_grpc_channel_sees_what_the_local_one_sees():
-    """Taps (what an observer sees; attacks read them) get the decoded frame and its size on either channel."""
+def test_a_tap_on_the_grpc_link_sees_what_the_local_one_sees():
+    """Taps (what an observer sees; attacks read them) get the message as the receiving chain delivers it, and
+    its frame's size, on either channel."""
+    from splittune.cut import CutLink, terms_from
+
     server, _, port = _serve()
     try:
         seen = []
-        channel = GrpcChannel(f"grpc://127.0.0.1:{port}")
-        channel.add_tap(lambda direction, msg, n: seen.append((direction, msg, n)))
-        session = _hello(channel).session
+        link = CutLink(GrpcChannel(f"grpc://127.0.0.1:{port}"), "tapped", terms_from({"up": "raw", "down": "raw"}, True))
+        link.add_tap(lambda direction, msg, n: seen.append((direction, msg, n)))
+        cfg = load_config(None, RUN)
+        link.hello(SessionSpec.from_run(cfg, resolve_model(cfg.model).fingerprint(), "llama", 0, 10).to_meta())
         hidden = torch.randn(2, 8, 64)
-        msg = Message("activations", session, 1, 0, {"hidden": hidden, "attention_mask": torch.ones(2, 8, dtype=torch.long)}, {"train": False})
-        reply = channel.call(msg)
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 6:] = 0  # padding: removed on the wire, restored (zeros) for the server
+        msg = Message("activations", "tapped", 1, 0, {"hidden": hidden, "attention_mask": mask}, {"train": False})
+        reply = link.call(msg)
         assert [(d, m.kind) for d, m, _ in seen] == [("up", "hello"), ("down", "hello"), ("up", "activations"), ("down", "activations")]
         up = seen[2][1]
-        assert up is not msg and torch.equal(up.tensors["hidden"], hidden) and seen[2][2] == len(encode_frame(msg))
+        assert up is not msg and torch.equal(up.tensors["hidden"], hidden * mask[..., None])
+        assert seen[2][2] < len(encode_frame(msg)) - 2 * 64 * 4 + 200  # two padded positions did not cross
         assert torch.equal(seen[3][1].tensors["hidden"], reply.tensors["hidden"])
-        assert channel.bytes_up == seen[0][2] + seen[2][2] and channel.bytes_down == seen[1][2] + seen[3][2]
+        assert link.bytes_up == seen[0][2] + seen[2][2] and link.bytes_down == seen[1][2] + seen[3][2]
     finally:
         server.stop(None)
 

@@ -49,8 +49,8 @@ def test_verify_detects_a_wrong_split(monkeypatch):
 
     original = server_mod.Server._activations
 
-    def perturbed(self, member, msg):
-        reply = original(self, member, msg)
+    def perturbed(self, member, msg, meta):
+        reply = original(self, member, msg, meta)
         if "hidden" in reply.tensors:
             reply.tensors["hidden"] = reply.tensors["hidden"] * 1.001
         return reply

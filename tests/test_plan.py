@@ -51,7 +51,7 @@ def test_config_errors_name_the_key_and_allowed_values():
     for overrides in ("{1: {rank: 4}}", "[{}, {rank: 4}]"):  # a map or a list of per-client sections
         with pytest.raises(ConfigError) as err:
             load_config(None, ["clients=2", f"client_overrides={overrides}"])
-        assert str(err.value) == "unknown config key 'client_overrides.1.rank': 'rank' is not one of cuts, lora_rank, source"
+        assert str(err.value) == "unknown config key 'client_overrides.1.rank': 'rank' is not one of cuts, lora, data"
     with pytest.raises(ConfigError, match=r"^client_overrides.1.lora_rank: Input should be greater than or equal to 1 \(got 0\)$"):
         load_config(None, ["clients=2", "client_overrides=[{}, {lora_rank: 0}]"])
 

@@ -54,11 +54,13 @@ def crash_at(monkeypatch, step):
 
 
 @pytest.mark.parametrize("extra", [[], ["clients=2", "schedule=sfl-v1"], ["clients=2", "schedule=sfl-v2", "client_overrides={1: {lora_rank: 2}}"],
-                                   ["clients=3", "schedule=sequential", "aggregate_every=2"], ["clients=2", "mode=federated"]],
-                         ids=["one-client", "sfl-v1", "sfl-v2-heterogeneous", "sequential", "federated"])
+                                   ["clients=3", "schedule=sequential", "aggregate_every=2"], ["clients=2", "mode=federated"],
+                                   ["codec.up={name: topk, fraction: 0.3}", "codec.down={name: topk, fraction: 0.3}", "train.micro_batches=2"]],
+                         ids=["one-client", "sfl-v1", "sfl-v2-heterogeneous", "sequential", "federated", "topk-error-feedback"])
 def test_in_process_resume_is_exact(tmp_path, monkeypatch, extra):
+    """Every schedule; and a stateful chain (top-k's error feedback on both ends, carried in the checkpoint)."""
     cfg = load_config(None, [*RUN, *extra])
-    names = ("client", "server") if not extra or "schedule=sequential" in extra else ("global",)
+    names = ("client", "server") if not extra or "schedule=sequential" in extra or "codec" in extra[0] else ("global",)
     train(cfg, tmp_path / "whole")
     with monkeypatch.context() as m:
         crash_at(m, 5)
@@ -150,3 +152,19 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):
     assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
     train(load_config(None, run), tmp_path / "whole")
     same_run(tmp_path / "whole", tmp_path / "run")
+
+
+def test_error_feedback_state_is_what_makes_a_topk_resume_exact(tmp_path, monkeypatch):
+    """The twin: drop the chain state from the checkpoint and the resumed top-k run drifts from the whole one."""
+    import splittune.runner as runner
+
+    cfg = load_config(None, [*RUN, "codec.up={name: topk, fraction: 0.3}", "codec.down={name: topk, fraction: 0.3}"])
+    train(cfg, tmp_path / "whole")
+    with monkeypatch.context() as m:
+        crash_at(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "cut")
+    monkeypatch.setattr(runner, "saved_link_states", lambda out, step: {})
+    train(cfg, tmp_path / "cut")
+    later = [r["loss"] for r in rows(tmp_path / "cut") if r["step"] > 4]
+    assert later != [r["loss"] for r in rows(tmp_path / "whole") if r["step"] > 4]

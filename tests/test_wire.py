@@ -101,13 +101,16 @@ def test_model_mismatch_is_refused():
     from splittune.config import load_config
     from splittune.models.arch import detect_arch
     from splittune.models.zoo import resolve_model
+    from splittune.cut import CutLink, ServerLink
     from splittune.parties import Client, Party, Server, SessionSpec
+    from splittune.schedules.policy import POLICIES
 
     cfg = load_config(None, ["model=tiny:llama", "cuts=[1,3]"])
     source, other = resolve_model("tiny:llama"), resolve_model("tiny:llama,seed=1")
     spec = detect_arch(source.config())
     session = SessionSpec.from_run(cfg, other.fingerprint(), spec.model_type)
-    client = Client(Party("client", source, spec, session), LocalChannel(Server(source, spec).handle))
+    server = Server(source, spec, policies=POLICIES)
+    client = Client(Party("client", source, spec, session), CutLink(LocalChannel(ServerLink(server.handle).serve), "s"))
     with pytest.raises(RemoteError, match="model mismatch"):
         client.connect()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
 import sys
@@ -11,7 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split-learning fine-tuning of large language models.")
@@ -33,8 +35,36 @@ def _quiet_libraries() -> None:
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}")  # messages hold brackets: pip install 'splittune[datasets]'
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _warnings_shown():
+    """splittune's warnings as one ``warning:`` line each (others as Python prints them), for one command."""
+    from .config import SplittuneWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", SplittuneWarning)
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, SplittuneWarning):
+                err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _shows_warnings(command):
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with _warnings_shown():
+            return command(*args, **kwargs)
+
+    return run
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -42,7 +72,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .channels import RemoteError
     from .config import ConfigError
     from .data import DataError
-    from .deploy.wire import DeployError
+    from .channels.transport import DeployError
     from .device import DeviceError
     from .export import ExportError
     from .models.adapters import AdapterError
@@ -51,20 +81,20 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .models.partition import PlanError
     from .models.tiny import TinyModelError
     from .models.zoo import ModelError
+    from .rundir import RunDirError
 
     return (ConfigError, DataError, ModelError, PlanError, ArchitectureError, AdapterError, ExportError,
-            AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError, DeviceError)
+            AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError, DeviceError, RunDirError)
 
 
 def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+    from .report.progress import human_bytes
+
+    return human_bytes(n)
 
 
 @app.command()
+@_shows_warnings
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; the builtin default when omitted"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a key, e.g. --set train.steps=5 --set cuts=[1,3]"),
@@ -97,23 +127,30 @@ def train(
 
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     who = f" · {cfg.clients} clients, {cfg.schedule if cfg.mode == 'split' else cfg.mode}" if cfg.clients > 1 else ""
-    console.print(f"[bold]splittune train[/] · model [cyan]{cfg.model}[/] on {device} · mode {cfg.mode} · cuts {cfg.cuts} · "
-                  f"{cfg.train.steps} steps · data {cfg.data.source}{who}")
+    cuts = f"cuts {cfg.cuts}" if cfg.cuts is not None else ("cuts auto" if cfg.mode == "split" else "no cuts")
+    console.print(f"[bold]splittune train[/] · model [cyan]{escape(cfg.model)}[/] on {device} · mode {cfg.mode} · {cuts} · "
+                  f"{cfg.train.steps} steps · data {escape(cfg.data.source)}{who}")
     total = cfg.train.steps * (cfg.clients if cfg.mode != "centralized" else 1)
-    with Progress(TextColumn("[bold blue]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
-        task_id = bar.add_task("train", total=total, info="loading model and data…")
+    from .report.progress import RunProgress
+
+    shown = RunProgress(console, several_clients=cfg.clients > 1)
+
+    def started(name: str, row: dict) -> None:
+        if row.get("resume"):
+            console.print(f"resuming from step {row['resume']}", highlight=False)
+
+    shown.on_start = started
+    with shown.live() as bar:
+        bar.add("train", total)
 
         def progress(done: int, total: int, row: dict) -> None:
-            who = f"client {row['client']} step {row['step']} · " if cfg.clients > 1 else ""
-            info = f"{who}loss {row['loss']:.4f} · ↑{_human_bytes(row['bytes_up'])} ↓{_human_bytes(row['bytes_down'])} · {row['step_s']:.2f}s/step"
-            bar.update(task_id, completed=done, total=total, info=info)
+            bar.update("train", done, total, row)
 
         from . import runner
 
         def stop(signum, frame):  # finish the step, save a checkpoint, exit; the same command resumes
             runner.STOP.set()
-            bar.update(task_id, info="stopping after this step…")
+            bar.note("train", "stopping after this step…")
 
         runner.STOP.clear()
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -133,6 +170,7 @@ def train(
 
 
 @app.command()
+@_shows_warnings
 def compare(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; the builtin default when omitted"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a key, e.g. --set clients=4 --set partition=dirichlet"),
@@ -151,16 +189,14 @@ def compare(
             console.print("[dim]compare needs several clients; using clients=3 (--set clients=N to choose)[/]")
     except _user_errors() as err:
         _fail(str(err))
-    console.print(f"[bold]splittune compare[/] · model [cyan]{cfg.model}[/] · {cfg.clients} clients × {cfg.train.steps} steps · "
-                  f"data {cfg.data.source} ({cfg.partition}) · {', '.join(ENTRIES)}")
-    with Progress(TextColumn("[bold blue]{task.fields[entry]:<12}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=console) as bar:
-        tasks = {}
+    console.print(f"[bold]splittune compare[/] · model [cyan]{escape(cfg.model)}[/] · {cfg.clients} clients × {cfg.train.steps} steps · "
+                  f"data {escape(cfg.data.source)} ({cfg.partition}) · {', '.join(ENTRIES)}")
+    from .report.progress import RunProgress
+
+    with RunProgress(console, several_clients=True, name_width=max(map(len, ENTRIES))).live() as bar:
 
         def progress(entry: str, done: int, total: int, row: dict) -> None:
-            if entry not in tasks:
-                tasks[entry] = bar.add_task(entry, total=total, entry=entry, info="")
-            bar.update(tasks[entry], completed=done, info=f"loss {row['loss']:.4f}")
+            bar.update(entry, done, total, row)
 
         try:
             results = run_compare(cfg, out, progress)
@@ -170,28 +206,29 @@ def compare(
     table = Table(title="same data, same examples seen", show_header=True)
     for col in ("", "eval loss before", "after", "train loss (last)", "↑ sent", "↓ received", "wall"):
         table.add_column(col, justify="right", no_wrap=not col)  # entry names stay whole on narrow terminals
+    skipped = {name: r["skipped"] for name, r in results.items() if "skipped" in r}
     for name, r in results.items():
-        if "skipped" in r:
-            table.add_row(name, f"[dim]skipped: {r['skipped']}[/]", "", "", "", "", "")
+        if name in skipped:  # the reason goes under the table: in a cell it wraps into a tall column
+            table.add_row(name, "[dim]skipped[/]", "", "", "", "", "")
             continue
         table.add_row(name, f"{r['eval_loss_before']:.4f}", f"{r['eval_loss_after']:.4f}", f"{r['train_loss_last']:.4f}",
                       _human_bytes(r["bytes_up"]), _human_bytes(r["bytes_down"]), f"{r['wall_s']:.1f} s")
     console.print(table)
+    for name, reason in skipped.items():
+        console.print(f"[dim]{name} skipped: {escape(reason)}[/]", highlight=False)
     console.print(f"written: [bold green]{out / 'compare.json'}[/], [bold green]{out / 'compare.png'}[/] and one run directory per entry")
 
 
 def _remote_trainer(url, client_id, token_file, client_index, ca, cert, key, reply_timeout_s):
     """``train`` for one client process talking gRPC to ``url``."""
     from .channels.grpc import GrpcChannel
-    from .deploy.wire import DeployError, parse_server
+    from .deploy.files import check_client, read_token
+    from .channels.transport import parse_server
     from .runner import train_remote
 
-    parse_server(url)  # a bad address fails before the model loads
-    token = None
-    if token_file is not None:
-        if not token_file.exists():
-            raise DeployError(f"token file {token_file} does not exist")
-        token = token_file.read_text().strip()
+    parse_server(url)  # a bad address, a missing or malformed file, fail before the model loads
+    check_client(ca, cert, key)
+    token = read_token(token_file) if token_file is not None else None
 
     def channel_for(index: int):
         return GrpcChannel(url, client_id=client_id, token=token, ca=ca, cert=cert, key=key, reply_timeout_s=reply_timeout_s)
@@ -200,6 +237,7 @@ def _remote_trainer(url, client_id, token_file, client_index, ca, cert, key, rep
 
 
 @app.command()
+@_shows_warnings
 def serve(
     model: str = typer.Option(..., "--model", "-m", help="the base model (the same as the clients')"),
     listen: str = typer.Option("127.0.0.1:50051", "--listen", help="HOST:PORT to listen on"),
@@ -213,39 +251,48 @@ def serve(
     wait_s: float = typer.Option(600.0, "--wait", min=1.0, help="seconds a round waits for a client before giving up"),
     state: Optional[Path] = typer.Option(None, "--state", help="directory for the server's checkpoints (restart with the same command to resume)"),
     device: str = typer.Option("auto", "--device", help="where the server computes: auto (a GPU when there is one) | cpu | cuda | cuda:N | mps"),
+    threads: str = typer.Option("auto", "--threads", callback=lambda v: _threads_option(v),
+                                help="CPU compute threads: auto (every core: the server has the process to itself) or N"),
 ) -> None:
     """Serve the server's segments to clients over gRPC (TLS by default off loopback)."""
     import logging
     import signal
 
     _quiet_libraries()
-    from .deploy.service import Limits, SplitService, Tls, load_tokens, start
-    from .deploy.wire import DeployError, parse_listen
+    from .deploy.files import check_server, read
+    from .deploy.service import Limits, SplitService, Tls, bind, load_tokens, release, start
+    from .channels.transport import parse_listen
     from .device import resolve_device
     from .models.arch import detect_arch
     from .models.zoo import resolve_model
     from .parties.server import Server
+    from .schedules.policy import POLICIES
     from .wire import FrameLimits
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    bound = locked = None
+    try:  # every flag, file and the port first: nothing slow (the model) loads before they are known to work
         address = parse_listen(listen)
-        if (tls_cert is None) != (tls_key is None):
-            raise DeployError("TLS needs both --tls-cert and --tls-key")
-        if tls_client_ca is not None and tls_cert is None:
-            raise DeployError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
-        for path in (tls_cert, tls_key, tls_client_ca, tokens):
-            if path is not None and not path.exists():
-                raise DeployError(f"{path} does not exist")
+        check_server(tls_cert, tls_key, tls_client_ca)
+        if tokens is not None:
+            read(tokens, "--tokens")
         token_map, bindings = load_tokens(tokens) if tokens is not None else (None, None)
+        compute = resolve_device(device)
+        tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
+        locked = _serve_process(state, threads)  # one server per state directory; its compute threads
+        bound = bind(address, tls, insecure, max_sessions)
         source = resolve_model(model)
         config = source.config()
-        party_server = Server(source, detect_arch(config), config, wait_s=wait_s, state_dir=state, device=resolve_device(device))
+        party_server = Server(source, detect_arch(config), config, wait_s=wait_s, state_dir=state, device=compute,
+                              policies=POLICIES)
         service = SplitService(party_server, token_map, Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions),
                                bindings=bindings)
-        tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
-        grpc_server = start(service, address, tls, insecure)
+        grpc_server = start(service, address, tls, insecure, bound=bound)
     except _user_errors() as err:
+        if bound is not None:
+            release(bound)  # the port is free again when the command returns
+        if locked is not None:
+            locked.release()
         _fail(str(err))
     scheme = "grpcs" if tls else "grpc"
     console.print(f"[bold]splittune serve[/] · model [cyan]{model}[/] on {party_server.device} · listening on {scheme}://{address.target}"
@@ -256,6 +303,30 @@ def serve(
         grpc_server.wait_for_termination()
     except KeyboardInterrupt:
         grpc_server.stop(grace=5)
+    finally:
+        if locked is not None:
+            locked.release()
+
+
+def _threads_option(value: str) -> str | int:
+    """``--threads``: auto or a count >= 1 (a lone party's auto: every core)."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(f"must be auto or an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _serve_process(state: Optional[Path], threads: str | int):
+    """``serve``: compute with ``--threads`` (the server is a lone party), and hold ``--state DIR``'s lock
+    (rundir.py) for the server's life, so that two servers cannot share one state directory."""
+    import torch
+
+    from .rundir import RunLock
+    from .threads import resolve_threads
+
+    torch.set_num_threads(resolve_threads(threads, shared=False))
+    return RunLock(state, "server").acquire() if state is not None else None
 
 
 @app.command()
@@ -284,15 +355,20 @@ def health(
 
     import grpc
 
+    from .deploy.files import check_client
+    from .channels.probe import diagnose
     from .deploy.service import health as ask
-    from .deploy.wire import DeployError
+    from .channels.transport import DeployError, parse_server
 
     try:
+        parse_server(server)
+        check_client(tls_ca, tls_cert, tls_key)
         console.print_json(json.dumps(ask(server, ca=tls_ca, cert=tls_cert, key=tls_key)))
     except DeployError as err:
         _fail(str(err))
-    except grpc.RpcError as err:
-        _fail(f"{server} does not answer: {err.details()}")
+    except grpc.RpcError as err:  # the same diagnosis as a client's: the cause, not the last transport error
+        cause = diagnose(server, tls_ca, tls_cert, tls_key) if err.code() == grpc.StatusCode.UNAVAILABLE else None
+        _fail(f"{server} does not answer: {cause or err.details()}")
 
 
 def _print_summary(s: dict, out: Path) -> None:
@@ -314,6 +390,11 @@ def _print_summary(s: dict, out: Path) -> None:
         f"client holds {s['client_params'] / 1e6:.2f} M parameters ({_human_bytes(s['client_bytes'])}), "
         f"server {s['server_params'] / 1e6:.2f} M ({_human_bytes(s['server_bytes'])}) · {s['step_s_mean']:.3f} s/step · {s['wall_s']:.1f} s in all"
     )
+    if "time_median_s" in s:  # where a median step's time went (docs/efficiency.md)
+        t = s["time_median_s"]
+        errors = " · ".join(f"codec error {d} {s[f'codec_error_{d}']:.2e}" for d in ("up", "down") if f"codec_error_{d}" in s)
+        console.print(f"median step: client compute {t['compute_s']:.3f} s · codecs {t['codec_s']:.3f} s · waiting {t['wait_s']:.3f} s "
+                      f"(server {t['server_s']:.3f} s, wire {t['wire_s']:.3f} s)" + (f" · {errors}" if errors else ""), highlight=False)
     if s.get("clients", 1) > 1:
         clients = Table(title=f"{s['clients']} clients · {s['schedule']}", show_header=True)
         for col in ("client", "cuts", "rank", "train examples", "eval loss before", "after (own model, own data)", "↑ sent", "↓ received"):
@@ -327,6 +408,7 @@ def _print_summary(s: dict, out: Path) -> None:
 
 
 @app.command()
+@_shows_warnings
 def verify(
     model: str = typer.Option(..., "--model", "-m", help="model reference (builtin:…, tiny:…, directory, hub id)"),
     cuts: str = typer.Option(..., "--cuts", help="A (two-part) or A,B (U-shaped)"),
@@ -389,10 +471,11 @@ def export(
 
 @app.command()
 def models() -> None:
-    """Builtin models and the architectures splittune supports."""
+    """Builtin models, the tiny test models and the architectures splittune supports."""
     _quiet_libraries()
     from .models.builtin import BUILTIN_MODELS
     from .models.catalog import TESTED_ARCHITECTURES
+    from .models.tiny import tiny_reference
 
     table = Table(title="builtin models")
     table.add_column("reference")
@@ -403,8 +486,41 @@ def models() -> None:
     console.print("architectures verified exact in the test suite (two-part and U-shaped, with padding): "
                   + ", ".join(TESTED_ARCHITECTURES))
     console.print("any other decoder-only causal LM with embeddings, one list of blocks, a final norm and a head is "
-                  "detected automatically; run `splittune verify --model M --cuts A,B --padding` to check it. "
-                  "Test models: tiny:MODEL_TYPE[,layers=N,hidden=N,seed=N].")
+                  "detected automatically; run `splittune verify --model M --cuts A,B --padding` to check it.")
+    console.print(escape(f"tiny test models (random weights, built on first use): {tiny_reference()}; the tested ones: "
+                         + ", ".join(f"tiny:{a}" for a in TESTED_ARCHITECTURES)), highlight=False, soft_wrap=True)
+
+
+@app.command("config")
+@_shows_warnings
+def config_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; the builtin default when omitted"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a key, e.g. --set data=my.jsonl"),
+    reference: bool = typer.Option(False, "--reference", help="print every key, its default, allowed values and meaning (markdown)"),
+    update: Optional[Path] = typer.Option(None, "--update", help="with --reference: rewrite the generated block of this file (docs/config.md)"),
+) -> None:
+    """Print the validated config (YAML) a run would use, or the reference of every key."""
+    from .config import dump_config, load_config
+    from .config_reference import reference as make_reference
+    from .config_reference import update as update_doc
+
+    if update is not None and not reference:
+        _fail("--update rewrites the generated reference block of a file; use it with --reference")
+    if reference:
+        if update is None:
+            print(make_reference(), end="")
+            return
+        try:
+            changed = update_doc(update)
+        except (OSError, ValueError) as err:
+            _fail(str(err))
+        console.print(f"{update}: {'updated' if changed else 'already current'}", highlight=False)
+        return
+    try:
+        cfg = load_config(config, set_)
+    except _user_errors() as err:
+        _fail(str(err))
+    print(dump_config(cfg), end="")
 
 
 @app.command()

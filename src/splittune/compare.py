@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .config import ConfigError, RunConfig, validate
 from .report.plots import plot_compare
+from .rundir import RunLock
 from .runner import train
 
 ENTRIES = ("centralized", "federated", "sequential", "sfl-v1", "sfl-v2")
@@ -42,8 +43,27 @@ def _eval_every(steps: int, aggregate_every: int) -> int:
 
 def compare(cfg: RunConfig, out: Path, progress: Callable[[str, int, int, dict], None] | None = None,
             entries: tuple[str, ...] = ENTRIES) -> dict[str, Any]:
-    """Run every entry into ``out/<entry>/``; write ``compare.json`` and ``compare.png``; return the results."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every entry into ``out/<entry>/``; write ``compare.json`` and ``compare.png``; return the results.
+
+    ``out`` is locked while the comparison runs (and each entry's directory while it runs).
+    """
+    with RunLock(out, "compare"):
+        return _compare(_layout(cfg), out, progress, entries)
+
+
+def _layout(cfg: RunConfig) -> RunConfig:
+    """With ``cuts: auto`` and segments that train differently, the baselines (no cuts) need the split's real cuts
+    to train the same blocks the same way; otherwise every entry resolves its own (split) or has none."""
+    if cfg.cuts is not None or len({cfg.segments.bottom, cfg.segments.trunk, cfg.segments.top}) == 1:
+        return cfg
+    from .models.arch import detect_arch
+    from .models.zoo import resolve_model
+
+    return cfg.model_copy(update={"mode": "split"}).resolve(detect_arch(resolve_model(cfg.model).config()).n_blocks).model_copy(
+        update={"mode": cfg.mode})
+
+
+def _compare(cfg: RunConfig, out: Path, progress, entries: tuple[str, ...]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     curves: dict[str, list[dict]] = {}
     per_step = cfg.train.batch_size * cfg.train.grad_accum

@@ -6,8 +6,9 @@ instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,11 +23,37 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what is allowed."""
 
 
+class SplittuneWarning(UserWarning):
+    """A setting that runs but probably not as meant (the CLI prints it as one ``warning:`` line)."""
+
+
+class SplittuneDeprecationWarning(SplittuneWarning, FutureWarning):
+    """A spelling that still works but will go; the message says what to write instead."""
+
+
+def warn(message: str, category: type[Warning] = SplittuneWarning) -> None:
+    warnings.warn(message, category, stacklevel=3)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # a section written as a plain string means this one of its keys (``data: my.jsonl`` is ``data.source``)
+    shorthand: ClassVar[str | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if cls.shorthand is not None and isinstance(value, str):
+            return {cls.shorthand: value}
+        return value
+
 
 class DataConfig(Section):
+    """Where the examples come from and how many; a plain string is ``data.source``."""
+
+    shorthand: ClassVar[str | None] = "source"
+
     source: str = Field(
         "builtin:shakespeare",
         description="builtin:shakespeare | builtin:sentiment | a local .txt/.jsonl/.csv file | hf:NAME (a hub dataset)",
@@ -43,24 +70,40 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
+    """How the run trains: steps, batches, optimizer, evaluations, checkpoints, where and with how many threads."""
+
     steps: int = Field(40, ge=1, description="optimizer steps")
     batch_size: int = Field(4, ge=1, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     seq_len: int = Field(128, ge=8, description="tokens per example (packed text) or maximum length (instructions)")
-    lr: float = Field(2e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(2, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr: float = Field(2e-4, gt=0.0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_steps: int = Field(2, ge=0, description="steps of linear warmup (should be fewer than steps)")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule after warmup")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="global clipping across parties; null disables it")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     eval_batches: int | None = Field(None, ge=1, description="cap on evaluation batches")
     checkpoint_every: int = Field(
         0, ge=0, description="both parties checkpoint every N steps (0: only at the end); the same command resumes"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field("auto", description="where this process computes: auto (a GPU when there is one) | cpu | cuda | cuda:N | mps")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the model weights and activations")
+    device: str = Field("auto", description="where this process computes: auto (a GPU when there is one) | cpu | cuda | cuda:N | mps",
+                        json_schema_extra={"allowed": "`auto`, `cpu`, `cuda`, `cuda:N`, `mps`"})
     model_dropout: bool = Field(
         False, description="keep the model's own dropout (off by default: each party has its own RNG)"
+    )
+    micro_batches: int = Field(
+        1, ge=1, description="each batch is cut into this many micro-batches that cross the cut concurrently (pipelining); "
+        "unlike grad_accum, which runs whole batches one after another, it changes no result"
+    )
+    max_in_flight: int | None = Field(
+        None, ge=1, description="micro-batches in flight at once (back-pressure on activation memory); null: all of a step's"
+    )
+    threads: int | str = Field(
+        "auto",
+        description="CPU compute threads of this process (torch.set_num_threads); auto: half the cores (at most 8) when "
+        "client and server share the process, every core for a lone party (a client of a remote server, serve)",
+        json_schema_extra={"allowed": "auto | an integer >= 1"},
     )
 
     @field_validator("device")
@@ -68,46 +111,163 @@ class TrainConfig(Section):
     def _device_name(cls, name: str) -> str:
         return check_name(name)
 
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be auto or an integer >= 1, got {value!r}")
+
 
 class LoraConfig(Section):
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """LoRA adapters of the segments that train with ``lora``."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scale numerator (the update is scaled by alpha / rank)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     target_modules: list[str] | str | None = Field(
-        None, description="module names to adapt; null: the architecture's default; 'all-linear' for every linear layer"
+        None, description="module names to adapt; null: the architecture's default; 'all-linear' for every linear layer",
+        json_schema_extra={"allowed": "a list of module names, `all-linear`, or null"},
     )
 
 
 class SegmentsConfig(Section):
     """How each segment trains: LoRA adapters, frozen, or all its weights."""
 
-    bottom: TrainMode = "lora"
-    trunk: TrainMode = "lora"
-    top: TrainMode = "lora"
+    bottom: TrainMode = Field("lora", description="embeddings and the blocks before the first cut (client)")
+    trunk: TrainMode = Field("lora", description="the blocks between the cuts (server)")
+    top: TrainMode = Field("lora", description="the blocks after the second cut, final norm and head (client, U-shaped)")
+
+
+class ClientLora(Section):
+    """A client's own LoRA settings: only the rank may differ from client to client."""
+
+    rank: int | None = Field(None, ge=1, description="LoRA rank of this client's own segments (null: lora.rank)")
+
+
+class ClientData(Section):
+    """A client's own data; a plain string is ``source``."""
+
+    shorthand: ClassVar[str | None] = "source"
+
+    source: str | None = Field(None, description="this client's data source (partition: by_source; null: data.source)")
 
 
 class ClientOverride(Section):
-    """What one client does differently: a weak client keeps fewer blocks and a smaller LoRA rank."""
+    """What one client does differently: a weak client keeps fewer blocks and a smaller LoRA rank.
+
+    The keys have the top level's shapes (``cuts``, ``lora: {rank: N}``, ``data: {source: S}`` or ``data: S``);
+    the older ``lora_rank`` and ``source`` still work, with a deprecation warning.
+    """
 
     cuts: list[int] | None = Field(None, description="this client's cuts (same split shape as the run's cuts)")
-    lora_rank: int | None = Field(None, ge=1, description="LoRA rank of this client's own segments")
-    source: str | None = Field(None, description="this client's data source (partition: by_source)")
+    lora: ClientLora = Field(default_factory=ClientLora)
+    data: ClientData = Field(default_factory=ClientData)
+    lora_rank: int | None = Field(None, ge=1, exclude=True, description="deprecated: lora: {rank: N}")
+    source: str | None = Field(None, exclude=True, description="deprecated: data: {source: S}")
+
+    @model_validator(mode="after")
+    def _old_spellings(self) -> "ClientOverride":
+        for old, section, key in (("lora_rank", "lora", "rank"), ("source", "data", "source")):
+            value = self.__dict__[old]
+            if value is None:
+                continue
+            new = getattr(self.__dict__[section], key)
+            if new is not None and new != value:
+                raise ValueError(f"{old}={value!r} and {section}.{key}={new!r} disagree; write only {section}: {{{key}: ...}}")
+            warn(f"client_overrides: {old}: {value!r} is deprecated; write {section}: {{{key}: {value!r}}}",
+                 SplittuneDeprecationWarning)
+            # the canonical spelling holds the value (and is what config.yaml records); no re-validation loop
+            self.__dict__[section] = self.__dict__[section].model_copy(update={key: value})
+            self.__dict__[old] = None
+        return self
+
+    @property
+    def rank(self) -> int | None:
+        return self.lora.rank
+
+    @property
+    def data_source(self) -> str | None:
+        return self.data.source
 
 
 Schedule = Literal["sequential", "sfl-v1", "sfl-v2"]
 Partition = Literal["iid", "dirichlet", "by_source"]
 
 
+def default_cuts(n_blocks: int) -> list[int]:
+    """``cuts: auto``: U-shaped, two blocks on each side of the server, fewer on small models ([1, 3] for 4 blocks)."""
+    if n_blocks < 2:
+        raise ConfigError(
+            f"cuts: auto makes a U-shaped split, which needs at least 2 blocks; this model has {n_blocks}: "
+            "set cuts=[0] for a two-part split (the labels then go to the server)"
+        )
+    if n_blocks == 2:
+        return [0, 1]
+    k = min(2, max(1, (n_blocks - 1) // 2))
+    return [k, n_blocks - k]
+
+
+CodecSpec = str | dict[str, Any]
+ALLOWED_CODECS = ("`raw`, `fp16`, `bf16`, `int8`, `int4`, `topk`, or a map `{name: int8, stochastic: true}` "
+                  "(int8: `stochastic`, `scales`; int4: `group` 32 or 64; topk: `fraction`; any lossy codec: `error_feedback`)")
+
+
+class CodecConfig(Section):
+    """What each direction's activations and gradients are encoded with on the wire (docs/efficiency.md)."""
+
+    up: CodecSpec = Field("raw", description="client → server: one codec for every tensor role, or {hidden: codec, grad: codec} "
+                          "(docs/efficiency.md)", json_schema_extra={"allowed": ALLOWED_CODECS})
+    down: CodecSpec = Field("raw", description="server → client: as up", json_schema_extra={"allowed": ALLOWED_CODECS})
+
+    @field_validator("up", "down")
+    @classmethod
+    def _known(cls, spec: CodecSpec) -> CodecSpec:
+        from .wire.codecs import make_codec
+
+        roles = spec if isinstance(spec, dict) and "name" not in spec else {"hidden": spec}
+        for role, codec in roles.items():
+            if role not in ("hidden", "grad"):
+                raise ValueError(f"unknown tensor role {role!r}; roles: hidden, grad (or a codec for both)")
+            options = dict(codec) if isinstance(codec, dict) else {"name": codec}
+            feedback = options.pop("error_feedback", None)
+            if feedback is not None and not isinstance(feedback, bool):
+                raise ValueError(f"error_feedback must be true or false, got {feedback!r}")
+            make_codec(codec if isinstance(codec, str) else options)
+        return spec
+
+
+class LinkConfig(Section):
+    """An emulated link between the parties (any channel): each frame arrives after the latency plus its
+    bytes over the bandwidth, queued behind the frames before it in its direction."""
+
+    bandwidth_mbps: float | None = Field(None, gt=0.0, description="megabits per second each way; null: no emulation")
+    latency_ms: float = Field(0.0, ge=0.0, description="one-way latency")
+    up_mbps: float | None = Field(None, gt=0.0, description="client → server bandwidth (overrides bandwidth_mbps)")
+    down_mbps: float | None = Field(None, gt=0.0, description="server → client bandwidth (overrides bandwidth_mbps)")
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.bandwidth_mbps, self.up_mbps, self.down_mbps)) or self.latency_ms > 0
+
+
 class RunConfig(Section):
-    model: str = Field("builtin:smollm2-135m", description="builtin:NAME | tiny:MODEL_TYPE | local dir | hub id")
-    cuts: list[int] = Field(
-        default_factory=lambda: [2, 28],
-        description="[a]: two-part split (labels go to the server); [a, b]: U-shaped split (labels stay)",
+    model: str = Field(
+        "builtin:smollm2-135m",
+        description="builtin:NAME | tiny:MODEL_TYPE[,layers=N,hidden=N,heads=N,kv_heads=N,ffn=N,vocab=N,seed=N] | "
+        "a local directory | a hub id",
+    )
+    cuts: list[int] | None = Field(
+        None,
+        description="[a]: two-part split (labels go to the server); [a, b]: U-shaped split (labels stay); auto (null): "
+        "U-shaped with two blocks each side (fewer on small models), resolved when the model is known. "
+        "mode: centralized and federated have no cuts",
+        json_schema_extra={"allowed": "auto | [a] | [a, b] (block indices)", "default": "auto"},
     )
     mode: Literal["split", "centralized", "federated"] = Field(
         "split", description="split | centralized (no split: the baseline) | federated (each client trains the whole model, FedAvg)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seeds the LoRA initialisation, data splits, partitions and batch order")
     clients: int = Field(1, ge=1, description="data owners training one model with one server")
     schedule: Schedule = Field("sfl-v2", description="how clients take turns with the server (mode: split, clients > 1)")
     aggregate_every: int = Field(
@@ -116,7 +276,10 @@ class RunConfig(Section):
     partition: Partition = Field("iid", description="how one dataset is split across clients")
     partition_alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (partition: dirichlet); small = skewed")
     client_overrides: list[ClientOverride] | dict[int, ClientOverride] = Field(
-        default_factory=dict, description="per-client cuts, LoRA rank and data source: a list, or a map by client index"
+        default_factory=dict,
+        description="per-client cuts, LoRA rank and data source: a list, or a map by client index, of "
+        "{cuts: [..], lora: {rank: N}, data: {source: S}} (data: S is data.source)",
+        json_schema_extra={"allowed": "a list, or a map by client index, of client sections (see client_overrides entries)"},
     )
     personal: list[SegmentName] = Field(
         default_factory=list, description="segments each client keeps for itself (trained, never replaced by the average)"
@@ -125,10 +288,20 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
+    codec: CodecConfig = Field(default_factory=lambda: CodecConfig())
+    padding_removal: bool = Field(True, description="positions the attention mask zeroes never cross the cut (lossless)")
+    link: LinkConfig = Field(default_factory=lambda: LinkConfig())
+
+    @field_validator("cuts", mode="before")
+    @classmethod
+    def _cuts_auto(cls, cuts: Any) -> Any:
+        return None if cuts == "auto" else cuts
 
     @field_validator("cuts")
     @classmethod
-    def _cuts_shape(cls, cuts: list[int]) -> list[int]:
+    def _cuts_shape(cls, cuts: list[int] | None) -> list[int] | None:
+        if cuts is None:
+            return None
         if len(cuts) not in (1, 2):
             raise ValueError(f"cuts must have 1 (two-part) or 2 (U-shaped) block indices, got {len(cuts)}: {cuts}")
         if len(cuts) == 2 and cuts[0] >= cuts[1]:
@@ -144,15 +317,27 @@ class RunConfig(Section):
         return overrides.get(client, ClientOverride())
 
     def client_cuts(self, client: int) -> list[int]:
-        return list(self.override(client).cuts or self.cuts)
+        """This client's cuts; ``[]`` when the run has none (centralized, federated) or they are still auto."""
+        return list(self.override(client).cuts or self.cuts or [])
 
     def client_rank(self, client: int) -> int:
-        return self.override(client).lora_rank or self.lora.rank
+        return self.override(client).rank or self.lora.rank
+
+    def client_source(self, client: int) -> str:
+        return self.override(client).data_source or self.data.source
+
+    def resolve(self, n_blocks: int) -> "RunConfig":
+        """This config for a model of ``n_blocks`` blocks: ``cuts: auto`` becomes real cuts in a split run
+        (a centralized or federated run has none). This is the run's config (config.yaml, resume checks)."""
+        if self.cuts is not None or self.mode != "split":
+            return self
+        return self.model_copy(update={"cuts": default_cuts(n_blocks)}, deep=True)
 
     @property
     def heterogeneous(self) -> bool:
         """Whether any client holds other blocks or another LoRA rank than the run's defaults."""
-        return any(self.client_cuts(i) != list(self.cuts) or self.client_rank(i) != self.lora.rank for i in range(self.clients))
+        cuts = list(self.cuts or [])
+        return any(self.client_cuts(i) != cuts or self.client_rank(i) != self.lora.rank for i in range(self.clients))
 
     @model_validator(mode="after")
     def _clients_fit(self) -> "RunConfig":
@@ -168,16 +353,18 @@ class RunConfig(Section):
                     RunConfig._cuts_shape(o.cuts)
                 except ValueError as err:
                     raise ValueError(f"client_overrides[{i}].cuts: {err}") from None
-                if len(o.cuts) != len(self.cuts):
+                run_len = len(self.cuts) if self.cuts is not None else 2  # auto cuts are U-shaped
+                if self.mode == "split" and len(o.cuts) != run_len:
+                    run = list(self.cuts) if self.cuts is not None else "auto (U-shaped)"
                     raise ValueError(
                         f"client_overrides[{i}].cuts={o.cuts} makes a {'two-part' if len(o.cuts) == 1 else 'U-shaped'} split, "
-                        f"but the run's cuts={list(self.cuts)} do not; every client must use the same split shape"
+                        f"but the run's cuts={run} do not; every client must use the same split shape"
                     )
         if self.partition == "by_source":
-            missing = [i for i in range(n) if self.override(i).source is None]
+            missing = [i for i in range(n) if self.override(i).data_source is None]
             if missing:
                 raise ValueError(
-                    f"partition: by_source takes each client's data from client_overrides[i].source; clients {missing} have none"
+                    f"partition: by_source takes each client's data from client_overrides[i].data.source; clients {missing} have none"
                 )
         if n > 1 and self.train.eval_every % self.aggregate_every:
             raise ValueError(
@@ -221,15 +408,37 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         fields = model.model_fields
         if key not in fields:
             where = ".".join(keys[:depth]) or "the top level"
-            raise ConfigError(f"unknown config key {path!r}: {key!r} is not one of {', '.join(fields)} (at {where})")
+            raise ConfigError(f"unknown config key {path!r}: {key!r} is not one of {', '.join(public_fields(model))} (at {where})")
         annotation = fields[key].annotation
+        section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         if depth == len(keys) - 1:
-            node[key] = _parse_value(raw)
+            value = _parse_value(raw)
+            shorthand = getattr(section, "shorthand", None)
+            if shorthand is not None and isinstance(value, str):  # --set data=my.jsonl is data.source=my.jsonl
+                _subtree(node, key, shorthand)[shorthand] = value
+            else:
+                node[key] = value
             return
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if section is None:
             raise ConfigError(f"config key {'.'.join(keys[: depth + 1])!r} is a value, not a section; cannot set {path!r}")
-        node = node.setdefault(key, {})
-        model = annotation
+        node = _subtree(node, key, getattr(section, "shorthand", None))
+        model = section
+
+
+def _subtree(node: dict[str, Any], key: str, shorthand: str | None) -> dict[str, Any]:
+    """The mapping under ``key`` (a section written as its shorthand string becomes ``{shorthand: string}``)."""
+    value = node.get(key)
+    if isinstance(value, str) and shorthand is not None:
+        value = {shorthand: value}
+    if not isinstance(value, dict):
+        value = {}
+    node[key] = value
+    return value
+
+
+def public_fields(model: type[BaseModel]) -> list[str]:
+    """The keys a section offers (deprecated spellings still accepted are left out)."""
+    return [name for name, field in model.model_fields.items() if not field.exclude]
 
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:
@@ -269,7 +478,7 @@ def _format_errors(err: ValidationError) -> str:
         key = ".".join(str(p) for p in loc) or "config"
         if e["type"] == "extra_forbidden":
             section = _section_at(loc[:-1])
-            allowed = f": {str(loc[-1])!r} is not one of {', '.join(section.model_fields)}" if section else ""
+            allowed = f": {str(loc[-1])!r} is not one of {', '.join(public_fields(section))}" if section else ""
             lines.append(f"unknown config key {key!r}{allowed}")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
@@ -279,6 +488,31 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(dict.fromkeys(lines))
 
 
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's content, or a ConfigError naming the file (and the line and column of a syntax error)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text: byte 0x{raw[err.start]:02x} on line {line}; save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark is not None:
+            problem += f" ({context} started at line {context_mark.line + 1}, column {context_mark.column + 1})"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML config (or the builtin default), apply ``--set`` overrides, validate."""
     tree: dict[str, Any] = {}
@@ -286,7 +520,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")
         tree = loaded

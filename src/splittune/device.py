@@ -48,6 +48,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def as_float64(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64, on its device unless that is MPS (which has no float64), then on the CPU."""
+    return x.to(device="cpu" if x.device.type == "mps" else x.device, dtype=torch.float64)  # mps has no float64
+
+
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in tensors.items()}
 

@@ -20,7 +20,7 @@ from .models.adapters import PEFT_PREFIX
 from .models.arch import detect_arch
 from .models.zoo import resolve_model
 from .runner import ADAPTERS
-from .schedules.aggregate import low_rank
+from .averaging import low_rank
 
 
 class ExportError(ValueError):
@@ -54,6 +54,8 @@ def read_run_adapters(run_dir: Path, client: int | None = None) -> tuple[dict[st
 
 def export_run(run_dir: Path, out: Path, merge: bool = False, client: int | None = None) -> dict:
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; export writes a directory (adapter_config.json, adapter_model.safetensors)")
     state, manifest = read_run_adapters(run_dir, client)
     cfg = load_config(run_dir / "config.yaml")
     source = resolve_model(cfg.model)

@@ -9,10 +9,12 @@ run in threads, as they would run in processes: the server orders their requests
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +25,21 @@ from safetensors.torch import save_file
 
 from . import __version__, checkpoint
 from .channels import Channel, LocalChannel
-from .config import ConfigError, RunConfig, dump_config
+from .channels.emulated import EmulatedChannel, LinkModel
+from .cut import CutLink, ServerLink, terms_from
+from .config import ConfigError, RunConfig, dump_config, warn
 from .data import TaskData, build_client_tasks, merge_tasks
 from .device import resolve_device, rng_state, set_rng_state
 from .eval import evaluate
-from .models.arch import detect_arch
+from .models.arch import check_seq_len, detect_arch
 from .models.partition import PlanError
 from .models.zoo import ModelSource, resolve_model
 from .parties import Client, Party, Server, SessionSpec
+from .schedules.policy import POLICIES, policy_for
 from .report.plots import plot_loss
-from .schedules.group import personal_names
+from .rundir import RunLock
+from .threads import compute_threads
+from .parties.group import personal_names
 
 ADAPTERS = "adapters"
 STOP = threading.Event()  # set by a signal handler: finish the step, checkpoint, stop
@@ -55,11 +62,11 @@ def set_seed(seed: int) -> None:
 
 @dataclass
 class Fleet:
-    """Everything a run trains with: its clients, the server they share, their channels."""
+    """Everything a run trains with: its clients, the server they share, each client's end of the cut."""
 
     clients: list[Client]
     server: Server | None  # None when the server is another process
-    channels: list[Channel | None]
+    links: list[CutLink | None]
     source: ModelSource
     indices: list[int]  # each local client's index in the run (all of them in-process)
 
@@ -69,8 +76,15 @@ class Fleet:
             self.server.cancel(f"a client failed: {err}")
 
     def bytes(self, i: int) -> tuple[int, int]:
-        ch = self.channels[i]
-        return (ch.bytes_up, ch.bytes_down) if ch else (0, 0)
+        link = self.links[i]
+        return (link.bytes_up, link.bytes_down) if link else (0, 0)
+
+    def close(self) -> None:
+        for link in self.links:
+            if link is not None:
+                link.close()
+        if self.server is not None:
+            self.server.close()
 
 
 def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None] | None = None) -> list:
@@ -94,7 +108,8 @@ def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None
 
 
 def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: list[int] | None = None,
-            channel_for: Callable[[int], Channel] | None = None, resume: int | None = None, state_dir: Path | None = None) -> Fleet:
+            channel_for: Callable[[int], Channel] | None = None, resume: int | None = None, state_dir: Path | None = None,
+            link_states: dict[int, dict] | None = None) -> Fleet:
     """Stage 0: plan the split, build the parties, and say hello (the server forms the group).
 
     In-process, every client is built here with a local channel to a server built here too; a client
@@ -102,33 +117,44 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
     """
     config = source.config()
     spec = detect_arch(config)
+    cfg = cfg.resolve(spec.n_blocks)  # cuts: auto → the cuts that fit this model
+    check_seq_len(spec, cfg.train.seq_len, model=cfg.model)
     fingerprint = source.fingerprint()
     n = len(samples) if indices is None else (cfg.clients if cfg.mode != "centralized" else 1)
     indices = list(range(len(samples))) if indices is None else indices
     device = resolve_device(cfg.train.device)
+    policy = policy_for(cfg.mode, cfg.schedule)
     server = None
     if channel_for is None and cfg.mode != "centralized":
-        server = Server(source, spec, config, state_dir=state_dir, device=device)
-        channel_for = lambda i: LocalChannel(server.handle)  # noqa: E731
-    clients, channels = [], []
+        server = Server(source, spec, config, state_dir=state_dir, device=device, policies=POLICIES)
+        server_link = ServerLink(server.handle)
+        channel_for = lambda i: LocalChannel(server_link.serve)  # noqa: E731
+    terms = terms_from(cfg.codec.model_dump(), cfg.padding_removal)
+    clients, links = [], []
     for i, count in zip(indices, samples, strict=True):
-        session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n)
+        session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe())
         try:
-            party = Party("client", source, spec, session, config, device=device)
+            party = Party("client", source, spec, session, config, device=device, total_steps=policy.client_steps(cfg.train.steps, n))
         except (PlanError, ValueError) as err:
             raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
-        channel = channel_for(i) if channel_for is not None and cfg.mode != "centralized" else None
-        clients.append(Client(party, channel))
-        channels.append(channel)
-    fleet = Fleet(clients, server, channels, source, indices)
-    parallel(lambda c: c.connect(resume), clients, fleet.abort)
+        link = None
+        if channel_for is not None and cfg.mode != "centralized":
+            channel = channel_for(i)
+            if cfg.link.active:
+                channel = EmulatedChannel(channel, LinkModel.of(cfg.link))
+            link = CutLink(channel, uuid.uuid4().hex[:12], terms)
+        clients.append(Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight))
+        links.append(link)
+    fleet = Fleet(clients, server, links, source, indices)
+    states = link_states or {}
+    parallel(lambda pair: pair[1].connect(resume, states.get(pair[0])), list(zip(indices, clients)), fleet.abort)
     return fleet
 
 
-def build(cfg: RunConfig) -> tuple[Client, Server | None, LocalChannel | None, ModelSource]:
-    """A single-client run's parties (what tests and ``verify`` drive step by step)."""
+def build(cfg: RunConfig) -> tuple[Client, Server | None, CutLink | None, ModelSource]:
+    """A single-client run's parties and the client's end of the cut (what tests and ``verify`` drive step by step)."""
     fleet = connect(cfg, resolve_model(cfg.model), [1])
-    return fleet.clients[0], fleet.server, fleet.channels[0], fleet.source
+    return fleet.clients[0], fleet.server, fleet.links[0], fleet.source
 
 
 def client_tasks(cfg: RunConfig, tokenizer) -> list[TaskData]:
@@ -153,23 +179,62 @@ def global_view(client: Client, global_state: dict[str, torch.Tensor], personal:
         client.party.load_state({k: own[k] for k in keep})
 
 
+def owns_run_dir(shared: Callable[[RunConfig], bool]):
+    """A run function that holds ``out``'s lock (rundir.py) and computes with ``train.threads`` while it runs;
+    ``shared(cfg)``: whether several parties share this process (the ``auto`` thread count depends on it)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(cfg: RunConfig, out: Path, *args, **kwargs):
+            with RunLock(out, "run"), compute_threads(cfg.train.threads, shared(cfg)):
+                return fn(cfg, out, *args, **kwargs)
+        return run
+    return wrap
+
+
+def resolved(cfg: RunConfig, source: ModelSource) -> RunConfig:
+    """The run's config for this model (``cuts: auto`` resolved): what config.yaml records and resume compares."""
+    return cfg.resolve(detect_arch(source.config()).n_blocks)
+
+
+@owns_run_dir(shared=lambda cfg: cfg.mode != "centralized")  # the server (or an averaging one) shares the process
 def train(cfg: RunConfig, out: Path, progress: Callable | None = None) -> dict[str, Any]:
     """Run ``cfg`` and write its run directory; returns the summary.
 
-    ``progress(done, total, info)`` is called after every client step (the CLI draws a progress bar with it).
+    ``progress(done, total, row)`` is called after every client step with its metrics row (the CLI draws a
+    progress bar with it), and with ``row["phase"]`` set for what is not a step (see ``Session.event``).
     """
     started = time.perf_counter()
-    resume = prepare_run_dir(cfg, out)
     set_seed(cfg.seed)
     source = resolve_model(cfg.model)
+    cfg = resolved(cfg, source)
+    resume = prepare_run_dir(cfg, out)
     tasks = client_tasks(cfg, source.tokenizer())
     pooled = merge_tasks(tasks) if len(tasks) > 1 else tasks[0]
-    fleet = connect(cfg, source, [len(task.train) for task in tasks], resume=resume, state_dir=out / CHECKPOINTS / "server")
+    fleet = connect(cfg, source, [len(task.train) for task in tasks], resume=resume, state_dir=out / CHECKPOINTS / "server",
+                    link_states=saved_link_states(out, resume))
+    # the fleet stays usable after the run (tests and tools read its parties); nobody holding it stops its threads
     return Session(cfg, fleet, tasks, pooled, out, progress, started, resume).run()
 
 
+def saved_link_states(out: Path, step: int | None) -> dict[int, dict]:
+    """Each client's cut-link state (both ends' chains: error-feedback residuals) in the checkpoint at ``step``;
+    a resumed session's hello hands the server its end's back."""
+    if step is None:
+        return {}
+    flat, _ = checkpoint.load(out / CHECKPOINTS / "client", step)
+    states: dict[int, dict] = {}
+    for key, t in flat.items():
+        group, _, name = key.partition("/")
+        if group.startswith("c") and group.endswith(".link"):
+            states.setdefault(int(group[1:-5]), {})[name] = t
+    return states
+
+
 def prepare_run_dir(cfg: RunConfig, out: Path) -> int | None:
-    """Create the run directory, or find the step to resume from in it (the same command resumes)."""
+    """Create the run directory, or find the step to resume from in it (the same command resumes).
+
+    ``cfg`` is the resolved config (``resolved``); the caller holds the directory's lock (``owns_run_dir``).
+    """
     out.mkdir(parents=True, exist_ok=True)
     resume = checkpoint.latest(out / CHECKPOINTS / "client")
     if resume is not None:
@@ -181,6 +246,7 @@ def prepare_run_dir(cfg: RunConfig, out: Path) -> int | None:
     return None
 
 
+@owns_run_dir(shared=lambda cfg: False)  # one client process; its server is elsewhere
 def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Callable[[int], Channel],
                  progress: Callable | None = None) -> dict[str, Any]:
     """One client of a deployed run: this process's data and segments, the server over ``channel_for``.
@@ -188,22 +254,83 @@ def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Call
     Everything else is the in-process code path; with the same config the losses, adapters and byte
     counts equal the in-process run's. Evaluations use this client's held-out data.
     """
+    from .channels.base import ConnectionLost, RemoteError
+
     if cfg.mode == "centralized":
         raise ConfigError("mode: centralized trains without a server; drop --server")
     if not 0 <= client_index < cfg.clients:
         raise ConfigError(f"--client-index {client_index} is outside this run's clients 0..{cfg.clients - 1}")
     started = time.perf_counter()
-    resume = prepare_run_dir(cfg, out)
     set_seed(cfg.seed)
     source = resolve_model(cfg.model)
+    cfg = resolved(cfg, source)
+    resume = prepare_run_dir(cfg, out)
     task = client_tasks(cfg, source.tokenizer())[client_index]
-    fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume)
+    fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume,
+                    link_states=saved_link_states(out, resume))
+    session = None
     try:
-        return Session(cfg, fleet, [task], task, out, progress, started, resume).run()
+        session = Session(cfg, fleet, [task], task, out, progress, started, resume)
+        return session.run()
+    except RemoteError as err:
+        if err.code not in LOST or isinstance(err, ConnectionLost):
+            raise
+        raise _connection_lost(err, cfg, out, fleet, session) from None
     finally:
-        for channel in fleet.channels:
-            if channel is not None:
-                channel.close()
+        fleet.close()
+
+
+# the statuses of a connection that broke (the server process died, the network went away), not of a refusal
+LOST = ("UNAVAILABLE", "CANCELLED", "DATA_LOSS", "UNKNOWN")
+
+
+def _connection_lost(err, cfg: RunConfig, out: Path, fleet: Fleet, session: "Session | None"):
+    """What a client whose server vanished says (a ``ConnectionLost``): where it stopped, and where the same
+    command resumes."""
+    from .channels.base import ConnectionLost
+
+    done = max((row["step"] for row in session.metrics), default=session.start) if session is not None else 0
+    at = f"after step {done} (in the final evaluation)" if done >= cfg.train.steps else f"at step {done + 1}"
+    saved = checkpoint.latest(out / CHECKPOINTS / "client")
+    if saved is not None:
+        then = f"rerunning the same command (once the server is back) resumes from the checkpoint at step {saved}"
+    elif not fleet.clients[0].server_info.get("checkpoints"):
+        then = ("no checkpoint yet: the server needs --state DIR (and train.checkpoint_every) to resume; "
+                "rerunning the same command starts from the start")
+    elif not cfg.train.checkpoint_every:
+        then = "no checkpoint yet: set train.checkpoint_every to resume mid-run; rerunning the same command starts from the start"
+    else:
+        then = f"no checkpoint yet (the first is at step {cfg.train.checkpoint_every}); rerunning the same command starts from the start"
+    return ConnectionLost(f"the connection to the server was lost {at} ({err}); {then}", err.code)
+
+
+def time_breakdown(step_s: float, stats: dict) -> dict[str, Any]:
+    """Where a client step's time went (docs/efficiency.md): this client's compute and codecs, the time it
+    waited for replies; of the round trips, the server's own time and the rest (the wire, queues and the
+    server's encoding of its reply). With pipelining, waits overlap the server's work, so the parts of one
+    side need not add up to the other's."""
+    row = {"compute_s": round(max(step_s - stats["wait_s"] - stats["codec_s"], 0.0), 6), "codec_s": round(stats["codec_s"], 6),
+           "wait_s": round(stats["wait_s"], 6), "server_s": round(stats["server_s"], 6), "wire_s": round(stats["wire_s"], 6)}
+    for direction, error in stats["error"].items():
+        if error is not None:
+            row[f"codec_error_{direction}"] = error
+    return row
+
+
+def step_breakdown(rows: list[dict]) -> dict[str, Any]:
+    """The median step's time breakdown and each direction's mean codec error, for the summary."""
+    out: dict[str, Any] = {}
+    parts = [k for k in BREAKDOWN if rows and all(k in r for r in rows)]
+    if parts:
+        out["time_median_s"] = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in parts}
+    for direction in ("up", "down"):
+        errors = [r[f"codec_error_{direction}"] for r in rows if f"codec_error_{direction}" in r]
+        if errors:
+            out[f"codec_error_{direction}"] = sum(errors) / len(errors)
+    return out
+
+
+BREAKDOWN = ("compute_s", "codec_s", "wait_s", "server_s", "wire_s")
 
 
 class Session:
@@ -215,7 +342,8 @@ class Session:
         self.n = len(tasks)  # clients in this process
         self.index = fleet.indices  # their indices in the run
         self.total = cfg.clients if cfg.mode != "centralized" else 1  # clients in the run
-        self.schedule = "federated" if cfg.mode == "federated" else ("centralized" if cfg.mode == "centralized" else cfg.schedule)
+        self.policy = policy_for(cfg.mode, cfg.schedule)
+        self.schedule = self.policy.name
         self.samplers = [iter(task.sampler(cfg.train.batch_size, cfg.seed)) for task in tasks]
         self.metrics: list[dict] = []
         self.evals: list[dict] = []
@@ -225,8 +353,28 @@ class Session:
         self.holder = 0  # the client holding the latest model (the sequential relay moves it)
         self.start = 0  # the last completed step (a resumed run continues after it)
         self.own_before: list[dict] = []
+        self._check_settings()
         if resume is not None:
             self._restore(resume)
+
+    def _check_settings(self) -> None:
+        """Settings that run but hardly as meant: a warning each (the CLI prints a ``warning:`` line)."""
+        t = self.cfg.train
+        smallest = min(len(task.train) for task in self.tasks)
+        if t.batch_size > smallest:
+            whose = " of the smallest client" if self.n > 1 else ""
+            warn(f"train.batch_size={t.batch_size} is larger than the training set ({smallest} examples{whose}): "
+                 "every batch repeats examples; lower train.batch_size or use more data")
+        if t.warmup_steps >= t.steps:
+            warn(f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate is still warming up "
+                 "when training ends (the first step has rate 0); lower train.warmup_steps")
+
+    def event(self, phase: str, done: int = 0, total: int = 0, **info) -> None:
+        """Tell ``progress`` what happens besides steps: ``start`` (the plan: cuts, shape, threads, ``resume``: the
+        step a resumed run continues after), ``eval`` (batch ``done`` of ``total`` of the evaluation ``label``) and
+        ``evaluated`` (its ``loss`` and ``ppl``)."""
+        if self.progress:
+            self.progress(done, total, {"phase": phase, **info})
 
     # -- one client step ----------------------------------------------------------------------------------
     def _step(self, job: tuple[int, int]) -> dict:
@@ -235,14 +383,20 @@ class Session:
         task, client = self.tasks[i], self.fleet.clients[i]
         micro = [task.collate([task.train[k] for k in next(self.samplers[i])]) for _ in range(t.grad_accum)]
         up0, down0 = self.fleet.bytes(i)
+        link = self.fleet.links[i]
+        if link is not None:
+            link.stats.reset()
         t0 = time.perf_counter()
         result = client.train_step(step, micro)
         step_s = time.perf_counter() - t0
         up1, down1 = self.fleet.bytes(i)
         self.train_bytes[i][0] += up1 - up0
         self.train_bytes[i][1] += down1 - down0
-        return {"step": step, "client": self.index[i], "loss": result.loss, "lr": result.lr, "tokens": result.tokens,
-                "bytes_up": up1 - up0, "bytes_down": down1 - down0, "step_s": round(step_s, 6)}
+        row = {"step": step, "client": self.index[i], "loss": result.loss, "lr": result.lr, "tokens": result.tokens,
+               "bytes_up": up1 - up0, "bytes_down": down1 - down0, "step_s": round(step_s, 6)}
+        if link is not None:
+            row.update(time_breakdown(step_s, link.stats.take()))
+        return row
 
     def _round(self, jobs: list[tuple[int, int]], log) -> None:
         for row in parallel(self._step, jobs, self.fleet.abort):
@@ -262,16 +416,22 @@ class Session:
         self.sync_bytes[i][1] += down1 - down0
 
     # -- evaluation ------------------------------------------------------------------------------------
-    def _evaluate(self, client_index: int, task: TaskData, view=contextlib.nullcontext) -> dict:
+    def _evaluate(self, client_index: int, task: TaskData, view=contextlib.nullcontext, label: str = "evaluation") -> dict:
         t = self.cfg.train
         i = client_index
         up0, down0 = self.fleet.bytes(i)
+        on_batch = (lambda done, total: self.event("eval", done, total, label=label)) if self.progress else None
         with view():
-            result = evaluate(self.fleet.clients[i], task, t.batch_size, t.eval_batches)
+            result = evaluate(self.fleet.clients[i], task, t.batch_size, t.eval_batches, on_batch=on_batch)
         up1, down1 = self.fleet.bytes(i)
-        if self.fleet.channels[i] is not None:  # evaluation traffic is reported, kept out of the training counts
+        if self.fleet.links[i] is not None:  # evaluation traffic is reported, kept out of the training counts
             result["bytes_up"], result["bytes_down"] = up1 - up0, down1 - down0
+        self.event("evaluated", label=label, loss=result["loss"], ppl=result["ppl"])
         return result
+
+    def _label(self, step: int, client: int | None = None) -> str:
+        when = "before training" if step == 0 else "after training" if step == self.cfg.train.steps else f"at step {step}"
+        return when if client is None else f"client {client} {when} (own model, own data)"
 
     def _global_eval(self, step: int) -> dict:
         """The global model on the held-out data of this process's clients (all of them in-process)."""
@@ -279,9 +439,9 @@ class Session:
         if personal and step > 0:
             state = self.fleet.clients[0].global_state()
             view = lambda: global_view(self.fleet.clients[0], state, personal)  # noqa: E731
-            result = self._evaluate(0, self.pooled, view)
+            result = self._evaluate(0, self.pooled, view, self._label(step))
         else:
-            result = self._evaluate(self.holder, self.pooled)
+            result = self._evaluate(self.holder, self.pooled, label=self._label(step))
         row = {"step": step, **result, "train_bytes": sum(u + d for u, d in self.train_bytes) + sum(u + d for u, d in self.sync_bytes)}
         self.evals.append(row)
         return row
@@ -292,35 +452,30 @@ class Session:
 
     # -- the schedules -----------------------------------------------------------------------------------
     def _train(self, log) -> None:
-        steps, every = self.cfg.train.steps, self.cfg.aggregate_every
-        if self.schedule == "sequential" and self.total > 1:
-            spans = [range(s, min(s + every, steps + 1)) for s in range(1, steps + 1, every)]
-            for r, span in enumerate(spans):
-                if span[-1] <= self.start:  # done before a resume
-                    continue
-                for index in range(self.total):  # other processes' turns are theirs: the server orders them
-                    if index not in self.index:
-                        continue
-                    i = self.index.index(index)
-                    if r or index:
+        """The policy's rounds: every client of this process takes its turns; the server orders them."""
+        for rnd in self.policy.rounds(self.total, self.cfg.train.steps, self.cfg.aggregate_every, self.start):
+            mine = [(self.index.index(c), steps) for c, steps in rnd.turns if c in self.index]
+            if rnd.concurrent:
+                last = rnd.turns[0][1][-1]
+                self._round([(i, last) for i, _ in mine], log)
+                if rnd.sync == "aggregate":
+                    parallel(lambda i: self._sync(i, lambda c: c.aggregate(last)), [i for i, _ in mine], self.fleet.abort)
+            else:  # a relay: one client after another, each handing its model on
+                for i, span in mine:
+                    last = span[-1]
+                    if span[0] > 1 or self.index[i]:
                         self._sync(i, lambda c: c.take_over(span[0]))
                     for step in span:
                         self._round([(i, step)], log)
-                    self._sync(i, lambda c: c.hand_on(span[-1]))
+                    self._sync(i, lambda c: c.hand_on(last))
                     self.holder = i
-                if self._eval_due(span[-1]):
-                    self._global_eval(span[-1])
-                self._maybe_stop(span[-1])  # a relay checkpoints at the end of a round: every client is between turns
+                last = rnd.turns[0][1][-1]
+            if self._eval_due(last):
+                self._global_eval(last)
+            self._maybe_stop(last)  # a relay checkpoints at the end of a round: every client is between turns
+        if self.policy.relays and self.total > 1:
             for i in range(self.n):  # everyone ends with the final model
                 self._sync(i, lambda c: c.take_over(0))
-            return
-        for step in range(self.start + 1, steps + 1):
-            self._round([(i, step) for i in range(self.n)], log)
-            if self.total > 1 and (step % every == 0 or step == steps):
-                parallel(lambda i: self._sync(i, lambda c: c.aggregate(step)), list(range(self.n)), self.fleet.abort)
-            if self._eval_due(step):
-                self._global_eval(step)
-            self._maybe_stop(step)
 
     def _maybe_stop(self, step: int) -> None:
         """Checkpoint when due (every ``checkpoint_every`` steps, at the end, on a stop request); stop if asked."""
@@ -334,7 +489,7 @@ class Session:
     def _checkpoint(self, step: int) -> None:
         """The server saves its part first, then this process saves its clients: a killed client always finds
         the server holding its step (the server keeps the last two)."""
-        if self.fleet.channels[0] is not None:
+        if self.fleet.links[0] is not None:
             if not self.fleet.clients[0].server_info.get("checkpoints"):
                 return  # a server without --state could not resume its part: a client checkpoint alone is useless
             parallel(lambda c: c.checkpoint(step), self.fleet.clients, self.fleet.abort)
@@ -342,6 +497,8 @@ class Session:
         for index, client in zip(self.index, self.fleet.clients):
             parts, parties[str(index)] = client.party.checkpoint()
             groups.update({f"c{index}.{name}": t for name, t in parts.items()})
+            if client.link is not None:
+                groups[f"c{index}.link"] = client.link.state()
         groups["rng"] = rng_state()
         meta = {"step": step, "samplers": [s.state_dict() for s in self.samplers], "metrics": self.metrics,
                 "evals": self.evals, "own_before": self.own_before, "train_bytes": self.train_bytes,
@@ -363,15 +520,19 @@ class Session:
         self.start = step
 
     def run(self) -> dict[str, Any]:
+        self.event("start", self.done, self.n * self.cfg.train.steps, resume=self.start or None, cuts=self.cfg.cuts,
+                   shape=self.fleet.clients[0].plan.shape, threads=torch.get_num_threads())
         if self.start == 0:
             before = self._global_eval(0)
-            self.own_before = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.total > 1 else [before]
+            self.own_before = ([self._evaluate(i, task, label=self._label(0, self.index[i])) for i, task in enumerate(self.tasks)]
+                               if self.total > 1 else [before])
         before, own_before = self.evals[0], self.own_before
         with open(self.out / "metrics.jsonl", "w") as log:
             log.writelines(json.dumps(row) + "\n" for row in self.metrics)  # a resumed run keeps the steps it had
             self._train(log)
         after = self._global_eval(self.cfg.train.steps)
-        own_after = [self._evaluate(i, task) for i, task in enumerate(self.tasks)] if self.total > 1 else [after]
+        own_after = ([self._evaluate(i, task, label=self._label(self.cfg.train.steps, self.index[i])) for i, task in enumerate(self.tasks)]
+                     if self.total > 1 else [after])
         with open(self.out / "evals.jsonl", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in self.evals)
         save_adapters(self.out / ADAPTERS, self.fleet, self.cfg)
@@ -383,7 +544,8 @@ class Session:
     def _title(self) -> str:
         plan = self.fleet.clients[0].plan
         who = f" · {self.total} clients · {self.schedule}" if self.total > 1 else ""
-        return f"{self.cfg.model} · {plan.shape} · cuts {self.cfg.cuts}{who}"
+        cuts = f"cuts {self.cfg.cuts}" if self.cfg.cuts is not None else "no cuts"
+        return f"{self.cfg.model} · {plan.shape} · {cuts}{who}"
 
     # -- summary ---------------------------------------------------------------------------------------
     def _summary(self, before: dict, after: dict, own_before: list[dict], own_after: list[dict]) -> dict[str, Any]:
@@ -399,7 +561,7 @@ class Session:
             "clients": self.total,
             "shape": clients[0].plan.shape,
             "model": cfg.model,
-            "cuts": list(cfg.cuts),
+            "cuts": list(cfg.cuts) if cfg.cuts is not None else None,
             "steps": t.steps,
             "seed": cfg.seed,
             "task": self.pooled.kind,
@@ -421,6 +583,7 @@ class Session:
             "step_s_mean": sum(step_times) / len(step_times),
             "step_s_median": step_times[len(step_times) // 2],
             "device": str(clients[0].party.device),
+            "threads": torch.get_num_threads(),
             "server_device": server_info.get("device"),
             "client_params": clients[0].party.weights.params,
             "client_bytes": clients[0].party.weights.bytes,
@@ -433,6 +596,7 @@ class Session:
         if "accuracy" in before:
             summary["eval_accuracy_before"] = before["accuracy"]
             summary["eval_accuracy_after"] = after["accuracy"]
+        summary.update(step_breakdown(self.metrics))
         summary["per_client"] = [self._client_entry(i, own_before[i], own_after[i]) for i in range(self.n)]
         return summary
 
@@ -474,11 +638,11 @@ def save_adapters(folder: Path, fleet: Fleet, cfg: RunConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     clients = fleet.clients
     first = clients[0]
-    manifest = {"model": cfg.model, "cuts": list(cfg.cuts), "shape": first.plan.shape,
+    manifest = {"model": cfg.model, "cuts": list(cfg.cuts) if cfg.cuts is not None else None, "shape": first.plan.shape,
                 "segments": cfg.segments.model_dump(), "lora": cfg.lora.model_dump(), "files": {}, "clients": {},
                 "fan_in_fan_out": bool(first.party.fan_in_fan_out or first.server_info.get("fan_in_fan_out"))}
     several = cfg.clients > 1 and cfg.mode != "centralized"
-    averaged = several and not (cfg.mode == "split" and cfg.schedule == "sequential")
+    averaged = several and policy_for(cfg.mode, cfg.schedule).averages(cfg.clients)
     if averaged:
         parts = {"global": first.global_state()}
     else:

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .channels import LocalChannel
+from .cut import CutLink, ServerLink, terms_from
 from .config import RunConfig
 from .device import resolve_device
-from .models.arch import detect_arch
+from .models.arch import check_seq_len, detect_arch
 from .models.zoo import resolve_model
+from .schedules.policy import POLICIES
 from .parties import Client, Party, Server, SessionSpec
 
 
@@ -81,15 +83,18 @@ def verify(cfg: RunConfig, batch: int = 2, seq: int = 16, padding: bool = True, 
     source = resolve_model(cfg.model)
     config = source.config()
     spec = detect_arch(config)
+    check_seq_len(spec, seq, key="--seq", model=cfg.model)
     fingerprint = source.fingerprint()
-    split = SessionSpec.from_run(cfg.model_copy(update={"mode": "split"}), fingerprint, spec.model_type)
+    cfg = cfg.model_copy(update={"mode": "split"}).resolve(spec.n_blocks)  # the unsplit reference keeps the same segments
+    split = SessionSpec.from_run(cfg, fingerprint, spec.model_type)
     whole = SessionSpec.from_run(cfg.model_copy(update={"mode": "centralized"}), fingerprint, spec.model_type)
 
     device = resolve_device(cfg.train.device)  # --set train.device=cuda checks the split on a GPU
     reference = Client(Party("client", source, spec, whole, config, device=device))
-    server = Server(source, spec, config, device=device)
-    channel = LocalChannel(server.handle)
-    client = Client(Party("client", source, spec, split, config, device=device), channel)
+    server = Server(source, spec, config, device=device, policies=POLICIES)
+    # the run's own chain: padding removal and codecs are part of what is verified
+    link = CutLink(LocalChannel(ServerLink(server.handle).serve), "verify", terms_from(cfg.codec.model_dump(), cfg.padding_removal))
+    client = Client(Party("client", source, spec, split, config, device=device), link, cfg.train.micro_batches, cfg.train.max_in_flight)
     client.connect()
 
     vocab = config.get_text_config().vocab_size
@@ -113,7 +118,9 @@ def verify(cfg: RunConfig, batch: int = 2, seq: int = 16, padding: bool = True, 
     after_ref = reference.party.state()
     after_split = {**client.party.state(), **client.server_state()}
     update_diff, _ = _max_diff({k: after_ref[k] for k in after_ref if k in after_split}, after_split)
+    link.close()
+    server.close()
     return VerifyReport(
         cfg.model, list(cfg.cuts), client.plan.shape, loss_split, loss_ref, grad_diff, update_diff, worst, len(g_ref),
-        tolerance, channel.bytes_up, channel.bytes_down, problems,
+        tolerance, link.bytes_up, link.bytes_down, problems,
     )

@@ -1,8 +1,11 @@
-"""The channel seam: request/reply of messages, bytes counted once per frame, taps for observers."""
+"""The channel seam: frames to the server and replies back, many in flight, bytes counted once per frame."""
 
 from __future__ import annotations
 
+import threading
+import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from typing import Callable
 
 from ..wire import Message, decode_frame, encode_frame
@@ -20,42 +23,57 @@ class RemoteError(RuntimeError):
         self.code = code
 
 
+class ConnectionLost(RemoteError):
+    """The connection to the server broke in the middle of a run; the text says how to resume."""
+
+
 class Channel(ABC):
-    def __init__(self, codecs_up: dict[str, str] | None = None, codecs_down: dict[str, str] | None = None):
+    """Carries frames to the server and their replies back, many in flight at once; counts every frame's
+    bytes once, when it is handed over. What a frame means is the cut link's business (``cut/``)."""
+
+    def __init__(self):
         self.bytes_up = 0
         self.bytes_down = 0
         self.messages_up = 0
         self.messages_down = 0
-        self.codecs_up = codecs_up or {}
-        self.codecs_down = codecs_down or {}
-        self.taps: list[Tap] = []
+        self._count = threading.Lock()
 
-    def add_tap(self, tap: Tap) -> None:
-        self.taps.append(tap)
-
-    def _observe(self, direction: str, msg: Message, nbytes: int) -> None:
-        if direction == "up":
-            self.bytes_up += nbytes
+    def request(self, frame: bytes) -> Future:
+        """Send ``frame``; the future's result is the reply frame (its ``arrived_at`` the time it came)."""
+        with self._count:
+            self.bytes_up += len(frame)
             self.messages_up += 1
-        else:
-            self.bytes_down += nbytes
+        future = self._submit(frame)
+        future.add_done_callback(self._count_reply)
+        return future
+
+    def _count_reply(self, future: Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        with self._count:
+            self.bytes_down += len(future.result())
             self.messages_down += 1
-        for tap in self.taps:
-            tap(direction, msg, nbytes)
 
-    def encode_up(self, msg: Message) -> bytes:
-        return encode_frame(msg, self.codecs_up)
+    @abstractmethod
+    def _submit(self, frame: bytes) -> Future:
+        """Hand ``frame`` to the transport; complete the future with the reply frame."""
 
-    def receive_down(self, frame: bytes) -> Message:
-        reply = decode_frame(frame)
-        self._observe("down", reply, len(frame))
+    def wait(self, future: Future, msg: Message) -> bytes:
+        """The reply frame to ``msg`` (a transport may bound the wait)."""
+        return future.result()
+
+    def call(self, msg: Message) -> Message:
+        """Send one message raw and wait for its reply (the hello, tests, tools): no chain, no codec."""
+        reply = decode_frame(self.wait(self.request(encode_frame(msg)), msg))
         if reply.kind == "error":
             raise RemoteError(reply.meta.get("reason", "the server refused the message"), reply.meta.get("code", "UNKNOWN"))
         return reply
 
-    @abstractmethod
-    def call(self, msg: Message) -> Message:
-        """Send ``msg`` to the server and return its reply."""
-
     def close(self) -> None:
         pass
+
+
+def arrived(future: Future, frame: bytes) -> None:
+    """Complete ``future`` with a reply frame, stamping when it arrived (the link's wire time)."""
+    future.arrived_at = time.perf_counter()
+    future.set_result(frame)

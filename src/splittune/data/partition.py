@@ -101,7 +101,7 @@ def partition_records(
 def _client_records(cfg: RunConfig) -> list[tuple[str, list[Record]]]:
     """(source, records) of each client."""
     if cfg.partition == "by_source":
-        sources = [cfg.override(i).source or cfg.data.source for i in range(cfg.clients)]
+        sources = [cfg.client_source(i) for i in range(cfg.clients)]
         return [(s, load_records(cfg.data.model_copy(update={"source": s}))) for s in sources]
     records = load_records(cfg.data)
     resolve_kind(cfg.data.task, records)  # a source mixing kinds fails here, not as clients of different kinds

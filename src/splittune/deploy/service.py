@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,10 @@ import yaml
 
 from ..parties.party import SessionSpec
 from ..parties.server import Server
-from ..wire import FrameError, FrameLimits, Message, decode_frame, encode_frame
-from .wire import CHUNK_BYTES, DeployError, HEALTH_METHOD, KEEPALIVE, LAST, MAX_CHUNK_BYTES, MORE, Address, chunks, is_loopback
+from ..cut.link import ServerLink
+from ..cut.transforms import ChainError
+from ..wire import FrameError, FrameLimits, Message
+from ..channels.transport import CHUNK_BYTES, HEALTH_METHOD, KEEPALIVE, MAX_CHUNK_BYTES, Address, ChunkError, DeployError, Reassembler, chunks, is_loopback
 
 log = logging.getLogger("splittune.serve")
 
@@ -70,11 +73,13 @@ class SplitService:
     def __init__(self, server: Server, tokens: dict[str, str] | None, limits: Limits | None = None, chunk_bytes: int = CHUNK_BYTES,
                  bindings: dict[str, int] | None = None):
         self.server = server
+        self.link = ServerLink(server.handle, (limits or Limits()).frame)
         self.tokens = tokens
         self.bindings = bindings or {}  # client id -> the one client index it may take in a run
         self.limits = limits or Limits()
         self.chunk_bytes = chunk_bytes
         self.owner: dict[str, str] = {}  # session id -> client id
+        self.client_certs = False  # mutual TLS: a client's id must be its certificate's (``start`` sets it)
         self._lock = threading.Lock()
         self.started = time.time()
         self.counts = {"sessions_opened": 0, "messages": 0, "bytes_in": 0, "bytes_out": 0, "refused": 0}
@@ -83,7 +88,11 @@ class SplitService:
     def _client(self, context) -> str:
         meta = dict(context.invocation_metadata())
         client = meta.get("x-splittune-client", "anonymous")
+        named = self._certificate_names(context) if self.client_certs else None
+        if named and self.tokens is None and client == "anonymous":
+            client = named[0]  # no tokens and no id claimed: the certificate says who this is
         if self.tokens is None:
+            self._check_certificate(context, client, named)
             return client
         given = meta.get("authorization", "").removeprefix("Bearer ")
         expected = self.tokens.get(client)
@@ -92,7 +101,26 @@ class SplitService:
         if not ok:
             self._event("refused", client=client, reason="bad token" if given else "no token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"client {client!r} did not present a valid token")
+        self._check_certificate(context, client, named)
         return client
+
+    @staticmethod
+    def _certificate_names(context) -> list[str]:
+        """Who the client certificate says the client is: its common name, then its subject alternative names."""
+        auth = context.auth_context()
+        names = [v.decode(errors="replace") for key in ("x509_common_name", "x509_subject_alternative_name")
+                 for v in auth.get(key, [])]
+        return list(dict.fromkeys(names))
+
+    def _check_certificate(self, context, client: str, named: list[str] | None) -> None:
+        """With mutual TLS, a token is only good together with its client's certificate: bob's certificate
+        with alice's token is bob claiming to be alice."""
+        if not self.client_certs or client in (named or []):
+            return
+        held = f"for {named[0]!r}" if named else "without a name"
+        self._abort(context, client, grpc.StatusCode.PERMISSION_DENIED,
+                    f"the client certificate is {held}, but the session claims client id {client!r}; "
+                    "a client connects with its own certificate and its own id (--client-id)")
 
     def _event(self, event: str, **fields) -> None:
         if event == "refused":
@@ -101,39 +129,41 @@ class SplitService:
 
     # -- the session stream -------------------------------------------------------------------------------
     def session(self, requests, context):
+        """One client's stream. A reader thread takes frames off the stream as they come, so the client
+        may keep many in flight; they are handled here one by one, in order, and each reply carries its
+        request's correlation id."""
         client = self._client(context)
         peer = context.peer()
         self._event("connect", client=client, peer=peer)
-        buffer = bytearray()
+        inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_read_frames, args=(requests, inbox, self.limits.frame.max_frame_bytes), daemon=True).start()
         opened: set[str] = set()
         try:
-            for chunk in requests:
-                if not chunk or chunk[0] not in (MORE, LAST):
-                    self._abort(context, client, grpc.StatusCode.INVALID_ARGUMENT, "malformed chunk: the first byte must be 0 (more) or 1 (last)")
-                buffer += chunk[1:]
-                if len(buffer) > self.limits.frame.max_frame_bytes:
-                    self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"frame exceeds {self.limits.frame.max_frame_bytes} bytes")
-                if chunk[0] == MORE:
-                    continue
-                frame = bytes(buffer)
-                buffer.clear()
-                reply = self._handle(frame, client, context)
+            while True:
+                item = inbox.get()
+                if item is None:
+                    return
+                if isinstance(item, ChunkError):
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED if "exceeds" in str(item) else grpc.StatusCode.INVALID_ARGUMENT
+                    self._abort(context, client, code, str(item))
+                corr, frame = item
+                request, reply = self._handle(frame, client, context)
                 if reply.kind == "hello":
                     opened.add(reply.session)
-                out = encode_frame(reply)
+                out = self.link.reply(request, reply)
                 self.counts["bytes_in"] += len(frame)
                 self.counts["bytes_out"] += len(out)
-                yield from chunks(out, self.chunk_bytes)
+                yield from chunks(out, self.chunk_bytes, corr)
         finally:  # the sessions of this stream end with it (the trained state stays with the server)
             with self._lock:
                 for session in opened:
                     self.owner.pop(session, None)
+                    self.link.close_session(session)
             self._event("disconnect", client=client, peer=peer, sessions=sorted(opened))
 
-    def _handle(self, frame: bytes, client: str, context) -> Message:
+    def _handle(self, frame: bytes, client: str, context) -> tuple[Message, Message]:
         try:
-            msg = decode_frame(frame, self.limits.frame)
+            msg = self.link.decode(frame)
         except FrameError as err:
             self._abort(context, client, grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {err}")
         with self._lock:
@@ -159,7 +189,10 @@ class SplitService:
                             f"the server holds its maximum of {self.limits.max_sessions} sessions")
         started = time.perf_counter()
         try:
+            msg = self.link.accept(msg, len(frame))
             reply = self.server.handle(msg)
+        except ChainError as err:  # a chain the server cannot run, or a crossing it cannot undo: the session stays usable
+            reply = Message("error", msg.session, msg.step, msg.micro, meta={"reason": str(err), "code": "INVALID_ARGUMENT"})
         except Exception as err:  # a fault of ours must not take the server down with it
             log.exception("handler failed")
             reply = Message("error", msg.session, msg.step, msg.micro, meta={"reason": f"internal error: {type(err).__name__}: {err}", "code": "INTERNAL"})
@@ -173,7 +206,7 @@ class SplitService:
         if reply.kind == "error":
             fields.update(code=reply.meta.get("code"), reason=reply.meta.get("reason"))
         self._event("message", **fields)
-        return reply
+        return msg, reply
 
     def _starts_new_run(self, msg: Message) -> bool:
         try:
@@ -206,37 +239,101 @@ class Tls:
     client_ca: Path | None = None  # mutual TLS: clients must present a certificate signed by this CA
 
 
-def start(service: SplitService, listen: Address, tls: Tls | None, insecure: bool = False, workers: int | None = None) -> grpc.Server:
-    """Bind and start; refuses a plaintext listener on a non-loopback address unless ``insecure``."""
+def bind(listen: Address, tls: Tls | None, insecure: bool = False, max_sessions: int = 64, workers: int | None = None) -> grpc.Server:
+    """A gRPC server bound to ``listen``, not started (no handlers yet): ``serve`` binds before it loads its
+    model, so a busy port or a bad certificate fails in a second. Refuses a plaintext listener on a
+    non-loopback address unless ``insecure``."""
+    from .files import check_server, read
+
     if tls is None and not is_loopback(listen.host) and not insecure:
         raise DeployError(
             f"refusing to listen on {listen.target} without TLS: give --tls-cert and --tls-key "
             "(splittune certs makes a test CA), or --insecure if the network is trusted"
         )
+    if tls is not None:
+        check_server(tls.cert, tls.key, tls.client_ca)
     options = [*KEEPALIVE, ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 0),
                ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 16),
                ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 16), ("grpc.so_reuseport", 0)]
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers or service.limits.max_sessions + 8), options=options,
-                         maximum_concurrent_rpcs=service.limits.max_sessions + 8)
-    server.add_generic_rpc_handlers((service.handler(),))
-    if tls is not None:
-        creds = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-            require_client_auth=tls.client_ca is not None,
-        )
-        port = server.add_secure_port(listen.target, creds)
-    else:
-        port = server.add_insecure_port(listen.target)
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers or max_sessions + 8), options=options,
+                         maximum_concurrent_rpcs=max_sessions + 8)
+    try:
+        if tls is not None:
+            creds = grpc.ssl_server_credentials(
+                [(read(tls.key, "--tls-key"), read(tls.cert, "--tls-cert"))],
+                root_certificates=read(tls.client_ca, "--tls-client-ca") if tls.client_ca else None,
+                require_client_auth=tls.client_ca is not None,
+            )
+            port = server.add_secure_port(listen.target, creds)
+        else:
+            port = server.add_insecure_port(listen.target)
+    except RuntimeError:  # gRPC raises "Failed to bind" where older versions returned 0
+        port = 0
     if port == 0:
-        raise DeployError(f"cannot listen on {listen.target} (address in use or not available)")
+        server.stop(None)
+        raise DeployError(f"cannot listen on {listen.target}: {_why_not_bound(listen)}")
+    return server
+
+
+def _why_not_bound(listen: Address) -> str:
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(listen.host.strip("[]"), listen.port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return f"cannot resolve {listen.host!r}"
+    family, kind, proto, _, where = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(where)
+        except OSError as err:
+            return {errno.EADDRINUSE: "the port is already in use (another splittune serve?)",
+                    errno.EADDRNOTAVAIL: f"{listen.host} is not an address of this machine",
+                    errno.EACCES: "permission denied (ports below 1024 need privileges)"}.get(err.errno, err.strerror or str(err))
+    return "address in use or not available"
+
+
+def release(server: grpc.Server) -> None:
+    """Give back the port of a server from :func:`bind` that will not serve (gRPC keeps the port of a server
+    that never started until the process exits)."""
+    try:
+        server.start()  # without handlers: a call in this instant is answered UNIMPLEMENTED
+    except ValueError:  # already started
+        pass
+    server.stop(None).wait()
+
+
+def start(service: SplitService, listen: Address, tls: Tls | None, insecure: bool = False, workers: int | None = None,
+          bound: grpc.Server | None = None) -> grpc.Server:
+    """Bind (unless ``bound`` is the server :func:`bind` made for the same ``listen`` and ``tls``), add the
+    service and start. With mutual TLS, the service binds client ids to client certificates."""
+    server = bound if bound is not None else bind(listen, tls, insecure, service.limits.max_sessions, workers)
+    service.client_certs = tls is not None and tls.client_ca is not None
+    server.add_generic_rpc_handlers((service.handler(),))
     server.start()
     return server
 
 
+def _read_frames(requests, inbox: queue.Queue, max_frame_bytes: int) -> None:
+    """Frames off a session's stream into ``inbox`` as they arrive; a chunk that breaks the framing ends it."""
+    parts = Reassembler(max_frame_bytes)
+    try:
+        for chunk in requests:
+            done = parts.add(chunk)
+            if done is not None:
+                inbox.put(done)
+    except ChunkError as err:
+        inbox.put(err)
+        return
+    except Exception:  # the stream ended under us (cancelled, reset): the handler loop ends too
+        pass
+    inbox.put(None)
+
+
 def health(url: str, timeout_s: float = 5.0, ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> dict:
     """Ask a server how it is (for probes and ``splittune health``)."""
-    from .wire import parse_server
+    from ..channels.transport import parse_server
 
     address = parse_server(url)
     if address.tls:

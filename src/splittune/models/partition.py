@@ -8,6 +8,7 @@ own forward still runs (DESIGN.md contract 3).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Iterable
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -26,7 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class PlanError(ValueError):
-    """Cuts that do not fit the model."""
+    """A split that cannot run: cuts that do not fit the model, or segment settings the split forbids."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,12 @@ def plan_split(n_blocks: int, cuts: Iterable[int], mode: str = "split") -> Split
     least one block each, because the received activations enter through a block.
     """
     cuts = tuple(int(c) for c in cuts)
+    if not cuts and mode == "centralized":
+        # no cuts (a centralized or federated run): every block is the trunk; the bottom holds only the
+        # embeddings and the top only the final norm and head, so segments.bottom/top still say how those train
+        segments = (Segment("bottom", 0, 0, True, False), Segment("trunk", 0, n_blocks, False, False),
+                    Segment("top", n_blocks, n_blocks, False, True))
+        return SplitPlan(n_blocks, cuts, segments, ("client",) * 3)
     if len(cuts) == 1:
         (a,) = cuts
         if not 0 <= a <= n_blocks - 1:
@@ -96,10 +103,26 @@ def plan_split(n_blocks: int, cuts: Iterable[int], mode: str = "split") -> Split
         )
         owners = ("client", "server", "client")
     else:
-        raise PlanError(f"cuts must hold 1 (two-part) or 2 (U-shaped) block indices, got {list(cuts)}")
+        hint = "; cuts: auto becomes real cuts once the model is known (RunConfig.resolve)" if not cuts else ""
+        raise PlanError(f"cuts must hold 1 (two-part) or 2 (U-shaped) block indices, got {list(cuts)}{hint}")
     if mode == "centralized":
         owners = ("client",) * len(segments)
     return SplitPlan(n_blocks, cuts, segments, owners)
+
+
+def check_trainable(plan: SplitPlan, modes: dict[str, str]) -> None:
+    """Refuse a plan in which nothing trains (every segment frozen, or LoRA only on segments without blocks):
+    the backward pass would have nothing to differentiate."""
+
+    def trains(s: Segment) -> bool:
+        return modes.get(s.name) == "full" or (modes.get(s.name) == "lora" and len(s.blocks) > 0)
+
+    if plan.segments and not any(trains(s) for s in plan.segments):
+        keys = ", ".join(f"segments.{s.name}={modes.get(s.name)}" + (" (no blocks)" if not s.blocks else "") for s in plan.segments)
+        raise PlanError(
+            f"nothing would train with cuts {list(plan.cuts)}: {keys}; LoRA needs blocks to adapt, so set a segment "
+            "that has blocks to lora, or any segment to full"
+        )
 
 
 class AbsentBlock(nn.Module):
@@ -191,6 +214,19 @@ def without_dropout(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
+@contextlib.contextmanager
+def _open_weights(source: ModelSource, filename: str):
+    """One safetensors file of ``source``; a corrupt, truncated or missing file is a ModelError naming it."""
+    path = source.weight_file(filename)
+    if not path.exists():
+        raise ModelError(f"{source.ref}: weight file {path} is missing (the checkpoint's index lists it)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as err:
+        raise source.corrupt(path, err) from None
+
+
 def load_party_model(
     source: ModelSource,
     config: PretrainedConfig,
@@ -247,7 +283,7 @@ def load_party_model(
         )
     stats = PartyWeights(0, 0, 0)
     for filename, entries in by_file.items():
-        with safe_open(str(source.weight_file(filename)), framework="pt") as f:
+        with _open_weights(source, filename) as f:
             for pid, key in entries:
                 tensor = f.get_tensor(key).to(dtype)
                 expected = params[pid].shape
@@ -277,7 +313,7 @@ def _load_owned_buffers(model, source, is_owned, weight_map, names_in_file) -> N
         if key is not None and is_owned(name):
             by_file[weight_map[key]].append((name, key, buf))
     for filename, entries in by_file.items():
-        with safe_open(str(source.weight_file(filename)), framework="pt") as f:
+        with _open_weights(source, filename) as f:
             for name, key, buf in entries:
                 module_name, _, leaf = name.rpartition(".")
                 model.get_submodule(module_name)._buffers[leaf] = f.get_tensor(key).to(buf.dtype)

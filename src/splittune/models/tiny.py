@@ -36,6 +36,11 @@ class TinyModelError(ValueError):
     pass
 
 
+def tiny_reference() -> str:
+    """How a tiny model is named, with every option and its default (``splittune models``, docs/models-and-data.md)."""
+    return "tiny:MODEL_TYPE[," + ",".join(f"{k}={v}" for k, v in DEFAULTS.items()) + "]"
+
+
 def parse_tiny(ref: str) -> tuple[str, dict]:
     """``tiny:llama`` or ``tiny:llama,layers=6,seed=1`` → ("llama", settings)."""
     body = ref.split(":", 1)[1]
@@ -45,7 +50,12 @@ def parse_tiny(ref: str) -> tuple[str, dict]:
         key, sep, value = pair.partition("=")
         if not sep or key not in DEFAULTS:
             raise TinyModelError(f"bad tiny model option {pair!r} in {ref!r}; allowed: {', '.join(DEFAULTS)} (e.g. layers=6)")
-        opts[key] = int(value)
+        try:
+            opts[key] = int(value)
+        except ValueError:
+            raise TinyModelError(f"tiny model option {key}={value!r} in {ref!r} must be an integer (e.g. {key}={DEFAULTS[key]})") from None
+        if opts[key] < (0 if key == "seed" else 1):
+            raise TinyModelError(f"tiny model option {key}={value} in {ref!r} must be {'>= 0' if key == 'seed' else 'positive'}")
     if not model_type:
         raise TinyModelError(f"{ref!r} names no model type; e.g. tiny:llama")
     return model_type, opts
@@ -103,7 +113,10 @@ def tiny_model_dir(ref: str) -> Path:
     transformers.utils.logging.disable_progress_bar()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts["seed"])
-        model = AutoModelForCausalLM.from_config(config)
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError as err:  # not a causal LM (t5, bert…), or options the architecture rejects (heads ∤ hidden)
+            raise TinyModelError(f"cannot build {ref!r}: {str(err).splitlines()[0][:300]}") from None
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     byte_tokenizer().save_pretrained(tmp)

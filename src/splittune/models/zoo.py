@@ -31,10 +31,25 @@ class ModelSource:
     _weight_map: dict[str, str] | None = field(default=None, repr=False)
 
     def config(self) -> PretrainedConfig:
-        return AutoConfig.from_pretrained(str(self.path) if self.path else self.repo_id)
+        where = self.path / "config.json" if self.path else f"the config.json of {self.repo_id}"
+        if self.path is not None:
+            try:
+                json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                raise ModelError(f"{where} is not a readable JSON file ({_reason(err)}); {self._fix_hint()}") from None
+        try:
+            return AutoConfig.from_pretrained(str(self.path) if self.path else self.repo_id)
+        except (OSError, ValueError, KeyError) as err:  # no or unknown model_type, a config transformers cannot read
+            raise ModelError(f"cannot read the model config {where}: {str(err)[:300]}") from None
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        tok = AutoTokenizer.from_pretrained(str(self.path) if self.path else self.repo_id)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self.path) if self.path else self.repo_id)
+        except Exception as err:  # missing or malformed tokenizer files end here, with the directory named
+            raise ModelError(
+                f"cannot load the tokenizer of {self.path or self.repo_id} ({type(err).__name__}: {str(err)[:200]}); "
+                "a model directory needs its tokenizer files (tokenizer.json or tokenizer_config.json and vocabulary)"
+            ) from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -53,11 +68,16 @@ class ModelSource:
         return Path(hf_hub_download(self.repo_id, filename))
 
     def _read_weight_map(self) -> dict[str, str]:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         index = self._optional_file(SAFETENSORS_INDEX)
         if index is not None:
-            return dict(json.loads(index.read_text())["weight_map"])
+            try:
+                return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+                raise ModelError(
+                    f"{index} is not a valid safetensors index (JSON with a 'weight_map'): {_reason(err)}; {self._fix_hint()}"
+                ) from None
         single = self._optional_file(SAFETENSORS_SINGLE)
         if single is None:
             where = self.path or self.repo_id
@@ -65,8 +85,24 @@ class ModelSource:
                 f"{where} has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}; splittune reads safetensors checkpoints "
                 "(convert a .bin checkpoint with transformers' save_pretrained first)"
             )
-        with safe_open(single, "pt") as f:
-            return {key: SAFETENSORS_SINGLE for key in f.keys()}
+        try:
+            with safe_open(single, "pt") as f:
+                return {key: SAFETENSORS_SINGLE for key in f.keys()}
+        except SafetensorError as err:
+            raise self.corrupt(single, err) from None
+
+    def corrupt(self, file: Path, err: Exception) -> ModelError:
+        """The error for a weight file safetensors cannot read: it names the file and how to get a good copy."""
+        return ModelError(f"{file} is corrupt or truncated ({err}); {self._fix_hint()}")
+
+    def _fix_hint(self) -> str:
+        if self.ref.startswith("builtin:"):
+            return f"it is splittune's cache of {self.ref}: delete {self.path} and run `splittune fetch {self.ref}` to rebuild it"
+        if self.ref.startswith("tiny:"):
+            return f"it is splittune's cache of {self.ref}: delete {self.path} and it is rebuilt on next use"
+        if self.path is None:
+            return f"it is in the Hugging Face cache: download {self.repo_id} again (e.g. `hf download {self.repo_id} --force-download`)"
+        return "download or save the model again"
 
     def _optional_file(self, filename: str) -> Path | None:
         if self.path is not None:
@@ -80,6 +116,11 @@ class ModelSource:
         except EntryNotFoundError:
             return None
 
+    def describe(self) -> str:
+        """The reference and where it resolved, for messages: ``tiny:gpt2 (/home/me/.cache/…/tiny-gpt2-…)``."""
+        where = str(self.path or self.repo_id or "")
+        return self.ref if where in ("", self.ref) else f"{self.ref} ({where})"
+
     def fingerprint(self) -> str:
         """Identity of the base model (config + tensor names and file digests) that both parties must share."""
         import hashlib
@@ -92,6 +133,15 @@ class ModelSource:
                 stat = (self.path / filename).stat()
                 digest.update(f"{filename}:{stat.st_size}".encode())
         return digest.hexdigest()[:16]
+
+
+def _reason(err: Exception) -> str:
+    """An OS or parse error in a few words (the file itself is named by the caller)."""
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text: byte {err.start}"
+    return f"{type(err).__name__}: {str(err)[:200]}"
 
 
 def resolve_model(ref: str) -> ModelSource:

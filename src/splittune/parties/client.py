@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..channels import Channel
+from ..cut.link import CutLink, Pending
+from ..cut.transforms import needed_positions
 from ..data.choices import candidate_scores
 from ..device import to_device
 from ..wire import Message
-from ..schedules.aggregate import fold_delta
+from ..averaging import fold_delta
 from .party import Party
 
 Batch = dict[str, torch.Tensor]
@@ -34,77 +35,152 @@ class StepResult:
     lr: float
 
 
+def split_rows(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` cut into ``parts`` micro-batches of consecutive rows (as even as the rows allow)."""
+    if parts == 1:
+        return [batch]
+    rows = next(iter(batch.values())).shape[0]
+    if parts > rows:
+        raise ValueError(f"train.micro_batches={parts} exceeds the {rows} rows of a batch (train.batch_size)")
+    sizes = [rows // parts + (1 if i < rows % parts else 0) for i in range(parts)]
+    pieces = {k: v.split(sizes) for k, v in batch.items()}
+    return [{k: pieces[k][i] for k in batch} for i in range(parts)]
+
+
+@dataclass
+class _Micro:
+    """One micro-batch on its way through the pipeline."""
+
+    index: int
+    batch: Batch
+    hidden: torch.Tensor | None = None  # the bottom's output, kept for the backward
+    pending: Pending | None = None  # the message in flight for it
+    top: torch.Tensor | None = None  # U-shape: the top's input, whose gradient goes back to the server
+    stage: int = 0  # 1: forward sent; 2: top gradient sent (U-shape); 3: done
+    loss: float = 0.0
+
+
 class Client:
-    def __init__(self, party: Party, channel: Channel | None = None, session: str | None = None):
+    """``link`` is this client's end of the cut (None for centralized and federated runs, which only average).
+
+    ``micro_batches`` cuts every batch into that many micro-batches that flow through the cut concurrently,
+    at most ``max_in_flight`` at once (back-pressure bounds the activations both parties hold).
+    """
+
+    def __init__(self, party: Party, link: CutLink | None = None, micro_batches: int = 1, max_in_flight: int | None = None):
         self.party = party
         self.plan = party.plan
-        self.channel = channel
-        self.session = session or uuid.uuid4().hex[:12]
+        self.link = link
+        self.session = link.session if link is not None else uuid.uuid4().hex[:12]
+        self.micro_batches = micro_batches
+        self.max_in_flight = max_in_flight or micro_batches
         self.server_info: dict = {}
         self.split = self.plan.shape != "centralized"  # a federated client trains the whole model and talks only to average
-        if self.split and channel is None:
-            raise ValueError(f"a {self.plan.shape} split needs a channel to the server")
+        if self.split and link is None:
+            raise ValueError(f"a {self.plan.shape} split needs a link to the server")
 
-    def connect(self, resume: int | None = None) -> dict:
-        """Stage 0: propose the session; the server builds its part from it (restored to step ``resume``) or says why not."""
-        if self.channel is not None:
+    def connect(self, resume: int | None = None, link_state: dict | None = None) -> dict:
+        """Stage 0: propose the session and the chain; the server builds its part from it (restored to step
+        ``resume``, the chain from ``link_state``) or says why not."""
+        if self.link is not None:
             meta = self.party.session.to_meta()
             if resume is not None:
                 meta["resume"] = resume
-            reply = self.channel.call(Message("hello", self.session, meta=meta))
-            self.server_info = dict(reply.meta)
+            self.server_info = dict(self.link.hello(meta, link_state).meta)
         return self.server_info
 
-    def _call(self, kind: str, step: int, micro: int, tensors: dict, **meta) -> Message:
-        reply = self.channel.call(Message(kind, self.session, step, micro, tensors, meta))
+    def _send(self, kind: str, step: int, micro: int, tensors: dict, **meta) -> Pending:
+        return self.link.send(Message(kind, self.session, step, micro, tensors, meta))
+
+    def _take(self, pending: Pending) -> Message:
+        reply = pending.result()
         reply.tensors = to_device(reply.tensors, self.party.device)
         return reply
 
-    # -- one micro-batch, forward and backward ----------------------------------------------------------
-    def _micro(self, step: int, micro: int, batch: Batch, num_items: int) -> float:
-        party, plan = self.party, self.plan
-        batch = to_device(batch, party.device)
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        if plan.shape == "centralized":
-            out = party.run(0, plan.n_blocks, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
-            out.loss.backward()
-            return float(out.loss.detach())
-        bottom = plan.segment("bottom")
-        h = party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
-        want_grad = h.requires_grad
-        if plan.shape == "two-part":
-            reply = self._call("activations", step, micro, {"hidden": h.detach(), "attention_mask": mask, "labels": labels},
-                               train=True, num_items=num_items, want_grad=want_grad)
-            loss = float(reply.meta["loss"])
-        else:
-            reply = self._call("activations", step, micro, {"hidden": h.detach(), "attention_mask": mask}, train=True)
-            top = plan.segment("top")
-            h_top = reply.tensors["hidden"].requires_grad_(True)
-            out = party.run(top.start, top.end, hidden=h_top, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
-            out.loss.backward()
-            loss = float(out.loss.detach())
-            reply = self._call("gradients", step, micro, {"grad": h_top.grad}, want_grad=want_grad)
-        if want_grad:
-            h.backward(reply.tensors["grad"])
-        return loss
+    def _call(self, kind: str, step: int, micro: int, tensors: dict, **meta) -> Message:
+        return self._take(self._send(kind, step, micro, tensors, **meta))
 
-    def train_step(self, step: int, micro_batches: list[Batch]) -> StepResult:
+    # -- stages 1-5 for the micro-batches of a step ---------------------------------------------------------
+    def _launch(self, step: int, m: _Micro, num_items: int) -> None:
+        """Stage 1 and the crossing of the bottom cut."""
+        batch = m.batch
+        m.hidden = self.party.run(0, self.plan.segment("bottom").end, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).hidden
+        tensors = {"hidden": m.hidden.detach(), "attention_mask": batch["attention_mask"],
+                   "cut.keep": needed_positions(batch["attention_mask"], batch["labels"])}
+        if self.plan.shape == "two-part":
+            tensors["labels"] = batch["labels"]
+            m.pending = self._send("activations", step, m.index, tensors, train=True, num_items=num_items, want_grad=m.hidden.requires_grad)
+        else:
+            m.pending = self._send("activations", step, m.index, tensors, train=True)
+        m.stage = 1
+
+    def _advance(self, step: int, m: _Micro, num_items: int) -> None:
+        """Take ``m``'s reply and do its next stage: the top (U-shape) or the bottom's backward."""
+        reply = self._take(m.pending)
+        if m.stage == 1 and self.plan.shape == "u-shape":
+            top = self.plan.segment("top")
+            m.top = reply.tensors["hidden"].requires_grad_(True)
+            out = self.party.run(top.start, top.end, hidden=m.top, attention_mask=m.batch["attention_mask"],
+                                 labels=m.batch["labels"], num_items_in_batch=num_items)
+            out.loss.backward()
+            m.loss = float(out.loss.detach())
+            m.pending = self._send("gradients", step, m.index, {"grad": m.top.grad}, want_grad=m.hidden.requires_grad)
+            m.stage = 2
+            return
+        if m.stage == 1:
+            m.loss = float(reply.meta["loss"])
+        if m.hidden.requires_grad:
+            m.hidden.backward(reply.tensors["grad"])
+        m.hidden = m.top = m.pending = None
+        m.stage = 3
+
+    def _pipeline(self, step: int, batches: list[Batch], num_items: int) -> float:
+        """Every micro-batch through the cut, up to ``max_in_flight`` at once.
+
+        The order of every action depends only on the micro-batch indices, never on when replies come:
+        forwards are sent in index order; when the window is full the oldest unfinished micro-batch takes its
+        next stage; at the end every top runs in index order, then every bottom backward. Gradients therefore
+        accumulate in the same order on both parties as without pipelining, and the step is bit-identical.
+        """
+        micros = [_Micro(i, to_device(b, self.party.device)) for i, b in enumerate(batches)]
+        for m in micros:
+            while sum(1 for x in micros if x.stage in (1, 2)) >= self.max_in_flight:
+                oldest = next(x for x in micros if x.stage in (1, 2))
+                self._advance(step, oldest, num_items)
+            self._launch(step, m, num_items)
+        for stage in (1, 2):
+            for m in micros:
+                if m.stage == stage:
+                    self._advance(step, m, num_items)
+        return sum(m.loss for m in micros)
+
+    def train_step(self, step: int, batches: list[Batch]) -> StepResult:
         """Forward and backward every micro-batch, then one optimizer step on both parties.
 
         Each micro-batch's loss is its token sum divided by the tokens of the *whole* step, so the
         accumulated gradient is that of one big batch, whatever the micro-batch split.
         """
-        loss, num_items = self.backward(step, micro_batches)
+        loss, num_items = self.backward(step, batches)
         lr = self.party.lr
         self.optimizer_step(step)
         return StepResult(loss, num_items, lr)
 
-    def backward(self, step: int, micro_batches: list[Batch]) -> tuple[float, int]:
-        """Stages 1–5 for every micro-batch: gradients accumulate on both parties."""
-        num_items = sum(count_items(b["labels"]) for b in micro_batches)
+    def backward(self, step: int, batches: list[Batch]) -> tuple[float, int]:
+        """Stages 1–5 for every micro-batch (each of ``batches`` cut into ``micro_batches``): gradients
+        accumulate on both parties."""
+        num_items = sum(count_items(b["labels"]) for b in batches)
         if num_items == 0:
             raise ValueError(f"step {step}: no label carries loss (every label is -100)")
-        loss = sum(self._micro(step, i, b, num_items) for i, b in enumerate(micro_batches))
+        micros = [m for b in batches for m in split_rows(b, self.micro_batches)]
+        if self.plan.shape != "centralized":
+            return self._pipeline(step, micros, num_items), num_items
+        loss = 0.0
+        for b in micros:
+            b = to_device(b, self.party.device)
+            out = self.party.run(0, self.plan.n_blocks, input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                 labels=b["labels"], num_items_in_batch=num_items)
+            out.loss.backward()
+            loss += float(out.loss.detach())
         return loss, num_items
 
     def optimizer_step(self, step: int) -> None:
@@ -137,7 +213,8 @@ class Client:
         else:
             bottom, top = plan.segment("bottom"), plan.segment("top")
             h = party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
-            reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask}, train=False)
+            keep = needed_positions(mask, batch["labels"])
+            reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "cut.keep": keep}, train=False)
             out = party.run(top.start, top.end, hidden=reply.tensors["hidden"], **ending)
         loss = float(out.loss) if out.loss is not None else 0.0
         return loss, None if score is None else candidate_scores(out.logits, *score)
@@ -150,7 +227,8 @@ class Client:
         if score is not None:
             meta.update(score_positions=list(score[0]), score_tokens=list(score[1]))
         labels = batch["labels"] if items else torch.full_like(ids, -100)
-        reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "labels": labels}, **meta)
+        keep = needed_positions(mask, labels)
+        reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "labels": labels, "cut.keep": keep}, **meta)
         return (float(reply.meta["loss"]) if items else 0.0), reply.tensors.get("scores")
 
     def server_state(self) -> dict[str, torch.Tensor]:
@@ -161,16 +239,16 @@ class Client:
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """The last average (personal segments included) and the updates folded into base weights (``fold::``)."""
-        return dict(self._call("state", 0, 0, {}, op="global").tensors)
+        return dict(self._call("global", 0, 0, {}).tensors)
 
     def checkpoint(self, step: int) -> None:
         """Ask the server to save its part of the run at ``step`` (all clients of the run ask together)."""
-        self._call("state", step, 0, {}, op="checkpoint")
+        self.link.keep_server_state(self._call("checkpoint", step, 0, {}).tensors)
 
     # -- stage 7 and the sequential relay -------------------------------------------------------------
     def aggregate(self, step: int) -> None:
         """Send this client's adapters to be averaged, weighted by its training samples; take the average back."""
-        reply = self._call("state", step, 0, self.party.state(), op="aggregate", weight=self.party.session.samples)
+        reply = self._call("aggregate", step, 0, self.party.state(), weight=self.party.session.samples)
         values, folds = {}, {}
         for name, tensor in reply.tensors.items():
             if name.startswith("fold::"):
@@ -186,11 +264,11 @@ class Client:
         """Sequential: end this client's turn by handing its client-side model and optimizer to the next."""
         moments, meta = self.party.optimizer_state()
         tensors = {**self.party.state(), **{f"opt::{k}": v for k, v in moments.items()}}
-        self._call("state", step, 0, tensors, op="relay_put", optimizer=meta)
+        self._call("relay_put", step, 0, tensors, optimizer=meta)
 
     def take_over(self, step: int) -> None:
         """Sequential: start a turn (at ``step``; 0 after training) from the model the last client handed on."""
-        reply = self._call("state", step, 0, {}, op="relay_get")
+        reply = self._call("relay_get", step, 0, {})
         state = {k: v for k, v in reply.tensors.items() if not k.startswith("opt::")}
         moments = {k.removeprefix("opt::"): v for k, v in reply.tensors.items() if k.startswith("opt::")}
         self.party.load_state(state)

@@ -14,18 +14,18 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
+from ..averaging import add_delta
 from ..config import LoraConfig, RunConfig
-from ..device import to_device
+from ..device import as_float64, to_device
 from ..models.adapters import apply_training, load_trainable_state, lora_layers, trainable, trainable_state
 from ..models.arch import ArchSpec
-from ..models.partition import DTYPES, SplitPlan, load_party_model, move_model, plan_split
+from ..models.partition import DTYPES, PlanError, SplitPlan, check_trainable, load_party_model, move_model, plan_split
 from ..models.segment import SegmentOutput, run_segment
 from ..models.zoo import ModelSource
-from ..schedules.aggregate import add_delta, as_float64
 
 
 # What may differ from client to client in one run; every other field of the proposal must agree.
-PER_CLIENT = ("client", "cuts", "lora_rank", "samples")
+PER_CLIENT = ("client", "cuts", "lora_rank", "samples", "model")  # ``model``: two clients may load the same weights from two paths
 
 
 @dataclass(frozen=True)
@@ -54,16 +54,17 @@ class SessionSpec:
     personal: list[str] = field(default_factory=list)
     lora_rank: int = 8
     samples: int = 0
+    model: str = ""  # the client's model reference and where it resolved (messages only; the fingerprint decides)
 
     @classmethod
     def from_run(cls, cfg: RunConfig, fingerprint: str, model_type: str, client: int = 0, samples: int = 0,
-                 clients: int | None = None) -> "SessionSpec":
+                 clients: int | None = None, model: str | None = None) -> "SessionSpec":
         t = cfg.train
         return cls(
             fingerprint, model_type, cfg.client_cuts(client), cfg.mode, cfg.segments.model_dump(), cfg.lora.model_dump(),
             cfg.seed, t.dtype, t.lr, t.weight_decay, t.warmup_steps, t.schedule, t.steps, t.max_grad_norm, t.model_dropout,
             client, clients or cfg.clients, "federated" if cfg.mode == "federated" else cfg.schedule, cfg.aggregate_every,
-            list(cfg.personal), cfg.client_rank(client), samples,
+            list(cfg.personal), cfg.client_rank(client), samples, cfg.model if model is None else model,
         )
 
     def to_meta(self) -> dict[str, Any]:
@@ -87,16 +88,6 @@ class SessionSpec:
     @property
     def lora_config(self) -> LoraConfig:
         return LoraConfig(**{**self.lora, "rank": self.lora_rank})
-
-    @property
-    def client_steps(self) -> int:
-        """Optimizer steps of a client-side LR schedule: a sequential relay hands one schedule through every client."""
-        return self.steps * self.clients if self.schedule == "sequential" else self.steps
-
-    @property
-    def server_steps(self) -> int:
-        """Optimizer steps of a server-side adapter: shared by all clients unless each has its own (sfl-v1)."""
-        return self.steps if self.schedule == "sfl-v1" else self.steps * self.clients
 
 
 class Trainer:
@@ -179,8 +170,8 @@ class Party:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.blocks = base.get_submodule(spec.blocks_path)
         self.model.train()
-        if total_steps is None:
-            total_steps = session.client_steps if role == "client" else session.server_steps
+        if total_steps is None:  # one client: every schedule steps each adapter once per step
+            total_steps = session.steps
         self.trainers = {name: Trainer(trainable(self.model, name), session, total_steps) for name in adapters}
         self.params = [p for t in self.trainers.values() for p in t.params]
         self.adapter = adapters[0]
@@ -299,12 +290,14 @@ class Party:
 
 
 def _check_tied(spec: ArchSpec, plan: SplitPlan, modes: dict[str, str]) -> None:
-    """A tied embedding/head split across parties cannot be trained: the two copies would drift apart."""
+    """A tied embedding/head split across parties cannot be trained: the two copies would drift apart.
+    (And a plan in which nothing trains is refused here too, before any weights load.)"""
+    check_trainable(plan, modes)
     if not spec.tied or plan.shape != "two-part":
         return
     for name in ("bottom", "trunk"):
         if modes.get(name) == "full":
-            raise ValueError(
+            raise PlanError(
                 f"{spec.model_type} ties its head to the embeddings, and a two-part split puts them on different parties; "
                 f"segments.{name}=full would train two diverging copies. Use lora or frozen for {name}, or a U-shaped split"
             )

@@ -1,15 +1,40 @@
 """Codecs turn one tensor into bytes and back. Bytes are counted once, in the frame that carries them.
 
-``raw`` keeps the tensor's dtype and bits exactly (bf16 stays bf16). Lossy codecs (casts,
-quantisation, sparsification) register here under their own names and are picked per direction.
+A codec is a short class registered by name (the shape of peft's ``LoraVariant`` / Plato's processors) and
+configured by options: ``make_codec("int8")``, ``make_codec({"name": "int4", "group": 64})``. Codecs are
+stateless (error feedback and other per-session state live in the chain that picks them).
+
+- ``encode(tensor, generator=None) -> (payload, params)``: ``payload`` is a bytes-like object or a tuple of
+  them (joined in order by the frame, once); ``params`` are small plain msgpack values (flags, group size,
+  k) that go in the frame header. Everything per-element or numeric (scales, indices) is in the payload.
+  ``encode_with_decoded`` also returns the tensor the receiver will decode (same bits), for error feedback.
+- The receiver rebuilds the codec from the header (``from_header(params)``), checks the dtype, checks the
+  payload length against ``encoded_size`` (exact for every codec) and ``decode``s, refusing bad payload
+  content (non-finite scales, out-of-range levels or indices) with a ``FrameError`` naming the field.
+
+Codecs: ``raw`` (the tensor's own bytes, any dtype, bit-exact), ``fp16`` / ``bf16`` (cast on the wire,
+decoded to the header dtype; finite values beyond the wire type's range are clamped to its largest finite
+value, never turned into inf; NaN and inf pass unchanged), ``int8`` (per-token absmax, symmetric
+[-127, 127], float32 or float16 scales, optional unbiased stochastic rounding), ``int4`` (absmax per group of
+32 or 64 consecutive elements of the flattened tensor, float16 scales, levels [-7, 7], two per byte) and
+``topk`` (the ``ceil(fraction * numel)`` largest magnitudes: sorted indices + values in the tensor's dtype).
+
+Only floating tensors take lossy codecs: ``encode_frame`` refuses a lossy codec for an integer or bool
+tensor (masks, labels) with a ``ValueError`` naming it, rather than silently sending it raw, so a
+misconfigured codec map is caught where it is written. Lossy codecs with scales (``int8``, ``int4``) refuse
+non-finite input (a NaN has no scale); send such a tensor raw and let the receiver refuse it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable, ClassVar, Mapping, Union
 
-import numpy as np
 import torch
+
+from .errors import FrameError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -23,45 +48,439 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+Buffer = Union[bytes, bytearray, memoryview]
+Payload = Union[Buffer, tuple[Buffer, ...]]
 
 
+# -- options and header params -------------------------------------------------------------------------------
+def _show(value: Any) -> str:
+    return {True: "true", False: "false"}[value] if isinstance(value, bool) else repr(value)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One option of a codec (checked by ``make_codec``) or one param of its header entry (by ``decode_frame``)."""
+
+    default: Any = None
+    choices: tuple = ()  # exact values, type included (``1`` is not ``true``)
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""  # the allowed values in words, when not ``choices``
+
+    def ok(self, value: Any) -> bool:
+        if self.choices:
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        return bool(self.check(value))
+
+    def describe(self) -> str:
+        return " or ".join(_show(c) for c in self.choices) if self.choices else self.allowed
+
+
+def _number_in_unit_interval(v: Any) -> bool:
+    return type(v) in (int, float) and 0 < v <= 1
+
+
+def _non_negative_int(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _validate(given: Mapping, schema: Mapping[str, Field], label: Callable[[Any], str], error: type[Exception], defaults: bool) -> dict:
+    for key in given:
+        if key not in schema:
+            raise error(f"{label(key)} is unknown; allowed: {', '.join(schema) or 'none'}")
+    out = {}
+    for key, field in schema.items():
+        if key not in given:
+            if not defaults:
+                raise error(f"{label(key)} is missing; allowed values: {field.describe()}")
+            out[key] = field.default
+            continue
+        if not field.ok(given[key]):
+            raise error(f"{label(key)} = {_show(given[key])} is not allowed; allowed values: {field.describe()}")
+        out[key] = given[key]
+    return out
+
+
+# -- bytes in and out without extra copies -------------------------------------------------------------------
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` as a memoryview of a contiguous CPU tensor: no copy for a contiguous CPU tensor (the view
+    keeps it alive and aliases it, so the frame must join it before the sender writes to it again)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def _tensor_of(data: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor over payload bytes. A writable buffer is shared (no copy); a read-only one (``bytes``) is copied
+    once, since torch has no read-only tensors and a receiver writing to its tensor must never write to the frame."""
+    if len(data) == 0:
+        return torch.empty(0, dtype=dtype)
+    if data.readonly:
+        data = memoryview(bytearray(data))
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty((), dtype=d).element_size() for d in DTYPES.values()}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return ITEMSIZE[dtype]
+
+
+def _compute(x: torch.Tensor) -> torch.Tensor:
+    """Quantisers compute in float32 (float64 input is narrowed first)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    """A divisor for every block: a zero scale only occurs for an all-zero block, which quantises to zeros."""
+    return torch.where(scale > 0, scale, torch.ones((), dtype=scale.dtype, device=scale.device))
+
+
+def _finite_scales(scale: torch.Tensor, codec: str) -> None:
+    if scale.numel() and not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"{codec} cannot carry NaN or Inf values (their scale is not finite); send this tensor raw")
+
+
+def _check_scales(scales: torch.Tensor) -> None:
+    if scales.numel():
+        bad = ~torch.isfinite(scales) | (scales < 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise FrameError(f"payload.scales: scale {i} is {float(scales[i])!r}; scales must be finite and non-negative")
+
+
+# -- the base class and registry -----------------------------------------------------------------------------
 class Codec:
-    name = "codec"
+    name: ClassVar[str] = "codec"
+    lossy: ClassVar[bool] = True
+    options: ClassVar[dict[str, Field]] = {}  # what ``make_codec`` accepts
+    params: ClassVar[dict[str, Field]] = {}  # what a frame header entry carries; a shared name is the same setting
 
-    def encode(self, tensor: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
-        """``tensor`` may live on any device (a GPU party sends from its GPU); ``decode`` returns CPU tensors,
-        which the receiving party moves to its own device."""
+    def __init__(self, **options: Any):
+        self.opts = _validate(options, self.options, lambda k: f"{self.name}: option {k!r}", ValueError, defaults=True)
+
+    def spec(self) -> dict[str, Any]:
+        """The plain form ``make_codec`` takes back (for configs and the hello)."""
+        return {"name": self.name, **self.opts}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.opts.items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Codec) and self.spec() == other.spec()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.spec().items()))
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in FLOATING if self.lossy else dtype in DTYPE_NAMES
+
+    # -- the sender ------------------------------------------------------------------------------------------
+    def encode(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> tuple[Payload, dict[str, Any]]:
+        """``tensor`` may live on any device (a GPU party quantises on its GPU); the payload is CPU bytes and may
+        alias ``tensor`` (raw): join or copy it before writing to ``tensor`` again. ``generator`` seeds any
+        randomness (stochastic rounding); ``None`` uses torch's default generator."""
+        payload, params, _ = self._encode(tensor, generator, False)
+        return payload, params
+
+    def encode_with_decoded(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> tuple[Payload, dict[str, Any], torch.Tensor]:
+        """``encode`` plus the tensor the receiver will decode, bit for bit, on ``tensor``'s device and in its dtype,
+        computed from the encoder's own intermediates (no bytes parsed). For a lossless codec it is ``tensor``
+        itself (detached, same memory)."""
+        return self._encode(tensor, generator, True)
+
+    def _encode(self, tensor: torch.Tensor, generator: torch.Generator | None, want_decoded: bool) -> tuple[Payload, dict[str, Any], torch.Tensor | None]:
+        raise NotImplementedError
+
+    # -- the receiver ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_header(cls, params: Any) -> "Codec":
+        """The codec a header entry names, its params checked (``FrameError`` naming ``params.<field>``). Options the
+        header does not carry (encode-side only: ``stochastic``, ``fraction``) take their defaults."""
+        if not isinstance(params, dict):
+            raise FrameError("params must be a map")
+        checked = _validate(params, cls.params, lambda k: f"params.{k}", FrameError, defaults=False)
+        return cls(**{k: v for k, v in checked.items() if k in cls.options})
+
+    def encoded_size(self, dtype: torch.dtype, shape: tuple[int, ...], params: dict[str, Any]) -> int:
+        """The exact payload size of ``dtype``/``shape`` under these (checked) params."""
         raise NotImplementedError
 
     def decode(self, data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], params: dict[str, Any]) -> torch.Tensor:
+        """A CPU tensor of ``dtype``/``shape`` from exactly ``encoded_size`` bytes; bad content raises ``FrameError``.
+        A writable ``data`` may be shared by the result (raw); a read-only one is never written to."""
         raise NotImplementedError
 
-    def encoded_size(self, dtype: torch.dtype, shape: tuple[int, ...], params: dict[str, Any]) -> int | None:
-        """The exact payload size this codec produces, when it is fixed (validated on decode)."""
-        return None
+
+CodecSpec = Union[str, Mapping[str, Any], Codec]
+CODECS: dict[str, type[Codec]] = {}
+_DEFAULTS: dict[str, Codec] = {}
 
 
-class RawCodec(Codec):
-    """The tensor's own bytes, little-endian, C order."""
-
-    name = "raw"
-
-    def encode(self, tensor):
-        t = tensor.detach().contiguous().cpu()
-        return t.view(torch.uint8).numpy().tobytes() if t.numel() else b"", {}
-
-    def decode(self, data, dtype, shape, params):
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-        return buf.view(dtype).reshape(shape)
-
-    def encoded_size(self, dtype, shape, params):
-        return int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    CODECS[cls.name] = cls
+    return cls
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (RawCodec(),)}
+def make_codec(spec: CodecSpec) -> Codec:
+    """A codec from a name (``"int8"``), a map (``{"name": "int8", "stochastic": True}``) or a codec (returned as is).
+    Unknown codecs, unknown options and out-of-range values raise ``ValueError`` naming them and what is allowed."""
+    if isinstance(spec, Codec):
+        return spec
+    if isinstance(spec, str):
+        if spec not in _DEFAULTS:
+            if spec not in CODECS:
+                raise ValueError(f"unknown codec {spec!r}; codecs: {', '.join(CODECS)}")
+            _DEFAULTS[spec] = CODECS[spec]()
+        return _DEFAULTS[spec]
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        name = options.pop("name", None)
+        if not isinstance(name, str) or name not in CODECS:
+            raise ValueError(f"unknown codec {name!r}; a codec map needs 'name', one of: {', '.join(CODECS)}")
+        bad = [k for k in options if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"{name}: option names must be strings, got {bad[0]!r}")
+        return CODECS[name](**options)
+    raise ValueError(f"a codec is a name or a map with 'name', got {type(spec).__name__}")
 
 
 def get_codec(name: str) -> Codec:
-    if name not in CODECS:
-        raise ValueError(f"unknown codec {name!r}; codecs: {', '.join(CODECS)}")
-    return CODECS[name]
+    """The codec ``name`` with its default options."""
+    return make_codec(name)
+
+
+# -- the codecs ----------------------------------------------------------------------------------------------
+@register_codec
+class Raw(Codec):
+    """The tensor's own bytes, little-endian, C order: any dtype, bit-exact (bf16 stays bf16)."""
+
+    name = "raw"
+    lossy = False
+
+    def _encode(self, tensor, generator, want_decoded):
+        return _bytes_of(tensor), {}, (tensor.detach() if want_decoded else None)
+
+    def encoded_size(self, dtype, shape, params):
+        return _numel(shape) * _itemsize(dtype)
+
+    def decode(self, data, dtype, shape, params):
+        return _tensor_of(data, dtype).reshape(shape)
+
+
+class _Cast(Codec):
+    """A float cast on the wire, decoded back to the header dtype."""
+
+    wire: ClassVar[torch.dtype]
+
+    def _encode(self, tensor, generator, want_decoded):
+        x = tensor.detach()
+        y = x.to(self.wire)
+        if x.dtype != self.wire and x.numel():
+            if not bool(torch.isfinite(y.abs().max())):  # (cheaper than isinf().any(); NaN also lands here)
+                # finite values past the wire type's range become its largest finite value, not inf
+                wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+                big = torch.finfo(self.wire).max
+                y = torch.where(torch.isinf(y) & torch.isfinite(x), wide.clamp(-big, big).to(self.wire), y)
+        return _bytes_of(y), {}, (y.to(x.dtype) if want_decoded else None)
+
+    def encoded_size(self, dtype, shape, params):
+        return _numel(shape) * _itemsize(self.wire)
+
+    def decode(self, data, dtype, shape, params):
+        return _tensor_of(data, self.wire).reshape(shape).to(dtype)
+
+
+@register_codec
+class Fp16(_Cast):
+    """float16 on the wire; finite values beyond ±65504 are clamped to ±65504."""
+
+    name = "fp16"
+    wire = torch.float16
+
+
+@register_codec
+class Bf16(_Cast):
+    """bfloat16 on the wire (float32's range, 8 bits of mantissa)."""
+
+    name = "bf16"
+    wire = torch.bfloat16
+
+
+_SCALES = {"float32": torch.float32, "float16": torch.float16}
+_F16_MAX = 65504.0
+
+
+def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A token is one vector along the last dim: (rows, last); a 0-d tensor is one row of one."""
+    return (math.prod(shape[:-1]), shape[-1]) if len(shape) else (1, 1)
+
+
+@register_codec
+class Int8(Codec):
+    """Per-token absmax int8: scale = absmax / 127 per vector along the last dim, levels round(x / scale) in
+    [-127, 127]. Round to nearest: |error| ≤ scale / 2. ``stochastic``: floor(x / scale + u), u ~ U[0, 1), so
+    E[decode] = x and |error| < scale. float16 scales are clamped to 65504 (rows whose absmax exceeds
+    127 · 65504 saturate). Payload: int8 levels (C order), then one scale per row."""
+
+    name = "int8"
+    options = {"scales": Field("float32", choices=("float32", "float16")), "stochastic": Field(False, choices=(False, True))}
+    params = {"scales": Field(choices=("float32", "float16"))}
+
+    def _encode(self, tensor, generator, want_decoded):
+        x = tensor.detach()
+        rows, last = _rows(tuple(x.shape))
+        sdtype = _SCALES[self.opts["scales"]]
+        if x.numel() == 0:
+            scale = torch.zeros(rows, dtype=torch.float32)
+            codes = torch.empty(0, dtype=torch.int8)
+            decoded = x.clone() if want_decoded else None
+        else:
+            xf = _compute(x).reshape(rows, last)
+            scale = xf.abs().amax(1).div_(127)  # (abs + amax is ~10x faster than aminmax on CPU; NaN propagates)
+            if sdtype is torch.float16:
+                scale = scale.clamp_(max=_F16_MAX).half().float()
+            _finite_scales(scale, self.name)
+            y = xf / _safe(scale)[:, None]
+            if self.opts["stochastic"]:
+                dev = generator.device if generator is not None else y.device
+                y.add_(torch.rand(y.shape, generator=generator, device=dev).to(y.device)).floor_()
+            else:
+                y.round_()
+            codes = y.clamp_(-127, 127).to(torch.int8)
+            decoded = (codes.float().mul_(scale[:, None])).to(x.dtype).reshape(x.shape) if want_decoded else None
+        return (_bytes_of(codes), _bytes_of(scale.to(sdtype))), {"scales": self.opts["scales"]}, decoded
+
+    def encoded_size(self, dtype, shape, params):
+        rows, _ = _rows(shape)
+        return _numel(shape) + rows * _itemsize(_SCALES[params["scales"]])
+
+    def decode(self, data, dtype, shape, params):
+        n = _numel(shape)
+        rows, last = _rows(shape)
+        scales = _tensor_of(data[n:], _SCALES[params["scales"]]).float()
+        _check_scales(scales)
+        if n == 0:
+            return torch.zeros(shape, dtype=dtype)
+        codes = _tensor_of(data[:n], torch.int8)
+        if int(codes.min()) < -127:
+            raise FrameError("payload.levels: level -128 is outside [-127, 127]")
+        return codes.float().reshape(rows, last).mul_(scales[:, None]).to(dtype).reshape(shape)
+
+
+@register_codec
+class Int4(Codec):
+    """Blockwise int4: the flattened tensor in groups of ``group`` consecutive elements (the last one padded with
+    zeros), a float16 absmax scale per group (absmax / 7, clamped to 65504), levels round(x / scale) in [-7, 7]:
+    |error| ≤ scale / 2 (a group whose absmax is below float16's resolution, ~4e-7, decodes to zeros). Payload:
+    the float16 scales, then the levels + 8 as nibbles, element 2i in the low nibble of byte i."""
+
+    name = "int4"
+    options = {"group": Field(32, choices=(32, 64))}
+    params = {"group": Field(choices=(32, 64))}
+
+    def _encode(self, tensor, generator, want_decoded):
+        x = tensor.detach()
+        n, g = x.numel(), self.opts["group"]
+        groups = -(-n // g)
+        flat = _compute(x).reshape(-1)
+        if groups * g != n:
+            flat = torch.nn.functional.pad(flat, (0, groups * g - n))
+        blocks = flat.view(groups, g)
+        absmax = blocks.abs().amax(1) if n else torch.zeros(0, device=blocks.device)
+        scale16 = absmax.div_(7).clamp_(max=_F16_MAX).half()
+        scale = scale16.float()
+        _finite_scales(scale, self.name)
+        q = (blocks / _safe(scale)[:, None]).round_().clamp_(-7, 7)
+        nib = q.add(8).to(torch.uint8)
+        packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
+        decoded = q.mul_(scale[:, None]).reshape(-1)[:n].to(x.dtype).reshape(x.shape) if want_decoded else None
+        return (_bytes_of(scale16), _bytes_of(packed)), {"group": g}, decoded
+
+    def encoded_size(self, dtype, shape, params):
+        groups = -(-_numel(shape) // params["group"])
+        return groups * 2 + groups * params["group"] // 2
+
+    def decode(self, data, dtype, shape, params):
+        n, g = _numel(shape), params["group"]
+        groups = -(-n // g)
+        scales = _tensor_of(data[: 2 * groups], torch.float16).float()
+        _check_scales(scales)
+        if n == 0:
+            return torch.zeros(shape, dtype=dtype)
+        packed = _tensor_of(data[2 * groups :], torch.uint8).view(groups, g // 2)
+        nib = torch.stack((packed & 15, packed >> 4), dim=2).view(groups, g)
+        if int(nib.min()) == 0:
+            raise FrameError("payload.levels: level -8 is outside [-7, 7]")
+        levels = nib.to(torch.float32).sub_(8)
+        return levels.mul_(scales[:, None]).reshape(-1)[:n].to(dtype).reshape(shape)
+
+
+def topk_k(fraction: float, numel: int) -> int:
+    """k = ceil(fraction · numel), with the fraction as written (0.1 of 10 elements is 1, not 2)."""
+    return math.ceil(Fraction(repr(float(fraction))) * numel)
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+@register_codec
+class TopK(Codec):
+    """The k = ceil(``fraction`` · numel) largest magnitudes of the flattened tensor, exact; zeros elsewhere.
+    Payload: k strictly increasing indices (int32, int64 from 2**31 elements), then the k values in the tensor's
+    dtype. The header carries k."""
+
+    name = "topk"
+    options = {"fraction": Field(0.1, check=_number_in_unit_interval, allowed="a number in (0, 1]")}
+    params = {"k": Field(check=_non_negative_int, allowed="a non-negative integer")}
+
+    def _encode(self, tensor, generator, want_decoded):
+        x = tensor.detach()
+        n = x.numel()
+        k = topk_k(self.opts["fraction"], n)
+        flat = x.reshape(-1)
+        if k == n:
+            idx = torch.arange(n, device=x.device)
+        else:
+            idx = flat.abs().topk(k, sorted=False).indices.sort().values
+        vals = flat[idx]
+        decoded = None
+        if want_decoded:
+            decoded = torch.zeros_like(flat).index_copy_(0, idx, vals).reshape(x.shape)
+        return (_bytes_of(idx.to(_index_dtype(n))), _bytes_of(vals)), {"k": k}, decoded
+
+    def encoded_size(self, dtype, shape, params):
+        n, k = _numel(shape), params["k"]
+        if k > n:
+            raise FrameError(f"params.k = {k} exceeds the tensor's {n} elements")
+        return k * (_itemsize(_index_dtype(n)) + _itemsize(dtype))
+
+    def decode(self, data, dtype, shape, params):
+        n, k = _numel(shape), params["k"]
+        isz = _itemsize(_index_dtype(n))
+        idx = _tensor_of(data[: k * isz], _index_dtype(n))
+        if k:
+            if int(idx[0]) < 0 or int(idx[-1]) >= n:
+                bad = int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])
+                raise FrameError(f"payload.indices: index {bad} is outside [0, {n})")
+            if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise FrameError("payload.indices: indices must be strictly increasing (none repeated, sorted)")
+        vals = _tensor_of(data[k * isz :], dtype)
+        return torch.zeros(n, dtype=dtype).index_copy_(0, idx.long(), vals).reshape(shape)
+
+
+__all__ = [
+    "CODECS", "Codec", "CodecSpec", "DTYPES", "DTYPE_NAMES", "FLOATING", "Field", "make_codec", "get_codec",
+    "register_codec", "topk_k", "Raw", "Fp16", "Bf16", "Int8", "Int4", "TopK",
+]

@@ -13,7 +13,12 @@ KINDS = (
     "activations",  # forward tensors crossing a cut, either direction
     "gradients",  # gradients crossing a cut, either direction
     "step",  # optimizer step: squared gradient norms exchanged for global clipping
-    "state",  # a party's trainable state (adapters), for saving and export
+    "state",  # what the server trained for this client (its server-side adapter), for saving and export
+    "global",  # the last average (personal segments included) and the updates folded into base weights
+    "aggregate",  # stage 7: a client's adapters in, its share of the average back
+    "checkpoint",  # every client of a run asks the server to save its part at a step
+    "relay_put",  # sequential: a client hands its client-side model and optimizer on
+    "relay_get",  # sequential: a client takes over the model the last one handed on
     "error",  # a refusal with a reason
 )
 

@@ -1,12 +1,15 @@
 """How frames ride on gRPC: one bidirectional stream per client session, frames cut into chunks.
 
-A chunk is one gRPC message: a flag byte (``MORE`` or ``LAST``) and up to ``chunk_bytes`` of a frame.
+A chunk is one gRPC message: a flag byte (``MORE`` or ``LAST``), the frame's correlation id (u32, little
+endian: many frames are in flight on one stream, and a reply carries its request's id) and up to
+``chunk_bytes`` of the frame. Flags and ids are transport, not frame: byte counts are the frames'.
 No code generation: the methods are registered by name with raw-bytes (de)serializers.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,14 +30,43 @@ KEEPALIVE = [
 ]
 
 
-def chunks(frame: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+CORR = struct.Struct("<I")
+CHUNK_HEADER = 1 + CORR.size
+
+
+def chunks(frame: bytes, size: int = CHUNK_BYTES, corr: int = 0) -> Iterator[bytes]:
     """``frame`` as flagged chunks of at most ``size`` payload bytes (an empty frame is one LAST chunk)."""
     if not 1 <= size <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk size must be 1..{MAX_CHUNK_BYTES} bytes, got {size}")
     view = memoryview(frame)
+    tag = CORR.pack(corr)
     for start in range(0, max(len(frame), 1), size):
-        part = view[start : start + size]
-        yield bytes([LAST if start + size >= len(frame) else MORE]) + bytes(part)
+        yield b"".join((bytes([LAST if start + size >= len(frame) else MORE]), tag, view[start : start + size]))
+
+
+class ChunkError(ValueError):
+    """A chunk that breaks the stream's framing (the stream cannot be trusted after it)."""
+
+
+class Reassembler:
+    """Frames from chunks, several interleaved by correlation id; each finished frame is returned once."""
+
+    def __init__(self, max_frame_bytes: int):
+        self.max_frame_bytes = max_frame_bytes
+        self.parts: dict[int, bytearray] = {}
+
+    def add(self, chunk: bytes) -> tuple[int, bytes] | None:
+        if len(chunk) < CHUNK_HEADER or chunk[0] not in (MORE, LAST):
+            raise ChunkError("malformed chunk: a chunk is a flag byte (0 more, 1 last), a 4-byte correlation id and data")
+        (corr,) = CORR.unpack_from(chunk, 1)
+        buffer = self.parts.setdefault(corr, bytearray())
+        buffer += memoryview(chunk)[CHUNK_HEADER:]
+        if len(buffer) > self.max_frame_bytes:
+            raise ChunkError(f"frame exceeds {self.max_frame_bytes} bytes")
+        if chunk[0] == MORE:
+            return None
+        del self.parts[corr]
+        return corr, buffer
 
 
 LOOPBACK_NAMES = ("localhost",)

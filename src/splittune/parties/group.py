@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
+from ..averaging import Contribution, average
 from ..models.arch import ArchSpec, block_of
 from ..models.partition import SplitPlan
 from ..models.zoo import ModelSource
-from ..parties.party import Party, SessionSpec
-from .aggregate import Contribution, average
+from .party import Party, SessionSpec
 from .meet import Rendezvous, Turnstile
 
-SCHEDULES = ("sequential", "sfl-v1", "sfl-v2", "federated")
 log = logging.getLogger("splittune.serve")
 
 
@@ -39,21 +39,6 @@ class Member:
     end: int = 0
     head: bool = False  # two-part split: the server ends the model and computes this client's loss
     adapter: str = "default"
-
-
-def turn_order(schedule: str, clients: int, steps: int, every: int) -> list[tuple[int, int]]:
-    """(client, step) turns in the order the server serves them; empty when clients train in parallel."""
-    if clients == 1 or schedule not in ("sequential", "sfl-v2"):
-        return []
-    if schedule == "sfl-v2":
-        return [(c, t) for t in range(1, steps + 1) for c in range(clients)]
-    turns = [range(s, min(s + every, steps + 1)) for s in range(1, steps + 1, every)]
-    return [(c, t) for span in turns for c in range(clients) for t in span]
-
-
-def turn_ends(schedule: str, step: int, steps: int, every: int) -> bool:
-    """Whether ``step`` is the last of a client's turn in a sequential relay (it then hands its model on)."""
-    return schedule == "sequential" and (step % every == 0 or step == steps)
 
 
 def personal_names(names, plan: SplitPlan, personal: set[str], arch: ArchSpec) -> set[str]:
@@ -75,9 +60,12 @@ def personal_names(names, plan: SplitPlan, personal: set[str], arch: ArchSpec) -
 
 
 class Group:
-    def __init__(self, first: SessionSpec, wait_s: float):
-        if first.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {first.schedule!r}; schedules: {', '.join(SCHEDULES)}")
+    """``policies`` maps schedule names to policy objects (the runner or ``serve`` hands them down)."""
+
+    def __init__(self, first: SessionSpec, wait_s: float, policies: Mapping):
+        if first.schedule not in policies:
+            raise ValueError(f"unknown schedule {first.schedule!r}; schedules: {', '.join(policies)}")
+        self.policy = policies[first.schedule]
         self.terms = first.shared_terms()
         self.n = first.clients
         self.schedule = first.schedule
@@ -88,7 +76,7 @@ class Group:
         self.dropped: set[int] = set()
         self.party: Party | None = None
         self.meet = Rendezvous(wait_s)
-        order = turn_order(self.schedule, self.n, self.steps, self.every)
+        order = self.policy.turn_order(self.n, self.steps, self.every)
         self.turns = Turnstile(order, wait_s) if order else None
         self.relay: tuple[dict[str, torch.Tensor], dict] | None = None
         self.folded: dict[str, torch.Tensor] = {}  # module -> cumulative update moved into the base weights
@@ -112,7 +100,10 @@ class Group:
 
     @property
     def batched(self) -> bool:
-        return self.schedule == "sfl-v1" and self.n > 1
+        return self.policy.batched(self.n)
+
+    def turn_ends(self, step: int) -> bool:
+        return self.policy.turn_ends(step, self.steps, self.every)
 
     def check(self, spec: SessionSpec) -> None:
         """A client joins only with the terms the group was formed with."""
@@ -135,7 +126,7 @@ class Group:
         self.arch = arch
         self.blocks_path = arch.blocks_path
         first = self.members[0].spec
-        if first.schedule == "federated":
+        if not self.policy.server_part:
             return
         ranges = {}
         for m in self.members.values():
@@ -150,7 +141,7 @@ class Group:
         adapters = tuple(f"client{m}" for m in sorted(self.members)) if self.batched else ("default",)
         if self.batched and "full" in {first.segments[s.name] for s in spec.plan(arch.n_blocks).party_segments("server")}:
             raise ValueError("sfl-v1 keeps one server-side adapter per client; a segment trained in full would need a copy of it per client (use lora or frozen)")
-        self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=first.server_steps,
+        self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=self.policy.server_steps(first.steps, first.clients),
                            device=device)
         for m in self.members.values():
             m.adapter = adapters[m.index] if len(adapters) > 1 else adapters[0]

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device import as_float64
+
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -59,11 +61,6 @@ def lora_module(name: str) -> tuple[str, str] | None:
     """``"...q_proj.lora_A.weight"`` -> ``("...q_proj", "A")``; None for a tensor that is not a LoRA factor."""
     m = _LORA.match(name)
     return (m["module"], m["factor"]) if m else None
-
-
-def as_float64(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float64, on its device unless that is MPS (which has no float64), then on the CPU."""
-    return x.to(device="cpu" if x.device.type == "mps" else x.device, dtype=torch.float64)  # mps has no float64
 
 
 def _mean(name: str, xs: list[torch.Tensor], ws: list[float]) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""The trunk engine: the server's compute, apart from its protocol (DESIGN.md: handler / engine, as in
+Petals' ``handler.py`` / ``backend.py``).
+
+One worker thread takes jobs from a queue and runs them on the one server model: micro-batch forwards
+(kept until their gradients arrive), backwards, the sfl-v1 batched forward of several clients' rows,
+optimizer steps and state snapshots. Handlers validate and wait for turns or rounds on their own
+threads, then hand the engine a job and wait for its result, so computations never interleave on the
+model (its hooks and adapter routing are per call) and the server computes while clients compute.
+Grad mode is thread-local, so every job sets its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import weakref
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import torch
+
+from ..data.choices import candidate_scores
+from ..models.adapters import mixed_adapters
+from .party import Party
+
+
+class TrunkEngine:
+    def __init__(self, name: str = "splittune-trunk"):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=_work, args=(self._jobs,), name=name, daemon=True)
+        self._thread.start()
+        weakref.finalize(self, self._jobs.put, None)  # an engine nobody holds stops its thread
+        self.party: Party | None = None
+        self.batched = False  # sfl-v1 with several clients: rows are routed to their own adapters
+        self.pending: dict[tuple, tuple] = {}  # forwards awaiting their gradients
+
+    def run(self, fn: Callable, *args) -> Any:
+        """Run ``fn(*args)`` on the engine thread and return its result (inline when already on it)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        future: Future = Future()
+        self._jobs.put((fn, args, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def reset(self, party: Party | None, batched: bool) -> None:
+        self.party, self.batched = party, batched
+        self.pending.clear()
+
+    # -- what runs on the engine thread ---------------------------------------------------------------
+    def _route(self, adapter: str, rows: int):
+        """This client's server-side adapter for its rows (several share one base under sfl-v1)."""
+        return mixed_adapters(self.party.model, [adapter] * rows) if self.batched else contextlib.nullcontext()
+
+    def forward(self, key: tuple, adapter: str, start: int, end: int, hidden, mask, train: bool) -> torch.Tensor:
+        """Trunk blocks [start, end); a training forward is kept until its gradient comes (``key``)."""
+        with self._route(adapter, hidden.shape[0]), torch.set_grad_enabled(train):
+            if not train:
+                return self.party.run(start, end, hidden=hidden, attention_mask=mask).hidden
+            hidden.requires_grad_(True)
+            out = self.party.run(start, end, hidden=hidden, attention_mask=mask).hidden
+        self.pending[key] = (hidden, out)
+        return out.detach()
+
+    def head(self, adapter: str, start: int, end: int, hidden, mask, labels, num_items, train: bool, want_grad: bool,
+             scores: tuple[list[int], list[int]] | None) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+        """Two-part split: the server ends the model and computes the loss from the client's labels.
+        Returns the loss, the gradient at the cut (training) and candidate scores (evaluation)."""
+        with self._route(adapter, hidden.shape[0]), torch.set_grad_enabled(train):
+            if not train:
+                out = self.party.run(start, end, hidden=hidden, attention_mask=mask, labels=labels, num_items_in_batch=num_items,
+                                     want_logits=scores is not None)
+                return float(out.loss), None, None if scores is None else candidate_scores(out.logits, *scores)
+            hidden.requires_grad_(want_grad)
+            out = self.party.run(start, end, hidden=hidden, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+            out.loss.backward()
+        return float(out.loss.detach()), hidden.grad if want_grad else None, None
+
+    def backward(self, key: tuple, grad: torch.Tensor) -> torch.Tensor | None:
+        hidden_in, hidden_out = self.pending.pop(key)
+        with torch.enable_grad():
+            hidden_out.backward(grad)
+        return hidden_in.grad
+
+    def forward_together(self, step: int, micro: int, items: dict, members: dict, vocab: int) -> dict:
+        """sfl-v1: the clients' activations of one micro-batch go through the shared base as one batch,
+        each row through its own client's adapter; clients entering at other blocks form their own batch."""
+        party = self.party
+        buckets: dict[tuple, list[int]] = {}
+        for i, (hidden, *_rest) in items.items():
+            m = members[i]
+            buckets.setdefault((m.start, m.end, hidden.shape[1]), []).append(i)
+        results = {}
+        with torch.enable_grad():
+            for (start, end, _), idx in buckets.items():
+                hidden = torch.cat([items[i][0] for i in idx]).requires_grad_(True)
+                mask = torch.cat([items[i][1] for i in idx])
+                rows = [items[i][0].shape[0] for i in idx]
+                names = [members[i].adapter for i, r in zip(idx, rows) for _ in range(r)]
+                head = members[idx[0]].head
+                with mixed_adapters(party.model, names):
+                    out = party.run(start, end, hidden=hidden, attention_mask=mask, want_logits=head)
+                if head:
+                    base = party.model.get_base_model() if hasattr(party.model, "get_base_model") else party.model
+                    losses = [
+                        base.loss_function(logits=logits, labels=items[i][2], vocab_size=vocab, num_items_in_batch=items[i][3])
+                        for i, logits in zip(idx, out.logits.split(rows))
+                    ]
+                    torch.stack(losses).sum().backward()
+                    for i, grad, loss in zip(idx, hidden.grad.split(rows), losses):
+                        results[i] = ("gradients", {"grad": grad} if items[i][4] else {}, {"loss": float(loss.detach())})
+                else:
+                    self.pending[("batch", step, micro, start, end, hidden.shape[1])] = (hidden, out.hidden, idx, rows)
+                    for i, h in zip(idx, out.hidden.detach().split(rows)):
+                        results[i] = ("activations", {"hidden": h}, {})
+        return results
+
+    def batch_of(self, step: int, micro: int, client: int) -> tuple | None:
+        """The pending batched forward of (step, micro) that holds ``client``'s rows."""
+        found = [v for k, v in self.pending.items() if k[:3] == ("batch", step, micro) and client in v[2]]
+        return found[0] if found else None
+
+    def backward_together(self, step: int, micro: int, items: dict) -> dict:
+        results = {}
+        with torch.enable_grad():
+            for key in [k for k in self.pending if k[:3] == ("batch", step, micro)]:
+                hidden_in, hidden_out, idx, rows = self.pending.pop(key)
+                # a client given up in the middle of the step contributes no gradient
+                grads = [items[i] if i in items else torch.zeros((r, *hidden_out.shape[1:]), dtype=hidden_out.dtype, device=hidden_out.device)
+                         for i, r in zip(idx, rows)]
+                hidden_out.backward(torch.cat(grads))
+                results.update((i, g) for i, g in zip(idx, hidden_in.grad.split(rows)) if i in items)
+        return results
+
+    def waiting(self, client: int) -> list[tuple]:
+        """Forwards of ``client`` still awaiting gradients."""
+        return [k for k, v in self.pending.items() if k[0] == client or (k[0] == "batch" and client in v[2])]
+
+    def forget(self, client: int, adapter: str) -> None:
+        """A client vanished in its turn: drop its half-done step (pending forwards, gradients it left)."""
+        for key in [k for k in self.pending if k[0] == client]:
+            del self.pending[key]
+        trainer = self.party.trainers[adapter] if self.party else None
+        if trainer is not None and trainer.optimizer is not None:
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, adapter: str, client_sq: float) -> tuple[float, float]:
+        """Stage 6 for one adapter with the global gradient norm; returns this side's squared norm and the LR."""
+        own = self.party.sq_grad_norm(adapter)
+        self.party.optimizer_step(client_sq + own, adapter)
+        return own, self.party.lr_of(adapter)
+
+
+def _work(jobs: queue.Queue) -> None:
+    """The engine's thread (a function of the queue, not a method: it must not keep the engine alive)."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        fn, args, future = job
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # the handler waiting for it re-raises it
+            future.set_exception(err)
+        del job, fn, args, future

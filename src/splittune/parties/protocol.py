@@ -1,0 +1,162 @@
+"""What the server accepts: a typed ``meta`` schema per message kind and the checks on incoming tensors.
+
+Everything a client sends is validated here before it reaches the model, so a wrong type or value is
+refused as ``INVALID_ARGUMENT`` naming the field (never a ``TypeError`` from deep inside a forward).
+Schemas are strict: ``"3"`` is not an integer, ``1`` is not a boolean, unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ProtocolError(ValueError):
+    """A message the server refuses; the text goes back to the client with a gRPC status name."""
+
+    def __init__(self, reason: str, code: str = "INVALID_ARGUMENT"):
+        super().__init__(reason)
+        self.code = code
+
+
+class Meta(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ActivationsMeta(Meta):
+    train: bool = True
+    num_items: int | None = Field(None, ge=1, description="loss-carrying tokens of the whole step (two-part)")
+    want_grad: bool = True
+    score_positions: list[int] | None = None
+    score_tokens: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _scores_together(self) -> "ActivationsMeta":
+        if (self.score_positions is None) != (self.score_tokens is None):
+            raise ValueError("score_positions and score_tokens come together")
+        if self.score_positions is not None and self.train:
+            raise ValueError("candidate scores are an evaluation request (train: false)")
+        return self
+
+
+class GradientsMeta(Meta):
+    want_grad: bool = True
+
+
+class StepMeta(Meta):
+    sq_norm: float = Field(ge=0.0)
+
+    @field_validator("sq_norm", mode="before")
+    @classmethod
+    def _number(cls, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"must be a number, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"must be finite, got {v!r}")
+        return float(v)
+
+
+class AggregateMeta(Meta):
+    weight: float = Field(gt=0.0, description="the client's training samples")
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _number(cls, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v!r}")
+        return float(v)
+
+
+class OptimizerMeta(Meta):
+    scheduler: dict[str, Any] | None = None
+    steps: dict[str, float] = Field(default_factory=dict)
+
+
+class RelayPutMeta(Meta):
+    optimizer: OptimizerMeta
+
+
+class Empty(Meta):
+    pass
+
+
+# Every kind the server serves after the hello, with its meta schema (the hello is the session proposal).
+SCHEMAS: dict[str, type[Meta]] = {
+    "activations": ActivationsMeta,
+    "gradients": GradientsMeta,
+    "step": StepMeta,
+    "state": Empty,  # what the server trained for this client
+    "global": Empty,  # the last average and the folded updates
+    "aggregate": AggregateMeta,
+    "checkpoint": Empty,
+    "relay_put": RelayPutMeta,
+    "relay_get": Empty,
+}
+
+
+def parse_meta(kind: str, meta: dict[str, Any]) -> Meta:
+    """``meta`` of a ``kind`` message as its typed schema, or a ProtocolError naming the field."""
+    schema = SCHEMAS.get(kind)
+    if schema is None:
+        raise ProtocolError(f"a server does not accept {kind!r} messages; it serves {', '.join(['hello', *SCHEMAS])}")
+    try:
+        return schema.model_validate(meta)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "meta"
+        if first["type"] == "extra_forbidden":
+            allowed = ", ".join(schema.model_fields) or "none"
+            raise ProtocolError(f"{kind} message: unknown meta field {field!r} (fields: {allowed})") from None
+        got = f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
+        raise ProtocolError(f"{kind} message: meta field {field!r}: {first['msg'].removeprefix('Value error, ')}{got}") from None
+
+
+# -- incoming tensors -----------------------------------------------------------------------------------
+def hidden_in(tensors: dict[str, torch.Tensor], kind: str, name: str, width: int, dtype: torch.dtype, where: str) -> torch.Tensor:
+    t = tensors.get(name)
+    if t is None:
+        raise ProtocolError(f"{kind} message lacks tensor {name!r}")
+    if t.dim() != 3 or t.shape[-1] != width:
+        raise ProtocolError(f"tensor {name!r} has shape {tuple(t.shape)}; expected [batch, seq, {width}]")
+    if t.dtype != dtype:
+        raise ProtocolError(f"tensor {name!r} has dtype {t.dtype}; this session uses {dtype}")
+    if not torch.isfinite(t).all():
+        raise ProtocolError(f"tensor {name!r} contains NaN or Inf values ({where})")
+    return t
+
+
+def mask_in(tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    mask = tensors.get("attention_mask")
+    if mask is None or tuple(mask.shape) != tuple(shape[:2]) or mask.dtype != torch.int64:
+        got = None if mask is None else (tuple(mask.shape), mask.dtype)
+        raise ProtocolError(f"attention_mask must be int64 of shape {tuple(shape[:2])}, got {got}")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ProtocolError("attention_mask may hold only 0 and 1")
+    return mask
+
+
+def labels_in(tensors: dict[str, torch.Tensor], shape: torch.Size, vocab: int) -> torch.Tensor:
+    labels = tensors.get("labels")
+    if labels is None or tuple(labels.shape) != tuple(shape[:2]) or labels.dtype != torch.int64:
+        raise ProtocolError(f"a two-part split needs int64 labels of shape {tuple(shape[:2])}")
+    ok = (labels == -100) | ((labels >= 0) & (labels < vocab))
+    if not ok.all():
+        raise ProtocolError(f"labels must be -100 (ignored) or token ids in 0..{vocab - 1}")
+    return labels
+
+
+def scores_in(meta: ActivationsMeta, shape: torch.Size, vocab: int) -> tuple[list[int], list[int]] | None:
+    """Candidate-score positions (one per row, within the sequence) and tokens (within the vocabulary)."""
+    if meta.score_positions is None:
+        return None
+    positions, tokens = meta.score_positions, meta.score_tokens
+    if len(positions) != shape[0]:
+        raise ProtocolError(f"meta field 'score_positions' has {len(positions)} entries for a batch of {shape[0]}")
+    if any(not 0 <= p < shape[1] for p in positions):
+        raise ProtocolError(f"meta field 'score_positions' must lie in 0..{shape[1] - 1}, got {positions}")
+    if not tokens or any(not 0 <= t < vocab for t in tokens):
+        raise ProtocolError(f"meta field 'score_tokens' must be token ids in 0..{vocab - 1}, got {tokens}")
+    return positions, tokens
