@@ -8,18 +8,24 @@ turn, ``--reps`` times (A, B, C, A, B, C, …), so a noisy neighbour slows all e
 count is pinned for every entry (``torch.set_num_threads``). Reported: the median step time, its 10th-90th
 percentile spread, the ratio of medians against centralized, and bytes per step each way. (The full
 harness with reports and plots is ``splittune bench``, a later issue; this script backs docs/efficiency.md.)
+``--grpc`` adds the split with ``splittune serve`` in its own process on loopback, one server per entry.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
+from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
-from splittune.runner import build, client_tasks
+from splittune.deploy.service import health
+from splittune.runner import build, client_tasks, connect
 
 ENTRIES = {
     "centralized": ["mode=centralized"],
@@ -32,12 +38,30 @@ ENTRIES = {
 }
 
 
+def serve(model: str, threads: int) -> tuple[str, subprocess.Popen]:
+    """``splittune serve`` in its own process on a free loopback port; its URL once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "splittune.cli", "serve", "--model", model, "--listen", f"127.0.0.1:{port}",
+                             "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"grpc://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            health(url, timeout_s=1)
+            return url, proc
+        except Exception:
+            time.sleep(0.2)
+    raise RuntimeError("the server did not start")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--cuts", default="[2,28]")
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grpc", action="store_true", help="also the split over gRPC with `splittune serve` in its own process")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = [f"model={args.model}", f"cuts={args.cuts}", "train.batch_size=4", "train.seq_len=128", "train.warmup_steps=0",
@@ -50,7 +74,15 @@ def main() -> None:
             task = client_tasks(cfg, source.tokenizer())[0]
             batch = task.collate(task.train[:4])
         parties[name] = (client, link)
-    times = {name: [] for name in ENTRIES}
+    servers = []
+    if args.grpc:  # the same split with the server in its own process, over gRPC on loopback
+        for name, sets in (("gRPC loopback", []), ("gRPC loopback, 4 micro-batches", ["train.micro_batches=4"])):
+            url, proc = serve(args.model, args.threads)
+            servers.append(proc)
+            cfg = load_config(None, [*base, *sets]).resolve(30)
+            fleet = connect(cfg, source, [1], [0], lambda i, url=url: GrpcChannel(url))
+            parties[name] = (fleet.clients[0], fleet.links[0])
+    times = {name: [] for name in parties}
     sent = {}
     for rep in range(args.reps + 1):  # the first round warms up
         for name, (client, link) in parties.items():
@@ -69,6 +101,9 @@ def main() -> None:
         lo, hi = ts[max(0, len(ts) // 10)], ts[min(len(ts) - 1, len(ts) * 9 // 10)]
         med = statistics.median(ts)
         print(f"{name:<40} {med:9.3f} {lo:7.3f}-{hi:<7.3f} {med / ref:14.3f} {sent[name][0]:11,d} {sent[name][1]:11,d}")
+    for proc in servers:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

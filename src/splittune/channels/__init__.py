@@ -1,4 +1,4 @@
-"""Channels carry messages between parties; parties never know which one they are on (contract 4)."""
+"""Channels carry frames between parties, many in flight; parties never know which one they are on (contract 4)."""
 
 from .base import Channel, RemoteError, Tap
 from .local import LocalChannel

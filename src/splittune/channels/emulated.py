@@ -8,6 +8,7 @@ a fake clock); :class:`EmulatedChannel` applies it to a real channel with one ti
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import threading
@@ -16,6 +17,7 @@ import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from .. import workers
 from .base import Channel, arrived
 
 
@@ -55,9 +57,9 @@ class EmulatedChannel(Channel):
         self._due: list = []  # heap of (time, order, action)
         self._order = itertools.count()
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=_timer, args=(self._due, self._cond, clock), name="splittune-link", daemon=True)
-        self._thread.start()
-        weakref.finalize(self, _stop, self._due, self._cond)
+        stop = functools.partial(_stop, self._due, self._cond)
+        self._thread = workers.start(_timer, (self._due, self._cond, clock), "splittune-link", stop)
+        weakref.finalize(self, stop)
 
     def _at(self, when: float, action) -> None:
         with self._cond:
@@ -94,8 +96,6 @@ def _timer(due: list, cond: threading.Condition, clock) -> None:
     while True:
         with cond:
             while not due or due[0][0] > clock():
-                if due and due[0][2] is None:
-                    return
                 cond.wait(None if not due else max(due[0][0] - clock(), 0.0))
             _, _, action = heapq.heappop(due)
         if action is None:

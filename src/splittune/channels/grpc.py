@@ -9,6 +9,7 @@ answering (a stream-wide deadline would cap the run).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -21,6 +22,7 @@ import grpc
 
 from .probe import wait_until_ready
 from .transport import CHUNK_BYTES, KEEPALIVE, MAX_CHUNK_BYTES, SESSION_METHOD, ChunkError, Reassembler, chunks, parse_server
+from .. import workers
 from ..wire import FrameLimits, Message
 from .base import Channel, RemoteError, arrived
 
@@ -52,7 +54,8 @@ class GrpcChannel(Channel):
         self._next = itertools.count(1)
         self._lock = threading.Lock()
         self._failure: RemoteError | None = None  # once the stream fails, every later request fails the same way
-        threading.Thread(target=_receive, args=(self._responses, weakref.ref(self)), daemon=True).start()
+        workers.start(_receive, (self._responses, weakref.ref(self)), "splittune-grpc-replies",
+                      functools.partial(_hang_up, self._requests, self._responses))
 
     def _submit(self, frame: bytes) -> Future:
         future: Future = Future()
@@ -96,6 +99,12 @@ class GrpcChannel(Channel):
     def close(self) -> None:
         self._requests.put(None)
         self._channel.close()
+
+
+def _hang_up(requests: queue.Queue, responses) -> None:
+    """End the stream from this side (at exit: the reply thread must not be inside gRPC when it tears down)."""
+    requests.put(None)
+    responses.cancel()
 
 
 def _receive(responses, channel_ref) -> None:

@@ -8,12 +8,13 @@ server computes, as two machines would.
 
 from __future__ import annotations
 
+import functools
 import queue
-import threading
 import weakref
 from concurrent.futures import Future
 from typing import Callable
 
+from .. import workers
 from .base import Channel, RemoteError, arrived
 
 
@@ -25,9 +26,9 @@ class LocalChannel(Channel):
         self.serve = serve
         self._closed = False
         self._frames: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=_serve_in_order, args=(self._frames, serve), name="splittune-local-server", daemon=True)
-        self._thread.start()
-        weakref.finalize(self, self._frames.put, None)  # a channel nobody holds stops its server thread
+        stop = functools.partial(self._frames.put, None)
+        self._thread = workers.start(_serve_in_order, (self._frames, serve), "splittune-local-server", stop)
+        weakref.finalize(self, stop)  # a channel nobody holds stops its server thread
 
     def _submit(self, frame: bytes) -> Future:
         future: Future = Future()

@@ -27,8 +27,8 @@ STATE = "chain/"  # tensors carrying one end's chain state (a checkpoint reply, 
 
 
 class LinkStats:
-    """What one end's crossings cost since the last ``take``: codec time, the other end's reported time,
-    round trips, and the codec's squared error and norm per direction."""
+    """What the client's crossings cost since the last ``take``: its codec time and waits, the server's
+    reported time, round trips, and the codec's squared error and norm per direction."""
 
     def __init__(self):
         self.reset()
@@ -36,13 +36,12 @@ class LinkStats:
     def reset(self) -> None:
         self.codec_s = 0.0
         self.wait_s = 0.0  # time the client spent blocked on replies
-        self.server_s = 0.0  # the server's own time on these messages (decode, compute, encode)
-        self.server_codec_s = 0.0
+        self.server_s = 0.0  # the server's own time on these messages, as its replies report it
         self.round_trip_s = 0.0
         self.error = {"up": [0.0, 0.0], "down": [0.0, 0.0]}
 
     def take(self) -> dict[str, Any]:
-        out = {"codec_s": self.codec_s, "wait_s": self.wait_s, "server_s": self.server_s, "server_codec_s": self.server_codec_s,
+        out = {"codec_s": self.codec_s, "wait_s": self.wait_s, "server_s": self.server_s,
                "wire_s": max(self.round_trip_s - self.server_s, 0.0),
                "error": {d: (e[0] / e[1]) ** 0.5 if e[1] > 0 else None for d, e in self.error.items()}}
         self.reset()
@@ -71,7 +70,6 @@ class Pending:
             cut = reply.meta.pop("link", {}) if isinstance(reply.meta.get("link"), dict) else {}
             link.stats.round_trip_s += arrived - self.sent_at
             link.stats.server_s += float(cut.get("server_s", 0.0))
-            link.stats.server_codec_s += float(cut.get("codec_s", 0.0))
             if "down_err" in cut:
                 for i, v in enumerate(cut["down_err"][:2]):
                     link.stats.error["down"][i] += float(v)
@@ -140,6 +138,9 @@ class CutLink:
         if self.chain is None:
             raise RuntimeError("say hello before sending")
         key = (msg.step, msg.micro, msg.kind)
+        with self._lock:
+            if key in self.in_flight:
+                raise RuntimeError(f"a {msg.kind} message for step {msg.step} micro-batch {msg.micro} is already in flight")
         with Stopwatch() as watch:
             frame = self.chain.encode(msg)
         self.stats.codec_s += watch.total
@@ -147,8 +148,6 @@ class CutLink:
             self._observe("up", self.chain.decode(frame, "up"), len(frame))
         pending = Pending(self, msg, self.channel.request(frame), time.perf_counter())
         with self._lock:
-            if key in self.in_flight:
-                raise RuntimeError(f"a {msg.kind} message for step {msg.step} micro-batch {msg.micro} is already in flight")
             self.in_flight[key] = pending
         if self.chain.lossy:
             err = self.chain.codec_error()

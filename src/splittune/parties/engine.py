@@ -12,6 +12,7 @@ Grad mode is thread-local, so every job sets its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 import weakref
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import workers
 from ..data.choices import candidate_scores
 from ..models.adapters import mixed_adapters
 from .party import Party
@@ -28,9 +30,9 @@ from .party import Party
 class TrunkEngine:
     def __init__(self, name: str = "splittune-trunk"):
         self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=_work, args=(self._jobs,), name=name, daemon=True)
-        self._thread.start()
-        weakref.finalize(self, self._jobs.put, None)  # an engine nobody holds stops its thread
+        stop = functools.partial(self._jobs.put, None)
+        self._thread = workers.start(_work, (self._jobs,), name, stop)
+        weakref.finalize(self, stop)  # an engine nobody holds stops its thread
         self.party: Party | None = None
         self.batched = False  # sfl-v1 with several clients: rows are routed to their own adapters
         self.pending: dict[tuple, tuple] = {}  # forwards awaiting their gradients

@@ -1,1 +1,1 @@
-"""Schedules: how clients take turns with the server, and how their adapters are combined (stage 7)."""
+"""Schedules: how clients take turns with the server, as policy objects the runner and the server both read."""
