@@ -62,12 +62,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grpc", action="store_true", help="also the split over gRPC with `splittune serve` in its own process")
+    ap.add_argument("--only", nargs="*", help="entries to run (centralized always runs: ratios are against it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = [f"model={args.model}", f"cuts={args.cuts}", "train.batch_size=4", "train.seq_len=128", "train.warmup_steps=0",
             "train.steps=1000"]
     parties, batch = {}, None
-    for name, sets in ENTRIES.items():
+    chosen = {n: e for n, e in ENTRIES.items() if not args.only or n in args.only or n == "centralized"}
+    for name, sets in chosen.items():
         cfg = load_config(None, [*base, *sets])
         client, _, link, source = build(cfg)
         if batch is None:

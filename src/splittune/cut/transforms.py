@@ -220,7 +220,7 @@ class CodecStage(Transform):
             if codec is None or not t.is_floating_point():
                 continue
             crossing.codecs[name] = codec
-            if self.feedback[name]:
+            if self.feedback[name] and msg.step > 0:  # evaluations (step 0) neither take nor leave residuals
                 kept = self.residual.get(f"{name}/{msg.micro}")
                 if kept is not None and kept.shape != t.shape:  # another shape (another batch layout): start afresh
                     kept, self.resets = None, self.resets + 1
@@ -230,7 +230,7 @@ class CodecStage(Transform):
     def sent(self, crossing, decoded, end):
         for name, ref in crossing.refs.items():
             got = decoded[name].to(ref.device, ref.dtype)
-            if self.feedback[name]:
+            if self.feedback[name] and crossing.msg.step > 0:
                 self.residual[f"{name}/{crossing.msg.micro}"] = (crossing.msg.tensors[name] - got).detach()
             self.error["sq_err"] += float(torch.linalg.vector_norm((got - ref).double()) ** 2)
             self.error["sq_ref"] += float(torch.linalg.vector_norm(ref.double()) ** 2)
