@@ -282,7 +282,10 @@ def test_threads_are_applied_recorded_and_restored(tmp_path):
 
     summary = train(load_config(None, ["model=tiny:gpt2", "train.steps=1", "train.warmup_steps=0", "train.seq_len=32",
                                        "data.max_documents=3", "train.eval_batches=1"]), tmp_path / "auto")
-    assert summary["threads"] == resolve_threads("auto", shared=True)
+    assert summary["threads"] == resolve_threads("auto", shared=False)  # one client, no pipelining: the parties take turns
+    piped = train(load_config(None, ["model=tiny:gpt2", "train.steps=1", "train.warmup_steps=0", "train.seq_len=32",
+                                     "data.max_documents=3", "train.eval_batches=1", "train.micro_batches=2"]), tmp_path / "piped")
+    assert piped["threads"] == resolve_threads("auto", shared=True)  # the client computes while the server does
 
 
 # -- 7. docs that cannot drift ------------------------------------------------------------------------------------

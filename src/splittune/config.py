@@ -101,8 +101,9 @@ class TrainConfig(Section):
     )
     threads: int | str = Field(
         "auto",
-        description="CPU compute threads of this process (torch.set_num_threads); auto: half the cores (at most 8) when "
-        "client and server share the process, every core for a lone party (a client of a remote server, serve)",
+        description="CPU compute threads of this process (torch.set_num_threads); auto: half the cores (at most 8) when parties "
+        "compute at once in this process (several clients, or pipelined micro-batches); every core when they take turns "
+        "(one client) or for a lone party (centralized, a client of a remote server, serve)",
         json_schema_extra={"allowed": "auto | an integer >= 1"},
     )
 

@@ -191,12 +191,19 @@ def owns_run_dir(shared: Callable[[RunConfig], bool]):
     return wrap
 
 
+def computes_concurrently(cfg: RunConfig) -> bool:
+    """Whether parties of an in-process run compute at the same time (and so must share the cores): several
+    clients run their steps at once, and pipelined micro-batches overlap the client with the server. One
+    client without pipelining takes turns with the server, and one pool of every core serves both."""
+    return cfg.mode != "centralized" and (cfg.clients > 1 or cfg.train.micro_batches > 1)
+
+
 def resolved(cfg: RunConfig, source: ModelSource) -> RunConfig:
     """The run's config for this model (``cuts: auto`` resolved): what config.yaml records and resume compares."""
     return cfg.resolve(detect_arch(source.config()).n_blocks)
 
 
-@owns_run_dir(shared=lambda cfg: cfg.mode != "centralized")  # the server (or an averaging one) shares the process
+@owns_run_dir(shared=lambda cfg: computes_concurrently(cfg))
 def train(cfg: RunConfig, out: Path, progress: Callable | None = None) -> dict[str, Any]:
     """Run ``cfg`` and write its run directory; returns the summary.
 

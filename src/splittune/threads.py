@@ -1,10 +1,11 @@
 """How many CPU threads a process computes with (``train.threads``, ``serve --threads``).
 
-torch's intra-op pool is process-wide and by default as large as the machine. An in-process run holds the
-client(s) and the server in one process, taking turns, and shares the machine with whatever else runs on
-it: a full-size pool oversubscribes the cores, and tiny runs under contention slowed 3-12x. ``auto`` takes
-half the cores (at most ``SHARED_CAP``) when parties share the process, and every core for a lone party (a
-client of a remote server, ``splittune serve``), which has the process to itself.
+torch's intra-op pool is process-wide and by default as large as the machine. When parties of one process
+compute at the same time (several in-process clients, or a pipelined client computing while the server does),
+each would take the whole pool and oversubscribe the cores (tiny runs under contention slowed 3-12x), so
+``auto`` gives them half the cores (at most ``SHARED_CAP``). When one party computes at a time (a client taking
+turns with its server, a lone party: centralized, a client of a remote server, ``splittune serve``) it takes
+every core (the runner's ``computes_concurrently`` decides which).
 """
 
 from __future__ import annotations
