@@ -47,14 +47,9 @@ def tokens(pki):
 
 
 def _party_server(source, **kwargs) -> Server:
-    """A server party (with the schedule policies where this version's Server takes them)."""
-    import inspect
+    from splittune.schedules.policy import POLICIES
 
-    if "policies" in inspect.signature(Server).parameters:
-        from splittune.schedules.policy import POLICIES
-
-        kwargs.setdefault("policies", POLICIES)
-    return Server(source, detect_arch(source.config()), source.config(), **kwargs)
+    return Server(source, detect_arch(source.config()), source.config(), policies=POLICIES, **kwargs)
 
 
 def _server(tokens=None, tls=None, state_dir=None, model="tiny:llama", port=None):

@@ -224,17 +224,13 @@ class CodecConfig(Section):
     @field_validator("up", "down")
     @classmethod
     def _known(cls, spec: CodecSpec) -> CodecSpec:
-        from .wire.codecs import make_codec
+        from .wire.codecs import make_codec_with_feedback
 
         roles = spec if isinstance(spec, dict) and "name" not in spec else {"hidden": spec}
         for role, codec in roles.items():
             if role not in ("hidden", "grad"):
                 raise ValueError(f"unknown tensor role {role!r}; roles: hidden, grad (or a codec for both)")
-            options = dict(codec) if isinstance(codec, dict) else {"name": codec}
-            feedback = options.pop("error_feedback", None)
-            if feedback is not None and not isinstance(feedback, bool):
-                raise ValueError(f"error_feedback must be true or false, got {feedback!r}")
-            make_codec(codec if isinstance(codec, str) else options)
+            make_codec_with_feedback(codec)
         return spec
 
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..wire import Message
-from ..wire.codecs import Codec, make_codec
+from ..wire.codecs import Codec, make_codec_with_feedback
 
 ROLES = ("hidden", "grad")  # the tensors of a crossing that carry activations or their gradients
 
@@ -194,12 +194,8 @@ class CodecStage(Transform):
         for role, spec in roles.items():
             if role not in ROLES:
                 raise ChainError(f"codec: unknown tensor role {role!r}; roles: {', '.join(ROLES)}")
-            options = dict(spec) if isinstance(spec, dict) else {"name": spec}
-            feedback = options.pop("error_feedback", options.get("name") == "topk")
-            if not isinstance(feedback, bool):
-                raise ChainError(f"codec.{role}.error_feedback must be true or false, got {feedback!r}")
             try:
-                codec = make_codec(spec if isinstance(spec, str) else options)
+                codec, feedback = make_codec_with_feedback(spec)
             except ValueError as err:
                 raise ChainError(f"codec.{role}: {err}") from None
             if codec.lossy:

@@ -45,9 +45,7 @@ class Server:
     cannot import the policies, which sit above it)."""
 
     def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0, state_dir: Path | None = None,
-                 device: torch.device | None = None, policies: Mapping | None = None):
-        if policies is None:
-            raise ValueError("a Server needs the schedule policies (splittune.schedules.POLICIES)")
+                 device: torch.device | None = None, *, policies: Mapping):
         self.source = source
         self.device = device if device is not None else torch.device("cpu")
         self.spec = spec

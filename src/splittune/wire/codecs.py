@@ -255,6 +255,20 @@ def make_codec(spec: CodecSpec) -> Codec:
     raise ValueError(f"a codec is a name or a map with 'name', got {type(spec).__name__}")
 
 
+def make_codec_with_feedback(spec: CodecSpec) -> tuple[Codec, bool]:
+    """A codec spec that may also say ``error_feedback`` (the chain's setting for a lossy codec, on by default
+    for ``topk``): the codec, and whether its sender carries what it dropped into the next crossing."""
+    if isinstance(spec, str):
+        return make_codec(spec), spec == "topk"
+    options = dict(spec) if isinstance(spec, Mapping) else spec
+    if not isinstance(options, dict):
+        return make_codec(options), False
+    feedback = options.pop("error_feedback", options.get("name") == "topk")
+    if not isinstance(feedback, bool):
+        raise ValueError(f"error_feedback must be true or false, got {feedback!r}")
+    return make_codec(options), feedback
+
+
 def get_codec(name: str) -> Codec:
     """The codec ``name`` with its default options."""
     return make_codec(name)
