@@ -89,6 +89,7 @@ def test_grpc_processes_equal_the_in_process_run(tmp_path, serve_process):
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     status = health(url)
     assert status["status"] == "SERVING" and status["messages"] > 0
+    assert status["peak_memory"]["rss_bytes"] > 100 * 2**20  # a process that holds torch and a model
 
 
 def test_two_client_processes_under_sfl_v1(tmp_path, serve_process):

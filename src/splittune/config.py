@@ -99,6 +99,13 @@ class TrainConfig(Section):
     max_in_flight: int | None = Field(
         None, ge=1, description="micro-batches in flight at once (back-pressure on activation memory); null: all of a step's"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="the client's blocks (bottom and top; the whole model in mode: centralized) keep only their inputs "
+        "for backward and run again in it: less activation memory for one more forward per block, same results"
+    )
+    server_gradient_checkpointing: bool = Field(
+        False, description="the same for the server's blocks (proposed to the server in the hello; every client must agree)"
+    )
     threads: int | str = Field(
         "auto",
         description="CPU compute threads of this process (torch.set_num_threads); auto: half the cores (at most 8) when parties "
@@ -248,6 +255,43 @@ class LinkConfig(Section):
         return any(v is not None for v in (self.bandwidth_mbps, self.up_mbps, self.down_mbps)) or self.latency_ms > 0
 
 
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """A byte count: an integer, or a number and a unit (``512MB``, ``1.5GiB``; kB/MB/GB are powers of 1000,
+    KiB/MiB/GiB powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "").lower()
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):] or "b"
+        try:
+            size = float(number)
+        except ValueError:
+            size = -1.0
+        if unit in SIZE_UNITS and size >= 0 and size * SIZE_UNITS[unit] < 2**63:
+            return int(size * SIZE_UNITS[unit])
+    raise ValueError(f"must be a byte count: a non-negative integer or a size like 512MB or 1GiB, got {value!r}")
+
+
+class CacheConfig(Section):
+    """The activation cache (docs/efficiency.md): with a frozen, deterministic bottom, each training sample's
+    activations cross the cut once and the server reuses them in later epochs."""
+
+    max_bytes: int = Field(
+        2**30, description="what the server may hold for each client (least recently used evicted); 0 turns the cache off and "
+        "forbids the server to keep activations. It switches itself off when the bottom trains or what crosses is not "
+        "the same every time", json_schema_extra={"allowed": "a byte count: an integer or a size like `512MB`, `1GiB`", "default": "1GiB"},
+    )
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
 class RunConfig(Section):
     model: str = Field(
         "builtin:smollm2-135m",
@@ -288,6 +332,7 @@ class RunConfig(Section):
     codec: CodecConfig = Field(default_factory=lambda: CodecConfig())
     padding_removal: bool = Field(True, description="positions the attention mask zeroes never cross the cut (lossless)")
     link: LinkConfig = Field(default_factory=lambda: LinkConfig())
+    cache: CacheConfig = Field(default_factory=lambda: CacheConfig())
 
     @field_validator("cuts", mode="before")
     @classmethod

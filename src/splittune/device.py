@@ -72,3 +72,30 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         if not torch.cuda.is_available() or torch.cuda.device_count() < len(cuda):
             raise DeviceError(f"this checkpoint was written with {len(cuda)} CUDA device(s); this machine has {_available()}")
         torch.cuda.set_rng_state_all(cuda)
+
+
+def peak_rss(pid: int | str = "self") -> int | None:
+    """A process's peak resident set in bytes: Linux's ``VmHWM``, the high-water mark of the process's own
+    memory since it started (``ru_maxrss`` would also count the parent's pages copied before ``exec``)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if pid == "self":  # not Linux: the kernel's own figure, the best there is
+        import resource
+        import sys
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return None
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """This process's peak resident set and, on a GPU, torch's peak allocation there: what ``summary.json``
+    reports and the benchmark reads."""
+    out = {"rss_bytes": peak_rss()}
+    if device.type == "cuda":
+        out["device_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out

@@ -29,12 +29,13 @@ from .channels.emulated import EmulatedChannel, LinkModel
 from .cut import CutLink, ServerLink, terms_from
 from .config import ConfigError, RunConfig, dump_config, warn
 from .data import TaskData, build_client_tasks, merge_tasks
-from .device import resolve_device, rng_state, set_rng_state
+from .device import peak_memory, resolve_device, rng_state, set_rng_state
 from .eval import evaluate
 from .models.arch import check_seq_len, detect_arch
 from .models.partition import PlanError
 from .models.zoo import ModelSource, resolve_model
 from .parties import Client, Party, Server, SessionSpec
+from .parties.cache import MIRROR_COUNTS
 from .schedules.policy import POLICIES, policy_for
 from .report.plots import plot_loss
 from .rundir import RunLock
@@ -134,7 +135,8 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
     for i, count in zip(indices, samples, strict=True):
         session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe())
         try:
-            party = Party("client", source, spec, session, config, device=device, total_steps=policy.client_steps(cfg.train.steps, n))
+            party = Party("client", source, spec, session, config, device=device, total_steps=policy.client_steps(cfg.train.steps, n),
+                          recompute=cfg.train.gradient_checkpointing)
         except (PlanError, ValueError) as err:
             raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
         link = None
@@ -311,6 +313,14 @@ def _connection_lost(err, cfg: RunConfig, out: Path, fleet: Fleet, session: "Ses
     return ConnectionLost(f"the connection to the server was lost {at} ({err}); {then}", err.code)
 
 
+def train_batch(task: TaskData, indices: list[int]) -> dict[str, torch.Tensor]:
+    """A training batch of ``task``'s examples ``indices``, with their ``sample_id``: a row's identity for the
+    activation cache (``parties/cache.py``)."""
+    batch = task.collate([task.train[k] for k in indices])
+    batch["sample_id"] = torch.tensor(indices, dtype=torch.int64)
+    return batch
+
+
 def time_breakdown(step_s: float, stats: dict) -> dict[str, Any]:
     """Where a client step's time went (docs/efficiency.md): this client's compute and codecs, the time it
     waited for replies; of the round trips, the server's own time and the rest (the wire, queues and the
@@ -375,6 +385,10 @@ class Session:
         if t.warmup_steps >= t.steps:
             warn(f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate is still warming up "
                  "when training ends (the first step has rate 0); lower train.warmup_steps")
+        off = self.fleet.clients[0].cache_off
+        asked = self.cfg.cache.max_bytes not in (0, type(self.cfg.cache).model_fields["max_bytes"].default)  # not merely a dumped default
+        if asked and off and self.fleet.clients[0].split:
+            warn(f"cache.max_bytes is set, but the activation cache is off: {off}")
 
     def event(self, phase: str, done: int = 0, total: int = 0, **info) -> None:
         """Tell ``progress`` what happens besides steps: ``start`` (the plan: cuts, shape, threads, ``resume``: the
@@ -388,11 +402,12 @@ class Session:
         i, step = job
         t = self.cfg.train
         task, client = self.tasks[i], self.fleet.clients[i]
-        micro = [task.collate([task.train[k] for k in next(self.samplers[i])]) for _ in range(t.grad_accum)]
+        micro = [train_batch(task, next(self.samplers[i])) for _ in range(t.grad_accum)]
         up0, down0 = self.fleet.bytes(i)
         link = self.fleet.links[i]
         if link is not None:
             link.stats.reset()
+        client.bottom_s, cached = 0.0, client.cache_counts()
         t0 = time.perf_counter()
         result = client.train_step(step, micro)
         step_s = time.perf_counter() - t0
@@ -403,6 +418,10 @@ class Session:
                "bytes_up": up1 - up0, "bytes_down": down1 - down0, "step_s": round(step_s, 6)}
         if link is not None:
             row.update(time_breakdown(step_s, link.stats.take()))
+            row["bottom_s"] = round(client.bottom_s, 6)
+        if cached:
+            now = client.cache_counts()
+            row.update(cache_hits=now["hits"] - cached["hits"], cache_misses=now["misses"] - cached["misses"])
         return row
 
     def _round(self, jobs: list[tuple[int, int]], log) -> None:
@@ -510,7 +529,8 @@ class Session:
         meta = {"step": step, "samplers": [s.state_dict() for s in self.samplers], "metrics": self.metrics,
                 "evals": self.evals, "own_before": self.own_before, "train_bytes": self.train_bytes,
                 "sync_bytes": self.sync_bytes, "done": self.done, "holder": self.holder,
-                "parties": parties}
+                "parties": parties,
+                "caches": {str(index): c.cache.state() for index, c in zip(self.index, self.fleet.clients) if c.cache is not None}}
         checkpoint.save(self.out / CHECKPOINTS / "client", step, checkpoint.pack(groups), meta)
 
     def _restore(self, step: int) -> None:
@@ -519,6 +539,8 @@ class Session:
         for index, client in zip(self.index, self.fleet.clients):
             prefix = f"c{index}."
             client.party.restore({k.removeprefix(prefix): v for k, v in groups.items() if k.startswith(prefix)}, meta["parties"][str(index)])
+            if client.cache is not None and str(index) in meta.get("caches", {}):
+                client.cache.load_state(meta["caches"][str(index)])
         for sampler, state in zip(self.samplers, meta["samplers"], strict=True):
             sampler.load_state_dict(state)
         set_rng_state(groups["rng"])
@@ -591,6 +613,7 @@ class Session:
             "step_s_median": step_times[len(step_times) // 2],
             "device": str(clients[0].party.device),
             "threads": torch.get_num_threads(),
+            "peak_memory": peak_memory(clients[0].party.device),  # this process's (both parties' in-process)
             "server_device": server_info.get("device"),
             "client_params": clients[0].party.weights.params,
             "client_bytes": clients[0].party.weights.bytes,
@@ -604,8 +627,21 @@ class Session:
             summary["eval_accuracy_before"] = before["accuracy"]
             summary["eval_accuracy_after"] = after["accuracy"]
         summary.update(step_breakdown(self.metrics))
+        if clients[0].split:
+            summary["cache"] = self._cache_summary()
         summary["per_client"] = [self._client_entry(i, own_before[i], own_after[i]) for i in range(self.n)]
         return summary
+
+    def _cache_summary(self) -> dict[str, Any]:
+        """The activation cache over this process's clients: whether it ran (or why not) and what it saved."""
+        first = self.fleet.clients[0]
+        counts = dict.fromkeys(MIRROR_COUNTS, 0)
+        for client in self.fleet.clients:
+            for key, value in client.cache_counts().items():
+                counts[key] += value
+        return {"on": first.cache is not None, "off_reason": first.cache_off,
+                "max_bytes": first.cache.max_bytes if first.cache is not None else 0, **counts,
+                "bottom_s": round(sum(r.get("bottom_s", 0.0) for r in self.metrics), 6)}
 
     def _client_entry(self, i: int, before: dict, after: dict) -> dict[str, Any]:
         client, task = self.fleet.clients[i], self.tasks[i]

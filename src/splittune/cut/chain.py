@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ..wire import FrameLimits, Message, decode_frame, encode_frame
+from ..wire.codecs import make_codec
 from .transforms import ROLES, ChainError, CodecStage, Crossing, End, Transform, build_transform
 
 DIRECTIONS = ("up", "down")
@@ -91,6 +92,22 @@ class Chain:
                 for k, v in t.take_error().items():
                     total[k] += v
         return total
+
+    def varies(self, direction: str, role: str, width: int) -> str | None:
+        """Why a ``role`` tensor may arrive otherwise when sent again in ``direction`` (the first transform's
+        reason), or None (``Transform.varies``)."""
+        return next((r for t in self.transforms[direction] if (r := t.varies(role, width)) is not None), None)
+
+    def payload_bytes(self, direction: str, role: str, dtype, shape: tuple[int, ...]) -> int:
+        """What a ``role`` tensor of ``dtype`` and ``shape`` costs in a frame's payload in ``direction``."""
+        stage = next((t for t in self.transforms[direction] if isinstance(t, CodecStage)), None)
+        codec = stage.codecs.get(role) if stage is not None else None
+        codec = codec or make_codec("raw")
+        return codec.encoded_size(dtype, shape, {k: codec.opts[k] for k in codec.params if k in codec.opts})
+
+    def packs(self, direction: str) -> bool:
+        """Whether padding removal runs in ``direction``."""
+        return any(t.name == "padding" for t in self.transforms[direction])
 
     @property
     def lossy(self) -> bool:

@@ -67,6 +67,12 @@ class Transform:
         """Undo this transform on an incoming message."""
         return msg
 
+    def varies(self, role: str, width: int) -> str | None:
+        """Why a ``role`` tensor's token (``width`` values) may arrive otherwise when sent again, or beside other
+        tokens; None when it always arrives the same (the activation cache needs it). A transform varies until
+        it says not, so a new defense turns the cache off unless it is deterministic."""
+        return f"the {self.name!r} transform is not known to deliver the same tensor every time"
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -110,6 +116,9 @@ class PaddingRemoval(Transform):
 
     name = "padding"
 
+    def varies(self, role, width):
+        return None
+
     @staticmethod
     def _keep(msg: Message, hint: torch.Tensor | None, end: End) -> torch.Tensor | None:
         mask = msg.tensors.get("attention_mask")
@@ -134,13 +143,17 @@ class PaddingRemoval(Transform):
                 crossing.cut["pad_kept"] = [[r, int((keep[r] & ~mask[r].bool()).nonzero().max())] for r in extra]
         if bool(keep.all()):
             return
+        rows = crossing.hints.get("cut.rows")  # the activations carry only these rows of the batch (the cache's misses)
+        part = keep if rows is None else keep[rows.to(keep.device)]
         packed = []
         for name, t in list(msg.tensors.items()):
-            if _activation_like(name, t) and tuple(keep.shape) == tuple(t.shape[:2]):
-                msg.tensors[name] = t[keep.to(t.device)]
+            if _activation_like(name, t) and tuple(part.shape) == tuple(t.shape[:2]):
+                msg.tensors[name] = t[part.to(t.device)]
                 packed.append(name)
         if packed:
             crossing.cut["packed"] = packed
+            if rows is not None:
+                crossing.cut["rows"] = rows.tolist()
 
     def receive(self, msg, cut, end):
         mask = msg.tensors.get("attention_mask")
@@ -163,6 +176,12 @@ class PaddingRemoval(Transform):
             return msg
         if keep is None:
             raise ChainError(f"packed tensors {packed} for step {msg.step} micro-batch {msg.micro}, whose attention mask this end never saw")
+        rows = cut.get("rows")
+        if rows is not None:
+            if not (isinstance(rows, list) and all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < keep.shape[0] for r in rows)
+                    and all(a < b for a, b in zip(rows, rows[1:]))):
+                raise ChainError(f"meta field 'cut.rows' must list increasing row indices of a {tuple(keep.shape)} batch, got {rows!r}")
+            keep = keep[rows]
         real = int(keep.sum())
         for name in packed:
             t = msg.tensors.get(name)
@@ -208,6 +227,14 @@ class CodecStage(Transform):
     def spec(self):
         roles = {r: {**c.spec(), "error_feedback": self.feedback[r]} for r, c in self.codecs.items()}
         return {"name": self.name, **roles}
+
+    def varies(self, role, width):
+        codec = self.codecs.get(role)
+        if codec is None:
+            return None
+        if self.feedback[role]:
+            return f"{codec.name} with error feedback adds what earlier crossings dropped"
+        return codec.varies(width)
 
     def send(self, crossing, end):
         msg = crossing.msg

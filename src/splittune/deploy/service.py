@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import yaml
 
+from ..device import peak_memory
 from ..parties.party import SessionSpec
 from ..parties.server import Server
 from ..cut.link import ServerLink
@@ -222,7 +223,8 @@ class SplitService:
         group = self.server.group
         body = {"status": "SERVING", "uptime_s": round(time.time() - self.started, 1), "sessions": len(self.owner),
                 "clients": group.n if group else 0, "joined": len(group.members) if group else 0,
-                "schedule": group.schedule if group else None, **self.counts}
+                "schedule": group.schedule if group else None, **self.counts,
+                "peak_memory": peak_memory(self.server.device)}  # the process's high-water marks (sizing, the benchmark)
         return json.dumps(body).encode()
 
     def handler(self) -> grpc.GenericRpcHandler:

@@ -7,17 +7,20 @@ shares every line of data handling, optimisation and evaluation with the split r
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
 import torch
 
+from ..channels import RemoteError
 from ..cut.link import CutLink, Pending
 from ..cut.transforms import needed_positions
 from ..data.choices import candidate_scores
 from ..device import to_device
 from ..wire import Message
 from ..averaging import fold_delta
+from .cache import CACHE_MISS, Mirror, entry_bytes, row_keys, why_off
 from .party import Party
 
 Batch = dict[str, torch.Tensor]
@@ -58,6 +61,7 @@ class _Micro:
     top: torch.Tensor | None = None  # U-shape: the top's input, whose gradient goes back to the server
     stage: int = 0  # 1: forward sent; 2: top gradient sent (U-shape); 3: done
     loss: float = 0.0
+    want_grad: bool = False  # the bottom trains: its activations' gradient comes back
 
 
 class Client:
@@ -78,6 +82,9 @@ class Client:
         self.split = self.plan.shape != "centralized"  # a federated client trains the whole model and talks only to average
         if self.split and link is None:
             raise ValueError(f"a {self.plan.shape} split needs a link to the server")
+        self.cache: Mirror | None = None  # the activation cache's mirror, when the session can use one
+        self.cache_off: str | None = None if self.split else "nothing crosses a cut"
+        self.bottom_s = 0.0  # time in the bottom's training forwards (the caller resets it)
 
     def connect(self, resume: int | None = None, link_state: dict | None = None) -> dict:
         """Stage 0: propose the session and the chain; the server builds its part from it (restored to step
@@ -87,6 +94,10 @@ class Client:
             if resume is not None:
                 meta["resume"] = resume
             self.server_info = dict(self.link.hello(meta, link_state).meta)
+            if self.split:
+                budget = int(self.server_info.get("cache_bytes", 0))
+                self.cache_off = why_off(self.party, self.link.chain, budget, self.party.session.cache_bytes)
+                self.cache = Mirror(budget) if self.cache_off is None else None
         return self.server_info
 
     def _send(self, kind: str, step: int, micro: int, tensors: dict, **meta) -> Pending:
@@ -101,22 +112,69 @@ class Client:
         return self._take(self._send(kind, step, micro, tensors, **meta))
 
     # -- stages 1-5 for the micro-batches of a step ---------------------------------------------------------
-    def _launch(self, step: int, m: _Micro, num_items: int) -> None:
-        """Stage 1 and the crossing of the bottom cut."""
-        batch = m.batch
-        m.hidden = self.party.run(0, self.plan.segment("bottom").end, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).hidden
-        tensors = {"hidden": m.hidden.detach(), "attention_mask": batch["attention_mask"],
-                   "cut.keep": needed_positions(batch["attention_mask"], batch["labels"])}
+    def _launch(self, step: int, m: _Micro, num_items: int, resend: bool = False) -> None:
+        """Stage 1 and the crossing of the bottom cut. A bottom that trains nothing runs without autograd: it
+        keeps no graph, and its activations ask for no gradient back (``want_grad`` follows ``requires_grad``).
+        With the activation cache only the rows the server does not hold are computed and sent."""
+        batch, bottom = m.batch, self.plan.segment("bottom")
+        keep = needed_positions(batch["attention_mask"], batch["labels"])
+        tensors = {"attention_mask": batch["attention_mask"], "cut.keep": keep}
+        rows, meta = self._cached(batch, keep, resend)
+        t0 = time.perf_counter()
+        m.hidden = None
+        if rows is None or rows:
+            ids, mask = (batch["input_ids"], batch["attention_mask"]) if rows is None else (batch["input_ids"][rows], batch["attention_mask"][rows])
+            with torch.set_grad_enabled(self.party.trains(bottom)):
+                m.hidden = self.party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
+            tensors["hidden"] = m.hidden.detach()
+            if rows is not None:
+                tensors["cut.rows"] = torch.tensor(rows)
+        else:
+            self.cache.counts["bottom_forwards_skipped"] += 1
+        self.bottom_s += time.perf_counter() - t0
+        m.want_grad = m.hidden is not None and m.hidden.requires_grad
         if self.plan.shape == "two-part":
             tensors["labels"] = batch["labels"]
-            m.pending = self._send("activations", step, m.index, tensors, train=True, num_items=num_items, want_grad=m.hidden.requires_grad)
+            m.pending = self._send("activations", step, m.index, tensors, train=True, num_items=num_items, want_grad=m.want_grad, **meta)
         else:
-            m.pending = self._send("activations", step, m.index, tensors, train=True)
+            m.pending = self._send("activations", step, m.index, tensors, train=True, **meta)
         m.stage = 1
+
+    def _cached(self, batch: Batch, keep: torch.Tensor, resend: bool) -> tuple[list[int] | None, dict]:
+        """The rows to compute and send under the activation cache (None: every row) and the meta that says so.
+        The mirror takes the operations the server will take; ``resend``: the server lacked rows the mirror
+        holds, so both ends start afresh and every row is sent."""
+        cache = self.cache
+        if cache is None or "sample_id" not in batch:
+            return None, {}
+        keys = row_keys(cache.secret, self.party.session.fingerprint, self.plan.segment("bottom").end, batch)
+        if resend:
+            cache.clear()
+            cache.counts["resent"] += len(keys)
+        sent = cache.missing(keys)
+        hits = sorted(set(range(len(keys))) - set(sent))
+        seq, width = keep.shape[1], self.party.model.config.get_text_config().hidden_size
+        if hits:  # what their activations would have cost in this frame
+            chain = self.link.chain
+            shape = (int(keep[hits].sum()), width) if chain.packs("up") else (len(hits), seq, width)
+            cache.counts["bytes_saved_up"] += chain.payload_bytes("up", "hidden", self.party.dtype, shape)
+        cache.take(keys, sent, entry_bytes(seq, width, self.party.dtype))
+        meta = {"keys": keys, "sent": sent, **({"reset": True} if resend else {})}
+        return (None if len(sent) == len(keys) else sent), {"cache": meta}
+
+    def cache_counts(self) -> dict[str, int]:
+        """The activation cache's counts so far (hits, misses, evictions, resent rows, skipped forwards, bytes saved)."""
+        return dict(self.cache.counts) if self.cache is not None else {}
 
     def _advance(self, step: int, m: _Micro, num_items: int) -> None:
         """Take ``m``'s reply and do its next stage: the top (U-shape) or the bottom's backward."""
-        reply = self._take(m.pending)
+        try:
+            reply = self._take(m.pending)
+        except RemoteError as err:  # the server lacks rows the mirror holds: send them all again
+            if err.code != CACHE_MISS or m.stage != 1 or self.cache is None:
+                raise
+            self._launch(step, m, num_items, resend=True)
+            reply = self._take(m.pending)
         if m.stage == 1 and self.plan.shape == "u-shape":
             top = self.plan.segment("top")
             m.top = reply.tensors["hidden"].requires_grad_(True)
@@ -124,12 +182,12 @@ class Client:
                                  labels=m.batch["labels"], num_items_in_batch=num_items)
             out.loss.backward()
             m.loss = float(out.loss.detach())
-            m.pending = self._send("gradients", step, m.index, {"grad": m.top.grad}, want_grad=m.hidden.requires_grad)
+            m.pending = self._send("gradients", step, m.index, {"grad": m.top.grad}, want_grad=m.want_grad)
             m.stage = 2
             return
         if m.stage == 1:
             m.loss = float(reply.meta["loss"])
-        if m.hidden.requires_grad:
+        if m.want_grad:
             m.hidden.backward(reply.tensors["grad"])
         m.hidden = m.top = m.pending = None
         m.stage = 3

@@ -11,7 +11,6 @@ Grad mode is thread-local, so every job sets its own.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import queue
 import threading
@@ -23,7 +22,6 @@ import torch
 
 from .. import workers
 from ..data.choices import candidate_scores
-from ..models.adapters import mixed_adapters
 from .party import Party
 
 
@@ -53,17 +51,18 @@ class TrunkEngine:
         self.pending.clear()
 
     # -- what runs on the engine thread ---------------------------------------------------------------
-    def _route(self, adapter: str, rows: int):
+    def _routes(self, adapter: str, rows: int) -> list[str] | None:
         """This client's server-side adapter for its rows (several share one base under sfl-v1)."""
-        return mixed_adapters(self.party.model, [adapter] * rows) if self.batched else contextlib.nullcontext()
+        return [adapter] * rows if self.batched else None
 
     def forward(self, key: tuple, adapter: str, start: int, end: int, hidden, mask, train: bool) -> torch.Tensor:
         """Trunk blocks [start, end); a training forward is kept until its gradient comes (``key``)."""
-        with self._route(adapter, hidden.shape[0]), torch.set_grad_enabled(train):
+        routes = self._routes(adapter, hidden.shape[0])
+        with torch.set_grad_enabled(train):
             if not train:
-                return self.party.run(start, end, hidden=hidden, attention_mask=mask).hidden
+                return self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes).hidden
             hidden.requires_grad_(True)
-            out = self.party.run(start, end, hidden=hidden, attention_mask=mask).hidden
+            out = self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes).hidden
         self.pending[key] = (hidden, out)
         return out.detach()
 
@@ -71,13 +70,15 @@ class TrunkEngine:
              scores: tuple[list[int], list[int]] | None) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
         """Two-part split: the server ends the model and computes the loss from the client's labels.
         Returns the loss, the gradient at the cut (training) and candidate scores (evaluation)."""
-        with self._route(adapter, hidden.shape[0]), torch.set_grad_enabled(train):
+        routes = self._routes(adapter, hidden.shape[0])
+        with torch.set_grad_enabled(train):
             if not train:
                 out = self.party.run(start, end, hidden=hidden, attention_mask=mask, labels=labels, num_items_in_batch=num_items,
-                                     want_logits=scores is not None)
+                                     want_logits=scores is not None, routes=routes)
                 return float(out.loss), None, None if scores is None else candidate_scores(out.logits, *scores)
             hidden.requires_grad_(want_grad)
-            out = self.party.run(start, end, hidden=hidden, attention_mask=mask, labels=labels, num_items_in_batch=num_items)
+            out = self.party.run(start, end, hidden=hidden, attention_mask=mask, labels=labels, num_items_in_batch=num_items,
+                                 routes=routes)
             out.loss.backward()
         return float(out.loss.detach()), hidden.grad if want_grad else None, None
 
@@ -103,8 +104,7 @@ class TrunkEngine:
                 rows = [items[i][0].shape[0] for i in idx]
                 names = [members[i].adapter for i, r in zip(idx, rows) for _ in range(r)]
                 head = members[idx[0]].head
-                with mixed_adapters(party.model, names):
-                    out = party.run(start, end, hidden=hidden, attention_mask=mask, want_logits=head)
+                out = party.run(start, end, hidden=hidden, attention_mask=mask, want_logits=head, routes=names)
                 if head:
                     base = party.model.get_base_model() if hasattr(party.model, "get_base_model") else party.model
                     losses = [

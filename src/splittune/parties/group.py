@@ -24,6 +24,7 @@ from ..averaging import Contribution, average
 from ..models.arch import ArchSpec, block_of
 from ..models.partition import SplitPlan
 from ..models.zoo import ModelSource
+from .cache import ActivationCache
 from .party import Party, SessionSpec
 from .meet import Rendezvous, Turnstile
 
@@ -39,6 +40,7 @@ class Member:
     end: int = 0
     head: bool = False  # two-part split: the server ends the model and computes this client's loss
     adapter: str = "default"
+    cache: ActivationCache | None = None  # the activations this client sent, for later epochs (parties/cache.py)
 
 
 def personal_names(names, plan: SplitPlan, personal: set[str], arch: ArchSpec) -> set[str]:
@@ -142,7 +144,7 @@ class Group:
         if self.batched and "full" in {first.segments[s.name] for s in spec.plan(arch.n_blocks).party_segments("server")}:
             raise ValueError("sfl-v1 keeps one server-side adapter per client; a segment trained in full would need a copy of it per client (use lora or frozen)")
         self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=self.policy.server_steps(first.steps, first.clients),
-                           device=device)
+                           device=device, recompute=spec.server_gradient_checkpointing)
         for m in self.members.values():
             m.adapter = adapters[m.index] if len(adapters) > 1 else adapters[0]
 

@@ -7,6 +7,8 @@ parties scale by the same coefficient, exactly as ``clip_grad_norm_`` on the uns
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,9 +19,10 @@ from transformers import get_scheduler
 from ..averaging import add_delta
 from ..config import LoraConfig, RunConfig
 from ..device import as_float64, to_device
-from ..models.adapters import apply_training, load_trainable_state, lora_layers, trainable, trainable_state
+from ..models.adapters import apply_training, load_trainable_state, lora_layers, mixed_adapters, trainable, trainable_state
 from ..models.arch import ArchSpec
-from ..models.partition import DTYPES, PlanError, SplitPlan, check_trainable, load_party_model, move_model, plan_split
+from ..models.partition import DTYPES, PlanError, Segment, SplitPlan, check_trainable, load_party_model, move_model, plan_split
+from ..models.recompute import recomputed
 from ..models.segment import SegmentOutput, run_segment
 from ..models.zoo import ModelSource
 
@@ -55,6 +58,8 @@ class SessionSpec:
     lora_rank: int = 8
     samples: int = 0
     model: str = ""  # the client's model reference and where it resolved (messages only; the fingerprint decides)
+    server_gradient_checkpointing: bool = False  # the server's blocks recompute their activations in backward
+    cache_bytes: int = 0  # the activation cache's budget per client (cache.max_bytes); the server may cap it
 
     @classmethod
     def from_run(cls, cfg: RunConfig, fingerprint: str, model_type: str, client: int = 0, samples: int = 0,
@@ -65,6 +70,8 @@ class SessionSpec:
             cfg.seed, t.dtype, t.lr, t.weight_decay, t.warmup_steps, t.schedule, t.steps, t.max_grad_norm, t.model_dropout,
             client, clients or cfg.clients, "federated" if cfg.mode == "federated" else cfg.schedule, cfg.aggregate_every,
             list(cfg.personal), cfg.client_rank(client), samples, cfg.model if model is None else model,
+            server_gradient_checkpointing=t.server_gradient_checkpointing,
+            cache_bytes=cfg.cache.max_bytes,
         )
 
     def to_meta(self) -> dict[str, Any]:
@@ -142,12 +149,15 @@ class Party:
 
     ``adapters`` names the LoRA adapters on this party's frozen base (one per client on an ``sfl-v1``
     server, else one); ``total_steps`` is how many optimizer steps each adapter's LR schedule spans;
-    ``device`` is where this party computes (the CPU when None).
+    ``device`` is where this party computes (the CPU when None); with ``recompute`` its blocks' training
+    forwards keep only their inputs and run again in backward (``models/recompute.py``).
     """
 
     def __init__(self, role: str, source: ModelSource, spec: ArchSpec, session: SessionSpec, config=None,
-                 adapters: tuple[str, ...] = ("default",), total_steps: int | None = None, device: torch.device | None = None):
+                 adapters: tuple[str, ...] = ("default",), total_steps: int | None = None, device: torch.device | None = None,
+                 recompute: bool = False):
         self.role = role
+        self.recompute = recompute
         self.spec = spec
         self.session = session
         self.plan = session.plan(spec.n_blocks)
@@ -181,8 +191,20 @@ class Party:
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def run(self, start: int, end: int, **kwargs) -> SegmentOutput:
-        return run_segment(self.model, self.blocks, start, end, **kwargs)
+    def run(self, start: int, end: int, *, routes: list[str] | None = None, **kwargs) -> SegmentOutput:
+        """Blocks [start, end) (``run_segment``); ``routes`` names each row's adapter (several clients' rows in one
+        batch). The routing is entered again when a recomputed block runs in backward."""
+        route = functools.partial(mixed_adapters, self.model, routes) if routes is not None else contextlib.nullcontext
+        recompute = self.recompute and torch.is_grad_enabled()
+        with route(), recomputed(self.blocks, range(start, end), route) if recompute else contextlib.nullcontext():
+            return run_segment(self.model, self.blocks, start, end, **kwargs)
+
+    def trains(self, segment: Segment) -> bool:
+        """Whether ``segment``'s forward uses a parameter that trains (a tied embedding trained as the head counts)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        names = (self.spec.pre if segment.embeds else ()) + (self.spec.post if segment.head else ())
+        modules = [self.blocks[i] for i in segment.blocks] + [base.get_submodule(n) for n in names]
+        return any(p.requires_grad for m in modules for p in m.parameters())
 
     def sq_grad_norm(self, adapter: str | None = None) -> float:
         return self.trainers[adapter or self.adapter].sq_grad_norm()

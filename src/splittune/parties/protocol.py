@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .cache import KEY
+
 
 class ProtocolError(ValueError):
     """A message the server refuses; the text goes back to the client with a gRPC status name."""
@@ -26,12 +28,36 @@ class Meta(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class CacheMeta(Meta):
+    """The activation cache's part of a training micro-batch (``parties/cache.py``)."""
+
+    keys: list[str] = Field(min_length=1, max_length=1 << 16, description="one key per row of the micro-batch")
+    sent: list[int] = Field(description="the rows whose activations this message carries, increasing")
+    reset: bool = Field(False, description="the client starts its cache afresh: forget this session's first")
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        bad = next((k for k in keys if not KEY.fullmatch(k)), None)
+        if bad is not None:
+            raise ValueError(f"a key is 32 lowercase hex digits, got {bad[:40]!r}")
+        return keys
+
+    @model_validator(mode="after")
+    def _rows(self) -> "CacheMeta":
+        rows = len(self.keys)
+        if any(not 0 <= i < rows for i in self.sent) or any(a >= b for a, b in zip(self.sent, self.sent[1:])):
+            raise ValueError(f"sent must list increasing row indices in 0..{rows - 1}, got {self.sent[:16]}")
+        return self
+
+
 class ActivationsMeta(Meta):
     train: bool = True
     num_items: int | None = Field(None, ge=1, description="loss-carrying tokens of the whole step (two-part)")
     want_grad: bool = True
     score_positions: list[int] | None = None
     score_tokens: list[int] | None = None
+    cache: CacheMeta | None = None
 
     @model_validator(mode="after")
     def _scores_together(self) -> "ActivationsMeta":
@@ -39,6 +65,8 @@ class ActivationsMeta(Meta):
             raise ValueError("score_positions and score_tokens come together")
         if self.score_positions is not None and self.train:
             raise ValueError("candidate scores are an evaluation request (train: false)")
+        if self.cache is not None and not self.train:
+            raise ValueError("the activation cache serves training forwards only (train: true)")
         return self
 
 
@@ -126,6 +154,24 @@ def hidden_in(tensors: dict[str, torch.Tensor], kind: str, name: str, width: int
     if not torch.isfinite(t).all():
         raise ProtocolError(f"tensor {name!r} contains NaN or Inf values ({where})")
     return t
+
+
+def cached_in(tensors: dict[str, torch.Tensor], cache: CacheMeta, width: int, dtype: torch.dtype, where: str) -> tuple[torch.Tensor | None, int]:
+    """The rows a cached micro-batch carries (None: none) and its sequence length, checked against its meta."""
+    mask = tensors.get("attention_mask")
+    rows = len(cache.keys)
+    if mask is None or mask.dim() != 2 or mask.shape[0] != rows:
+        got = None if mask is None else tuple(mask.shape)
+        raise ProtocolError(f"meta field 'cache.keys' has {rows} keys, but the attention mask has shape {got}")
+    if not cache.sent:
+        if "hidden" in tensors:
+            raise ProtocolError("tensor 'hidden' came with a micro-batch whose rows meta field 'cache.sent' says are all cached")
+        return None, mask.shape[1]
+    hidden = hidden_in(tensors, "activations", "hidden", width, dtype, where)
+    if tuple(hidden.shape[:2]) != (len(cache.sent), mask.shape[1]):
+        raise ProtocolError(f"tensor 'hidden' has shape {tuple(hidden.shape)}; meta field 'cache.sent' lists {len(cache.sent)} rows "
+                            f"of length {mask.shape[1]}")
+    return hidden, mask.shape[1]
 
 
 def mask_in(tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:

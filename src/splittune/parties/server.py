@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -24,11 +24,12 @@ from ..device import to_device
 from ..models.arch import ArchSpec
 from ..models.zoo import ModelSource
 from ..wire import Message
+from .cache import CACHE_MISS, ActivationCache, entry_bytes
 from .engine import TrunkEngine
 from .group import Group, Member
 from .meet import WaitTimeout
 from .party import SessionSpec
-from .protocol import ProtocolError, hidden_in, labels_in, mask_in, parse_meta, scores_in
+from .protocol import ProtocolError, cached_in, hidden_in, labels_in, mask_in, parse_meta, scores_in
 
 
 def status_of(err: Exception) -> str:
@@ -42,10 +43,11 @@ def status_of(err: Exception) -> str:
 
 class Server:
     """``policies`` maps schedule names to their policy objects (``schedules.POLICIES``: this layer
-    cannot import the policies, which sit above it)."""
+    cannot import the policies, which sit above it); ``max_cache_bytes`` caps the activation cache a
+    client may ask for (None: what the client asks)."""
 
     def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0, state_dir: Path | None = None,
-                 device: torch.device | None = None, *, policies: Mapping):
+                 device: torch.device | None = None, *, policies: Mapping, max_cache_bytes: int | None = None):
         self.source = source
         self.device = device if device is not None else torch.device("cpu")
         self.spec = spec
@@ -56,6 +58,7 @@ class Server:
         self.wait_s = wait_s
         self.policies = policies
         self.state_dir = state_dir  # checkpoints of the server's part, one folder per run
+        self.max_cache_bytes = max_cache_bytes
         self.group: Group | None = None
         self.sessions: dict[str, Member] = {}
         self._lock = threading.Lock()
@@ -116,6 +119,8 @@ class Server:
         plan = session.plan(self.spec.n_blocks)
         if plan.shape == "centralized" and self.policies[session.schedule].server_part:
             raise ProtocolError("a centralized run has no server part")
+        if not isinstance(session.cache_bytes, int) or isinstance(session.cache_bytes, bool) or session.cache_bytes < 0:
+            raise ProtocolError(f"bad session proposal: cache_bytes must be a byte count (an integer >= 0), got {session.cache_bytes!r}")
         resume = msg.meta.get("resume")
         if resume is not None and (not isinstance(resume, int) or isinstance(resume, bool) or resume < 1):
             raise ProtocolError(f"resume must be a completed step (a positive integer), got {resume!r}")
@@ -127,11 +132,14 @@ class Server:
             group = self.group
             group.check(session)
             member = Member(session.client, msg.session, session)
+            budget = session.cache_bytes if self.max_cache_bytes is None else min(session.cache_bytes, self.max_cache_bytes)
+            member.cache = ActivationCache(budget) if budget > 0 else None
             group.members[session.client] = member
             self.sessions[msg.session] = member
         group.meet.meet("hello", member.index, resume, set(range(group.n)), lambda items: self._form(group, items))
         party = group.party
-        info = {"accepted": True, "clients": group.n, "schedule": group.schedule, "checkpoints": self.state_dir is not None}
+        info = {"accepted": True, "clients": group.n, "schedule": group.schedule, "checkpoints": self.state_dir is not None,
+                "cache_bytes": member.cache.max_bytes if member.cache is not None else 0}
         if party is not None:
             info.update(blocks=[member.start, member.end], params=party.weights.params, bytes=party.weights.bytes,
                         trainable=party.trainable_params, fan_in_fan_out=party.fan_in_fan_out, device=str(party.device))
@@ -164,8 +172,11 @@ class Server:
         groups, meta = group.party.checkpoint() if group.party is not None else ({}, {})
         groups["global"], groups["group_folded"] = dict(group.global_state), dict(group.folded)
         groups["relay"] = dict(group.relay[0]) if group.relay else {}
+        caches = {i: m.cache for i, m in group.members.items() if m.cache is not None}
+        groups.update({f"cache.{i}": cache.tensors() for i, cache in caches.items()})
         meta.update(step=step, turns=group.turns.position if group.turns else None,
-                    relay=group.relay[1] if group.relay else None, dropped=sorted(group.dropped))
+                    relay=group.relay[1] if group.relay else None, dropped=sorted(group.dropped),
+                    caches={str(i): cache.order() for i, cache in caches.items()})
         checkpoint.save(self._run_root(group), step, checkpoint.pack(groups), meta)
         return {i: None for i in group.members}
 
@@ -183,6 +194,9 @@ class Server:
             group.relay = (groups.get("relay", {}), meta["relay"])
         if group.turns is not None:
             group.turns.position = meta["turns"]
+        for i, m in group.members.items():  # the activation caches, within today's budgets
+            if m.cache is not None:
+                m.cache.load(meta.get("caches", {}).get(str(i), []), groups.get(f"cache.{i}", {}), device)
 
     # -- turns ------------------------------------------------------------------------------------------
     def _needs_party(self, msg: Message) -> None:
@@ -202,15 +216,52 @@ class Server:
     def _hidden(self, msg: Message, name: str = "hidden") -> torch.Tensor:
         return hidden_in(msg.tensors, msg.kind, name, self.width, self.party.dtype, f"step {msg.step}, micro-batch {msg.micro}")
 
+    def _arrived(self, member: Member, msg: Message, meta) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A micro-batch's activations as they arrived; with the activation cache, the rows it carries and the
+        others from this client's cache. ``commit`` stores what arrived: a refused message changes nothing."""
+        c = meta.cache
+        if c is None:
+            return self._hidden(msg), lambda: None
+        cache = member.cache
+        if cache is None:
+            raise ProtocolError("the message uses the activation cache, but this session has none (cache.max_bytes is 0, "
+                                "or the server allows none)", "FAILED_PRECONDITION")
+        dtype, where = self.party.dtype, f"step {msg.step}, micro-batch {msg.micro}"
+        sent, seq = cached_in(msg.tensors, c, self.width, dtype, where)
+        carried = set(c.sent)
+        lacking = [i for i, k in enumerate(c.keys) if i not in carried and (c.reset or k not in cache)]
+        if lacking:
+            raise ProtocolError(f"activation cache miss: this server holds no activations for rows {lacking[:8]} of {where}; "
+                                "send them again", CACHE_MISS)
+        full = torch.empty((len(c.keys), seq, self.width), dtype=dtype, device=self.party.device)
+        for i, key in enumerate(c.keys):
+            if i not in carried:
+                row = cache.row(key)
+                if tuple(row.shape) != (seq, self.width):
+                    raise ProtocolError(f"meta field 'cache.keys': key {key} names activations of {row.shape[0]} positions; "
+                                        f"this micro-batch has {seq}")
+                full[i] = row
+        if sent is not None:
+            full[c.sent] = sent
+
+        def commit() -> None:
+            if c.reset:
+                cache.clear()
+            rows = None if sent is None else [r.clone() for r in sent.detach()]
+            cache.take(c.keys, c.sent, entry_bytes(seq, self.width, dtype), rows)
+
+        return full, commit
+
     # -- stages 3 and 5 -------------------------------------------------------------------------------------
     def _activations(self, member: Member, msg: Message, meta) -> Message:
         self._needs_party(msg)
         if meta.train:
             self._turn(member, msg)
-        hidden = self._hidden(msg)
+        hidden, commit = self._arrived(member, msg, meta)
         mask = mask_in(msg.tensors, hidden.shape)
         labels = labels_in(msg.tensors, hidden.shape, self.vocab) if member.head else None
         scores = scores_in(meta, hidden.shape, self.vocab)
+        commit()
         engine, group = self.engine, self.group
         if meta.train and group.batched:
             item = (hidden, mask, labels, meta.num_items, meta.want_grad)

@@ -185,6 +185,11 @@ class Codec:
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in FLOATING if self.lossy else dtype in DTYPE_NAMES
 
+    def varies(self, width: int) -> str | None:
+        """Why a vector of ``width`` values may decode otherwise when encoded again or beside other vectors;
+        None when it always decodes the same (the activation cache needs it). A lossy codec varies until it says not."""
+        return None if not self.lossy else f"the {self.name} codec is not known to decode each token alike every time"
+
     # -- the sender ------------------------------------------------------------------------------------------
     def encode(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> tuple[Payload, dict[str, Any]]:
         """``tensor`` may live on any device (a GPU party quantises on its GPU); the payload is CPU bytes and may
@@ -297,6 +302,9 @@ class _Cast(Codec):
 
     wire: ClassVar[torch.dtype]
 
+    def varies(self, width):
+        return None  # element by element
+
     def _encode(self, tensor, generator, want_decoded):
         x = tensor.detach()
         y = x.to(self.wire)
@@ -351,6 +359,9 @@ class Int8(Codec):
     options = {"scales": Field("float32", choices=("float32", "float16")), "stochastic": Field(False, choices=(False, True))}
     params = {"scales": Field(choices=("float32", "float16"))}
 
+    def varies(self, width):
+        return "int8 with stochastic rounding rounds every crossing anew" if self.opts["stochastic"] else None
+
     def _encode(self, tensor, generator, want_decoded):
         x = tensor.detach()
         rows, last = _rows(tuple(x.shape))
@@ -402,6 +413,10 @@ class Int4(Codec):
     name = "int4"
     options = {"group": Field(32, choices=(32, 64))}
     params = {"group": Field(choices=(32, 64))}
+
+    def varies(self, width):
+        g = self.opts["group"]
+        return None if width % g == 0 else f"int4 groups of {g} values span tokens of width {width}, so a token's scale depends on its neighbours"
 
     def _encode(self, tensor, generator, want_decoded):
         x = tensor.detach()
@@ -458,6 +473,9 @@ class TopK(Codec):
     name = "topk"
     options = {"fraction": Field(0.1, check=_number_in_unit_interval, allowed="a number in (0, 1]")}
     params = {"k": Field(check=_non_negative_int, allowed="a non-negative integer")}
+
+    def varies(self, width):
+        return "topk keeps the largest values of the whole tensor, so a token's values depend on the others"
 
     def _encode(self, tensor, generator, want_decoded):
         x = tensor.detach()

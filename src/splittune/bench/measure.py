@@ -1,0 +1,172 @@
+"""Timing entries side by side: every entry's parties are built once, then one round of each entry runs
+in turn (A, B, C, A, B, C, …), so a noisy neighbour slows every entry alike.
+
+A round is what the runner calls a round: one step of every client (and the average, when the schedule
+averages after it). Each entry reads the same batches in the same order (same seed, same data), so round
+``k`` of every entry trains on the same examples and the per-round ratio against centralized pairs like
+with like. The thread count is pinned once for the whole process (``torch.set_num_threads``); a server
+in its own process gets the same count (``serve --threads``).
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..channels.grpc import GrpcChannel
+from ..config import RunConfig
+from ..data import merge_tasks
+from ..eval import evaluate
+from ..models.zoo import ModelSource
+from ..runner import BREAKDOWN, Fleet, client_tasks, connect, parallel, time_breakdown, train_batch
+from ..schedules.policy import policy_for
+from .suites import Entry
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and the 10th-90th percentile range (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    n = len(ordered)
+    return {"median": statistics.median(ordered), "p10": ordered[max(0, (n - 1) // 10)], "p90": ordered[min(n - 1, (n * 9) // 10)]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, threads: int, extra: tuple[str, ...] = ()) -> tuple[str, subprocess.Popen]:
+    """``splittune serve`` in its own process on a free loopback port; its URL once it answers health checks."""
+    from ..deploy.service import health
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "splittune.cli", "serve", "--model", model, "--listen", f"127.0.0.1:{port}",
+                             "--threads", str(threads), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"grpc://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the bench's server process ended at start: {proc.stderr.read().decode(errors='replace')[-400:]}")
+        try:
+            health(url, timeout_s=1)
+            return url, proc
+        except Exception:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the bench's server process did not answer within 300 s")
+
+
+@dataclass
+class Timed:
+    """One entry while it is timed: its parties, data and position, and what its rounds measured."""
+
+    entry: Entry
+    cfg: RunConfig
+    fleet: Fleet
+    tasks: list
+    server: subprocess.Popen | None = None
+    samplers: list = field(default_factory=list)
+    schedule: Any = None  # the policy's rounds, consumed one per ``round()``
+    rounds: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, entry: Entry, cfg: RunConfig, source: ModelSource, threads: int) -> "Timed":
+        tasks = client_tasks(cfg, source.tokenizer())
+        samples = [len(t.train) for t in tasks]
+        server = None
+        if entry.grpc:
+            url, server = start_server(cfg.model, threads)
+            fleet = connect(cfg, source, samples, list(range(len(samples))), lambda i: GrpcChannel(url))
+        else:
+            fleet = connect(cfg, source, samples)
+        samplers = [iter(t.sampler(cfg.train.batch_size, cfg.seed)) for t in tasks]
+        rounds = iter(policy_for(cfg.mode, cfg.schedule).rounds(len(tasks), cfg.train.steps, cfg.aggregate_every))
+        return cls(entry, cfg, fleet, tasks, server, samplers, rounds)
+
+    def round(self) -> dict[str, Any]:
+        """The next round: every client's step at once, then the average if one follows."""
+        rnd = next(self.schedule)
+        t = self.cfg.train
+        jobs = []
+        for c, steps in rnd.turns:
+            task = self.tasks[c]
+            jobs.append((c, steps[0], [train_batch(task, next(self.samplers[c])) for _ in range(t.grad_accum)]))
+        before = [self.fleet.bytes(c) for c in range(len(self.tasks))]
+        for link in self.fleet.links:
+            if link is not None:
+                link.stats.reset()
+        timings: dict[int, float] = {}
+
+        def step(job):
+            c, s, batches = job
+            t0 = time.perf_counter()
+            result = self.fleet.clients[c].train_step(s, batches)
+            timings[c] = time.perf_counter() - t0
+            return result
+
+        t0 = time.perf_counter()
+        results = parallel(step, jobs, self.fleet.abort)
+        if rnd.sync == "aggregate":
+            parallel(lambda c: self.fleet.clients[c].aggregate(jobs[0][1]), [c for c, _ in rnd.turns], self.fleet.abort)
+        round_s = time.perf_counter() - t0
+        after = [self.fleet.bytes(c) for c in range(len(self.tasks))]
+        n = len(self.tasks)
+        row = {"round_s": round_s, "tokens": sum(r.tokens for r in results), "loss": sum(r.loss for r in results) / n,
+               "bytes_up": sum(a[0] - b[0] for a, b in zip(after, before)) / n,  # per client step, averages included
+               "bytes_down": sum(a[1] - b[1] for a, b in zip(after, before)) / n}
+        link = self.fleet.links[0]
+        if link is not None:
+            row["breakdown"] = {k: v for k, v in time_breakdown(timings[0], link.stats.take()).items() if k in BREAKDOWN}
+        self.rounds.append(row)
+        return row
+
+    def evaluate(self) -> dict[str, float]:
+        """The trained model (client 0's: the average after the last round) on the held-out data of every client."""
+        pooled = merge_tasks(self.tasks) if len(self.tasks) > 1 else self.tasks[0]
+        result = evaluate(self.fleet.clients[0], pooled, self.cfg.train.batch_size, self.cfg.train.eval_batches)
+        return {k: v for k, v in result.items() if k in ("loss", "ppl", "accuracy")}
+
+    def close(self) -> None:
+        self.fleet.close()
+        if self.server is not None:
+            self.server.terminate()
+            try:
+                self.server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+
+
+def summarise(timed: Timed, warmup: int, reference: "Timed | None") -> dict[str, Any]:
+    """An entry's figures over its measured rounds (after ``warmup``), with per-round ratios against ``reference``
+    (time per training token, so rounds of several clients compare with one client's step)."""
+    rows = timed.rounds[warmup:]
+    out: dict[str, Any] = {
+        "rounds": len(rows),
+        "step_s": {**spread([r["round_s"] for r in rows]), "all": [round(r["round_s"], 6) for r in rows]},
+        "tokens_per_step": statistics.median(r["tokens"] for r in rows),
+        "tokens_per_s": statistics.median(r["tokens"] / r["round_s"] for r in rows),
+        "bytes_up": statistics.median(r["bytes_up"] for r in rows),
+        "bytes_down": statistics.median(r["bytes_down"] for r in rows),
+        "bytes_up_last": rows[-1]["bytes_up"],  # an activation cache shows here: its later epochs send almost nothing
+        "train_loss_last": timed.rounds[-1]["loss"],
+    }
+    if rows and "breakdown" in rows[0]:
+        out["breakdown"] = {k: statistics.median(r["breakdown"][k] for r in rows) for k in rows[0]["breakdown"]}
+    if reference is not None:
+        ref = reference.rounds[warmup:]
+        ratios = [(r["round_s"] / r["tokens"]) / (c["round_s"] / c["tokens"]) for r, c in zip(rows, ref)]
+        out["ratio_vs_centralized"] = spread(ratios)
+    return out
+
+
+def pin_threads(threads: int) -> int:
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
