@@ -232,3 +232,16 @@ def test_plan_errors_are_one_line(measured, monkeypatch, args, needle):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[0].startswith("error:") and needle in result.output.replace("\n", " ")
 
+
+
+def test_the_runtime_baseline_is_the_fresh_process_own_not_a_large_parents():
+    """A process started from a big one (the bench holds many models) inherits its high-water mark in ``ru_maxrss``;
+    the baseline must be the child's own, or every prediction is the parent's size."""
+    import torch
+
+    from splittune.plan.baseline import runtime_bytes
+
+    ballast = torch.ones(2**28)  # 1 GiB, resident in this process
+    measured = runtime_bytes.__wrapped__()
+    assert float(ballast[-1]) == 1.0
+    assert 50 * 2**20 < measured["client_peak"] < 2**30 and measured["server"] < 2**30

@@ -83,7 +83,8 @@ def time_part(part: Part, sets: tuple[str, ...], reps: int, threads: int, tick: 
                         raise
                     results[name] = {"error": f"{type(err).__name__}: {err}", "config": None}
             for r in range(rounds):
-                for t in timed:
+                for k in range(len(timed)):  # each round starts one entry later: no entry always runs first
+                    t = timed[(r + k) % len(timed)]
                     t.round()
                     tick(f"{part.name}: round {r + 1}/{rounds} · {t.entry.name}", 1, 0)
             reference = timed[0]

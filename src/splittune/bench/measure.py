@@ -1,5 +1,6 @@
 """Timing entries side by side: every entry's parties are built once, then one round of each entry runs
-in turn (A, B, C, A, B, C, …), so a noisy neighbour slows every entry alike.
+in turn (A, B, C, B, C, A, …: each round starts one entry later, so none always runs first), so a noisy
+neighbour slows every entry alike.
 
 A round is what the runner calls a round: one step of every client (and the average, when the schedule
 averages after it). Each entry reads the same batches in the same order (same seed, same data), so round
@@ -119,7 +120,8 @@ class Timed:
         round_s = time.perf_counter() - t0
         after = [self.fleet.bytes(c) for c in range(len(self.tasks))]
         n = len(self.tasks)
-        row = {"round_s": round_s, "tokens": sum(r.tokens for r in results), "loss": sum(r.loss for r in results) / n,
+        tokens = sum(int(b["attention_mask"].sum()) for _, _, batches in jobs for b in batches)  # every real token, padding not
+        row = {"round_s": round_s, "tokens": tokens, "loss_tokens": sum(r.tokens for r in results), "loss": sum(r.loss for r in results) / n,
                "bytes_up": sum(a[0] - b[0] for a, b in zip(after, before)) / n,  # per client step, averages included
                "bytes_down": sum(a[1] - b[1] for a, b in zip(after, before)) / n}
         link = self.fleet.links[0]

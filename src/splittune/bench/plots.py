@@ -18,24 +18,31 @@ def _ok(entries: dict[str, dict]) -> dict[str, dict]:
     return {n: f for n, f in entries.items() if "error" not in f}
 
 
-def _bars(names: list[str], values: list[float], out: Path, title: str, xlabel: str, errors=None, line: float | None = None,
-          log: bool = False) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.4), dpi=120)
-    ys = range(len(names))
-    ax.barh(ys, values, xerr=errors, color="C0", alpha=0.85, capsize=3)
-    ax.set_yticks(list(ys), names, fontsize=8)
+def _finish(fig, ax, names: list[str], out: Path, title: str, xlabel: str, legend: bool = False) -> Path:
+    """Entry names down the side (first on top), labels, grid; the figure saved and closed."""
+    ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
-    if line is not None:
-        ax.axvline(line, color="k", lw=0.8, ls="--")
-    if log:
-        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
+    if legend:
+        ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _bars(names: list[str], values: list[float], out: Path, title: str, xlabel: str, errors=None, line: float | None = None,
+          log: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.4), dpi=120)
+    ys = range(len(names))
+    ax.barh(ys, values, xerr=errors, color="C0", alpha=0.85, capsize=3)
+    if line is not None:
+        ax.axvline(line, color="k", lw=0.8, ls="--")
+    if log:
+        ax.set_xscale("log")
+    return _finish(fig, ax, names, out, title, xlabel)
 
 
 def ratio_plot(entries: dict[str, dict], out: Path, title: str) -> Path:
@@ -54,17 +61,8 @@ def bytes_plot(entries: dict[str, dict], out: Path, title: str) -> Path:
     ys = range(len(names))
     ax.barh([y - 0.2 for y in ys], [ok[n]["bytes_up"] for n in names], 0.4, label="up (client → server)", color="C1")
     ax.barh([y + 0.2 for y in ys], [ok[n]["bytes_down"] for n in names], 0.4, label="down (server → client)", color="C2")
-    ax.set_yticks(list(ys), names, fontsize=8)
-    ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("bytes per client step (log)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, names, out, title, "bytes per client step (log)", legend=True)
 
 
 def memory_plot(entries: dict[str, dict], out: Path, title: str) -> Path | None:
@@ -76,16 +74,7 @@ def memory_plot(entries: dict[str, dict], out: Path, title: str) -> Path | None:
     ys = range(len(names))
     ax.barh([y - 0.2 for y in ys], [ok[n]["client_peak_rss"] / 2**20 for n in names], 0.4, label="client", color="C0")
     ax.barh([y + 0.2 for y in ys], [ok[n].get("server_peak_rss", 0) / 2**20 for n in names], 0.4, label="server", color="C3")
-    ax.set_yticks(list(ys), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("peak resident memory per party process (MiB)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, names, out, title, "peak resident memory per party process (MiB)", legend=True)
 
 
 def tokens_plot(entries: dict[str, dict], out: Path, title: str) -> Path:
@@ -110,20 +99,11 @@ def breakdown_plot(entries: dict[str, dict], out: Path, title: str) -> Path | No
         widths = [ok[n].get(part, 0.0) for n in names]
         ax.barh(range(len(names)), widths, left=left, label=PART_LABELS[part], color=f"C{k}")
         left = [a + b for a, b in zip(left, widths)]
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds per client step (median; with pipelining the server's part overlaps the client's)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, names, out, title, "seconds per client step (median); pipelined parts overlap", legend=True)
 
 
 def prediction_plot(entries: dict[str, dict], out: Path, title: str) -> Path | None:
-    ok = {n: f for n, f in _ok(entries).items() if "predicted" in f}
+    ok = {n: f for n, f in _ok(entries).items() if "step_s" in f.get("predicted", {})}
     if not ok:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)

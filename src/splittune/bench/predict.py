@@ -49,8 +49,13 @@ def predict_entries(part: Part, entries: dict[str, dict], tick: Callable[[str, i
                             cfg=first, threads=torch.get_num_threads())  # the entries' own batches and thread count
     for name, figures in measured.items():
         cfg = RunConfig.model_validate(figures["config"])
+        if cfg.clients > 1:  # the planner plans one client's run
+            figures["predicted"] = {"not_modelled": "several clients"}
+            continue
         p = predict(cfg, profile, bandwidth_mbps=cfg.link.bandwidth_mbps, latency_ms=cfg.link.latency_ms)
         prediction = {"step_s": p.step_s, "bytes_up": p.bytes_up, "bytes_down": p.bytes_down,
                       "client_peak_bytes": p.client_peak_bytes, "server_peak_bytes": p.server_peak_bytes}
+        if cfg.segments.bottom == "frozen" and cfg.cache.max_bytes:
+            prediction["note"] = "the planner counts every epoch's uplink: the activation cache's later epochs are not modelled"
         figures["predicted"] = prediction
         figures["prediction_error"] = compare(prediction, figures)

@@ -68,10 +68,10 @@ def _intro(results: dict[str, Any]) -> list[str]:
         f"({m['platform']}); splittune {v['splittune']}, torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}.",
         "",
         f"Threads: {results['threads_how']}. Entries of one part are timed in groups, interleaved round by round "
-        "(A, B, C, A, B, C, …) with a centralized baseline of their own; the ratio is each round's time per training token "
+        "(A, B, C, then B, C, A: no entry always runs first) with a centralized baseline of their own; the ratio is each round's time per training token "
         "over the centralized round's, median and 10th–90th percentiles over the measured rounds. A round is one step of "
         "every client (and the average that follows it); bytes are per client step. Peak memory is each party's own process "
-        "(a separate short run over gRPC loopback, `ru_maxrss`). Planner error = (predicted − measured) / measured; targets "
+        "(a separate short run over gRPC loopback; its own high-water mark, `VmHWM`). Planner error = (predicted − measured) / measured; targets "
         f"±{TARGETS['step_s']:.0%} on step time, ±{TARGETS['bytes_up']:.0%} on bytes and memory.",
     ]
 

@@ -14,7 +14,11 @@ import sys
 
 
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    """This process's own high-water mark (``ru_maxrss`` would count the pages of a large parent, copied before
+    ``exec``: a bench process holding many models made every prediction gigabytes too large)."""
+    from splittune.device import peak_rss
+
+    return peak_rss()
 
 
 def _resident() -> int:
