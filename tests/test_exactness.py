@@ -59,3 +59,17 @@ def test_verify_detects_a_wrong_split(monkeypatch):
     report = verify(load_config(None, ["model=tiny:llama", "cuts=[1,3]"]), batch=2, seq=8, padding=True)
     assert not report.ok
     assert report.max_grad_diff > 1e-5
+
+
+def test_a_fully_trained_top_trains_its_tied_head():
+    """verify compares like with like, so a tied head left frozen on both sides passed it: check it trains."""
+    from splittune.runner import build
+
+    client, server, link, _ = build(load_config(None, ["model=tiny:gpt2", "cuts=[1,3]", "segments.bottom=frozen", "segments.top=full"]))
+    try:
+        head = client.party.model.get_output_embeddings().weight
+        assert head.requires_grad and any(p is head for p in client.party.params)
+        assert client.party.trains(client.plan.segment("bottom"))  # the shared weight: the bottom keeps its graph
+    finally:
+        link.close()
+        server.close()

@@ -126,7 +126,8 @@ def apply_training(
         for seg in full:
             prefixes += [spec.block_prefix(i) for i in seg.blocks]
             prefixes += [m + "." for m in (spec.pre if seg.embeds else ()) + (spec.post if seg.head else ())]
-        for name, p in model.named_parameters():
+        # every name of a shared tensor: a tied head is listed under the embedding's name alone otherwise
+        for name, p in model.named_parameters(remove_duplicate=False):
             if canonical_name(name).startswith(tuple(prefixes)) and "lora_" not in name:
                 p.requires_grad_(True)
     return model
