@@ -14,17 +14,14 @@ harness with reports and plots is ``splittune bench``, a later issue; this scrip
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from splittune.bench.measure import start_server
 from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
-from splittune.deploy.service import health
 from splittune.runner import build, client_tasks, connect
 
 ENTRIES = {
@@ -36,23 +33,6 @@ ENTRIES = {
     "10 Mbps 20 ms, int8, 4 micro-batches": ["link.bandwidth_mbps=10", "link.latency_ms=20", "codec.up=int8", "codec.down=int8",
                                              "train.micro_batches=4"],
 }
-
-
-def serve(model: str, threads: int) -> tuple[str, subprocess.Popen]:
-    """``splittune serve`` in its own process on a free loopback port; its URL once it answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "splittune.cli", "serve", "--model", model, "--listen", f"127.0.0.1:{port}",
-                             "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"grpc://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            health(url, timeout_s=1)
-            return url, proc
-        except Exception:
-            time.sleep(0.2)
-    raise RuntimeError("the server did not start")
 
 
 def main() -> None:
@@ -79,7 +59,7 @@ def main() -> None:
     servers = []
     if args.grpc:  # the same split with the server in its own process, over gRPC on loopback
         for name, sets in (("gRPC loopback", []), ("gRPC loopback, 4 micro-batches", ["train.micro_batches=4"])):
-            url, proc = serve(args.model, args.threads)
+            url, proc = start_server(args.model, args.threads)
             servers.append(proc)
             cfg = load_config(None, [*base, *sets]).resolve(30)
             fleet = connect(cfg, source, [1], [0], lambda i, url=url: GrpcChannel(url))

@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 import re
 
-from ..config import ConfigError
+from ..config import SIZE_UNITS as SIZES, ConfigError  # one table of size units for configs and flags
 
-SIZES = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 RATES = {"bps": 1e-6, "kbps": 1e-3, "mbps": 1.0, "gbps": 1e3, "bit/s": 1e-6, "kbit/s": 1e-3, "mbit/s": 1.0, "gbit/s": 1e3}
 TIMES = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 _NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([+-]?[0-9]+))?\s*([a-zA-Z/]*)\s*$")
