@@ -27,6 +27,7 @@ from splittune.models.zoo import resolve_model
 from splittune.parties import SessionSpec
 from splittune.parties.server import Server
 from splittune.schedules.policy import POLICIES
+from splittune.privacy.tap import Tap
 from splittune.runner import train
 from splittune.wire import FrameLimits, Message, encode_frame
 
@@ -64,6 +65,7 @@ def serve_process(tmp_path):
                 time.sleep(0.1)
         raise RuntimeError((tmp_path / f"serve-{port}.log").read_text())
 
+    launch.procs = procs
     yield launch
     for proc in procs:
         proc.terminate()
@@ -75,11 +77,11 @@ def rows(out):
 
 
 def test_grpc_processes_equal_the_in_process_run(tmp_path, serve_process):
-    url = serve_process()
+    url = serve_process("--record-tap", str(tmp_path / "audit"))
     remote = subprocess.run([*CLI, "train", *sets(RUN), "--server", url, "--out", str(tmp_path / "remote")],
                             capture_output=True, text=True, timeout=300)
     assert remote.returncode == 0, remote.stdout + remote.stderr
-    train(load_config(None, RUN), tmp_path / "local")
+    train(load_config(None, RUN), tmp_path / "local", record_tap=("server",))
     got, want = rows(tmp_path / "remote"), rows(tmp_path / "local")
     for g, w in zip(got, want, strict=True):
         assert (g["loss"], g["bytes_up"], g["bytes_down"]) == (w["loss"], w["bytes_up"], w["bytes_down"])
@@ -90,6 +92,20 @@ def test_grpc_processes_equal_the_in_process_run(tmp_path, serve_process):
     status = health(url)
     assert status["status"] == "SERVING" and status["messages"] > 0
     assert status["peak_memory"]["rss_bytes"] > 100 * 2**20  # a process that holds torch and a model
+    ledgers = [[{k: v for k, v in json.loads(line).items() if k != "session"} for line in (tmp_path / run / "sent.jsonl").read_text().splitlines()]
+               for run in ("remote", "local")]
+    steps = [[r for r in ledger if r["kind"] in ("activations", "gradients", "step")] for ledger in ledgers]
+    assert steps[0] == steps[1] and steps[0]  # the client's ledger is the same on both channels
+    proc = serve_process.procs[0]
+    proc.terminate()
+    proc.wait(timeout=20)  # the operator's tap is complete once the server stops
+    served, local = Tap.open(tmp_path / "audit" / "server"), Tap.open(tmp_path / "local" / "tap" / "server")
+    for kind, direction in (("activations", "up"), ("gradients", "up"), ("activations", "down")):
+        a, b = list(served.records(kind, direction)), list(local.records(kind, direction))
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert (x.step, x.micro) == (y.step, y.micro)
+            assert all(torch.equal(x.tensors()[k], y.tensors()[k]) for k in y.entries)
 
 
 def test_two_client_processes_under_sfl_v1(tmp_path, serve_process):

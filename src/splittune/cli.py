@@ -82,10 +82,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .models.partition import PlanError
     from .models.tiny import TinyModelError
     from .models.zoo import ModelError
+    from .privacy.attacks.base import AttackError
+    from .privacy.judge import JudgeError
+    from .privacy.knowledge import ThreatModelError
+    from .privacy.tap import TapError
     from .rundir import RunDirError
 
     return (ConfigError, DataError, ModelError, PlanError, ArchitectureError, AdapterError, ExportError,
-            AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError, DeviceError, RunDirError)
+            AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError, DeviceError, RunDirError,
+            TapError, ThreatModelError, AttackError, JudgeError)
 
 
 def _human_bytes(n: float) -> str:
@@ -109,10 +114,14 @@ def train(
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="client key (mutual TLS)"),
     reply_timeout: float = typer.Option(3600.0, "--reply-timeout", min=1.0,
                                         help="seconds to wait for any one reply of the server (it may wait for other clients' turns)"),
+    record_tap: Optional[str] = typer.Option(None, "--record-tap", help="record what an observer sees into RUN_DIR/tap for "
+                                             "`splittune attack`: server, aggregator, eavesdropper (several with commas; in-process runs)"),
+    tap_max_bytes: Optional[str] = typer.Option("1GiB", "--tap-max-bytes", callback=lambda v: _size_option(v),
+                                                help="bound on each recorded tap (bytes, or a size like 512MB)"),
 ) -> None:
     """Fine-tune a model split between a client and a server: in one process, or against `splittune serve`."""
     _quiet_libraries()
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .device import resolve_device
     from .runner import train as run_train
 
@@ -120,7 +129,14 @@ def train(
         cfg = load_config(config, set_)
         device = resolve_device(cfg.train.device)
         if server is not None:
+            if record_tap is not None:
+                raise ConfigError("--record-tap records an in-process run's observers; against a deployed server, its operator "
+                                  "records with `splittune serve --record-tap DIR` (this client's sent.jsonl notes what it sent)")
             run_train = _remote_trainer(server, client_id, token_file, client_index, tls_ca, tls_cert, tls_key, reply_timeout)
+        elif record_tap is not None:
+            from .privacy.recording import parse_observers
+
+            run_train = functools.partial(run_train, record_tap=parse_observers(record_tap), tap_max_bytes=tap_max_bytes)
     except _user_errors() as err:
         _fail(str(err))
     if out is None:
@@ -322,6 +338,10 @@ def serve(
     max_cache_bytes: Optional[str] = typer.Option(None, "--max-cache-bytes", callback=lambda v: _size_option(v),
                                                   help="cap on the activation cache each client may ask for (bytes, or a size like 512MB; "
                                                   "0 keeps no activations); default: what the client asks (cache.max_bytes)"),
+    record_tap: Optional[Path] = typer.Option(None, "--record-tap", help="audit what this server sees: record its server and "
+                                              "aggregator taps into DIR (for `splittune attack DIR`)"),
+    tap_max_bytes: Optional[str] = typer.Option("1GiB", "--tap-max-bytes", callback=lambda v: _size_option(v),
+                                                help="bound on each recorded tap (bytes, or a size like 512MB)"),
 ) -> None:
     """Serve the server's segments to clients over gRPC (TLS by default off loopback)."""
     import logging
@@ -339,7 +359,7 @@ def serve(
     from .wire import FrameLimits
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    bound = locked = None
+    bound = locked = recording = None
     try:  # every flag, file and the port first: nothing slow (the model) loads before they are known to work
         address = parse_listen(listen)
         check_server(tls_cert, tls_key, tls_client_ca)
@@ -350,12 +370,18 @@ def serve(
         tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
         locked = _serve_process(state, threads)  # one server per state directory; its compute threads
         bound = bind(address, tls, insecure, max_sessions)
+        if record_tap is not None:
+            from .privacy.recording import Recording
+
+            recording = Recording(record_tap, ("server", "aggregator"), tap_max_bytes, truth=False)
         source = resolve_model(model)
         config = source.config()
         party_server = Server(source, detect_arch(config), config, wait_s=wait_s, state_dir=state, device=compute,
                               policies=POLICIES, max_cache_bytes=max_cache_bytes)
         service = SplitService(party_server, token_map, Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions),
                                bindings=bindings)
+        if recording is not None:
+            recording.attach(party_server, service.link)
         grpc_server = start(service, address, tls, insecure, bound=bound)
     except _user_errors() as err:
         if bound is not None:
@@ -373,6 +399,8 @@ def serve(
     except KeyboardInterrupt:
         grpc_server.stop(grace=5)
     finally:
+        if recording is not None:
+            recording.close()
         if locked is not None:
             locked.release()
 
@@ -678,6 +706,144 @@ def models() -> None:
                   "detected automatically; run `splittune verify --model M --cuts A,B --padding` to check it.")
     console.print(escape(f"tiny test models (random weights, built on first use): {tiny_reference()}; the tested ones: "
                          + ", ".join(f"tiny:{a}" for a in TESTED_ARCHITECTURES)), highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_shows_warnings
+def attack(
+    run_dir: Path = typer.Argument(..., help="a run directory with a recorded tap (train --record-tap), or a serve --record-tap DIR"),
+    attack_name: str = typer.Option(..., "--attack", "-a", help="inversion | optimization | gradient-labels | label-inference | aggregator"),
+    aux: Optional[str] = typer.Option(None, "--aux", help="public auxiliary text (a data source); default: a builtin text the run did not train on"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="where attack.json and attack.html go (default: RUN_DIR/attacks/NAME)"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="an attack option, e.g. --set epochs=5 (see docs/privacy.md)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="the public base model (default: the run's `model:`)"),
+) -> None:
+    """How much of the client's text could an observer reconstruct? Run one attack on a run's tap and score it."""
+    _quiet_libraries()
+    from .privacy.job import attack_run
+
+    try:
+        options = _attack_options(set_)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"[bold]splittune attack[/] · {escape(attack_name)} on {escape(str(run_dir))}", highlight=False)
+    shown = _phase_bar()
+    with shown as progress:
+        try:
+            result = attack_run(run_dir, attack_name, aux, out, options, model, progress)
+        except _user_errors() as err:
+            progress.stop()
+            _fail(str(err))
+    figures = " · ".join(f"{k} {result[k]:.3f}" for k in ("rouge_l_f1", "token_accuracy", "leak_auc", "precision", "recall", "f1")
+                         if isinstance(result.get(k), (int, float)))
+    console.print(f"{escape(attack_name)}: {figures or escape(result.get('scored', ''))} ({result['seconds']} s)", highlight=False)
+    where = Path(out) if out is not None else Path(run_dir) / "attacks" / attack_name
+    console.print(f"written: [bold green]{where / 'attack.json'}[/] and [bold green]{where / 'attack.html'}[/]")
+
+
+@app.command()
+@_shows_warnings
+def leak(
+    model: str = typer.Option("builtin:smollm2-135m", "--model", "-m", help="the base model"),
+    cuts: str = typer.Option("1,2,4,6,8,10,12,15", "--cuts", help="first cuts to try, comma-separated (those past the model are dropped)"),
+    attack_names: str = typer.Option("inversion", "--attack", "-a", help="attacks on each cut's tap, comma-separated (forward attacks: inversion, optimization)"),
+    aux: Optional[str] = typer.Option(None, "--aux", help="public auxiliary text; default: a builtin text other than --data"),
+    data: str = typer.Option("builtin:sentiment", "--data", help="the private text the short runs train on"),
+    codecs: str = typer.Option("raw", "--codec", help="uplink codecs to compare, comma-separated (e.g. raw,int8)"),
+    out: Path = typer.Option(Path("runs/leak"), "--out", "-o", help="directory for leak.json, leak.png and each cut's run"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="a run config key for every cut's run, e.g. --set train.steps=4"),
+) -> None:
+    """Attack success against the client's first cut: the picture for choosing a cut."""
+    _quiet_libraries()
+    from .models.arch import detect_arch
+    from .models.zoo import resolve_model
+    from .privacy.leak import sweep
+    from .rundir import RunLock
+
+    try:
+        wanted = [int(c) for c in cuts.split(",") if c.strip()]
+    except ValueError:
+        _fail(f"--cuts takes block indices separated by commas, got {cuts!r}")
+    names = [a.strip() for a in attack_names.split(",") if a.strip()]
+    try:
+        n_blocks = detect_arch(resolve_model(model).config()).n_blocks
+        from .privacy.attacks.base import make_attack
+
+        for name in names:
+            if make_attack(name).observer != "server":
+                raise ValueError(f"--attack {name} reads the {make_attack(name).observer}'s tap; leak sweeps the server's view of the first cut")
+    except (ValueError, *_user_errors()) as err:
+        _fail(str(err))
+    kept = [c for c in wanted if 0 <= c < n_blocks]
+    if not kept:
+        _fail(f"none of --cuts {cuts} fits {model}: a first cut is a block index in 0..{n_blocks - 1}")
+    console.print(f"[bold]splittune leak[/] · {escape(model)} · cuts {kept} · {', '.join(names)} · codecs {codecs}", highlight=False)
+    with _phase_bar() as progress:
+        try:
+            with RunLock(out, "leak sweep"):
+                result = sweep(model, kept, names, out, aux, data, [c.strip() for c in codecs.split(",") if c.strip()],
+                               tuple(set_), progress=progress)
+        except _user_errors() as err:
+            progress.stop()
+            _fail(str(err))
+    table = Table(title="attack success by first cut", show_header=True)
+    for col in ("codec", "cut", "attack", "ROUGE-L F1", "token accuracy"):
+        table.add_column(col)
+    for p in result["points"]:
+        table.add_row(p["codec"], str(p["cut"]), p["attack"], *(f"{p[k]:.3f}" if p.get(k) is not None else "-" for k in ("rouge_l_f1", "token_accuracy")))
+    console.print(table)
+    console.print(f"written: [bold green]{out / 'leak.json'}[/] and [bold green]{out / 'leak.png'}[/]")
+
+
+def _attack_options(assignments: list[str]) -> dict:
+    """``--set key=value`` pairs as an attack's options (values parsed as YAML: numbers, lists, booleans)."""
+    import yaml
+
+    options = {}
+    for a in assignments:
+        key, eq, value = a.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--set expects option=value, got {a!r}")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key.strip()] = value
+    return options
+
+
+class _phase_bar:
+    """A progress bar for a job of phases (training an inverter, optimising): ``progress(done, total, what)``;
+    plain lines, each phase and every tenth of it, when not on a terminal."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console) if console.is_terminal else None
+        if self.bar is not None:
+            self.bar.__enter__()
+        self.tasks: dict[str, int] = {}
+        self.last: dict[str, int] = {}
+        return self
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if self.bar is not None:
+            if what not in self.tasks:
+                self.tasks[what] = self.bar.add_task(escape(what), total=total)
+            self.bar.update(self.tasks[what], completed=done, total=total)
+            return
+        tenth = done * 10 // max(total, 1)
+        if self.last.get(what) != tenth:
+            self.last[what] = tenth
+            console.print(f"{escape(what)}: {done}/{total}", highlight=False)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 @app.command("config")

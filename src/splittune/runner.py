@@ -27,6 +27,7 @@ from . import __version__, checkpoint
 from .channels import Channel, LocalChannel
 from .channels.emulated import EmulatedChannel, LinkModel
 from .cut import CutLink, ServerLink, terms_from
+from .privacy.recording import SENT, TAP_DIR, Recording, SentLog
 from .config import ConfigError, RunConfig, dump_config, warn
 from .data import TaskData, build_client_tasks, merge_tasks
 from .device import peak_memory, resolve_device, rng_state, set_rng_state
@@ -110,11 +111,14 @@ def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None
 
 def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: list[int] | None = None,
             channel_for: Callable[[int], Channel] | None = None, resume: int | None = None, state_dir: Path | None = None,
-            link_states: dict[int, dict] | None = None) -> Fleet:
+            link_states: dict[int, dict] | None = None, recording: Recording | None = None,
+            ledger: SentLog | None = None) -> Fleet:
     """Stage 0: plan the split, build the parties, and say hello (the server forms the group).
 
     In-process, every client is built here with a local channel to a server built here too; a client
     process passes its own ``indices`` and ``channel_for`` (a gRPC channel to the server process).
+    ``recording`` taps the in-process server for its observers and keeps each client's truth; ``ledger`` notes
+    every message the clients send (``sent.jsonl``).
     """
     config = source.config()
     spec = detect_arch(config)
@@ -129,7 +133,8 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
     if channel_for is None and cfg.mode != "centralized":
         server = Server(source, spec, config, state_dir=state_dir, device=device, policies=POLICIES)
         server_link = ServerLink(server.handle)
-        channel_for = lambda i: LocalChannel(server_link.serve)  # noqa: E731
+        serve = recording.attach(server, server_link) if recording is not None else server_link.serve
+        channel_for = lambda i: LocalChannel(serve)  # noqa: E731
     terms = terms_from(cfg.codec.model_dump(), cfg.padding_removal)
     clients, links = [], []
     for i, count in zip(indices, samples, strict=True):
@@ -145,7 +150,11 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
             if cfg.link.active:
                 channel = EmulatedChannel(channel, LinkModel.of(cfg.link))
             link = CutLink(channel, uuid.uuid4().hex[:12], terms)
-        clients.append(Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight))
+            link.sent_log = ledger
+        client = Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight)
+        if recording is not None:
+            client.recorder = recording.truth
+        clients.append(client)
         links.append(link)
     fleet = Fleet(clients, server, links, source, indices)
     states = link_states or {}
@@ -206,23 +215,45 @@ def resolved(cfg: RunConfig, source: ModelSource) -> RunConfig:
 
 
 @owns_run_dir(shared=lambda cfg: computes_concurrently(cfg))
-def train(cfg: RunConfig, out: Path, progress: Callable | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, out: Path, progress: Callable | None = None, record_tap: tuple[str, ...] = (),
+          tap_max_bytes: int = 1 << 30) -> dict[str, Any]:
     """Run ``cfg`` and write its run directory; returns the summary.
 
     ``progress(done, total, row)`` is called after every client step with its metrics row (the CLI draws a
     progress bar with it), and with ``row["phase"]`` set for what is not a step (see ``Session.event``).
+    ``record_tap`` names the observers whose taps the run records in ``out/tap`` (each at most ``tap_max_bytes``).
     """
     started = time.perf_counter()
     set_seed(cfg.seed)
     source = resolve_model(cfg.model)
     cfg = resolved(cfg, source)
     resume = prepare_run_dir(cfg, out)
+    recording = _recording(cfg, out, record_tap, tap_max_bytes, resume)
     tasks = client_tasks(cfg, source.tokenizer())
     pooled = merge_tasks(tasks) if len(tasks) > 1 else tasks[0]
-    fleet = connect(cfg, source, [len(task.train) for task in tasks], resume=resume, state_dir=out / CHECKPOINTS / "server",
-                    link_states=saved_link_states(out, resume))
-    # the fleet stays usable after the run (tests and tools read its parties); nobody holding it stops its threads
-    return Session(cfg, fleet, tasks, pooled, out, progress, started, resume).run()
+    ledger = SentLog(out / SENT, append=resume is not None) if cfg.mode != "centralized" else None
+    try:
+        fleet = connect(cfg, source, [len(task.train) for task in tasks], resume=resume, state_dir=out / CHECKPOINTS / "server",
+                        link_states=saved_link_states(out, resume), recording=recording, ledger=ledger)
+        # the fleet stays usable after the run (tests and tools read its parties); nobody holding it stops its threads
+        return Session(cfg, fleet, tasks, pooled, out, progress, started, resume).run()
+    finally:
+        for record in (recording, ledger):
+            if record is not None:
+                record.close()
+
+
+def _recording(cfg: RunConfig, out: Path, observers: tuple[str, ...], max_bytes: int, resume: int | None) -> Recording | None:
+    """The taps a run records, or a ConfigError saying why this run cannot record them."""
+    if not observers:
+        return None
+    if cfg.mode == "centralized":
+        raise ConfigError("--record-tap records what crosses a cut, and mode: centralized has no cut")
+    if resume is not None:
+        raise ConfigError(f"--record-tap records a whole run, and {out} resumes one from step {resume}; record into a new --out")
+    if (out / TAP_DIR).exists():
+        raise ConfigError(f"{out / TAP_DIR} already holds a tap; record into a new --out")
+    return Recording(out / TAP_DIR, observers, max_bytes)
 
 
 def saved_link_states(out: Path, step: int | None) -> dict[int, dict]:
@@ -275,18 +306,23 @@ def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Call
     cfg = resolved(cfg, source)
     resume = prepare_run_dir(cfg, out)
     task = client_tasks(cfg, source.tokenizer())[client_index]
-    fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume,
-                    link_states=saved_link_states(out, resume))
-    session = None
+    ledger = SentLog(out / SENT, append=resume is not None)
+    session = fleet = None
     try:
+        fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume,
+                        link_states=saved_link_states(out, resume), ledger=ledger)
         session = Session(cfg, fleet, [task], task, out, progress, started, resume)
         return session.run()
     except RemoteError as err:
         if err.code not in LOST or isinstance(err, ConnectionLost):
             raise
+        if fleet is None:
+            raise
         raise _connection_lost(err, cfg, out, fleet, session) from None
     finally:
-        fleet.close()
+        if fleet is not None:
+            fleet.close()
+        ledger.close()
 
 
 # the statuses of a connection that broke (the server process died, the network went away), not of a refusal

@@ -92,6 +92,7 @@ class CutLink:
         self.chain: Chain | None = None  # built once the server accepts the terms
         self.in_flight: dict[tuple[int, int, str], Pending] = {}
         self.taps: list[Tap] = []
+        self.sent_log: Callable[[Message, int], None] | None = None  # the client's ledger: each message as sent, its frame size
         self.stats = LinkStats()
         self._server_state: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -119,6 +120,8 @@ class CutLink:
         msg = Message("hello", self.session, tensors=theirs, meta={**meta, "chain": self.terms})
         frame = encode_frame(msg)
         self._observe("up", msg, len(frame))
+        if self.sent_log is not None:
+            self.sent_log(msg, len(frame))
         reply = Pending(self, msg, self.channel.request(frame), time.perf_counter()).result()
         self.chain = Chain(self.terms, "client")
         self.chain.load_state_dict({k.removeprefix("client/"): v for k, v in state.items() if k.startswith("client/")})
@@ -144,6 +147,8 @@ class CutLink:
         with Stopwatch() as watch:
             frame = self.chain.encode(msg)
         self.stats.codec_s += watch.total
+        if self.sent_log is not None:
+            self.sent_log(msg, len(frame))
         if self.taps:  # what the server's chain will hand the server
             self._observe("up", self.chain.decode(frame, "up"), len(frame))
         pending = Pending(self, msg, self.channel.request(frame), time.perf_counter())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -85,6 +86,8 @@ class Client:
         self.cache: Mirror | None = None  # the activation cache's mirror, when the session can use one
         self.cache_off: str | None = None if self.split else "nothing crosses a cut"
         self.bottom_s = 0.0  # time in the bottom's training forwards (the caller resets it)
+        # called with (session, step, micro, batch) as each training micro-batch is first sent (a run recording its taps)
+        self.recorder: Callable[[str, int, int, Batch], None] | None = None
 
     def connect(self, resume: int | None = None, link_state: dict | None = None) -> dict:
         """Stage 0: propose the session and the chain; the server builds its part from it (restored to step
@@ -117,6 +120,8 @@ class Client:
         keeps no graph, and its activations ask for no gradient back (``want_grad`` follows ``requires_grad``).
         With the activation cache only the rows the server does not hold are computed and sent."""
         batch, bottom = m.batch, self.plan.segment("bottom")
+        if self.recorder is not None and not resend:
+            self.recorder(self.session, step, m.index, batch)
         keep = needed_positions(batch["attention_mask"], batch["labels"])
         tensors = {"attention_mask": batch["attention_mask"], "cut.keep": keep}
         rows, meta = self._cached(batch, keep, resend)
@@ -233,7 +238,9 @@ class Client:
         if self.plan.shape != "centralized":
             return self._pipeline(step, micros, num_items), num_items
         loss = 0.0
-        for b in micros:
+        for i, b in enumerate(micros):
+            if self.recorder is not None:  # a federated client's batches: what its adapter updates are computed from
+                self.recorder(self.session, step, i, b)
             b = to_device(b, self.party.device)
             out = self.party.run(0, self.plan.n_blocks, input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                  labels=b["labels"], num_items_in_batch=num_items)

@@ -318,6 +318,13 @@ class Server:
         return self._reply(msg, "step", sq_norm=own, lr=lr)
 
     # -- state: saving, stage 7, relays -----------------------------------------------------------------------
+    def trained_for(self, session: str) -> dict[str, torch.Tensor]:
+        """The server-side tensors trained for ``session`` as they are now (a tap records them at each step)."""
+        member = self.sessions.get(session)
+        if member is None or self.group is None:
+            return {}
+        return self.engine.run(self.group.on_behalf, member)
+
     def _state(self, member: Member, msg: Message, meta) -> Message:
         return self._reply(msg, "state", self.engine.run(self.group.on_behalf, member))
 
