@@ -27,9 +27,9 @@ COMMON = ["train.batch_size=4", "train.seq_len=64", "train.warmup_steps=0", "dat
 
 # name: (observers, run config, [(attack, options)])
 SETTINGS = {
-    "cut2-text": (("server",), [f"model={MODEL}", "cuts=[2,28]", "data.source=builtin:sentiment", "train.steps=20",
+    "cut2-text": (("server",), [f"model={MODEL}", "cuts=[2,28]", "data.source=builtin:sentiment", "train.steps=10",
                                 "data.max_train_examples=200"],
-                  [("inversion", {"steps": [1, 10, 20]}), ("optimization", {"steps": [1, 10, 20]})]),
+                  [("inversion", {"steps": [1, 5, 10]}), ("optimization", {"steps": [1, 10]})]),
     "thin-top": (("server",), [f"model={MODEL}", "cuts=[2,29]", "data.source=builtin:shakespeare", "train.steps=2",
                                "data.max_train_examples=64"],
                  [("gradient-labels", {})]),

@@ -78,6 +78,8 @@ def test_options_and_taps_that_do_not_fit_are_refused(run, tmp_path):
         Inversion({"layers": 2})
     with pytest.raises(AttackError, match="unknown option 'iters'.*iterations"):
         Optimization({"iters": 2})
+    with pytest.raises(AttackError, match="attack inversion: unknown option 'depth'"):
+        Optimization({"inversion": {"depth": 2}})
     writer = TapWriter(tmp_path / "aggregator", "aggregator")
     writer.sessions = {k: dict(v) for k, v in tap.sessions.items()}
     writer.close()

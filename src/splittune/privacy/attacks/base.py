@@ -115,10 +115,10 @@ def register(cls: type[Attack]) -> type[Attack]:
 
 
 def make_attack(name: str, options: dict[str, Any] | None = None) -> Attack:
-    from . import catalog  # noqa: F401  (registers the attacks)
+    from .catalog import NAMES  # importing the catalog registers the attacks
 
     if name not in REGISTRY:
-        raise AttackError(f"unknown attack {name!r}; attacks: {', '.join(REGISTRY)}")
+        raise AttackError(f"unknown attack {name!r}; attacks: {', '.join(NAMES)}")
     return REGISTRY[name](options)
 
 

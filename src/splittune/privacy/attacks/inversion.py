@@ -44,7 +44,7 @@ class InversionOptions(Options):
                                                "(frozen, behind a least-squares-initialised map) or a free Linear(-> vocab)")
     hidden: int = Field(256, ge=1, description="GRU width")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the output layer (GRU)")
-    epochs: int = Field(8, ge=0, description="passes over the auxiliary activations")
+    epochs: int = Field(2, ge=0, description="passes over the auxiliary activations")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(1e-5, ge=0, description="Adam weight decay")
     batch_size: int = Field(8, ge=1, description="rows per inverter training batch")

@@ -28,7 +28,7 @@ from .inversion import Inversion, activation_records, record_batch
 
 
 class OptimizationOptions(Options):
-    iterations: int = Field(200, ge=0, description="Adam steps on the token logits, per micro-batch")
+    iterations: int = Field(100, ge=0, description="Adam steps on the token logits, per micro-batch")
     lr: float = Field(0.05, gt=0, description="Adam learning rate on the logits Z")
     temperature: float = Field(0.1, gt=0, description="tau of the relaxation softmax(Z / tau) @ E")
     objective: Literal["cosine", "l2"] = Field("cosine", description="1 - cosine, or squared L2 relative to the observed norm")
@@ -54,6 +54,10 @@ class Optimization(Attack):
     target = "inputs"
     summary = "relaxed tokens optimised so the pretrained bottom's activations match the observed ones"
     Options = OptimizationOptions
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        super().__init__(options)
+        self.inversion = Inversion(self.options.inversion)  # its options checked now, not after a training run
 
     def match(self, bottom, table: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, z: torch.Tensor,
               progress: Progress, done: int, total: int) -> tuple[torch.Tensor, float]:
@@ -96,7 +100,7 @@ class Optimization(Attack):
             table = embed(torch.arange(public.vocab)).float()
         inverter, inversion = None, None
         if o.init == "inversion":
-            inversion = Inversion(o.inversion)
+            inversion = self.inversion
             inverter = inversion.trained(tap, public, progress)
         g = torch.Generator().manual_seed(o.seed)
         info: dict[str, Any] = {"cut": cut, "steps": steps, "init": o.init, "objective": o.objective, "final_loss": {}}
