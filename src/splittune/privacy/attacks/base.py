@@ -23,6 +23,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ...models.partition import DTYPES
+from ...wire.codecs import make_codec_with_feedback
 from ..knowledge import PublicKnowledge, ThreatModelError
 from ..tap import Tap
 
@@ -164,3 +166,23 @@ def rows_of(record) -> list[int]:
     if cache and cache.get("sent") is not None:
         return list(cache["sent"])
     return list(range(int(mask.shape[0]))) if mask is not None else []
+
+
+def wire_transform(tap: Tap, direction: str):
+    """What the run's ``direction`` did to a ``hidden`` tensor: the cast to the run's dtype, then the agreed codec
+    round-tripped with the project's own encoder (bit for bit what the receiver decoded; stochastic rounding
+    replayed with a fixed seed). Error feedback (topk) carries state across steps an attacker cannot replay; it
+    is applied without."""
+    dtype = DTYPES.get(str(tap.proposal().get("dtype", "float32")), torch.float32)
+    spec = next((s["hidden"] for s in tap.chain().get(direction, []) if s.get("name") == "codec" and "hidden" in s), "raw")
+    codec, _ = make_codec_with_feedback(spec)
+    generator = torch.Generator().manual_seed(0)
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.to(dtype)
+        if codec.lossy:
+            x = codec.encode_with_decoded(x, generator)[2]
+        return x.float()
+
+    apply.codec = codec.spec()
+    return apply

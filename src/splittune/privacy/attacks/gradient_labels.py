@@ -31,12 +31,10 @@ import torch
 from pydantic import Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ...wire.codecs import make_codec_with_feedback
 from ..knowledge import PublicKnowledge
 from ..tap import Tap
-from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register
+from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register, wire_transform
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class GradientLabelsOptions(Options):
@@ -54,22 +52,6 @@ class GradientLabelsOptions(Options):
     seed: int = Field(0, description="seeds the optimiser's run (the attack is otherwise deterministic)")
 
 
-def downlink_transform(tap: Tap):
-    """What the client's top received: the server's sent ``hidden`` cast to the run's dtype and through the agreed
-    down codec (round-tripped with the project's encoder; stochastic rounding replayed with a fixed seed)."""
-    dtype = DTYPES.get(str(tap.proposal().get("dtype", "float32")), torch.float32)
-    spec = next((s["hidden"] for s in tap.chain().get("down", []) if s.get("name") == "codec" and "hidden" in s), "raw")
-    codec, _ = make_codec_with_feedback(spec)
-    generator = torch.Generator().manual_seed(0)
-
-    def apply(hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden.to(dtype)
-        if codec.lossy:
-            x = codec.encode_with_decoded(x, generator)[2]
-        return x.float()
-
-    apply.codec = codec.spec()
-    return apply
 
 
 def observations(tap: Tap, steps: list[int] | None):
@@ -244,7 +226,7 @@ class GradientLabels(Attack):
         for grad_rec, _, mask in obs:
             items_of[(grad_rec.session, grad_rec.step)] += int(loss_positions(mask).sum())
         vocab = min(len(public.tokenizer), public.vocab)
-        transform = downlink_transform(tap)
+        transform = wire_transform(tap, "down")
         top = public.segment(cut, n) if cut < n else None
         norm, head = (top.module(top.spec.post[0]), top.model.get_output_embeddings().weight.detach().float()) \
             if top is not None else norm_head(public)

@@ -30,12 +30,10 @@ from torch import nn
 from torch.nn import functional as F
 from pydantic import Field
 
-from ...wire.codecs import make_codec_with_feedback
 from ..knowledge import PublicKnowledge
 from ..tap import Tap
-from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register, rows_of
+from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register, rows_of, wire_transform
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class InversionOptions(Options):
@@ -73,23 +71,6 @@ def record_batch(record) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     return hidden, mask, rows
 
 
-def uplink_transform(tap: Tap):
-    """What the run's uplink did to the activations: cast to the run's dtype, then the agreed codec for ``hidden``
-    round-tripped with the project's own encoder (the decoded tensor it returns is bit for bit the receiver's).
-    Error feedback (topk) carries state across steps the attacker cannot replay; it is applied without."""
-    dtype = DTYPES.get(str(tap.proposal().get("dtype", "float32")), torch.float32)
-    spec = next((stage["hidden"] for stage in tap.chain().get("up", []) if stage.get("name") == "codec" and "hidden" in stage), "raw")
-    codec, _ = make_codec_with_feedback(spec)
-    generator = torch.Generator().manual_seed(0)
-
-    def apply(hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden.to(dtype)
-        if codec.lossy:
-            x = codec.encode_with_decoded(x, generator)[2]
-        return x.float()
-
-    apply.codec = codec.spec()
-    return apply
 
 
 class Inverter(nn.Module):
@@ -143,7 +124,7 @@ class Inversion(Attack):
         o = self.options
         cut = int(tap.proposal()["cuts"][0])
         bottom = public.segment(0, cut)
-        transform = uplink_transform(tap)
+        transform = wire_transform(tap, "up")
         ids, mask = public.aux_rows(seq_len, o.aux_rows, seed=o.seed)
         g = torch.Generator().manual_seed(o.seed)
         if o.random_rows:
