@@ -33,6 +33,14 @@ SETTINGS = {
     "thin-top": (("server",), [f"model={MODEL}", "cuts=[2,29]", "data.source=builtin:shakespeare", "train.steps=2",
                                "data.max_train_examples=64"],
                  [("gradient-labels", {})]),
+    "head-only-top": (("server",), [f"model={MODEL}", "cuts=[2,30]", "data.source=builtin:shakespeare", "train.steps=2",
+                                    "data.max_train_examples=64"],
+                      [("gradient-labels", {})]),
+    # drift: a run ten times longer, with a learning rate that moves the bottom's adapters far from the pretrained
+    # bottom the attacker knows (the eval perplexity says how much it learned)
+    "drift": (("server",), [f"model={MODEL}", "cuts=[2,28]", "data.source=builtin:sentiment", "train.steps=100",
+                            "train.lr=1e-3", "data.max_train_examples=400"],
+              [("inversion", {"steps": [1, 25, 50, 100]}), ("optimization", {"steps": [1, 100]})]),
     "labels": (("server",), [f"model={MODEL}", "cuts=[2,28]", "data.source=builtin:sentiment", "train.steps=12",
                              "train.batch_size=8", "data.max_train_examples=400"],
                [("label-inference", {})]),

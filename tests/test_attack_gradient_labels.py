@@ -22,9 +22,10 @@ CHANCE = 1 / 259  # the byte-level tokenizer's vocabulary
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two recorded runs: the client's top frozen, and trained with LoRA at a high learning rate (it drifts)."""
+    """Recorded runs: the client's top frozen, trained with LoRA at a high learning rate (it drifts), and a top of
+    only the final norm and head (cuts [1, 4])."""
     out = {}
-    for name, sets in {"frozen": ["segments.top=frozen"], "lora": ["train.lr=0.01"]}.items():
+    for name, sets in {"frozen": ["segments.top=frozen"], "lora": ["train.lr=0.01"], "head": ["cuts=[1,4]"]}.items():
         folder = tmp_path_factory.mktemp(name)
         train(load_config(None, [*BASE, *sets]), folder, record_tap=("server",))
         out[name] = folder
@@ -65,6 +66,12 @@ def test_a_frozen_thin_top_gives_away_every_label(runs, public):
     assert all(f["solve_residual"] < 1e-2 for f in recovery.info["fits"])  # g = Bᵀe inverted through the block
     tokens = recovery.items[0].tokens
     assert (tokens[:, -1] == -1).all()  # the last position carries no label
+
+
+def test_a_head_only_top_gives_away_every_label_exactly(runs, public):
+    result, recovery = _accuracy(runs["head"], public)
+    assert recovery.info["cut"] == 4 and all(f["solve_residual"] == 0.0 for f in recovery.info["fits"])  # nothing to invert
+    assert result["token_accuracy"] == 1.0 and result["per_step"]["2"]["token_accuracy"] == 1.0
 
 
 def test_a_trained_top_still_leaks_and_noise_leaks_nothing(runs, public, tmp_path):

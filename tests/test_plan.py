@@ -14,6 +14,8 @@ def test_u_shape_plan():
     assert [(s.name, s.start, s.end) for s in plan.segments] == [("bottom", 0, 2), ("trunk", 2, 28), ("top", 28, 30)]
     assert plan.owners == ("client", "server", "client")
     assert plan.segment("top").head and plan.segment("bottom").embeds
+    head_only = plan_split(30, [2, 30]).segment("top")  # the thinnest top: the final norm and head alone
+    assert (head_only.start, head_only.end, head_only.head, len(head_only.blocks)) == (30, 30, True, 0)
 
 
 def test_two_part_plan_gives_server_the_head():
@@ -28,7 +30,8 @@ def test_two_part_plan_gives_server_the_head():
     [
         ([30], "cut 30 is outside the model: it has 30 blocks (0..29)"),
         ([31], "it has 30 blocks"),
-        ([2, 30], "0 <= a < b <= 29"),
+        ([2, 31], "0 <= a < b <= 30"),
+        ([30, 30], "the trunk needs at least one block"),
         ([-1], "outside the model"),
     ],
 )

@@ -26,7 +26,7 @@ def same_source(tmp_path, n):
     """Every client gets the same data: one local text file named by each client's override."""
     path = tmp_path / "shared.txt"
     path.write_text("\n\n".join(f"Document {i}: " + "the quick brown fox jumps over the lazy dog " * (20 + i) for i in range(6)))
-    overrides = ", ".join(f"{{source: {path}}}" for _ in range(n))
+    overrides = ", ".join(f"{{data: {path}}}" for _ in range(n))
     return ["partition=by_source", f"client_overrides=[{overrides}]", f"data.source={path}"]
 
 
@@ -122,7 +122,7 @@ def test_heterogeneous_clients_average_the_products_exactly(tmp_path):
     runs block 1 for client 0): after the average every holder of every module has the same effective
     weight, W + Σ w_i s_i B_i A_i, computed here densely from what each trained."""
     cfg, fleet = _fleet(tmp_path, "cuts=[2,3]", "lora.rank=4", "schedule=sfl-v1",
-                        "client_overrides={0: {cuts: [1,3], lora_rank: 2}, 1: {lora_rank: 8}}")
+                        "client_overrides={0: {cuts: [1,3], lora: {rank: 2}}, 1: {lora: {rank: 8}}}")
     group = fleet.server.group
     alpha = cfg.lora.alpha
     contributions = []
@@ -204,7 +204,7 @@ def test_sfl_v1_routes_each_client_through_its_own_server_adapter(tmp_path, kind
         alone.append(losses(tmp_path / f"alone{k}"))
     assert alone[0] != alone[1]
     train(load_config(None, [*TINY, *steps, "clients=2", "schedule=sfl-v1", "partition=by_source",
-                             f"client_overrides=[{{source: {texts[0]}}}, {{source: {texts[1]}}}]"]), tmp_path / "both")
+                             f"client_overrides=[{{data: {texts[0]}}}, {{data: {texts[1]}}}]"]), tmp_path / "both")
     for k in range(2):
         assert losses(tmp_path / "both", k) == pytest.approx(alone[k], abs=1e-5)
 
@@ -231,7 +231,7 @@ def test_multi_client_run_directory_and_export(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "connect", lambda *a, **k: kept.setdefault("fleet", real_connect(*a, **k)))
     out = tmp_path / "run"
     summary = train(load_config(None, [*TINY, "clients=2", "schedule=sfl-v1", "cuts=[1,3]", "aggregate_every=2",
-                                       "train.eval_every=2", "client_overrides={1: {cuts: [2,3], lora_rank: 2}}"]), out)
+                                       "train.eval_every=2", "client_overrides={1: {cuts: [2,3], lora: {rank: 2}}}"]), out)
     assert summary["clients"] == 2 and summary["schedule"] == "sfl-v1"
     assert [c["client"] for c in summary["per_client"]] == [0, 1]
     assert summary["per_client"][1]["lora_rank"] == 2 and summary["per_client"][1]["cuts"] == [2, 3]
@@ -295,7 +295,7 @@ def test_compare_runs_every_schedule_on_the_same_budget(tmp_path):
         assert results[name]["train_examples"] == results["centralized"]["train_examples"]
     assert results["sfl-v1"]["bytes_up"] > results["federated"]["bytes_up"] > 0
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    hetero = load_config(None, [*TINY, "clients=2", "train.steps=2", "client_overrides={1: {lora_rank: 2}}"])
+    hetero = load_config(None, [*TINY, "clients=2", "train.steps=2", "client_overrides={1: {lora: {rank: 2}}}"])
     skipped = compare(hetero, tmp_path / "cmp2", entries=("sequential", "sfl-v2"))
     assert "same cuts and LoRA rank" in skipped["sequential"]["skipped"] and "eval_loss_after" in skipped["sfl-v2"]
 
@@ -327,7 +327,7 @@ def test_server_refuses_what_it_cannot_serve(tmp_path):
     with pytest.raises(ConfigError, match="personal: trunk is the server's segment"):
         load_config(None, [*TINY, "clients=2", "personal=[trunk]"])
     with pytest.raises(ConfigError, match="sequential relays one client-side model"):
-        load_config(None, [*TINY, "clients=2", "schedule=sequential", "client_overrides=[{lora_rank: 2}]"])
+        load_config(None, [*TINY, "clients=2", "schedule=sequential", "client_overrides=[{lora: {rank: 2}}]"])
 
 
 @pytest.mark.parametrize("cuts", [[1, 3], [2]], ids=["u-shape", "two-part"])

@@ -31,6 +31,7 @@ class ArchSpec:
     tied: bool  # head weight is the embedding matrix
     max_positions: int | None = None  # longest sequence a learned position table allows; None: no hard limit
     positions_key: str = ""  # the config key (or module) that sets ``max_positions``
+    block_tuple: bool = False  # a block returns a tuple whose first item is the hidden state (the loop unpacks it)
 
     @property
     def blocks_attr(self) -> str:
@@ -99,23 +100,31 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
     }
     ran: list[str] = []
     hooks = [mod.register_forward_pre_hook(lambda m, a, n=name: ran.append(n)) for name, mod in holders.items()]
+    seen: dict[str, object] = {}
 
-    def stop(module, args, kwargs):
+    def entered(module, args, kwargs):
+        seen["pre"] = list(ran)
+
+    def returned(module, args, kwargs, output):  # what the decoder loop unpacks (weightless stubs must match it)
+        seen["tuple"] = isinstance(output, tuple)
         raise _Stop
 
-    hooks.append(blocks[0].register_forward_pre_hook(stop, with_kwargs=True))
+    hooks.append(blocks[0].register_forward_pre_hook(entered, with_kwargs=True))
+    hooks.append(blocks[0].register_forward_hook(returned, with_kwargs=True))
     try:
         ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     except _Stop:
         pass
     except Exception as err:
-        raise ArchitectureError(
-            f"could not trace {type(model).__name__} to find its embeddings ({type(err).__name__}: {str(err)[:200]})"
-        ) from None
+        if "pre" not in seen:  # a block that cannot run on meta only leaves its output form unknown
+            raise ArchitectureError(
+                f"could not trace {type(model).__name__} to find its embeddings ({type(err).__name__}: {str(err)[:200]})"
+            ) from None
     finally:
         for h in hooks:
             h.remove()
+    ran = seen.get("pre", [])
     if not ran:
         raise ArchitectureError(f"{type(model).__name__}: no embedding module runs before the first block")
     pre = tuple(n for n in holders if n in ran)
@@ -123,7 +132,7 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     limit, key = _position_limit(config, model, embed, ran)
-    return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied, limit, key)
+    return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied, limit, key, bool(seen.get("tuple", False)))
 
 
 POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")

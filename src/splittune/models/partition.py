@@ -70,8 +70,9 @@ def plan_split(n_blocks: int, cuts: Iterable[int], mode: str = "split") -> Split
 
     ``[a]`` → bottom [0, a) on the client, trunk [a, n) + head on the server (labels go to the server).
     ``[a, b]`` → bottom [0, a) and top [b, n) + head on the client, trunk [a, b) on the server.
-    A cut at 0 leaves the client only the embeddings. The server's segment and the top segment need at
-    least one block each, because the received activations enter through a block.
+    A cut at 0 leaves the client only the embeddings. The server's segment needs at least one block; a top
+    cut at ``n`` leaves the client's top only the final norm and head (the thinnest top: the least compute
+    on the client, and the most the server learns from the gradient it returns: docs/privacy.md).
     """
     cuts = tuple(int(c) for c in cuts)
     if not cuts and mode == "centralized":
@@ -91,10 +92,11 @@ def plan_split(n_blocks: int, cuts: Iterable[int], mode: str = "split") -> Split
         owners = ("client", "server")
     elif len(cuts) == 2:
         a, b = cuts
-        if not 0 <= a < b <= n_blocks - 1:
+        if not 0 <= a < b <= n_blocks:
             raise PlanError(
                 f"cuts {list(cuts)} do not fit a model of {n_blocks} blocks (0..{n_blocks - 1}): a U-shaped split needs "
-                f"0 <= a < b <= {n_blocks - 1} (the trunk and the top segment need at least one block each)"
+                f"0 <= a < b <= {n_blocks} (the trunk needs at least one block; b = {n_blocks} leaves the top only the "
+                "final norm and head)"
             )
         segments = (
             Segment("bottom", 0, a, True, False),
@@ -129,19 +131,22 @@ class AbsentBlock(nn.Module):
     """Stands in for a block this party does not hold: no weights, passes its input through.
 
     Its output is never used: the segment runner replaces the hidden state at the first block the
-    segment runs. It copies the original block's plain attributes (e.g. ``attention_type``) because
-    some decoder loops read them.
+    segment runs. It returns what the real block returns (``ArchSpec.block_tuple``: a tuple for loops that
+    take ``outputs[0]``), so a long run of stubs hands every one the same shape; and it copies the original
+    block's plain attributes (e.g. ``attention_type``) because some decoder loops read them.
     """
 
-    def __init__(self, original: nn.Module | None = None):
+    def __init__(self, original: nn.Module | None = None, block_tuple: bool = False):
         super().__init__()
+        self.block_tuple = block_tuple
         if original is not None:
             for key, value in vars(original).items():
                 if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
                     setattr(self, key, value)
 
     def forward(self, *args, **kwargs):
-        return args[0] if args else kwargs["hidden_states"]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if self.block_tuple else hidden
 
 
 @dataclass
@@ -248,7 +253,7 @@ def load_party_model(
     block_list = model.get_submodule(spec.blocks_path)
     for i in range(spec.n_blocks):
         if i not in owned_blocks:
-            block_list[i] = AbsentBlock(block_list[i])
+            block_list[i] = AbsentBlock(block_list[i], spec.block_tuple)
 
     owned_modules = (spec.pre if pre else ()) + (spec.post if post else ())
     block_prefixes = tuple(spec.block_prefix(i) for i in owned_blocks)

@@ -60,9 +60,9 @@ class TrunkEngine:
         routes = self._routes(adapter, hidden.shape[0])
         with torch.set_grad_enabled(train):
             if not train:
-                return self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes).hidden
+                return self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes, head=False).hidden
             hidden.requires_grad_(True)
-            out = self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes).hidden
+            out = self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes, head=False).hidden
         self.pending[key] = (hidden, out)
         return out.detach()
 
@@ -104,7 +104,7 @@ class TrunkEngine:
                 rows = [items[i][0].shape[0] for i in idx]
                 names = [members[i].adapter for i, r in zip(idx, rows) for _ in range(r)]
                 head = members[idx[0]].head
-                out = party.run(start, end, hidden=hidden, attention_mask=mask, want_logits=head, routes=names)
+                out = party.run(start, end, hidden=hidden, attention_mask=mask, want_logits=head, routes=names, head=head)
                 if head:
                     base = party.model.get_base_model() if hasattr(party.model, "get_base_model") else party.model
                     losses = [

@@ -179,6 +179,7 @@ class Party:
         self.model = move_model(apply_training(model, spec, modes, session.lora_config, session.seed, adapters), self.device)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.blocks = base.get_submodule(spec.blocks_path)
+        self.post = [base.get_submodule(name) for name in spec.post]
         self.model.train()
         if total_steps is None:  # one client: every schedule steps each adapter once per step
             total_steps = session.steps
@@ -197,7 +198,7 @@ class Party:
         route = functools.partial(mixed_adapters, self.model, routes) if routes is not None else contextlib.nullcontext
         recompute = self.recompute and torch.is_grad_enabled()
         with route(), recomputed(self.blocks, range(start, end), route) if recompute else contextlib.nullcontext():
-            return run_segment(self.model, self.blocks, start, end, **kwargs)
+            return run_segment(self.model, self.blocks, start, end, post=self.post, **kwargs)
 
     def trains(self, segment: Segment) -> bool:
         """Whether ``segment``'s forward uses a parameter that trains (a tied embedding trained as the head counts)."""

@@ -56,7 +56,8 @@ class PretrainedSegment:
                  hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The hidden state at ``end`` (or the logits when the segment ends the model)."""
         out = run_segment(self.model, self.blocks, self.start, self.end, attention_mask=attention_mask, input_ids=input_ids,
-                          hidden=hidden, want_logits=self.end == self.spec.n_blocks)
+                          hidden=hidden, want_logits=self.end == self.spec.n_blocks,
+                          post=[self.model.get_submodule(name) for name in self.spec.post])
         return out.hidden if out.hidden is not None else out.logits
 
     def module(self, name: str) -> torch.nn.Module:
