@@ -205,7 +205,7 @@ def test_by_source_gives_each_client_its_own_file(byte_tok, tmp_path):
     b = tmp_path / "b.txt"
     b.write_text("\n\n".join("beta " * 20 + str(i) for i in range(3)))
     cfg = run_cfg(clients=2, partition="by_source", train={"seq_len": 16}, data={"source": a},
-                  client_overrides={0: {"source": a}, 1: {"source": str(b)}})
+                  client_overrides={0: {"data": a}, 1: {"data": str(b)}})
     tasks = build_client_tasks(cfg, byte_tok)
     assert [t.stats["source"] for t in tasks] == [a, str(b)]
     assert [t.stats["records"] for t in tasks] == [4, 3]
@@ -218,7 +218,7 @@ def test_by_source_gives_each_client_its_own_file(byte_tok, tmp_path):
 def test_by_source_mixing_raw_text_and_instructions_is_an_error(byte_tok, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"plain text {i}"} for i in range(4)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"Q{i}?", "response": " A."} for i in range(4)])
-    cfg = run_cfg(clients=2, partition="by_source", client_overrides=[{"source": a}, {"source": b}])
+    cfg = run_cfg(clients=2, partition="by_source", client_overrides=[{"data": a}, {"data": b}])
     with pytest.raises(DataError, match=r"same task.*client 0 \(.*a\.jsonl\): causal_lm, client 1 \(.*b\.jsonl\): "
                                         r"instruction"):
         build_client_tasks(cfg, byte_tok)
@@ -227,7 +227,7 @@ def test_by_source_mixing_raw_text_and_instructions_is_an_error(byte_tok, tmp_pa
 def test_by_source_client_with_too_little_data_is_named(byte_tok, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": "plain text " * 10} for _ in range(4)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": "only one document"}])
-    cfg = run_cfg(clients=2, partition="by_source", train={"seq_len": 8}, client_overrides=[{"source": a}, {"source": b}])
+    cfg = run_cfg(clients=2, partition="by_source", train={"seq_len": 8}, client_overrides=[{"data": a}, {"data": b}])
     with pytest.raises(DataError, match=r"client 1 \(.*b\.jsonl, 1 documents\): the source has 1 documents"):
         build_client_tasks(cfg, byte_tok)
 

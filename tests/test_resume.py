@@ -53,14 +53,17 @@ def crash_at(monkeypatch, step):
     monkeypatch.setattr(Client, "train_step", train_step)
 
 
-@pytest.mark.parametrize("extra", [[], ["clients=2", "schedule=sfl-v1"], ["clients=2", "schedule=sfl-v2", "client_overrides={1: {lora_rank: 2}}"],
+@pytest.mark.parametrize("extra", [[], ["clients=2", "schedule=sfl-v1"], ["clients=2", "schedule=sfl-v2", "client_overrides={1: {lora: {rank: 2}}}"],
                                    ["clients=3", "schedule=sequential", "aggregate_every=2"], ["clients=2", "mode=federated"],
-                                   ["codec.up={name: topk, fraction: 0.3}", "codec.down={name: topk, fraction: 0.3}", "train.micro_batches=2"]],
-                         ids=["one-client", "sfl-v1", "sfl-v2-heterogeneous", "sequential", "federated", "topk-error-feedback"])
+                                   ["codec.up={name: topk, fraction: 0.3}", "codec.down={name: topk, fraction: 0.3}", "train.micro_batches=2"],
+                                   ["defense=[{name: gaussian, sigma: 0.3, clip: 0.2}, {name: dx, epsilon: 500}]", "defense_seed=7",
+                                    "dp_sgd={noise_multiplier: 0.5, max_grad_norm: 0.1}"]],
+                         ids=["one-client", "sfl-v1", "sfl-v2-heterogeneous", "sequential", "federated", "topk-error-feedback",
+                              "defense-noise"])
 def test_in_process_resume_is_exact(tmp_path, monkeypatch, extra):
     """Every schedule; and a stateful chain (top-k's error feedback on both ends, carried in the checkpoint)."""
     cfg = load_config(None, [*RUN, *extra])
-    names = ("client", "server") if not extra or "schedule=sequential" in extra or "codec" in extra[0] else ("global",)
+    names = ("client", "server") if not extra or "schedule=sequential" in extra or extra[0].startswith(("codec", "defense")) else ("global",)
     train(cfg, tmp_path / "whole")
     with monkeypatch.context() as m:
         crash_at(m, 5)

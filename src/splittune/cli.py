@@ -86,11 +86,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .privacy.judge import JudgeError
     from .privacy.knowledge import ThreatModelError
     from .privacy.tap import TapError
+    from .parties.defenses import DefenseError
+    from .parties.dp_sgd import DPError
     from .rundir import RunDirError
 
     return (ConfigError, DataError, ModelError, PlanError, ArchitectureError, AdapterError, ExportError,
             AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError, DeviceError, RunDirError,
-            TapError, ThreatModelError, AttackError, JudgeError)
+            TapError, ThreatModelError, AttackError, JudgeError, DefenseError, DPError)
 
 
 def _human_bytes(n: float) -> str:
@@ -793,6 +795,63 @@ def leak(
         table.add_row(p["codec"], str(p["cut"]), p["attack"], *(f"{p[k]:.3f}" if p.get(k) is not None else "-" for k in ("rouge_l_f1", "token_accuracy")))
     console.print(table)
     console.print(f"written: [bold green]{out / 'leak.json'}[/] and [bold green]{out / 'leak.png'}[/]")
+
+
+@app.command()
+@_shows_warnings
+def privacy(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="the run to defend (YAML); the builtin default when omitted"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a key of that run, e.g. --set train.steps=20"),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="YAML list of settings {name, defense, dp_sgd, secure_aggregation}; "
+                                        "default: none, gaussian, dx, nopeek and label-noise at three strengths"),
+    attack_names: Optional[str] = typer.Option(None, "--attack", "-a", help="attacks on every setting, comma-separated; default: those that fit the split"),
+    attack_set: list[str] = typer.Option([], "--attack-set", help="an attack option for the grid, e.g. --attack-set inversion.epochs=1"),
+    aux: Optional[str] = typer.Option(None, "--aux", help="public auxiliary text; default: a builtin text the run does not train on"),
+    budget: float = typer.Option(0.10, "--max-ppl-increase", min=0.0, help="the perplexity increase the recommendation may cost (0.10: 10%)"),
+    out: Path = typer.Option(Path("runs/privacy"), "--out", "-o", help="directory for privacy.json, privacy.png, privacy.html and each setting's run"),
+) -> None:
+    """The privacy–utility frontier: train each defense setting, attack its tap, score it, recommend one."""
+    _quiet_libraries()
+    from .config import load_config
+    from .privacy.grid import default_grid, load_grid, run_grid, scales
+    from .privacy.job import default_aux, private_sources
+    from .rundir import RunLock
+
+    try:
+        options: dict[str, dict] = {}
+        for a in attack_set:
+            name, dot, rest = a.partition(".")
+            if not dot or not rest:
+                raise ValueError(f"--attack-set expects attack.option=value, got {a!r}")
+            options.setdefault(name, {}).update(_attack_options([rest]))
+        cfg = load_config(config, set_)
+        from .models.arch import detect_arch
+        from .models.zoo import resolve_model
+
+        cfg = cfg.resolve(detect_arch(resolve_model(cfg.model).config()).n_blocks)
+        aux = aux or default_aux(private_sources(cfg.model_dump()))
+        scale = scales(cfg, aux)
+        settings = load_grid(grid, scale) if grid is not None else default_grid(cfg, scale)
+        names = [a.strip() for a in attack_names.split(",") if a.strip()] if attack_names else None
+    except (ValueError, *_user_errors()) as err:
+        _fail(str(err))
+    console.print(f"[bold]splittune privacy[/] · {escape(cfg.model)} · cuts {cfg.cuts} · {len(settings)} settings", highlight=False)
+    with _phase_bar() as progress:
+        try:
+            with RunLock(out, "privacy grid"):
+                result = run_grid(cfg, settings, out, names, aux, options, budget, progress)
+        except _user_errors() as err:
+            progress.stop()
+            _fail(str(err))
+    table = Table(title="privacy–utility", show_header=True)
+    for col in ("setting", "eval ppl", *result["attacks"], "DCS"):
+        table.add_column(col)
+    for r in result["settings"]:
+        table.add_row(r["name"], f"{r['eval_ppl']:.3f}", *(f"{r['attacks'][a]['success']:.3f}" if r["attacks"].get(a, {}).get("success") is not None
+                                                          else "-" for a in result["attacks"]), f"{r['dcs']:.3f}")
+    console.print(table)
+    console.print(f"recommended within +{budget:.0%} perplexity: [bold]{escape(result['recommended'])}[/]")
+    console.print(f"written: [bold green]{out / 'privacy.json'}[/], [bold green]{out / 'privacy.png'}[/] and [bold green]{out / 'privacy.html'}[/]")
 
 
 def _attack_options(assignments: list[str]) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -292,6 +292,69 @@ class CacheConfig(Section):
         return parse_size(value)
 
 
+class DxDefense(Section):
+    """dχ-privacy (metric local DP, Feyisetan et al. 2020) on the client's token embeddings: each token's embedding
+    gets noise of density ∝ exp(−ε‖z‖), so two tokens at distance d are ε·d-indistinguishable (docs/privacy.md)."""
+
+    name: Literal["dx"]
+    epsilon: float = Field(..., gt=0.0, description="privacy per unit of embedding distance (smaller: more noise)")
+    snap: bool = Field(False, description="replace each noised embedding by its nearest token embedding (a token substitution)")
+
+
+class GaussianDefense(Section):
+    """Clipped Gaussian noise on the smashed activations the client sends: each token's row clipped to L2 norm
+    ``clip``, then N(0, (sigma·clip)²) per value; an RDP accountant composes it over every release."""
+
+    name: Literal["gaussian"]
+    sigma: float = Field(..., ge=0.0, description="noise multiplier: the noise std over the clip norm (0: clip only, no guarantee)")
+    clip: float = Field(..., gt=0.0, description="L2 norm each token's activation row is clipped to")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="the δ of the reported (ε, δ)")
+
+
+class NoPeekDefense(Section):
+    """NoPeek (Vepakomma et al. 2020): the client's loss adds alpha × the distance correlation between its inputs
+    (token embeddings) and the smashed activations it sends, so training makes them less alike."""
+
+    name: Literal["nopeek"]
+    alpha: float = Field(..., ge=0.0, description="weight of the distance-correlation term")
+
+
+class LabelNoiseDefense(Section):
+    """Noise on the gradient a U-shaped client's top sends the server, which otherwise tells each example's class
+    (Li et al., ICLR'22): ``marvell`` draws per-class Gaussian noise shaped to minimise the KL bound on what the server
+    can infer within a power budget; ``max-norm`` lifts every example's gradient to the batch's largest norm."""
+
+    name: Literal["label-noise"]
+    method: Literal["marvell", "max-norm"] = Field(
+        "marvell", description="marvell (optimised per-class noise) | max-norm (the heuristic baseline: each example's "
+        "expected squared norm raised to the batch's largest)")
+    power: float = Field(
+        4.0, ge=0.0, description="marvell's noise budget: the expected squared noise norm per example, averaged over the "
+        "two classes, in units of the squared distance between their mean gradients (0: no noise, the max-norm fallback "
+        "included; max-norm ignores it)")
+
+
+Defense = Annotated[DxDefense | GaussianDefense | NoPeekDefense | LabelNoiseDefense, Field(discriminator="name")]
+DEFENSE_NAMES = ("dx", "gaussian", "nopeek", "label-noise")
+
+
+class DpSgdConfig(Section):
+    """DP-SGD on the client's adapters (Abadi et al. 2016): each example's gradient clipped to ``max_grad_norm``, summed,
+    plus N(0, (noise_multiplier·max_grad_norm)²); it protects the adapters, not what crosses the cut."""
+
+    noise_multiplier: float | None = Field(None, ge=0.0, description="noise std over max_grad_norm (give this or target_epsilon)")
+    target_epsilon: float | None = Field(None, gt=0.0, description="the ε the run must stay within: the noise multiplier "
+                                         "is found for the run's steps and sampling rate (opacus)")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="L2 norm each example's gradient of the client's adapters is clipped to")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="the δ of the reported (ε, δ)")
+
+    @model_validator(mode="after")
+    def _one_noise(self) -> "DpSgdConfig":
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("dp_sgd takes either noise_multiplier or target_epsilon (exactly one)")
+        return self
+
+
 class RunConfig(Section):
     model: str = Field(
         "builtin:smollm2-135m",
@@ -333,6 +396,17 @@ class RunConfig(Section):
     padding_removal: bool = Field(True, description="positions the attention mask zeroes never cross the cut (lossless)")
     link: LinkConfig = Field(default_factory=lambda: LinkConfig())
     cache: CacheConfig = Field(default_factory=lambda: CacheConfig())
+    defense: list[Defense] = Field(
+        default_factory=list, description="defenses on what leaves the client, applied in this order (docs/privacy.md)",
+        json_schema_extra={"allowed": "a list of `{name: dx, epsilon: E, snap: false}`, `{name: gaussian, sigma: S, clip: C, "
+                           "delta: 1e-5}`, `{name: nopeek, alpha: A}`, `{name: label-noise, method: marvell, power: P}`"})
+    dp_sgd: DpSgdConfig | None = Field(None, description="DP-SGD on the client's adapters (docs/privacy.md); null: off")
+    secure_aggregation: bool = Field(
+        False, description="clients' adapters reach the averaging only masked (pairwise X25519 masks, fixed point): the "
+        "server learns their sum, never one client's update; needs averaging clients with one layout (docs/privacy.md)")
+    defense_seed: int | None = Field(
+        None, description="seeds the defenses' noise; it never leaves the client (the server knows `seed`, so noise drawn "
+        "from it could be subtracted). null: a random seed, recorded in the run's config.yaml for resume")
 
     @field_validator("cuts", mode="before")
     @classmethod
@@ -422,6 +496,35 @@ class RunConfig(Section):
                 "schedule: sequential relays one client-side model from client to client, so every client must keep "
                 "the same cuts and LoRA rank; per-client overrides need sfl-v1 or sfl-v2"
             )
+        if self.defense and self.mode != "split":
+            raise ValueError(f"defense: {', '.join(d.name for d in self.defense)} act on what crosses a cut; mode: {self.mode} "
+                             "has none (defenses need mode: split)")
+        names = [d.name for d in self.defense]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"defense: {', '.join(twice)} is listed more than once; each defense takes one entry")
+        if "label-noise" in names and self.mode == "split" and self.cuts is not None and len(self.cuts) == 1:
+            raise ValueError(f"defense: label-noise hides the class in the gradient a U-shaped split's client sends; "
+                             f"cuts={self.cuts} make a two-part split, where the server holds the labels themselves "
+                             "(label-noise needs cuts: [a, b] or auto)")
+        if self.dp_sgd is not None and self.mode == "centralized":
+            raise ValueError("dp_sgd protects the client's adapters from the server and the other clients; mode: "
+                             "centralized shares nothing (use mode: split or federated)")
+        if self.dp_sgd is not None and self.train.gradient_checkpointing:
+            raise ValueError("dp_sgd takes per-example gradients from the forward it saw, and train.gradient_checkpointing "
+                             "runs the blocks again in backward; turn one of them off")
+        if self.secure_aggregation:
+            averages = n > 1 and (self.mode == "federated" or (self.mode == "split" and self.schedule != "sequential"))
+            if not averages:
+                raise ValueError("secure_aggregation hides each client's adapters inside an average, and this run averages "
+                                 "nothing: it needs clients >= 2 and mode: federated or schedule: sfl-v1 / sfl-v2")
+            if self.heterogeneous:
+                raise ValueError("secure_aggregation sums every client's adapters as masked vectors of one layout, so every "
+                                 "client needs the same cuts and LoRA rank (exact rank-heterogeneous averaging needs each "
+                                 "client's factors in the clear); drop the cuts and lora.rank of client_overrides")
+            if n < 3:
+                warn("secure_aggregation with 2 clients hides each update from the server only: each client can "
+                     "subtract its own update from the average it gets back and read the other's")
         if self.personal and self.mode != "split":
             raise ValueError(f"personal segments are segments of a split; mode: {self.mode} has none")
         if self.heterogeneous and self.mode == "federated":

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import platform
+import secrets
 import threading
 import time
 import uuid
@@ -27,8 +29,9 @@ from . import __version__, checkpoint
 from .channels import Channel, LocalChannel
 from .channels.emulated import EmulatedChannel, LinkModel
 from .cut import CutLink, ServerLink, terms_from
+from .privacy.budget import defense_summary
 from .privacy.recording import SENT, TAP_DIR, Recording, SentLog
-from .config import ConfigError, RunConfig, dump_config, warn
+from .config import ConfigError, RunConfig, dump_config, load_config, warn
 from .data import TaskData, build_client_tasks, merge_tasks
 from .device import peak_memory, resolve_device, rng_state, set_rng_state
 from .eval import evaluate
@@ -37,6 +40,9 @@ from .models.partition import PlanError
 from .models.zoo import ModelSource, resolve_model
 from .parties import Client, Party, Server, SessionSpec
 from .parties.cache import MIRROR_COUNTS
+from .parties.defenses import PARTY_DEFENSES, ClientDefenses
+from .parties.dp_sgd import DPSGD
+from .privacy.accounting import most_releases, noise_for_epsilon
 from .schedules.policy import POLICIES, policy_for
 from .report.plots import plot_loss
 from .rundir import RunLock
@@ -135,7 +141,7 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
         server_link = ServerLink(server.handle)
         serve = recording.attach(server, server_link) if recording is not None else server_link.serve
         channel_for = lambda i: LocalChannel(serve)  # noqa: E731
-    terms = terms_from(cfg.codec.model_dump(), cfg.padding_removal)
+    terms = terms_from(cfg.codec.model_dump(), cfg.padding_removal, wire_defenses(cfg))
     clients, links = [], []
     for i, count in zip(indices, samples, strict=True):
         session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe())
@@ -149,9 +155,15 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
             channel = channel_for(i)
             if cfg.link.active:
                 channel = EmulatedChannel(channel, LinkModel.of(cfg.link))
-            link = CutLink(channel, uuid.uuid4().hex[:12], terms)
+            link = CutLink(channel, uuid.uuid4().hex[:12], terms, secret=client_secret(cfg, i))
             link.sent_log = ledger
         client = Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight)
+        own = [d.model_dump() for d in cfg.defense if d.name in PARTY_DEFENSES]
+        if own:
+            client.defenses = ClientDefenses(own, party, client_secret(cfg, i))
+        if cfg.dp_sgd is not None:
+            steps = policy.client_steps(cfg.train.steps, n)
+            client.dp = DPSGD(party, dp_noise(cfg, count, steps), cfg.dp_sgd.max_grad_norm, client_secret(cfg, i))
         if recording is not None:
             client.recorder = recording.truth
         clients.append(client)
@@ -226,7 +238,7 @@ def train(cfg: RunConfig, out: Path, progress: Callable | None = None, record_ta
     started = time.perf_counter()
     set_seed(cfg.seed)
     source = resolve_model(cfg.model)
-    cfg = resolved(cfg, source)
+    cfg = with_defense_seed(resolved(cfg, source), out)
     resume = prepare_run_dir(cfg, out)
     recording = _recording(cfg, out, record_tap, tap_max_bytes, resume)
     tasks = client_tasks(cfg, source.tokenizer())
@@ -241,6 +253,44 @@ def train(cfg: RunConfig, out: Path, progress: Callable | None = None, record_ta
         for record in (recording, ledger):
             if record is not None:
                 record.close()
+
+
+def wire_defenses(cfg: RunConfig) -> tuple[dict, ...]:
+    """The defenses that run in the chain's defense slot (on what crosses); the others act inside the client."""
+    return tuple(d.model_dump() for d in cfg.defense if d.name not in PARTY_DEFENSES)
+
+
+def dp_noise(cfg: RunConfig, examples: int, steps: int) -> float:
+    """DP-SGD's noise multiplier: as given, or the smallest that keeps both of the run's ε (``privacy/budget.py``: at
+    this client's sampling rate over ``steps``, and unamplified over the steps an example is in) within
+    ``target_epsilon`` (opacus' RDP search)."""
+    dp = cfg.dp_sgd
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    releases = most_releases(examples, cfg.train.batch_size * cfg.train.grad_accum, steps)
+    return max(noise_for_epsilon(dp.target_epsilon, steps, dp.delta, sample_rate=dp_sample_rate(cfg, examples)),
+               noise_for_epsilon(dp.target_epsilon, releases, dp.delta))  # both bounds of privacy/budget.py within it
+
+
+def dp_sample_rate(cfg: RunConfig, examples: int) -> float:
+    return min(1.0, cfg.train.batch_size * cfg.train.grad_accum / max(examples, 1))
+
+
+def with_defense_seed(cfg: RunConfig, out: Path) -> RunConfig:
+    """A run with defenses draws their noise from ``defense_seed``; unset, it is the seed this run directory's config
+    recorded (a resume), else a fresh random one, which config.yaml then records."""
+    if not (cfg.defense or cfg.dp_sgd) or cfg.defense_seed is not None:
+        return cfg
+    saved = load_config(out / "config.yaml").defense_seed if (out / "config.yaml").exists() else None
+    return cfg.model_copy(update={"defense_seed": saved if saved is not None else secrets.randbits(62)})
+
+
+def client_secret(cfg: RunConfig, client: int) -> int | None:
+    """Client ``client``'s private seed for its defenses' noise, from ``defense_seed`` (never sent to the server)."""
+    if cfg.defense_seed is None:
+        return None
+    digest = hashlib.blake2b(f"splittune-defense:{cfg.defense_seed}:{client}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _recording(cfg: RunConfig, out: Path, observers: tuple[str, ...], max_bytes: int, resume: int | None) -> Recording | None:
@@ -303,7 +353,7 @@ def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Call
     started = time.perf_counter()
     set_seed(cfg.seed)
     source = resolve_model(cfg.model)
-    cfg = resolved(cfg, source)
+    cfg = with_defense_seed(resolved(cfg, source), out)
     resume = prepare_run_dir(cfg, out)
     task = client_tasks(cfg, source.tokenizer())[client_index]
     ledger = SentLog(out / SENT, append=resume is not None)
@@ -443,7 +493,7 @@ class Session:
         link = self.fleet.links[i]
         if link is not None:
             link.stats.reset()
-        client.bottom_s, cached = 0.0, client.cache_counts()
+        client.bottom_s, client.penalty_sum, cached = 0.0, 0.0, client.cache_counts()
         t0 = time.perf_counter()
         result = client.train_step(step, micro)
         step_s = time.perf_counter() - t0
@@ -455,6 +505,9 @@ class Session:
         if link is not None:
             row.update(time_breakdown(step_s, link.stats.take()))
             row["bottom_s"] = round(client.bottom_s, 6)
+        nopeek = next((d.alpha for d in self.cfg.defense if d.name == "nopeek" and d.alpha > 0), None)
+        if nopeek is not None:  # the step's mean distance correlation between embeddings and activations
+            row["nopeek_dcor"] = round(client.penalty_sum / nopeek, 6)
         if cached:
             now = client.cache_counts()
             row.update(cache_hits=now["hits"] - cached["hits"], cache_misses=now["misses"] - cached["misses"])
@@ -561,6 +614,10 @@ class Session:
             groups.update({f"c{index}.{name}": t for name, t in parts.items()})
             if client.link is not None:
                 groups[f"c{index}.link"] = client.link.state()
+            if client.defenses is not None:
+                groups[f"c{index}.defense"] = client.defenses.state_dict()
+            if client.dp is not None:
+                groups[f"c{index}.dp"] = client.dp.state_dict()
         groups["rng"] = rng_state()
         meta = {"step": step, "samplers": [s.state_dict() for s in self.samplers], "metrics": self.metrics,
                 "evals": self.evals, "own_before": self.own_before, "train_bytes": self.train_bytes,
@@ -575,6 +632,10 @@ class Session:
         for index, client in zip(self.index, self.fleet.clients):
             prefix = f"c{index}."
             client.party.restore({k.removeprefix(prefix): v for k, v in groups.items() if k.startswith(prefix)}, meta["parties"][str(index)])
+            if client.defenses is not None:
+                client.defenses.load_state_dict(groups.get(f"{prefix}defense", {}))
+            if client.dp is not None:
+                client.dp.load_state_dict(groups.get(f"{prefix}dp", {}))
             if client.cache is not None and str(index) in meta.get("caches", {}):
                 client.cache.load_state(meta["caches"][str(index)])
         for sampler, state in zip(self.samplers, meta["samplers"], strict=True):
@@ -663,6 +724,14 @@ class Session:
             summary["eval_accuracy_before"] = before["accuracy"]
             summary["eval_accuracy_after"] = after["accuracy"]
         summary.update(step_breakdown(self.metrics))
+        dp = None
+        if cfg.dp_sgd is not None:
+            sizes = [len(task.train) for task in self.tasks]
+            dp = {**cfg.dp_sgd.model_dump(), "noise_multiplier": clients[0].dp.sigma,
+                  "sample_rate": max(dp_sample_rate(cfg, n) for n in sizes)}
+        summary.update(defense_summary([d.model_dump() for d in cfg.defense], t.seq_len, t.batch_size * t.grad_accum,
+                                       self.metrics, [len(task.train) for task in self.tasks], self.index,
+                                       len(self.evals) + (2 * self.n if self.total > 1 else 0), dp))
         if clients[0].split:
             summary["cache"] = self._cache_summary()
         summary["per_client"] = [self._client_entry(i, own_before[i], own_after[i]) for i in range(self.n)]

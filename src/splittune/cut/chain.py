@@ -14,6 +14,7 @@ from typing import Any
 
 from ..wire import FrameLimits, Message, decode_frame, encode_frame
 from ..wire.codecs import make_codec
+from .defenses import Defense
 from .transforms import ROLES, ChainError, CodecStage, Crossing, End, Transform, build_transform
 
 DIRECTIONS = ("up", "down")
@@ -46,13 +47,17 @@ def check_terms(terms: Any) -> dict[str, list]:
 class Chain:
     """Both directions' transforms at one end (``side`` is ``client`` or ``server``) of one session."""
 
-    def __init__(self, terms: dict[str, list], side: str, limits: FrameLimits = FrameLimits()):
+    def __init__(self, terms: dict[str, list], side: str, limits: FrameLimits = FrameLimits(), secret: int | None = None):
+        """``secret``: the sending end's private seed for its defenses' noise (``cut/defenses.py``); it never travels."""
         self.terms = terms
         self.side = side
         self.limits = limits
         self.transforms: dict[str, list[Transform]] = {d: [build_transform(s) for s in terms[d]] for d in DIRECTIONS}
         self.end = End()
         self.sending, self.receiving = ("up", "down") if side == "client" else ("down", "up")
+        for i, t in enumerate(self.transforms[self.sending]):
+            if isinstance(t, Defense):
+                t.bind(secret, f"{self.sending}.{i}.{t.name}")
 
     def encode(self, msg: Message) -> bytes:
         """``msg`` through this end's sending transforms into a frame (``msg`` itself is left as it was)."""
@@ -82,6 +87,10 @@ class Chain:
             raise ChainError(f"meta field 'cut' must be a map, got {type(cut).__name__}")
         for t in reversed(self.transforms[direction or self.receiving]):
             msg = t.receive(msg, cut, self.end)
+        if direction is None and "grad" in msg.tensors:
+            pullback = self.end.pullbacks.pop((msg.step, msg.micro), None)
+            if pullback is not None:
+                msg.tensors["grad"] = pullback(msg.tensors["grad"])
         return msg
 
     def codec_error(self) -> dict[str, float]:

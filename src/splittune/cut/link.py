@@ -85,10 +85,11 @@ class Pending:
 class CutLink:
     """The client's end of the cut for one session over ``channel``; ``terms`` is its chain proposal."""
 
-    def __init__(self, channel: Channel, session: str, terms: dict[str, list] | None = None):
+    def __init__(self, channel: Channel, session: str, terms: dict[str, list] | None = None, secret: int | None = None):
         self.channel = channel
         self.session = session
         self.terms = check_terms(terms or RAW_TERMS)
+        self.secret = secret  # seeds this client's defenses in the chain; never sent
         self.chain: Chain | None = None  # built once the server accepts the terms
         self.in_flight: dict[tuple[int, int, str], Pending] = {}
         self.taps: list[Tap] = []
@@ -123,7 +124,7 @@ class CutLink:
         if self.sent_log is not None:
             self.sent_log(msg, len(frame))
         reply = Pending(self, msg, self.channel.request(frame), time.perf_counter()).result()
-        self.chain = Chain(self.terms, "client")
+        self.chain = Chain(self.terms, "client", secret=self.secret)
         self.chain.load_state_dict({k.removeprefix("client/"): v for k, v in state.items() if k.startswith("client/")})
         self._server_state = {k.removeprefix(STATE): v for k, v in theirs.items()}
         return reply

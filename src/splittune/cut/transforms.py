@@ -14,7 +14,7 @@ receiving chain removes before the message reaches a party.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -34,6 +34,9 @@ class End:
     (padding removal needs it for the replies, which do not carry the mask)."""
 
     masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (step, micro) -> positions kept
+    # (step, micro) -> the vector-Jacobian product of what a defense did to that micro-batch's activations, applied
+    # to the gradient that comes back for them (the client's backward follows what was released)
+    pullbacks: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass

@@ -22,7 +22,10 @@ from ..device import to_device
 from ..wire import Message
 from ..averaging import fold_delta
 from .cache import CACHE_MISS, Mirror, entry_bytes, row_keys, why_off
+from .defenses import ClientDefenses
+from .dp_sgd import DPSGD
 from .party import Party
+from .secure import client_round
 
 Batch = dict[str, torch.Tensor]
 
@@ -63,6 +66,9 @@ class _Micro:
     stage: int = 0  # 1: forward sent; 2: top gradient sent (U-shape); 3: done
     loss: float = 0.0
     want_grad: bool = False  # the bottom trains: its activations' gradient comes back
+    share: float = 1.0  # this micro-batch's rows over the step's (weights a defense's term on the bottom)
+    offset: int = 0  # the step's index of this micro-batch's first example (DP-SGD's per-example gradients)
+    penalty: torch.Tensor | None = None  # a defense's term on the bottom's loss (NoPeek), back-propagated with it
 
 
 class Client:
@@ -88,6 +94,9 @@ class Client:
         self.bottom_s = 0.0  # time in the bottom's training forwards (the caller resets it)
         # called with (session, step, micro, batch) as each training micro-batch is first sent (a run recording its taps)
         self.recorder: Callable[[str, int, int, Batch], None] | None = None
+        self.defenses: ClientDefenses | None = None  # dχ noise and NoPeek inside the bottom (parties/defenses.py)
+        self.dp: DPSGD | None = None  # DP-SGD on this client's adapters (parties/dp_sgd.py)
+        self.penalty_sum = 0.0  # the defense terms added to the bottom's loss since the caller last reset it
 
     def connect(self, resume: int | None = None, link_state: dict | None = None) -> dict:
         """Stage 0: propose the session and the chain; the server builds its part from it (restored to step
@@ -99,7 +108,8 @@ class Client:
             self.server_info = dict(self.link.hello(meta, link_state).meta)
             if self.split:
                 budget = int(self.server_info.get("cache_bytes", 0))
-                self.cache_off = why_off(self.party, self.link.chain, budget, self.party.session.cache_bytes)
+                noisy = self.defenses.varies() if self.defenses is not None else None
+                self.cache_off = why_off(self.party, self.link.chain, budget, self.party.session.cache_bytes) or noisy
                 self.cache = Mirror(budget) if self.cache_off is None else None
         return self.server_info
 
@@ -129,8 +139,10 @@ class Client:
         m.hidden = None
         if rows is None or rows:
             ids, mask = (batch["input_ids"], batch["attention_mask"]) if rows is None else (batch["input_ids"][rows], batch["attention_mask"][rows])
+            if self.dp is not None:
+                self.dp.offset = m.offset
             with torch.set_grad_enabled(self.party.trains(bottom)):
-                m.hidden = self.party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
+                m.hidden, m.penalty = self._bottom(ids, mask, m.share)
             tensors["hidden"] = m.hidden.detach()
             if rows is not None:
                 tensors["cut.rows"] = torch.tensor(rows)
@@ -167,6 +179,16 @@ class Client:
         meta = {"keys": keys, "sent": sent, **({"reset": True} if resend else {})}
         return (None if len(sent) == len(keys) else sent), {"cache": meta}
 
+    def _bottom(self, ids: torch.Tensor, mask: torch.Tensor, share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The bottom's activations at the first cut, through the client's own defenses, and their term on the
+        bottom's loss (None without one; evaluations never train)."""
+        end = self.plan.segment("bottom").end
+        if self.defenses is None or not self.defenses.active:
+            return self.party.run(0, end, input_ids=ids, attention_mask=mask).hidden, None
+        with self.defenses.bottom() as box:
+            hidden = self.party.run(0, end, input_ids=ids, attention_mask=mask).hidden
+        return hidden, self.defenses.penalty(box, hidden, mask, share) if torch.is_grad_enabled() else None
+
     def cache_counts(self) -> dict[str, int]:
         """The activation cache's counts so far (hits, misses, evictions, resent rows, skipped forwards, bytes saved)."""
         return dict(self.cache.counts) if self.cache is not None else {}
@@ -183,18 +205,25 @@ class Client:
         if m.stage == 1 and self.plan.shape == "u-shape":
             top = self.plan.segment("top")
             m.top = reply.tensors["hidden"].requires_grad_(True)
+            if self.dp is not None:
+                self.dp.offset = m.offset
             out = self.party.run(top.start, top.end, hidden=m.top, attention_mask=m.batch["attention_mask"],
                                  labels=m.batch["labels"], num_items_in_batch=num_items)
             out.loss.backward()
             m.loss = float(out.loss.detach())
-            m.pending = self._send("gradients", step, m.index, {"grad": m.top.grad}, want_grad=m.want_grad)
+            m.pending = self._send("gradients", step, m.index, {"grad": m.top.grad, "cut.labels": m.batch["labels"]},
+                                   want_grad=m.want_grad)
             m.stage = 2
             return
         if m.stage == 1:
             m.loss = float(reply.meta["loss"])
         if m.want_grad:
-            m.hidden.backward(reply.tensors["grad"])
-        m.hidden = m.top = m.pending = None
+            if m.penalty is None:
+                m.hidden.backward(reply.tensors["grad"])
+            else:
+                torch.autograd.backward([m.hidden, m.penalty], [reply.tensors["grad"], torch.ones_like(m.penalty)])
+                self.penalty_sum += float(m.penalty.detach())
+        m.hidden = m.top = m.pending = m.penalty = None
         m.stage = 3
 
     def _pipeline(self, step: int, batches: list[Batch], num_items: int) -> float:
@@ -205,7 +234,9 @@ class Client:
         next stage; at the end every top runs in index order, then every bottom backward. Gradients therefore
         accumulate in the same order on both parties as without pipelining, and the step is bit-identical.
         """
-        micros = [_Micro(i, to_device(b, self.party.device)) for i, b in enumerate(batches)]
+        sizes = [b["input_ids"].shape[0] for b in batches]
+        rows = sum(sizes)
+        micros = [_Micro(i, to_device(b, self.party.device), share=sizes[i] / rows, offset=sum(sizes[:i])) for i, b in enumerate(batches)]
         for m in micros:
             while sum(1 for x in micros if x.stage in (1, 2)) >= self.max_in_flight:
                 oldest = next(x for x in micros if x.stage in (1, 2))
@@ -224,6 +255,8 @@ class Client:
         accumulated gradient is that of one big batch, whatever the micro-batch split.
         """
         loss, num_items = self.backward(step, batches)
+        if self.dp is not None:  # the client's gradients, clipped per example and noised, before the global norm
+            self.dp.privatise()
         lr = self.party.lr
         self.optimizer_step(step)
         return StepResult(loss, num_items, lr)
@@ -235,6 +268,8 @@ class Client:
         if num_items == 0:
             raise ValueError(f"step {step}: no label carries loss (every label is -100)")
         micros = [m for b in batches for m in split_rows(b, self.micro_batches)]
+        if self.dp is not None:
+            self.dp.begin(sum(m["input_ids"].shape[0] for m in micros))
         if self.plan.shape != "centralized":
             return self._pipeline(step, micros, num_items), num_items
         loss = 0.0
@@ -242,6 +277,8 @@ class Client:
             if self.recorder is not None:  # a federated client's batches: what its adapter updates are computed from
                 self.recorder(self.session, step, i, b)
             b = to_device(b, self.party.device)
+            if self.dp is not None:
+                self.dp.offset = sum(x["input_ids"].shape[0] for x in micros[:i])
             out = self.party.run(0, self.plan.n_blocks, input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                  labels=b["labels"], num_items_in_batch=num_items)
             out.loss.backward()
@@ -277,7 +314,7 @@ class Client:
             out = party.run(0, plan.n_blocks, input_ids=ids, **ending)
         else:
             bottom, top = plan.segment("bottom"), plan.segment("top")
-            h = party.run(0, bottom.end, input_ids=ids, attention_mask=mask).hidden
+            h, _ = self._bottom(ids, mask)
             keep = needed_positions(mask, batch["labels"])
             reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "cut.keep": keep}, train=False)
             out = party.run(top.start, top.end, hidden=reply.tensors["hidden"], **ending)
@@ -287,7 +324,7 @@ class Client:
     def _eval_on_server(self, batch: Batch, items: int, score) -> tuple[float, torch.Tensor | None]:
         """Two-part: the server ends the model; it returns the loss and candidate scores, never whole logits."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        h = self.party.run(0, self.plan.segment("bottom").end, input_ids=ids, attention_mask=mask).hidden
+        h, _ = self._bottom(ids, mask)
         meta = {"train": False, "num_items": items or None}
         if score is not None:
             meta.update(score_positions=list(score[0]), score_tokens=list(score[1]))
@@ -313,7 +350,11 @@ class Client:
     # -- stage 7 and the sequential relay -------------------------------------------------------------
     def aggregate(self, step: int) -> None:
         """Send this client's adapters to be averaged, weighted by its training samples; take the average back."""
-        reply = self._call("aggregate", step, 0, self.party.state(), weight=self.party.session.samples)
+        session = self.party.session
+        if session.secure_aggregation:  # the adapters leave this client only masked (parties/secure.py)
+            reply = client_round(self._call, session.client, session.clients, step, self.party.state(), session.samples)
+        else:
+            reply = self._call("aggregate", step, 0, self.party.state(), weight=session.samples)
         values, folds = {}, {}
         for name, tensor in reply.tensors.items():
             if name.startswith("fold::"):

@@ -20,13 +20,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..averaging import Contribution, average
+from ..averaging import Average, Contribution, average
+from ..models.partition import DTYPES
 from ..models.arch import ArchSpec, block_of
 from ..models.partition import SplitPlan
 from ..models.zoo import ModelSource
 from .cache import ActivationCache
 from .party import Party, SessionSpec
 from .meet import Rendezvous, Turnstile
+from .secure import SecureRounds
 
 log = logging.getLogger("splittune.serve")
 
@@ -78,6 +80,7 @@ class Group:
         self.dropped: set[int] = set()
         self.party: Party | None = None
         self.meet = Rendezvous(wait_s)
+        self.secure = SecureRounds(first.clients) if first.secure_aggregation else None
         order = self.policy.turn_order(self.n, self.steps, self.every)
         self.turns = Turnstile(order, wait_s) if order else None
         self.relay: tuple[dict[str, torch.Tensor], dict] | None = None
@@ -187,14 +190,32 @@ class Group:
             if overlap:
                 raise ValueError(f"client {index} sent tensors the server holds for it, e.g. {sorted(overlap)[:2]}")
             contributions.append(Contribution(weight, {**own, **self.on_behalf(member)}, alpha))
-        result = average(contributions)
+        return self._apply(average(contributions), {index: set(tensors) for index, (tensors, _) in items.items()})
+
+    def aggregate_sum(self, total, weights: dict[int, float]) -> dict[int, dict[str, torch.Tensor]]:
+        """Stage 7 under secure aggregation: the survivors' own tensors arrive only as their weighted sum
+        (``privacy.secagg.Aggregate``); what the server trained for them is averaged here, as ``aggregate`` does."""
+        dtype = DTYPES[self.terms["dtype"]]
+        own = {name: (t / total.weight).to(dtype) for name, t in total.tensors.items()}
+        alpha = float(self.terms["lora"]["alpha"])
+        behalf = [Contribution(weights[i], self.on_behalf(self.members[i]), alpha)
+                  for i in total.survivors if self.on_behalf(self.members[i])]
+        result = average(behalf) if behalf else Average()
+        if set(result.tensors) & set(own):
+            raise ValueError(f"clients sent tensors the server holds for them, e.g. {sorted(set(result.tensors) & set(own))[:2]}")
+        result.tensors.update(own)
+        return self._apply(result, {i: set(own) for i in total.survivors})
+
+    def _apply(self, result: Average, sent: dict[int, set[str]]) -> dict[int, dict[str, torch.Tensor]]:
+        """An average taken: the global state, the server's share applied, each client's share (``sent``: the names
+        each client sent)."""
         self.global_state = dict(result.tensors)
         deltas = {module: result.delta(module) for module in result.folds}
         for module, delta in deltas.items():
             self.folded[module] = self.folded.get(module, 0) + delta
         self._apply_server_share(result.tensors, deltas)
         replies = {}
-        for index, (tensors, _) in items.items():
+        for index, tensors in sent.items():
             keep = self._personal_names(self.members[index], tensors)
             share = {k: v for k, v in result.tensors.items() if k in tensors and k not in keep}
             for module, (b, a) in result.folds.items():

@@ -60,6 +60,9 @@ class SessionSpec:
     model: str = ""  # the client's model reference and where it resolved (messages only; the fingerprint decides)
     server_gradient_checkpointing: bool = False  # the server's blocks recompute their activations in backward
     cache_bytes: int = 0  # the activation cache's budget per client (cache.max_bytes); the server may cap it
+    # the client's defenses and their parameters (never their seed): announced, as an attacker must be assumed to know them
+    defenses: list[dict[str, Any]] = field(default_factory=list)
+    secure_aggregation: bool = False  # clients' adapters reach the averaging only masked (parties/secure.py)
 
     @classmethod
     def from_run(cls, cfg: RunConfig, fingerprint: str, model_type: str, client: int = 0, samples: int = 0,
@@ -72,6 +75,8 @@ class SessionSpec:
             list(cfg.personal), cfg.client_rank(client), samples, cfg.model if model is None else model,
             server_gradient_checkpointing=t.server_gradient_checkpointing,
             cache_bytes=cfg.cache.max_bytes,
+            defenses=[d.model_dump() for d in cfg.defense],
+            secure_aggregation=cfg.secure_aggregation,
         )
 
     def to_meta(self) -> dict[str, Any]:

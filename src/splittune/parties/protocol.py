@@ -89,6 +89,8 @@ class StepMeta(Meta):
 
 class AggregateMeta(Meta):
     weight: float = Field(gt=0.0, description="the client's training samples")
+    commit: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="secure aggregation: the client's commitment "
+                               "to its self-mask (its tensors are then masked ring words)")
 
     @field_validator("weight", mode="before")
     @classmethod
@@ -122,6 +124,9 @@ SCHEMAS: dict[str, type[Meta]] = {
     "checkpoint": Empty,
     "relay_put": RelayPutMeta,
     "relay_get": Empty,
+    "secagg_keys": Empty,  # secure aggregation (parties/secure.py): a client's public keys for one average
+    "secagg_shares": Empty,
+    "secagg_unmask": Empty,
 }
 
 

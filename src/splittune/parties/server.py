@@ -29,6 +29,7 @@ from .engine import TrunkEngine
 from .group import Group, Member
 from .meet import WaitTimeout
 from .party import SessionSpec
+from .secure import SecureRounds
 from .protocol import ProtocolError, cached_in, hidden_in, labels_in, mask_in, parse_meta, scores_in
 
 
@@ -65,7 +66,8 @@ class Server:
         self.engine = TrunkEngine()
         self._handlers = {"activations": self._activations, "gradients": self._gradients, "step": self._step,
                           "state": self._state, "global": self._global, "aggregate": self._aggregate,
-                          "checkpoint": self._checkpoint, "relay_put": self._relay_put, "relay_get": self._relay_get}
+                          "checkpoint": self._checkpoint, "relay_put": self._relay_put, "relay_get": self._relay_get,
+                          "secagg_keys": self._secagg_keys, "secagg_shares": self._secagg_shares, "secagg_unmask": self._secagg_unmask}
 
     @property
     def party(self):
@@ -336,8 +338,41 @@ class Server:
 
     def _aggregate(self, member: Member, msg: Message, meta) -> Message:
         group = self.group
+        if (meta.commit is not None) != (group.secure is not None):
+            raise ProtocolError("this run aggregates " + ("securely: send masked words with a commit (secure aggregation)"
+                                                          if group.secure is not None else "in the clear: send adapters, no commit"))
+        if group.secure is not None:  # secure aggregation, round 3: masked words in, survivors out
+            told = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), meta.weight, meta.commit),
+                                   group.active, lambda items: group.secure.masked(msg.step, items), group.drop)
+            return self._reply(msg, "state", **told)
         share = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), meta.weight),
                                 group.active, lambda items: self.engine.run(group.aggregate, items), group.drop)
+        return self._reply(msg, "state", share)
+
+    def _secure(self) -> "SecureRounds":
+        if self.group.secure is None:
+            raise ProtocolError("this run does not aggregate securely (secure_aggregation: false)")
+        return self.group.secure
+
+    def _secagg_keys(self, member: Member, msg: Message, meta) -> Message:
+        rounds, group = self._secure(), self.group
+        advert = msg.tensors.get("advert")
+        if advert is None or advert.dtype != torch.uint8 or tuple(advert.shape) != (64,):
+            raise ProtocolError("secagg_keys: tensor 'advert' must be 64 bytes (uint8), the client's two public keys")
+        roster = group.meet.meet(("secagg_keys", msg.step), member.index, advert, group.active,
+                                 lambda items: rounds.keys(msg.step, items), group.drop)
+        return self._reply(msg, "state", roster)
+
+    def _secagg_shares(self, member: Member, msg: Message, meta) -> Message:
+        rounds, group = self._secure(), self.group
+        inbox = group.meet.meet(("secagg_shares", msg.step), member.index, dict(msg.tensors), group.active,
+                                lambda items: rounds.shares(msg.step, items), group.drop)
+        return self._reply(msg, "state", inbox)
+
+    def _secagg_unmask(self, member: Member, msg: Message, meta) -> Message:
+        rounds, group = self._secure(), self.group
+        share = group.meet.meet(("secagg_unmask", msg.step), member.index, dict(msg.tensors), group.active,
+                                lambda items: self.engine.run(group.aggregate_sum, *rounds.finish(msg.step, items)), group.drop)
         return self._reply(msg, "state", share)
 
     def _checkpoint(self, member: Member, msg: Message, meta) -> Message:

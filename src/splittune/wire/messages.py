@@ -19,6 +19,9 @@ KINDS = (
     "checkpoint",  # every client of a run asks the server to save its part at a step
     "relay_put",  # sequential: a client hands its client-side model and optimizer on
     "relay_get",  # sequential: a client takes over the model the last one handed on
+    "secagg_keys",  # secure aggregation: a client's public keys for one average; reply: the roster
+    "secagg_shares",  # secure aggregation: encrypted key shares for the peers; reply: this client's inbox
+    "secagg_unmask",  # secure aggregation: the shares that remove the masks; reply: the share of the average
     "error",  # a refusal with a reason
 )
 

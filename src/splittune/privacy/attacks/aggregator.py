@@ -41,6 +41,7 @@ from ...models.adapters import apply_training, lora_layers, trainable_state
 from ...models.partition import Segment
 from ...parties.party import SessionSpec
 from ..knowledge import PretrainedSegment, PublicKnowledge
+from ..secagg import DEFAULT_FRAC_BITS
 from ..tap import Tap
 from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register
 
@@ -52,6 +53,12 @@ class AggregatorOptions(Options):
     candidates: Literal["vocab", "aux"] = Field("vocab", description="candidate tokens: the whole vocabulary, or "
                                                 "those that occur in the public auxiliary text")
     steps: list[int] | None = Field(None, description="aggregation rounds (their steps) to attack; default all")
+
+
+def as_values(t: torch.Tensor) -> torch.Tensor:
+    """A recorded adapter tensor as numbers. Under secure aggregation the aggregator holds masked ring words (int64);
+    read as the fixed point they claim to be (``privacy/secagg.py``) they are uniform noise, which is the point."""
+    return t.float() if t.is_floating_point() else (t.double() / 2.0**DEFAULT_FRAC_BITS).float()
 
 
 def initial_adapters(public: PublicKnowledge, proposal: dict) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
@@ -159,7 +166,7 @@ class AggregatorInversion(Attack):
         start = {s: {k: v for k, v in init.items() if k in names} for s in {r.session for r in ups}}
         items, empty = [], 0
         for i, step in enumerate(rounds):
-            sent = {r.session: {k: r.tensor(k).float() for k in names if k in r.entries}
+            sent = {r.session: {k: as_values(r.tensor(k)) for k in names if k in r.entries}
                     for r in ups if r.step == step}
             shares = self._shares(tap, step, [r for r in ups if r.step == step], sent, downs, personal)
             for session, tensors in sent.items():

@@ -23,7 +23,10 @@ from typing import Any, Callable, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ...cut.defenses import Defense
+from ...cut.transforms import Crossing, End, build_transform
 from ...models.partition import DTYPES
+from ...wire import Message
 from ...wire.codecs import make_codec_with_feedback
 from ..knowledge import PublicKnowledge, ThreatModelError
 from ..tap import Tap
@@ -168,21 +171,31 @@ def rows_of(record) -> list[int]:
     return list(range(int(mask.shape[0]))) if mask is not None else []
 
 
-def wire_transform(tap: Tap, direction: str):
-    """What the run's ``direction`` did to a ``hidden`` tensor: the cast to the run's dtype, then the agreed codec
-    round-tripped with the project's own encoder (bit for bit what the receiver decoded; stochastic rounding
-    replayed with a fixed seed). Error feedback (topk) carries state across steps an attacker cannot replay; it
-    is applied without."""
+def wire_transform(tap: Tap, direction: str, defenses: bool = False, seed: int = 0):
+    """What the run's ``direction`` did to a ``hidden`` tensor: the cast to the run's dtype, then (``defenses``) the
+    chain's defense slot as the tap's terms name it, with the attacker's own noise (it knows the mechanism and its
+    parameters, never the client's secret), then the agreed codec round-tripped with the project's own encoder (bit
+    for bit what the receiver decoded; stochastic rounding replayed with a fixed seed). Error feedback (topk)
+    carries state across steps an attacker cannot replay; it is applied without."""
     dtype = DTYPES.get(str(tap.proposal().get("dtype", "float32")), torch.float32)
-    spec = next((s["hidden"] for s in tap.chain().get(direction, []) if s.get("name") == "codec" and "hidden" in s), "raw")
+    terms = tap.chain().get(direction, [])
+    spec = next((s["hidden"] for s in terms if s.get("name") == "codec" and "hidden" in s), "raw")
     codec, _ = make_codec_with_feedback(spec)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
+    slot = [t for t in (build_transform(s) for s in terms) if isinstance(t, Defense)] if defenses else []
+    for i, t in enumerate(slot):
+        t.bind(seed, f"attacker.{i}.{t.name}")
 
     def apply(hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.to(dtype)
+        for t in slot:  # an evaluation-like crossing: nothing is kept for a backward
+            crossing = Crossing(Message("activations", "attack", 0, 0, {"hidden": x}, {}))
+            t.send(crossing, End())
+            x = crossing.msg.tensors["hidden"]
         if codec.lossy:
             x = codec.encode_with_decoded(x, generator)[2]
         return x.float()
 
+    apply.defenses = [t.spec() for t in slot]
     apply.codec = codec.spec()
     return apply

@@ -22,6 +22,7 @@ the output layer on the activation alone). Public knowledge closes the gap betwe
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -31,6 +32,7 @@ from torch.nn import functional as F
 from pydantic import Field
 
 from ..knowledge import PublicKnowledge
+from ..mechanisms import dx_release
 from ..tap import Tap
 from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register, rows_of, wire_transform
 
@@ -50,6 +52,24 @@ class InversionOptions(Options):
     random_rows: int = Field(64, ge=0, description="rows of random token ids added to the auxiliary text")
     steps: list[int] | None = Field(None, description="training steps to attack (default: all recorded)")
     seed: int = Field(0, description="seeds the auxiliary sample, the inverter's initialisation and its batches")
+    adaptive: bool = Field(True, description="train on auxiliary activations through the client's announced defenses (its "
+                           "noise drawn afresh): an attacker who knows the defense trains against it")
+
+
+@contextlib.contextmanager
+def embedding_noise(bottom, dx: dict | None, seed: int):
+    """The client's announced dχ defense on the public bottom's embeddings, with the attacker's own noise."""
+    if dx is None:
+        yield
+        return
+    embedding = bottom.model.get_input_embeddings()
+    generator = torch.Generator().manual_seed(seed)
+    table = embedding.weight if dx.get("snap") else None
+    handle = embedding.register_forward_hook(lambda m, a, out: dx_release(out, float(dx["epsilon"]), table, generator))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def activation_records(tap: Tap, steps: list[int] | None = None) -> list:
@@ -124,13 +144,14 @@ class Inversion(Attack):
         o = self.options
         cut = int(tap.proposal()["cuts"][0])
         bottom = public.segment(0, cut)
-        transform = wire_transform(tap, "up")
+        transform = wire_transform(tap, "up", defenses=o.adaptive, seed=o.seed)
         ids, mask = public.aux_rows(seq_len, o.aux_rows, seed=o.seed)
         g = torch.Generator().manual_seed(o.seed)
         if o.random_rows:
             ids = torch.cat([ids, torch.randint(0, public.vocab, (o.random_rows, seq_len), generator=g)])
             mask = torch.cat([mask, torch.ones(o.random_rows, seq_len, dtype=mask.dtype)])
-        with torch.no_grad():  # in micro-batches of the run's size, as the codec saw them
+        dx = next((d for d in tap.proposal().get("defenses", []) if d.get("name") == "dx"), None) if o.adaptive else None
+        with torch.no_grad(), embedding_noise(bottom, dx, o.seed):  # in micro-batches of the run's size, as the codec saw them
             hidden = torch.cat([transform(bottom(mask[i:i + micro], input_ids=ids[i:i + micro]).float())
                                 for i in range(0, len(ids), micro)])
         keep = mask.bool()
@@ -160,7 +181,7 @@ class Inversion(Attack):
                 progress(epoch * batches + b + 1, total, f"{self.name}: training the inverter")
             losses.append(running / batches)
         inverter.eval()
-        self.info = {"cut": cut, "codec": transform.codec, "aux": public.aux, "aux_rows": int(len(ids) - o.random_rows),
+        self.info = {"cut": cut, "codec": transform.codec, "defenses": transform.defenses + ([dx] if dx else []), "aux": public.aux, "aux_rows": int(len(ids) - o.random_rows),
                      "random_rows": o.random_rows, "model": o.model, "head": o.head, "epoch_losses": losses}
         return inverter
 
