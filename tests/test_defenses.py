@@ -55,6 +55,11 @@ def test_gaussian_noise_is_what_the_server_sees_and_nothing_when_off(tmp_path, u
     assert abs(float(noise.std()) - 0.5) < 0.05 and abs(float(noise.mean())) < 0.05
     assert float(torch.linalg.vector_norm(clipped, dim=-1).max()) <= 1.0 + 1e-5
     assert summary["train_loss_last"] != clean["train_loss_last"]
+    from test_taps import _frames_as_server_sees  # the eavesdropper's frames through the server's chain: the tap's rows
+
+    seen = _frames_as_server_sees(out)
+    tapped = [r for r in Tap.open(out / "tap" / "server").records("activations", "up") if r.meta.get("train")]
+    assert tapped and all(torch.equal(r.tensor("hidden"), seen[(r.step, r.micro)].tensors["hidden"]) for r in tapped)
     # the twin: a defense set to do nothing (no noise, a clip no row reaches) changes no bit of the tap or the run
     off_out, off = _run(tmp_path, "off", "defense=[{name: gaussian, sigma: 0.0, clip: 1e9}]")
     assert torch.equal(_first_activations(off_out), clean_h)
@@ -167,5 +172,48 @@ def test_config_errors_name_the_defense_and_what_is_allowed(sets, fragment):
 def test_nopeek_refuses_a_bottom_that_cannot_train(tmp_path):
     with pytest.raises(DefenseError, match="trains nothing"):
         train(load_config(None, [*BASE, "cuts=[0,3]", "defense=[{name: nopeek, alpha: 1}]"]), tmp_path / "x")
-    with pytest.raises(DefenseError, match="at least 3"):
-        train(load_config(None, [*BASE, "defense=[{name: nopeek, alpha: 1}]"]), tmp_path / "y")
+    from splittune.parties.defenses import ClientDefenses
+    from splittune.runner import build
+
+    client = build(load_config(None, BASE))[0]
+    defenses = ClientDefenses([{"name": "nopeek", "alpha": 1.0}], client.party, secret=1)
+    hidden = torch.randn(2, 4, 64, requires_grad=True)
+    with pytest.raises(DefenseError, match="at least 3"):  # two rows are always perfectly distance-correlated
+        defenses.penalty({"embeds": torch.randn(2, 4, 64)}, hidden, torch.ones(2, 4), 1.0)
+
+
+def test_defenses_compose_with_codecs_pipelining_and_several_clients(tmp_path):
+    """Gaussian noise before int8 on the uplink, pipelined micro-batches, two sfl-v1 clients: the server sees the int8
+    decode of clipped, noised rows; without the defense the same composite run shows it the clean rows."""
+    composite = ["codec.up=int8", "train.micro_batches=2", "train.max_in_flight=2", "clients=2", "schedule=sfl-v1",
+                 "train.batch_size=4", "data.max_train_examples=16"]
+    clean_out, _ = _run(tmp_path, "clean", *composite)
+    out, summary = _run(tmp_path, "noised", *composite, GAUSS, "defense_seed=3", observers=("server",))
+    clean, noised = _first_activations(clean_out), _first_activations(out)
+    clipped, _ = clip_rows(clean, 1.0)
+    assert abs(float((noised - clipped).std()) - 0.5) < 0.06  # the noise, plus int8's rounding of both
+    assert summary["gaussian_epsilon"] > 0 and len(summary["per_client"]) == 2
+    tap = Tap.open(out / "tap" / "server")
+    assert tap.chain()["up"][0] == {"name": "gaussian", "sigma": 0.5, "clip": 1.0, "delta": 1e-5}  # the slot comes first
+
+
+def test_training_noise_does_not_depend_on_the_evaluations_before_it():
+    """In-process runs evaluate the pooled data through client 0; deployed clients each evaluate their own. A training
+    crossing's noise is keyed by (step, micro-batch), so the two draw the same training noise; evaluations draw from
+    their own count, never twice the same."""
+    from splittune.cut.defenses import GaussianDefense
+    from splittune.cut.transforms import Crossing, End
+    from splittune.wire import Message
+
+    def sent(defense, step, micro=0):
+        crossing = Crossing(Message("activations", "s", step, micro, {"hidden": torch.zeros(1, 3, 4)}, {}))
+        defense.send(crossing, End())
+        return crossing.msg.tensors["hidden"]
+
+    a, b = GaussianDefense(1.0, 1.0), GaussianDefense(1.0, 1.0)
+    a.bind(9, "up.0.gaussian")
+    b.bind(9, "up.0.gaussian")
+    first, second = sent(a, 0), sent(a, 0)  # two evaluations on one end only
+    assert not torch.equal(first, second)
+    assert torch.equal(sent(a, 1), sent(b, 1)) and torch.equal(sent(a, 2, 1), sent(b, 2, 1))
+    assert not torch.equal(sent(a, 2, 0), sent(a, 2, 1))

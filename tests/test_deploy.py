@@ -108,9 +108,13 @@ def test_grpc_processes_equal_the_in_process_run(tmp_path, serve_process):
             assert all(torch.equal(x.tensors()[k], y.tensors()[k]) for k in y.entries)
 
 
-def test_two_client_processes_under_sfl_v1(tmp_path, serve_process):
+@pytest.mark.parametrize("extra", [[], ["defense=[{name: gaussian, sigma: 0.3, clip: 0.5}]", "defense_seed=5", "secure_aggregation=true"]],
+                         ids=["plain", "noised-and-securely-aggregated"])
+def test_two_client_processes_under_sfl_v1(tmp_path, serve_process, extra):
+    """Processes over gRPC equal the in-process run; with a defense and secure aggregation too (the same secret gives
+    the same noise, the masked sum is the same sum)."""
     url = serve_process()
-    run = [*RUN, "clients=2", "schedule=sfl-v1", "aggregate_every=2"]
+    run = [*RUN, "clients=2", "schedule=sfl-v1", "aggregate_every=2", *extra]
     procs = [subprocess.Popen([*CLI, "train", *sets(run), "--server", url, "--client-index", str(i), "--client-id", f"c{i}",
                                "--out", str(tmp_path / f"c{i}")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]

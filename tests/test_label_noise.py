@@ -85,7 +85,7 @@ def test_marvell_hides_the_class_from_label_inference(tmp_path_factory, clean, p
     out, summary = _run(tmp_path_factory, "marvell", *LONG, MARVELL)
     defended = _leak(out, public)
     assert undefended >= 0.9
-    assert defended <= 0.65 and undefended - defended >= 0.3  # measured: 1.00 -> 0.55
+    assert defended <= 0.7 and undefended - defended >= 0.3  # measured over defense_seed 1..6: 1.00 -> 0.48-0.67
     # the positions before the answer tell the class too (which is why they are noised), and under marvell less
     assert _prompt_leak(clean[0], public) >= 0.9 and _prompt_leak(out, public) <= 0.7
     assert summary["privacy"]["defenses"] == [{"name": "label-noise", "method": "marvell", "power": 16.0}]
@@ -157,8 +157,8 @@ def test_marvell_noise_is_centred_and_has_the_covariance_it_solved_for():
     defense = LabelNoiseDefense(power=2.0)
     defense.bind(5, "up.0.label-noise")
     draws = []
-    for _ in range(800):
-        c = _crossing(grad, labels)
+    for i in range(800):  # a training crossing's noise is keyed by its step: 800 steps, 800 draws
+        c = _crossing(grad, labels, step=i + 1)
         defense.send(c, End())
         draws.append(c.msg.tensors["grad"] - grad)
     noise = torch.stack(draws).double()  # [draws, rows, seq, width]
@@ -212,8 +212,8 @@ def test_classes_come_from_the_answers():
     defense = LabelNoiseDefense(power=2.0)
     defense.bind(5, "x")
     sq = []
-    for _ in range(400):
-        c = _crossing(grad, labels)
+    for i in range(400):
+        c = _crossing(grad, labels, step=i + 1)
         defense.send(c, End())
         sq.append((c.msg.tensors["grad"].double() ** 2).sum(dim=(1, 2)))
     assert defense.last["method"] == "max-norm"

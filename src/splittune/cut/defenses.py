@@ -2,9 +2,11 @@
 
 A defense runs on the client's sending end only; the server's end builds the same transform from the agreed
 terms (so it knows what it receives, as an attacker would) and undoes nothing. Its noise comes from a secret
-that never leaves the client (``Chain(secret=...)``): the terms carry the defense's parameters, never a seed,
-and every crossing draws fresh noise from (secret, crossing number), so the same secret replays the same run
-and a resumed run continues the count (the count is the transform's checkpointed state).
+that never leaves the client (``Chain(secret=...)``): the terms carry the defense's parameters, never a seed.
+A training crossing draws from (secret, step, micro-batch), so its noise does not depend on how many evaluations
+came before (in-process and deployed runs route evaluations differently) and a resumed run draws the same;
+evaluation crossings, which have no such key, draw from (secret, evaluation crossing number), a count kept in
+the transform's checkpointed state.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ class Defense(Transform):
         self.secret = secrets.randbits(63) if secret is None else int(secret)
         self.label = label
 
-    def generator(self) -> torch.Generator:
+    def generator(self, step: int, micro: int) -> torch.Generator:
+        """The noise of the crossing of training ``step`` and ``micro``-batch (step 0: the next evaluation crossing)."""
         if self.secret is None:
             raise ChainError(f"the {self.name!r} defense draws noise only on the client's end, which binds its secret")
+        if step > 0:
+            return noise_generator(self.secret, f"{self.label}:train:{step}", micro)
         self.count += 1
-        return noise_generator(self.secret, self.label, self.count)
+        return noise_generator(self.secret, f"{self.label}:eval", self.count)
 
     def state_dict(self):
         return {"count": torch.tensor([self.count], dtype=torch.int64)}
@@ -80,7 +85,7 @@ class GaussianDefense(Defense):
         if x is None or not _activation_like("hidden", x):
             return
         clipped, scale = clip_rows(x, self.clip)
-        noise = gaussian_noise(tuple(x.shape), self.sigma * self.clip, self.generator()) if self.sigma > 0 else None
+        noise = gaussian_noise(tuple(x.shape), self.sigma * self.clip, self.generator(msg.step, msg.micro)) if self.sigma > 0 else None
         msg.tensors["hidden"] = clipped if noise is None else (clipped.float() + noise.to(x.device)).to(x.dtype)
         if msg.step > 0:
             for key in [k for k in end.pullbacks if 0 < k[0] < msg.step]:  # replies that never came (a frozen bottom)
@@ -163,7 +168,7 @@ class LabelNoiseDefense(Defense):
         present = torch.zeros(x.shape[:2], dtype=torch.bool)
         present[rows, k] = True
         answers = [labels[r, 1:][at[r, :-1]].tolist() for r in range(labels.shape[0])]
-        noise = self._noise(x, present, answers, self.generator())
+        noise = self._noise(x, present, answers, self.generator(msg.step, msg.micro))
         out = grad.detach().float().clone()
         out[rows.to(grad.device), where.to(grad.device)] += noise[rows, k].to(grad.device)
         msg.tensors["grad"] = out.to(grad.dtype)

@@ -142,7 +142,7 @@ class Client:
             if self.dp is not None:
                 self.dp.offset = m.offset
             with torch.set_grad_enabled(self.party.trains(bottom)):
-                m.hidden, m.penalty = self._bottom(ids, mask, m.share)
+                m.hidden, m.penalty = self._bottom(ids, mask, m.share, (step, m.index))
             tensors["hidden"] = m.hidden.detach()
             if rows is not None:
                 tensors["cut.rows"] = torch.tensor(rows)
@@ -179,13 +179,15 @@ class Client:
         meta = {"keys": keys, "sent": sent, **({"reset": True} if resend else {})}
         return (None if len(sent) == len(keys) else sent), {"cache": meta}
 
-    def _bottom(self, ids: torch.Tensor, mask: torch.Tensor, share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _bottom(self, ids: torch.Tensor, mask: torch.Tensor, share: float = 1.0,
+                key: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The bottom's activations at the first cut, through the client's own defenses, and their term on the
-        bottom's loss (None without one; evaluations never train)."""
+        bottom's loss (None without one; evaluations never train). ``key``: the training (step, micro-batch); (0, 0)
+        for an evaluation."""
         end = self.plan.segment("bottom").end
         if self.defenses is None or not self.defenses.active:
             return self.party.run(0, end, input_ids=ids, attention_mask=mask).hidden, None
-        with self.defenses.bottom() as box:
+        with self.defenses.bottom(*key) as box:
             hidden = self.party.run(0, end, input_ids=ids, attention_mask=mask).hidden
         return hidden, self.defenses.penalty(box, hidden, mask, share) if torch.is_grad_enabled() else None
 

@@ -3,7 +3,7 @@ token embeddings, and NoPeek's distance-correlation term on its bottom's loss.
 
 Both hook the client's embedding module only while the bottom runs (the U-shaped top runs the same model from
 dummy ids, which must stay untouched). The noise is drawn like the chain's defenses (``cut/defenses.py``): from
-the client's secret and a count of bottom forwards, which the client's checkpoint keeps.
+the client's secret and the training step and micro-batch (evaluations: a count the client's checkpoint keeps).
 """
 
 from __future__ import annotations
@@ -45,13 +45,14 @@ class ClientDefenses:
         return self.dx is not None or self.alpha > 0
 
     @contextlib.contextmanager
-    def bottom(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Around one bottom forward: the embedding output noised (dχ) and kept in the yielded box (NoPeek)."""
+    def bottom(self, step: int = 0, micro: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Around one bottom forward (of training ``step`` and ``micro``-batch; step 0: an evaluation): the embedding
+        output noised (dχ) and kept in the yielded box (NoPeek)."""
         box: dict[str, torch.Tensor] = {}
 
         def hook(module, args, output):
             if self.dx is not None:
-                output = self._noised(output)
+                output = self._noised(output, step, micro)
             box["embeds"] = output
             return output
 
@@ -61,10 +62,15 @@ class ClientDefenses:
         finally:
             handle.remove()
 
-    def _noised(self, embeds: torch.Tensor) -> torch.Tensor:
-        self.count += 1
+    def _noised(self, embeds: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        """Training noise keyed by (step, micro-batch), evaluation noise by a count (as ``cut.defenses.Defense``)."""
+        if step > 0:
+            generator = noise_generator(self.secret, f"dx:train:{step}", micro)
+        else:
+            self.count += 1
+            generator = noise_generator(self.secret, "dx:eval", self.count)
         table = self.embedding.weight if self.dx.get("snap") else None
-        return dx_release(embeds, float(self.dx["epsilon"]), table, noise_generator(self.secret, "dx", self.count))
+        return dx_release(embeds, float(self.dx["epsilon"]), table, generator)
 
     def penalty(self, box: dict[str, torch.Tensor], hidden: torch.Tensor, mask: torch.Tensor, share: float) -> torch.Tensor | None:
         """NoPeek's term for one training micro-batch: alpha × dCor(embeddings, activations) over its rows (padding

@@ -67,7 +67,7 @@ class DPSGD:
         per = [self.grads.get(id(p), torch.zeros((self.samples, *p.shape))) * self.samples for _, p in self.params]
         norms = torch.sqrt(sum((g.flatten(1).double() ** 2).sum(1) for g in per))
         scale = torch.clamp(self.clip / norms.clamp_min(1e-12), max=1.0)
-        self.count += 1
+        self.count += 1  # one per optimizer step, as many in-process as deployed
         generator = noise_generator(self.secret, "dp_sgd", self.count)
         for (_, p), g in zip(self.params, per):
             clipped = (g.double() * scale.view(-1, *[1] * (g.dim() - 1))).sum(0)
