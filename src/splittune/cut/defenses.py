@@ -26,34 +26,49 @@ def noise_generator(secret: int, label: str, count: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
-class Defense(Transform):
-    """A transform of the defense slot: keeps a count of its crossings and draws from the bound secret."""
+class NoiseStream:
+    """One defense's noise on one client: training draws keyed by (step, micro-batch), evaluation draws by a count
+    (their only state, checkpointed). Every defense draws through one, in the chain or inside the client."""
 
-    def __init__(self):
-        self.secret: int | None = None
-        self.label = self.name
-        self.count = 0
+    def __init__(self, secret: int, label: str):
+        self.secret, self.label, self.count = int(secret), label, 0
 
-    def bind(self, secret: int | None, label: str) -> None:
-        """The sending end's secret (None: a fresh random one, for tools that never resume) and stream label."""
-        self.secret = secrets.randbits(63) if secret is None else int(secret)
-        self.label = label
-
-    def generator(self, step: int, micro: int) -> torch.Generator:
-        """The noise of the crossing of training ``step`` and ``micro``-batch (step 0: the next evaluation crossing)."""
-        if self.secret is None:
-            raise ChainError(f"the {self.name!r} defense draws noise only on the client's end, which binds its secret")
+    def draw(self, step: int, micro: int = 0) -> torch.Generator:
+        """The generator of training ``step`` and ``micro``-batch (step 0: the next evaluation draw)."""
         if step > 0:
             return noise_generator(self.secret, f"{self.label}:train:{step}", micro)
         self.count += 1
         return noise_generator(self.secret, f"{self.label}:eval", self.count)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return {"count": torch.tensor([self.count], dtype=torch.int64)}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "count" in state:
             self.count = int(state["count"][0])
+
+
+class Defense(Transform):
+    """A transform of the defense slot: draws its noise from the stream of the bound secret."""
+
+    def __init__(self):
+        self.stream: NoiseStream | None = None
+
+    def bind(self, secret: int | None, label: str) -> None:
+        """The sending end's secret (None: a fresh random one, for tools that never resume) and stream label."""
+        self.stream = NoiseStream(secrets.randbits(63) if secret is None else secret, label)
+
+    def generator(self, step: int, micro: int) -> torch.Generator:
+        if self.stream is None:
+            raise ChainError(f"the {self.name!r} defense draws noise only on the client's end, which binds its secret")
+        return self.stream.draw(step, micro)
+
+    def state_dict(self):
+        return self.stream.state_dict() if self.stream is not None else {}
+
+    def load_state_dict(self, state):
+        if self.stream is not None:
+            self.stream.load_state_dict(state)
 
 
 @register

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..cut.defenses import noise_generator
+from ..cut.defenses import NoiseStream
 from ..privacy.mechanisms import distance_correlation, dx_release
 from .party import Party
 
@@ -29,8 +29,7 @@ class ClientDefenses:
         by_name = {e["name"]: e for e in entries}
         self.dx = by_name.get("dx")
         self.alpha = float(by_name["nopeek"]["alpha"]) if "nopeek" in by_name else 0.0
-        self.secret = secret
-        self.count = 0
+        self.noise = NoiseStream(secret, "dx")
         self.embedding = party.model.get_input_embeddings()
         if "nopeek" in by_name and not party.trains(party.plan.segment("bottom")):
             raise DefenseError("defense nopeek regularises the client's bottom, and this bottom trains nothing (cut 0, or "
@@ -63,14 +62,8 @@ class ClientDefenses:
             handle.remove()
 
     def _noised(self, embeds: torch.Tensor, step: int, micro: int) -> torch.Tensor:
-        """Training noise keyed by (step, micro-batch), evaluation noise by a count (as ``cut.defenses.Defense``)."""
-        if step > 0:
-            generator = noise_generator(self.secret, f"dx:train:{step}", micro)
-        else:
-            self.count += 1
-            generator = noise_generator(self.secret, "dx:eval", self.count)
         table = self.embedding.weight if self.dx.get("snap") else None
-        return dx_release(embeds, float(self.dx["epsilon"]), table, generator)
+        return dx_release(embeds, float(self.dx["epsilon"]), table, self.noise.draw(step, micro))
 
     def penalty(self, box: dict[str, torch.Tensor], hidden: torch.Tensor, mask: torch.Tensor, share: float) -> torch.Tensor | None:
         """NoPeek's term for one training micro-batch: alpha × dCor(embeddings, activations) over its rows (padding
@@ -84,8 +77,7 @@ class ClientDefenses:
         return self.alpha * share * distance_correlation((box["embeds"] * keep).flatten(1), (hidden * keep).flatten(1))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"count": torch.tensor([self.count], dtype=torch.int64)}
+        return self.noise.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "count" in state:
-            self.count = int(state["count"][0])
+        self.noise.load_state_dict(state)

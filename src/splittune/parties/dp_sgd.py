@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cut.defenses import noise_generator
+from ..cut.defenses import NoiseStream
 from ..models.adapters import trainable
 from .party import Party
 
@@ -29,8 +29,9 @@ class DPError(ValueError):
 
 class DPSGD:
     def __init__(self, party: Party, noise_multiplier: float, max_grad_norm: float, secret: int):
-        self.sigma, self.clip, self.secret = float(noise_multiplier), float(max_grad_norm), secret
-        self.count = 0
+        self.sigma, self.clip = float(noise_multiplier), float(max_grad_norm)
+        self.noise = NoiseStream(secret, "dp_sgd")
+        self.steps = 0  # optimizer steps taken: the key of each step's noise, as many in-process as deployed
         named = dict(trainable(party.model, party.adapter))
         owners = {id(m.weight): m for m in party.model.modules() if isinstance(m, nn.Linear) and m.bias is None}
         self.params: list[tuple[str, nn.Parameter]] = []
@@ -67,8 +68,8 @@ class DPSGD:
         per = [self.grads.get(id(p), torch.zeros((self.samples, *p.shape))) * self.samples for _, p in self.params]
         norms = torch.sqrt(sum((g.flatten(1).double() ** 2).sum(1) for g in per))
         scale = torch.clamp(self.clip / norms.clamp_min(1e-12), max=1.0)
-        self.count += 1  # one per optimizer step, as many in-process as deployed
-        generator = noise_generator(self.secret, "dp_sgd", self.count)
+        self.steps += 1
+        generator = self.noise.draw(self.steps)
         for (_, p), g in zip(self.params, per):
             clipped = (g.double() * scale.view(-1, *[1] * (g.dim() - 1))).sum(0)
             noise = torch.randn(p.shape, generator=generator, dtype=torch.float64) * (self.sigma * self.clip)
@@ -81,11 +82,11 @@ class DPSGD:
         return {name: self.grads.get(id(p), torch.zeros((self.samples, *p.shape))) for name, p in self.params}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"count": torch.tensor([self.count], dtype=torch.int64)}
+        return {"steps": torch.tensor([self.steps], dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "count" in state:
-            self.count = int(state["count"][0])
+        if "steps" in state:
+            self.steps = int(state["steps"][0])
 
     def close(self) -> None:
         for h in self._handles:
