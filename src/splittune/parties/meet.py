@@ -34,9 +34,9 @@ class _Waits:
             self.cancelled = reason
             self._cond.notify_all()
 
-    def _wait(self, ready: Callable[[], bool], what: str) -> None:
-        """Wait (holding ``_cond``) until ``ready()``; raise on the time limit or a cancellation."""
-        done = self._cond.wait_for(lambda: ready() or self.cancelled is not None, timeout=self.wait_s)
+    def _wait(self, ready: Callable[[], bool], what: str, limit: bool = True) -> None:
+        """Wait (holding ``_cond``) until ``ready()``; raise on the time limit (unless ``limit`` is off) or a cancellation."""
+        done = self._cond.wait_for(lambda: ready() or self.cancelled is not None, timeout=self.wait_s if limit else None)
         if self.cancelled is not None and not ready():
             raise WaitTimeout(f"{what}: the run was called off ({self.cancelled})")
         if not done:
@@ -69,8 +69,10 @@ class Turnstile(_Waits):
                                f"client {client}'s turn at step {step} (the server serves client {now[0]} at step {now[1]})")
                     return
                 except WaitTimeout:
-                    if give_up is None or self.cancelled is not None or self.current() != now:
+                    if give_up is None or self.cancelled is not None:
                         raise
+                    if self.current() != now:  # the turns moved on (slowly, or another waiter gave up on it): wait anew
+                        continue
                     give_up(now[0])
                     self.skip(now[0])
 
@@ -125,13 +127,16 @@ class Rendezvous(_Waits):
                     self._wait(lambda: rnd.results is not None or rnd.error is not None,
                                f"{key} still lacks clients {sorted(expected - set(rnd.items))}")
                 except WaitTimeout:
-                    if give_up is None or self.cancelled is not None or rnd.computing:
+                    if rnd.computing and self.cancelled is None:  # another waiter gave up on the missing and computes with our part
+                        self._wait(lambda: rnd.results is not None or rnd.error is not None, f"{key}'s result", limit=False)
+                    elif give_up is None or self.cancelled is not None:
                         del rnd.items[client]
                         if not rnd.items:
                             self._rounds.pop(key, None)
                         raise
-                    give_up(expected - set(rnd.items))  # proceed without them
-                    rnd.computing = last = True
+                    else:
+                        give_up(expected - set(rnd.items))  # proceed without them
+                        rnd.computing = last = True
         if last:
             try:
                 results = compute(dict(sorted(rnd.items.items())))
