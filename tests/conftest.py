@@ -87,3 +87,31 @@ def mutate_frame(frame: bytearray, rng, times: int, grow: int) -> bytearray:
 @pytest.fixture(scope="session")
 def mutate():
     return mutate_frame
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every checkpoint tensor a party reads from now on (contract 3: each party reads only its own)."""
+    import safetensors
+
+    import splittune.models.partition as partition
+
+    read, real_open = [], safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *a, **k):
+            self.inner = real_open(*a, **k)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(partition, "safe_open", Recording)
+    return read

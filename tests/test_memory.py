@@ -13,31 +13,11 @@ def _owned_keys(weight_map, spec, blocks, pre, post):
     return {k for k in weight_map if k.startswith(prefixes) or k.rsplit(".", 1)[0] in modules}
 
 
-def test_parties_read_only_their_tensors(monkeypatch):
+def test_parties_read_only_their_tensors(reads):
     source = resolve_model("tiny:llama,layers=8")
     spec = detect_arch(source.config())
     plan = plan_split(spec.n_blocks, [2, 6])
-    read = []
-    real_open = safetensors.safe_open
-
-    class Recording:
-        def __init__(self, *a, **k):
-            self.inner = real_open(*a, **k)
-
-        def __enter__(self):
-            self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.inner.get_tensor(key)
-
-    import splittune.models.partition as partition
-
-    monkeypatch.setattr(partition, "safe_open", Recording)
+    read = reads
     server_blocks = list(plan.segment("trunk").blocks)
     model, stats = load_party_model(source, source.config(), spec, server_blocks, pre=False, post=False)
     assert set(read) == _owned_keys(source.weight_map(), spec, server_blocks, False, False)

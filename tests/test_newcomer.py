@@ -334,6 +334,27 @@ def test_models_lists_the_tiny_models_as_the_docs_do():
     assert tiny_reference() in (ROOT / "docs" / "models-and-data.md").read_text().replace("\n  ", "")
 
 
+def family_rows(output: str) -> dict[str, str]:
+    """``splittune models``' families table: model_type → status, from its rows."""
+    rows = [re.match(r"│ (\S.*?) +│ (\S+) +│", line) for line in output.splitlines()]
+    return {m.group(1): m.group(2) for m in rows if m}
+
+
+def test_models_lists_each_family_with_its_status():
+    from splittune.models.catalog import FAMILIES
+
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    rows, listed = family_rows(result.output), {f.model_type: f.status for f in FAMILIES}
+    assert listed.items() <= rows.items()
+    assert rows["any other"] == "detected" and "run splittune verify" in result.output
+    refused = next(f for f in FAMILIES if f.status == "refused")
+    assert refused.why.split(",")[0].split()[-1] in result.output  # the reason is shown (wrapped in its cell)
+    # the twin: a family shown with another status is caught
+    shown_wrong = re.sub(r"│ gptj( +)│ exact  ", r"│ gptj\1│ refused", result.output)
+    assert shown_wrong != result.output and not listed.items() <= family_rows(shown_wrong).items()
+
+
 # -- 8. compare's table ---------------------------------------------------------------------------------------
 def test_compare_prints_skip_reasons_under_the_table(tmp_path, monkeypatch):
     import splittune.compare as compare_mod

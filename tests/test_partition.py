@@ -262,3 +262,23 @@ def test_merge_counts_and_choices(chat_tok):
     assert merge_tasks([tasks[0], other]).choices is None  # other label words: no common choice set
     with pytest.raises(DataError, match="no tasks"):
         merge_tasks([])
+
+
+def test_a_stub_keeps_its_layer_of_a_kv_cache_in_step():
+    """Split generation: each party's cache must report the full length for layers it does not hold, wherever
+    the decoder loop hands the cache to a block (keyword cache=, falcon's layer_past=, gpt2's positional)."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    from splittune.models.partition import AbsentBlock
+
+    hidden = torch.zeros(2, 5, 8)
+    for call in (lambda b, c: b(hidden, cache=c), lambda b, c: b(hidden, layer_past=c), lambda b, c: b(hidden, c)):
+        cache = DynamicCache()
+        call(AbsentBlock(index=0), cache)
+        assert cache.get_seq_length(0) == 5
+        call(AbsentBlock(index=0), cache)
+        assert cache.get_seq_length(0) == 10
+    cache = DynamicCache()
+    AbsentBlock()(hidden, cache=cache)  # the twin: a stub that does not know its place leaves the cache alone
+    assert cache.get_seq_length(0) == 0

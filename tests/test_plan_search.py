@@ -130,7 +130,7 @@ def test_estimate_loads_no_weights(monkeypatch, measured):
     # the estimate's memory formulas are near the measured ones on a llama-like block
     mest = profile_model(MODEL, batch=4, seq_len=32, estimate=True)
     assert mest.block_saved["lora"](128) == pytest.approx(measured.block_saved["lora"](128), rel=0.25)
-    with pytest.raises(AssertionError, match="a weight was loaded"):  # the twin: a measured profile does load them
+    with pytest.raises(Exception, match="a weight was loaded"):  # the twin: a measured profile does load them
         profile_model(MODEL, batch=4, seq_len=32, reps=1)
 
 

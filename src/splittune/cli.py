@@ -34,10 +34,38 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
+_debug = False  # --debug (or SPLITTUNE_DEBUG=1): an error line is followed by its traceback
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="after an error, print its Python traceback (also SPLITTUNE_DEBUG=1)"),
+) -> None:
+    global _debug
+    _debug = debug
+
+
 def _fail(message: str) -> None:
     # brackets in messages are text (pip install 'splittune[datasets]'); one line the terminal wraps, so paths copy whole
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    _explain(sys.exc_info()[1], message)
     raise typer.Exit(2)
+
+
+def _explain(err: BaseException | None, message: str) -> None:
+    """Under --debug the traceback of the error being reported (for a failure inside the model, of its cause);
+    without, a hint where the failure came from inside the model, whose traceback a developer needs."""
+    stages = sys.modules.get("splittune.models.stages")  # not imported: no model ran, no failure inside one
+    trace = stages.traceback_for(err, message) if stages is not None else None
+    if _debug or os.environ.get("SPLITTUNE_DEBUG", "") not in ("", "0"):
+        import traceback
+
+        text = trace or ("".join(traceback.format_exception(err)) if err is not None else "")
+        if text:
+            sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    elif trace is not None:
+        err_console.print("(run `splittune --debug …` or set SPLITTUNE_DEBUG=1 for the traceback)",
+                          highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -80,6 +108,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .models.arch import ArchitectureError
     from .models.builtin import BuiltinModelError
     from .models.partition import PlanError
+    from .models.stages import StageError
     from .models.tiny import TinyModelError
     from .models.zoo import ModelError
     from .privacy.attacks.base import AttackError
@@ -92,7 +121,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, DataError, ModelError, PlanError, ArchitectureError, AdapterError, ExportError,
             AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError, DeviceError, RunDirError,
-            TapError, ThreatModelError, AttackError, JudgeError, DefenseError, DPError)
+            TapError, ThreatModelError, AttackError, JudgeError, DefenseError, DPError, StageError)
 
 
 def _human_bytes(n: float) -> str:
@@ -690,10 +719,10 @@ def export(
 
 @app.command()
 def models() -> None:
-    """Builtin models, the tiny test models and the architectures splittune supports."""
+    """Builtin models, the tiny test models and each architecture family's status (exact, refused, detected)."""
     _quiet_libraries()
     from .models.builtin import BUILTIN_MODELS
-    from .models.catalog import TESTED_ARCHITECTURES
+    from .models.catalog import DETECTED, FAMILIES, TESTED_ARCHITECTURES
     from .models.tiny import tiny_reference
 
     table = Table(title="builtin models")
@@ -702,10 +731,18 @@ def models() -> None:
     for name, spec in BUILTIN_MODELS.items():
         table.add_row(f"builtin:{name}", spec.description)
     console.print(table)
-    console.print("architectures verified exact in the test suite (two-part and U-shaped, with padding): "
-                  + ", ".join(TESTED_ARCHITECTURES))
-    console.print("any other decoder-only causal LM with embeddings, one list of blocks, a final norm and a head is "
-                  "detected automatically; run `splittune verify --model M --cuts A,B --padding` to check it.")
+    families = Table(title="architecture families")
+    families.add_column("model_type", no_wrap=True)
+    families.add_column("status", no_wrap=True)
+    families.add_column("why")
+    for f in FAMILIES:
+        families.add_row(f.model_type, f.status, escape(f.why))
+    families.add_row("any other", "detected", DETECTED)
+    console.print(families)
+    console.print("exact: split training equals unsplit training in the test suite (two-part and U-shaped, with padding); "
+                  "refused: stopped before any weight loads, with the reason. Any other decoder-only causal LM with "
+                  "embeddings, one list of blocks, a final norm and a head is detected automatically; run "
+                  "`splittune verify --model M --cuts A,B --padding` to check it.", soft_wrap=True)
     console.print(escape(f"tiny test models (random weights, built on first use): {tiny_reference()}; the tested ones: "
                          + ", ".join(f"tiny:{a}" for a in TESTED_ARCHITECTURES)), highlight=False, soft_wrap=True)
 

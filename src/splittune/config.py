@@ -137,6 +137,8 @@ class LoraConfig(Section):
         None, description="module names to adapt; null: the architecture's default; 'all-linear' for every linear layer",
         json_schema_extra={"allowed": "a list of module names, `all-linear`, or null"},
     )
+    experts: bool = Field(False, description="also adapt a mixture-of-experts block's stacked expert weights (one LoRA per "
+                          "expert, peft's target_parameters); by default only attention and other linear layers adapt")
 
 
 class SegmentsConfig(Section):
@@ -525,6 +527,13 @@ class RunConfig(Section):
             if n < 3:
                 warn("secure_aggregation with 2 clients hides each update from the server only: each client can "
                      "subtract its own update from the average it gets back and read the other's")
+        if self.lora.experts and any(self.client_rank(i) != self.lora.rank for i in range(n)):
+            raise ValueError("lora.experts: clients with other LoRA ranks are averaged exactly by folding each module's "
+                             "update into its base weight, which splittune does not do for stacked expert weights; give "
+                             "every client lora.rank, or set lora.experts: false")
+        if self.lora.experts and n > 1 and self.mode == "split" and self.schedule == "sfl-v1":
+            raise ValueError("lora.experts with schedule: sfl-v1 needs one batch through several clients' expert adapters, "
+                             "which peft cannot mix yet; use schedule: sfl-v2 or sequential, or lora.experts: false")
         if self.personal and self.mode != "split":
             raise ValueError(f"personal segments are segments of a split; mode: {self.mode} has none")
         if self.heterogeneous and self.mode == "federated":

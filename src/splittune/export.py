@@ -16,7 +16,7 @@ from peft import LoraConfig as PeftLoraConfig
 from safetensors.torch import load_file, save_file
 
 from .config import load_config
-from .models.adapters import PEFT_PREFIX
+from .models.adapters import PEFT_PREFIX, expert_parameters
 from .models.arch import detect_arch
 from .models.zoo import resolve_model
 from .runner import ADAPTERS
@@ -62,6 +62,10 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, client: int | None
     spec = detect_arch(source.config())
     fan_in_fan_out = manifest.get("fan_in_fan_out", False)
     lora, ranks, alphas = _lora_tensors(state, cfg.lora.alpha)
+    if cfg.lora.experts:  # an expert wrapper's factors stack one rank-r LoRA per expert
+        names, count = _expert_parameters(source, spec)
+        wrapped = {n.rsplit(".", 1)[0] for n in names}
+        ranks = {m: r // count if m.replace(".base_layer", "") in wrapped else r for m, r in ranks.items()}
     full = {k: v for k, v in state.items() if ".lora_" not in k and not k.startswith("fold::")}
     if full and not merge:
         segs = [s for s, mode in manifest["segments"].items() if mode == "full"]
@@ -113,12 +117,16 @@ def _adapter_config(lora: dict[str, torch.Tensor], spec, cfg, source, fan_in_fan
                     ranks: dict[str, int], alphas: dict[str, float]) -> PeftLoraConfig:
     pattern = re.compile(re.escape(spec.blocks_path) + r"\.(\d+)\.(.+)\.lora_[AB]\.weight$")
     modules, layers = set(), set()
+    experts = _expert_parameters(source, spec)[0] if cfg.lora.experts else []
+    wrapped = {name.rsplit(".", 1)[0] for name in experts}  # modules whose stacked weights carry LoRA (not target_modules)
     for name in lora:
         m = pattern.match(name)
         if m is None:
             raise ExportError(f"adapter tensor {name!r} is not inside a block of {spec.blocks_path}")
         layers.add(int(m.group(1)))
-        modules.add(m.group(2).rsplit(".", 1)[-1])
+        module = m.group(2).replace(".base_layer", "")
+        if f"{spec.blocks_path}.{m.group(1)}.{module}" not in wrapped:
+            modules.add(module.rsplit(".", 1)[-1])
     rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank; others by pattern
     base = str(source.path) if source.path else source.repo_id
     return PeftLoraConfig(
@@ -128,6 +136,8 @@ def _adapter_config(lora: dict[str, torch.Tensor], spec, cfg, source, fan_in_fan
         alpha_pattern={re.escape(m): a for m, a in alphas.items() if a != cfg.lora.alpha},
         lora_dropout=cfg.lora.dropout,
         target_modules=sorted(modules),
+        # the training run's order: peft nests one wrapper per stacked weight, and the saved names follow the nesting
+        target_parameters=[n for n in experts if int(n[len(spec.blocks_path) + 1:].split(".", 1)[0]) in layers] or None,
         layers_to_transform=sorted(layers),
         layers_pattern=spec.blocks_attr,
         fan_in_fan_out=fan_in_fan_out,
@@ -135,6 +145,16 @@ def _adapter_config(lora: dict[str, torch.Tensor], spec, cfg, source, fan_in_fan
         base_model_name_or_path=cfg.model if not cfg.model.startswith(("builtin:", "tiny:")) else base,
         task_type="CAUSAL_LM",
     )
+
+
+def _expert_parameters(source, spec) -> tuple[list[str], int]:
+    """The stacked expert weights of every block, in the order training targeted them (``adapters.expert_parameters``),
+    and how many experts each stacks (a wrapper's LoRA factors have rank × experts rows)."""
+    from .models.arch import empty_model
+
+    block = empty_model(source.config()).get_submodule(spec.blocks_path)[0]
+    names = expert_parameters(spec, block, list(range(spec.n_blocks)))
+    return names, int(next(p.shape[0] for p in block.parameters() if p.dim() == 3))
 
 
 def _merge(source, out: Path, lora: dict, full: dict) -> None:

@@ -90,7 +90,8 @@ def verify(cfg: RunConfig, batch: int = 2, seq: int = 16, padding: bool = True, 
     whole = SessionSpec.from_run(cfg.model_copy(update={"mode": "centralized"}), fingerprint, spec.model_type)
 
     device = resolve_device(cfg.train.device)  # --set train.device=cuda checks the split on a GPU
-    reference = Client(Party("client", source, spec, whole, config, device=device))
+    # the same micro-batches: a router loss (MoE) is computed per forward, as under transformers' gradient accumulation
+    reference = Client(Party("client", source, spec, whole, config, device=device), micro_batches=cfg.train.micro_batches)
     server = Server(source, spec, config, device=device, policies=POLICIES)
     # the run's own chain: padding removal and codecs are part of what is verified
     link = CutLink(LocalChannel(ServerLink(server.handle).serve), "verify", terms_from(cfg.codec.model_dump(), cfg.padding_removal))

@@ -8,6 +8,7 @@ begin from the same point, which the exactness contract needs.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from typing import Iterable
 
@@ -34,9 +35,17 @@ def default_target_modules(model_type: str) -> list[str] | str:
     return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or []) or "all-linear"
 
 
+_BASE_LAYER = re.compile(r"\.base_layer\.(?!lora_)")
+
+
 def canonical_name(name: str, adapter: str = "default") -> str:
-    """A trainable tensor's name in the unsplit, unwrapped model (the names PEFT adapter files use)."""
-    name = name.removeprefix(PEFT_PREFIX).replace(f".{adapter}.", ".").replace(".base_layer.", ".")
+    """A trainable tensor's name in the unsplit, unwrapped model (the names PEFT adapter files use).
+
+    peft's ``base_layer`` goes, except before another adapter's factors: LoRA on two stacked expert weights
+    of one module nests two wrappers, ``experts.base_layer.lora_A`` and ``experts.lora_A`` (as peft saves them)."""
+    name = name.removeprefix(PEFT_PREFIX).replace(f".{adapter}.", ".")
+    while (stripped := _BASE_LAYER.sub(".", name, count=1)) != name:
+        name = stripped
     return name
 
 
@@ -54,23 +63,35 @@ def linear_names(block: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
 
 
-def _lora_config(spec: ArchSpec, lora: LoraConfig, blocks: list[int], block: nn.Module) -> PeftLoraConfig:
+def _lora_config(spec: ArchSpec, lora: LoraConfig, blocks: list[int], block: nn.Module, scope: nn.Module) -> PeftLoraConfig:
+    """``block``: the first adapted block; ``scope``: all of them (blocks of a hybrid differ: attention, recurrent)."""
     targets = lora.target_modules if lora.target_modules is not None else default_target_modules(spec.model_type)
     if targets == "all-linear":  # peft cannot combine its own all-linear with a layer range
-        targets = linear_names(block)
+        targets = linear_names(scope)
     elif isinstance(targets, str):
         targets = [targets]
-    uses_conv1d = any(isinstance(m, Conv1D) for name, m in block.named_modules() if name.rsplit(".", 1)[-1] in targets)
+    uses_conv1d = any(isinstance(m, Conv1D) for name, m in scope.named_modules() if name.rsplit(".", 1)[-1] in targets)
     return PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
+        target_parameters=expert_parameters(spec, block, blocks) if lora.experts else None,
         layers_to_transform=blocks,
         layers_pattern=spec.blocks_attr,
         fan_in_fan_out=uses_conv1d,
         bias="none",
     )
+
+
+def expert_parameters(spec: ArchSpec, block: nn.Module, blocks: list[int]) -> list[str]:
+    """Full names of the stacked expert weights (3-D parameters) in ``blocks``: peft's ``target_parameters``
+    ignores ``layers_to_transform``, so the blocks are named one by one."""
+    names = [n for n, p in block.named_parameters() if p.dim() == 3]
+    if not names:
+        raise AdapterError(f"lora.experts: {spec.model_type} blocks hold no stacked expert weights (3-D parameters); "
+                           "it is not a mixture-of-experts model, or its experts are separate linear layers (use lora.target_modules)")
+    return [f"{spec.blocks_path}.{i}.{n}" for i in blocks for n in names]
 
 
 def _seeded_lora_init(model: nn.Module, seed: int) -> None:
@@ -104,8 +125,9 @@ def apply_training(
         p.requires_grad_(False)
     lora_blocks = sorted(i for seg, mode in segments if mode == "lora" for i in seg.blocks)
     if lora_blocks:
-        block = model.get_submodule(spec.blocks_path)[lora_blocks[0]]
-        config = _lora_config(spec, lora, lora_blocks, block)
+        all_blocks = model.get_submodule(spec.blocks_path)
+        block, scope = all_blocks[lora_blocks[0]], nn.ModuleList(all_blocks[i] for i in lora_blocks)
+        config = _lora_config(spec, lora, lora_blocks, block, scope)
         try:
             model = get_peft_model(model, config, adapter_name=adapters[0])
             for name in adapters[1:]:
@@ -114,7 +136,7 @@ def apply_training(
             detail = str(err).split(". Note:", 1)[0]  # peft's note on layers_to_transform is about internals
             raise AdapterError(
                 f"cannot place LoRA adapters on {spec.model_type} (lora.target_modules={lora.target_modules!r}): {detail}; "
-                f"the linear layers of a {spec.model_type} block are {', '.join(linear_names(block))} (or 'all-linear')"
+                f"the linear layers of {spec.model_type} blocks are {', '.join(linear_names(scope))} (or 'all-linear')"
             ) from None
         _seeded_lora_init(model, seed)
         for name, p in model.named_parameters():

@@ -5,16 +5,23 @@ projections), one list of blocks, and modules that run after them (final norm, o
 head). The spec finds the block list and sorts the other parameter-holding modules into *pre* and
 *post* by running the model once on the meta device (no memory, no weights) and recording which
 modules execute before the first block. Nothing about a given architecture is written down here.
+
+Two layouts are refused up front, before any weight loads, from what the meta model shows (the reasons
+are in models/catalog.py): blocks that share one module's weights, and a loop that unpacks several values
+from each block, which the weightless stand-ins for a party's absent blocks do not return.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from .catalog import SHARED_WEIGHTS, UNPACKING_LOOP
 
 
 class ArchitectureError(ValueError):
@@ -32,6 +39,7 @@ class ArchSpec:
     max_positions: int | None = None  # longest sequence a learned position table allows; None: no hard limit
     positions_key: str = ""  # the config key (or module) that sets ``max_positions``
     block_tuple: bool = False  # a block returns a tuple whose first item is the hidden state (the loop unpacks it)
+    block_outputs: int = 1  # how many items a block returns (a tuple's length; 1 for a bare tensor)
 
     @property
     def blocks_attr(self) -> str:
@@ -85,6 +93,21 @@ def find_blocks(model: nn.Module, n_blocks: int) -> str:
     return candidates[0]
 
 
+@contextlib.contextmanager
+def _meta_counts_as_tracing():
+    """transformers skips its data-dependent shortcuts (is the mask all ones? are the sequences packed?) on
+    traced tensors; a meta tensor has no data either, so during the meta trace it counts as traced (the
+    recurrent-layer masks of hybrid models read their values otherwise). Real tensors are unaffected."""
+    from transformers import masking_utils
+
+    real = masking_utils.is_tracing
+    masking_utils.is_tracing = lambda tensor=None: real(tensor) or (isinstance(tensor, torch.Tensor) and tensor.is_meta)
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = real
+
+
 def detect_arch(config: PretrainedConfig) -> ArchSpec:
     n_blocks = _n_blocks(config)
     config = copy.deepcopy(config)
@@ -92,6 +115,10 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
     model = empty_model(config)
     blocks_path = find_blocks(model, n_blocks)
     blocks = model.get_submodule(blocks_path)
+    if getattr(blocks[0], "is_decoder", None) is False:  # BERT-style blocks built as a "causal LM" still attend both ways
+        raise ArchitectureError(f"{type(model).__name__}: its blocks attend in both directions (an encoder, is_decoder: false), "
+                                "so it is not a causal LM splittune can train")
+    _refuse_shared_weights(model, blocks, blocks_path)
 
     holders = {
         name: mod
@@ -107,13 +134,15 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
 
     def returned(module, args, kwargs, output):  # what the decoder loop unpacks (weightless stubs must match it)
         seen["tuple"] = isinstance(output, tuple)
+        seen["outputs"] = len(output) if isinstance(output, tuple) else 1
         raise _Stop
 
     hooks.append(blocks[0].register_forward_pre_hook(entered, with_kwargs=True))
     hooks.append(blocks[0].register_forward_hook(returned, with_kwargs=True))
     try:
         ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        with _meta_counts_as_tracing():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     except _Stop:
         pass
     except Exception as err:
@@ -129,10 +158,61 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
         raise ArchitectureError(f"{type(model).__name__}: no embedding module runs before the first block")
     pre = tuple(n for n in holders if n in ran)
     post = tuple(n for n in holders if n not in ran)
+    if seen.get("outputs", 1) > 1:
+        _refuse_unpacking_loop(model, blocks, [holders[n] for n in post], bool(seen["tuple"]), int(seen["outputs"]))
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     limit, key = _position_limit(config, model, embed, ran)
-    return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied, limit, key, bool(seen.get("tuple", False)))
+    return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied, limit, key, bool(seen.get("tuple", False)),
+                    int(seen.get("outputs", 1)))
+
+
+def _refuse_shared_weights(model: nn.Module, blocks: nn.ModuleList, blocks_path: str) -> None:
+    """Each party loads and trains only the blocks it holds: a module whose weights several blocks reuse (Zamba's
+    shared attention block) would become diverging copies on the two sides of a cut."""
+    owners: dict[int, tuple[int, str]] = {}
+    for i, block in enumerate(blocks):
+        for name, p in block.named_parameters(remove_duplicate=False):
+            first = owners.setdefault(id(p), (i, name))
+            if first[0] != i:
+                module = first[1].split(".", 1)[0]
+                raise ArchitectureError(
+                    f"{type(model).__name__} ({model.config.model_type}) cannot be split: {SHARED_WEIGHTS} "
+                    f"(blocks {first[0]} and {i} share {blocks_path}.{first[0]}.{module})"
+                )
+
+
+def _refuse_unpacking_loop(model: nn.Module, blocks: nn.ModuleList, post: list[nn.Module], as_tuple: bool, n: int) -> None:
+    """Run the model on meta with every block replaced by the stand-in a party uses for blocks it does not hold:
+    a loop that unpacks several values from each block (a recurrent state beside the hidden state: RWKV, xLSTM)
+    fails on it, and would fail the same way in every split."""
+    from .partition import AbsentBlock  # partition imports this module
+
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = AbsentBlock(block, as_tuple)
+    stops = [m.register_forward_pre_hook(_raise_stop) for m in post]
+    try:
+        ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
+        with _meta_counts_as_tracing():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except (ValueError, TypeError) as err:
+        if "unpack" in str(err):
+            raise ArchitectureError(
+                f"{type(model).__name__} ({model.config.model_type}) cannot be split: {UNPACKING_LOOP} "
+                f"({n} values from each block)"
+            ) from None
+    except Exception:  # noqa: BLE001 -- anything else on meta says nothing about the stand-ins
+        pass
+    finally:
+        for h in stops:
+            h.remove()
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
+def _raise_stop(module, args):
+    raise _Stop
 
 
 POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")

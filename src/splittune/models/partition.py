@@ -19,8 +19,10 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.cache_utils import Cache
 
 from .arch import ArchSpec
+from .conversion import Fused, key_plan
 from .zoo import ModelError, ModelSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -136,16 +138,23 @@ class AbsentBlock(nn.Module):
     block's plain attributes (e.g. ``attention_type``) because some decoder loops read them.
     """
 
-    def __init__(self, original: nn.Module | None = None, block_tuple: bool = False):
+    def __init__(self, original: nn.Module | None = None, block_tuple: bool = False, index: int | None = None):
         super().__init__()
         self.block_tuple = block_tuple
         if original is not None:
             for key, value in vars(original).items():
                 if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
                     setattr(self, key, value)
+        self.layer_idx = index  # its place in the block list (set after the copy: models name it differently)
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
+        cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)  # cache=, layer_past=, positional
+        if cache is not None and self.layer_idx is not None:
+            # generation with a KV cache: this party's cache keeps the layer's length in step (one value per position),
+            # so the model's own get_seq_length() and mask sizes are right whichever layers the party holds
+            z = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
+            cache.update(z, z, self.layer_idx)
         return (hidden,) if self.block_tuple else hidden
 
 
@@ -176,33 +185,6 @@ def move_model(model: nn.Module, device: torch.device) -> nn.Module:
         return t.to(device)
 
     return model._apply(move)  # what nn.Module.to uses: parameters stay the same objects, ties stay tied
-
-
-def checkpoint_names(model: nn.Module, weight_map: dict[str, str]) -> dict[str, str]:
-    """Model parameter name → checkpoint key, through transformers' own key renamings.
-
-    Checkpoints on the hub often predate the current module names (``embed_out`` for ``lm_head``,
-    GPT-2 files without the ``transformer.`` prefix); transformers renames them on load and so do we.
-    Fused conversions (several checkpoint tensors into one parameter) cannot be loaded tensor by tensor.
-    """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    meta = dict(model.state_dict(keep_vars=True))
-    prefix = getattr(model, "base_model_prefix", None) or None
-    mapping = {}
-    for key in weight_map:
-        name, fused = rename_source_key(key, renamings, converters, prefix, meta)
-        if fused is not None:
-            raise ModelError(
-                f"checkpoint tensor {key!r} must be fused with others to load ({type(model).__name__}); "
-                "splittune loads tensors one by one and does not support this checkpoint layout yet"
-            )
-        mapping[name] = key
-    return mapping
 
 
 def without_dropout(config: PretrainedConfig) -> PretrainedConfig:
@@ -253,7 +235,7 @@ def load_party_model(
     block_list = model.get_submodule(spec.blocks_path)
     for i in range(spec.n_blocks):
         if i not in owned_blocks:
-            block_list[i] = AbsentBlock(block_list[i], spec.block_tuple)
+            block_list[i] = AbsentBlock(block_list[i], spec.block_tuple, i)
 
     owned_modules = (spec.pre if pre else ()) + (spec.post if post else ())
     block_prefixes = tuple(spec.block_prefix(i) for i in owned_blocks)
@@ -269,15 +251,19 @@ def load_party_model(
         params[id(p)] = p
 
     weight_map = source.weight_map()
-    names_in_file = checkpoint_names(model, weight_map)
+    names_in_file = key_plan(model, weight_map)
     by_file: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    fused: dict[int, tuple[Fused, str]] = {}  # parameters made by a conversion of several checkpoint tensors
     replacement: dict[int, nn.Parameter] = {}
     missing = []
     for pid, names in aliases.items():
         if any(is_owned(n) for n in names):
-            key = next((names_in_file[n] for n in names if n in names_in_file), None)
+            name = next((n for n in names if n in names_in_file), None)
+            key = names_in_file.get(name) if name is not None else None
             if key is None:
                 missing.append(names[0])
+            elif isinstance(key, Fused):
+                fused[pid] = (key, name)
             else:
                 by_file[weight_map[key]].append((pid, key))
         else:
@@ -287,17 +273,35 @@ def load_party_model(
             f"{source.ref}: the checkpoint lacks {len(missing)} tensor(s) this party needs, e.g. {missing[:3]}"
         )
     stats = PartyWeights(0, 0, 0)
+
+    def take(pid: int, tensor: torch.Tensor, what: str) -> None:
+        expected = params[pid].shape
+        if tensor.shape != expected:
+            raise ModelError(f"{source.ref}: tensor {what!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+        replacement[pid] = nn.Parameter(tensor, requires_grad=False)
+        stats.params += tensor.numel()
+        stats.bytes += tensor.numel() * tensor.element_size()
+
     for filename, entries in by_file.items():
         with _open_weights(source, filename) as f:
             for pid, key in entries:
-                tensor = f.get_tensor(key).to(dtype)
-                expected = params[pid].shape
-                if tensor.shape != expected:
-                    raise ModelError(f"{source.ref}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
-                replacement[pid] = nn.Parameter(tensor, requires_grad=False)
-                stats.params += tensor.numel()
-                stats.bytes += tensor.numel() * tensor.element_size()
+                take(pid, f.get_tensor(key).to(dtype), key)
                 stats.tensors += 1
+    with contextlib.ExitStack() as files:
+        opened: dict[str, object] = {}
+
+        def read(key: str) -> torch.Tensor:  # each shard opened once for all the conversions that need it
+            filename = weight_map[key]
+            if filename not in opened:
+                opened[filename] = files.enter_context(_open_weights(source, filename))
+            return opened[filename].get_tensor(key)
+
+        for conversion in {id(c): c for c, _ in fused.values()}.values():
+            stats.tensors += len(conversion.keys)
+            made = conversion.convert(model, read)
+            for pid, (c, name) in fused.items():
+                if c is conversion:
+                    take(pid, made[name].to(dtype), f"{name} (made from {len(c.keys)} checkpoint tensors)")
     for pid, names in aliases.items():
         for name in names:
             module_name, _, leaf = name.rpartition(".")
@@ -315,7 +319,7 @@ def _load_owned_buffers(model, source, is_owned, weight_map, names_in_file) -> N
     by_file: dict[str, list[tuple[str, str, torch.Tensor]]] = defaultdict(list)
     for name, buf in model.named_buffers():
         key = names_in_file.get(name)
-        if key is not None and is_owned(name):
+        if isinstance(key, str) and is_owned(name):
             by_file[weight_map[key]].append((name, key, buf))
     for filename, entries in by_file.items():
         with _open_weights(source, filename) as f:

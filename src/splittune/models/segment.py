@@ -63,6 +63,7 @@ class SegmentOutput:
     hidden: torch.Tensor | None = None  # activations at the end cut (segments that do not end the model)
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    router: torch.Tensor | None = None  # this segment's router sums for the auxiliary loss (models/routing.py)
 
 
 def run_segment(
@@ -79,12 +80,14 @@ def run_segment(
     want_logits: bool = False,
     head: bool | None = None,
     post: Sequence[nn.Module] = (),
+    forward_kwargs: dict | None = None,
 ) -> SegmentOutput:
     """Forward blocks [start, end) and the head when ``head`` (by default: when ``end`` is the last block).
 
     ``input_ids`` enter at the embeddings (``start == 0``); or ``hidden`` enters at block ``start``
     and dummy ids of the same shape feed the (discarded) prologue. ``post``: the modules after the blocks
-    (``ArchSpec.post``), needed by a segment that starts or stops where the blocks end.
+    (``ArchSpec.post``), needed by a segment that starts or stops where the blocks end. ``forward_kwargs`` go to
+    the model's forward as they are (e.g. ``output_router_logits=False``: the split adds the router loss itself).
     """
     n = len(blocks)
     head = end == n if head is None else head
@@ -107,7 +110,7 @@ def run_segment(
         for i in range(start):
             if not isinstance(blocks[i], AbsentBlock):
                 swapped[i] = blocks[i]
-                blocks[i] = AbsentBlock(swapped[i], stub.block_tuple)
+                blocks[i] = AbsentBlock(swapped[i], stub.block_tuple, i)
 
         def inject(module, args, kwargs):
             return _with_hidden(args, kwargs, hidden)
@@ -122,11 +125,11 @@ def run_segment(
         handles += _before(blocks[end], exit_)
     elif not head:
         handles += _before(post, exit_)
-    kwargs = {}
+    kwargs = {"use_cache": False, **(forward_kwargs or {})}
     if labels is not None and num_items_in_batch is not None:
         kwargs["num_items_in_batch"] = num_items_in_batch
     try:
-        out = model(input_ids=ids, attention_mask=attention_mask, labels=labels, use_cache=False, **kwargs)
+        out = model(input_ids=ids, attention_mask=attention_mask, labels=labels, **kwargs)
     except _SegmentExit:
         return SegmentOutput(hidden=box["hidden"])
     finally:

@@ -153,6 +153,8 @@ def why_off(party, chain, budget: int, proposed: int) -> str | None:
         return "train.model_dropout is on: every forward drops other units"
     if party.trains(party.plan.segment("bottom")):
         return "a weight the bottom uses trains (one shared with a segment that trains)"
+    if party.router is not None and party.plan.segment("bottom").blocks:
+        return "the model adds a router loss, which needs the bottom's router sums of every step (models/routing.py)"
     width = party.model.config.get_text_config().hidden_size
     reason = chain.varies("up", "hidden", width)
     return None if reason is None else f"what crosses differs each time: {reason}"

@@ -19,6 +19,8 @@ from ..cut.link import CutLink, Pending
 from ..cut.transforms import needed_positions
 from ..data.choices import candidate_scores
 from ..device import to_device
+from ..models.routing import ROUTER
+from ..models.stages import segment_failures
 from ..wire import Message
 from ..averaging import fold_delta
 from .cache import CACHE_MISS, Mirror, entry_bytes, row_keys, why_off
@@ -28,6 +30,11 @@ from .party import Party
 from .secure import client_round
 
 Batch = dict[str, torch.Tensor]
+
+
+def _leaf(sums: torch.Tensor | None) -> torch.Tensor | None:
+    """Router sums from another stage of the model, as a leaf whose gradient goes back to that stage."""
+    return None if sums is None else sums.detach().requires_grad_(True)
 
 
 def count_items(labels: torch.Tensor) -> int:
@@ -69,6 +76,8 @@ class _Micro:
     share: float = 1.0  # this micro-batch's rows over the step's (weights a defense's term on the bottom)
     offset: int = 0  # the step's index of this micro-batch's first example (DP-SGD's per-example gradients)
     penalty: torch.Tensor | None = None  # a defense's term on the bottom's loss (NoPeek), back-propagated with it
+    router: torch.Tensor | None = None  # the bottom's router sums (MoE auxiliary loss), back-propagated with it
+    router_grad: torch.Tensor | None = None  # their gradient, from whichever party ends the model
 
 
 class Client:
@@ -142,8 +151,10 @@ class Client:
             if self.dp is not None:
                 self.dp.offset = m.offset
             with torch.set_grad_enabled(self.party.trains(bottom)):
-                m.hidden, m.penalty = self._bottom(ids, mask, m.share, (step, m.index))
+                m.hidden, m.penalty, m.router = self._bottom(ids, mask, m.share, (step, m.index))
             tensors["hidden"] = m.hidden.detach()
+            if m.router is not None and self.plan.shape == "two-part":  # the server ends the model and its router loss
+                tensors[ROUTER] = m.router.detach()
             if rows is not None:
                 tensors["cut.rows"] = torch.tensor(rows)
         else:
@@ -180,16 +191,17 @@ class Client:
         return (None if len(sent) == len(keys) else sent), {"cache": meta}
 
     def _bottom(self, ids: torch.Tensor, mask: torch.Tensor, share: float = 1.0,
-                key: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The bottom's activations at the first cut, through the client's own defenses, and their term on the
-        bottom's loss (None without one; evaluations never train). ``key``: the training (step, micro-batch); (0, 0)
-        for an evaluation."""
+                key: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The bottom's activations at the first cut, through the client's own defenses; their term on the
+        bottom's loss (None without one; evaluations never train); the bottom's router sums (None without a router
+        loss). ``key``: the training (step, micro-batch); (0, 0) for an evaluation."""
         end = self.plan.segment("bottom").end
         if self.defenses is None or not self.defenses.active:
-            return self.party.run(0, end, input_ids=ids, attention_mask=mask).hidden, None
+            out = self.party.run(0, end, input_ids=ids, attention_mask=mask)
+            return out.hidden, None, out.router
         with self.defenses.bottom(*key) as box:
-            hidden = self.party.run(0, end, input_ids=ids, attention_mask=mask).hidden
-        return hidden, self.defenses.penalty(box, hidden, mask, share) if torch.is_grad_enabled() else None
+            out = self.party.run(0, end, input_ids=ids, attention_mask=mask)
+        return out.hidden, self.defenses.penalty(box, out.hidden, mask, share) if torch.is_grad_enabled() else None, out.router
 
     def cache_counts(self) -> dict[str, int]:
         """The activation cache's counts so far (hits, misses, evictions, resent rows, skipped forwards, bytes saved)."""
@@ -211,21 +223,33 @@ class Client:
                 self.dp.offset = m.offset
             out = self.party.run(top.start, top.end, hidden=m.top, attention_mask=m.batch["attention_mask"],
                                  labels=m.batch["labels"], num_items_in_batch=num_items)
-            out.loss.backward()
-            m.loss = float(out.loss.detach())
-            m.pending = self._send("gradients", step, m.index, {"grad": m.top.grad, "cut.labels": m.batch["labels"]},
-                                   want_grad=m.want_grad)
+            bottom_sums, trunk_sums = (_leaf(m.router), _leaf(reply.tensors.get(ROUTER)))
+            loss = self.party.add_aux(out.loss, bottom_sums, trunk_sums, out.router)
+            with segment_failures(self.party, top.start, top.end, backward=True):
+                loss.backward()
+            m.loss = float(loss.detach())
+            m.router_grad = bottom_sums.grad if bottom_sums is not None else None
+            grads = {"grad": m.top.grad, "cut.labels": m.batch["labels"]}
+            if trunk_sums is not None:
+                grads[ROUTER] = trunk_sums.grad
+            m.pending = self._send("gradients", step, m.index, grads, want_grad=m.want_grad)
             m.stage = 2
             return
         if m.stage == 1:
             m.loss = float(reply.meta["loss"])
+            m.router_grad = reply.tensors.get(ROUTER)
         if m.want_grad:
-            if m.penalty is None:
-                m.hidden.backward(reply.tensors["grad"])
-            else:
-                torch.autograd.backward([m.hidden, m.penalty], [reply.tensors["grad"], torch.ones_like(m.penalty)])
+            outputs, grads = [m.hidden], [reply.tensors["grad"]]
+            if m.penalty is not None:
+                outputs.append(m.penalty)
+                grads.append(torch.ones_like(m.penalty))
                 self.penalty_sum += float(m.penalty.detach())
-        m.hidden = m.top = m.pending = m.penalty = None
+            if m.router is not None and m.router_grad is not None and m.router.requires_grad:
+                outputs.append(m.router)
+                grads.append(m.router_grad)
+            with segment_failures(self.party, 0, self.plan.segment("bottom").end, backward=True):
+                torch.autograd.backward(outputs, grads)
+        m.hidden = m.top = m.pending = m.penalty = m.router = m.router_grad = None
         m.stage = 3
 
     def _pipeline(self, step: int, batches: list[Batch], num_items: int) -> float:
@@ -283,8 +307,10 @@ class Client:
                 self.dp.offset = sum(x["input_ids"].shape[0] for x in micros[:i])
             out = self.party.run(0, self.plan.n_blocks, input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                  labels=b["labels"], num_items_in_batch=num_items)
-            out.loss.backward()
-            loss += float(out.loss.detach())
+            total = self.party.add_aux(out.loss, out.router)
+            with segment_failures(self.party, 0, self.plan.n_blocks, backward=True):
+                total.backward()
+            loss += float(total.detach())
         return loss, num_items
 
     def optimizer_step(self, step: int) -> None:
@@ -316,7 +342,7 @@ class Client:
             out = party.run(0, plan.n_blocks, input_ids=ids, **ending)
         else:
             bottom, top = plan.segment("bottom"), plan.segment("top")
-            h, _ = self._bottom(ids, mask)
+            h, _, _ = self._bottom(ids, mask)
             keep = needed_positions(mask, batch["labels"])
             reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "cut.keep": keep}, train=False)
             out = party.run(top.start, top.end, hidden=reply.tensors["hidden"], **ending)
@@ -326,7 +352,7 @@ class Client:
     def _eval_on_server(self, batch: Batch, items: int, score) -> tuple[float, torch.Tensor | None]:
         """Two-part: the server ends the model; it returns the loss and candidate scores, never whole logits."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        h, _ = self._bottom(ids, mask)
+        h, _, _ = self._bottom(ids, mask)
         meta = {"train": False, "num_items": items or None}
         if score is not None:
             meta.update(score_positions=list(score[0]), score_tokens=list(score[1]))

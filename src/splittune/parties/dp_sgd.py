@@ -29,6 +29,10 @@ class DPError(ValueError):
 
 class DPSGD:
     def __init__(self, party: Party, noise_multiplier: float, max_grad_norm: float, secret: int):
+        if party.router is not None:
+            raise DPError("dp_sgd clips each example's gradient, and this model's router loss ties the examples of a batch "
+                          "together (its load balancing is a product of sums over every row); set output_router_logits "
+                          "to false in the model's config.json to use dp_sgd")
         self.sigma, self.clip = float(noise_multiplier), float(max_grad_norm)
         self.noise = NoiseStream(secret, "dp_sgd")
         self.steps = 0  # optimizer steps taken: the key of each step's noise, as many in-process as deployed

@@ -22,6 +22,8 @@ import torch
 
 from .. import workers
 from ..data.choices import candidate_scores
+from ..models.routing import ROUTER
+from ..models.stages import segment_failures
 from .party import Party
 
 
@@ -55,21 +57,23 @@ class TrunkEngine:
         """This client's server-side adapter for its rows (several share one base under sfl-v1)."""
         return [adapter] * rows if self.batched else None
 
-    def forward(self, key: tuple, adapter: str, start: int, end: int, hidden, mask, train: bool) -> torch.Tensor:
-        """Trunk blocks [start, end); a training forward is kept until its gradient comes (``key``)."""
+    def forward(self, key: tuple, adapter: str, start: int, end: int, hidden, mask, train: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Trunk blocks [start, end) and their router sums (None without a router loss); a training forward is kept
+        until its gradient comes (``key``)."""
         routes = self._routes(adapter, hidden.shape[0])
         with torch.set_grad_enabled(train):
             if not train:
-                return self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes, head=False).hidden
+                return self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes, head=False).hidden, None
             hidden.requires_grad_(True)
-            out = self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes, head=False).hidden
-        self.pending[key] = (hidden, out)
-        return out.detach()
+            out = self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes, head=False)
+        self.pending[key] = (hidden, out.hidden, out.router)
+        return out.hidden.detach(), None if out.router is None else out.router.detach()
 
     def head(self, adapter: str, start: int, end: int, hidden, mask, labels, num_items, train: bool, want_grad: bool,
-             scores: tuple[list[int], list[int]] | None) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
-        """Two-part split: the server ends the model and computes the loss from the client's labels.
-        Returns the loss, the gradient at the cut (training) and candidate scores (evaluation)."""
+             scores: tuple[list[int], list[int]] | None, sums: torch.Tensor | None = None) -> tuple[float, dict, torch.Tensor | None]:
+        """Two-part split: the server ends the model and computes the loss from the client's labels (and, with a
+        router loss, the bottom's router ``sums``). Returns the loss, the gradients at the cut (training: ``grad``,
+        and ``router`` for the sums) and candidate scores (evaluation)."""
         routes = self._routes(adapter, hidden.shape[0])
         with torch.set_grad_enabled(train):
             if not train:
@@ -79,13 +83,20 @@ class TrunkEngine:
             hidden.requires_grad_(want_grad)
             out = self.party.run(start, end, hidden=hidden, attention_mask=mask, labels=labels, num_items_in_batch=num_items,
                                  routes=routes)
-            out.loss.backward()
-        return float(out.loss.detach()), hidden.grad if want_grad else None, None
+            sums = None if sums is None else sums.detach().requires_grad_(want_grad)
+            loss = self.party.add_aux(out.loss, sums, out.router)
+            with segment_failures(self.party, start, end, backward=True):
+                loss.backward()
+        grads = {"grad": hidden.grad} if want_grad else {}
+        if want_grad and sums is not None:
+            grads[ROUTER] = sums.grad
+        return float(loss.detach()), grads, None
 
-    def backward(self, key: tuple, grad: torch.Tensor) -> torch.Tensor | None:
-        hidden_in, hidden_out = self.pending.pop(key)
-        with torch.enable_grad():
-            hidden_out.backward(grad)
+    def backward(self, key: tuple, grad: torch.Tensor, sums_grad: torch.Tensor | None = None) -> torch.Tensor | None:
+        hidden_in, hidden_out, sums = self.pending.pop(key)
+        trunk = self.party.segments[0]
+        with torch.enable_grad(), segment_failures(self.party, trunk.start, trunk.end, head=False, backward=True):
+            _backward(hidden_out, grad, sums, sums_grad)
         return hidden_in.grad
 
     def forward_together(self, step: int, micro: int, items: dict, members: dict, vocab: int) -> dict:
@@ -105,19 +116,26 @@ class TrunkEngine:
                 names = [members[i].adapter for i, r in zip(idx, rows) for _ in range(r)]
                 head = members[idx[0]].head
                 out = party.run(start, end, hidden=hidden, attention_mask=mask, want_logits=head, routes=names, head=head)
+                own = [None] * len(idx) if out.router is None else out.router.split(rows)
                 if head:
                     base = party.model.get_base_model() if hasattr(party.model, "get_base_model") else party.model
+                    sent = [None if items[i][5] is None else items[i][5].detach().requires_grad_(True) for i in idx]
                     losses = [
-                        base.loss_function(logits=logits, labels=items[i][2], vocab_size=vocab, num_items_in_batch=items[i][3])
-                        for i, logits in zip(idx, out.logits.split(rows))
+                        party.add_aux(base.loss_function(logits=logits, labels=items[i][2], vocab_size=vocab, num_items_in_batch=items[i][3]),
+                                      theirs, mine)
+                        for i, logits, theirs, mine in zip(idx, out.logits.split(rows), sent, own)
                     ]
-                    torch.stack(losses).sum().backward()
-                    for i, grad, loss in zip(idx, hidden.grad.split(rows), losses):
-                        results[i] = ("gradients", {"grad": grad} if items[i][4] else {}, {"loss": float(loss.detach())})
+                    with segment_failures(party, start, end, head=True, backward=True):
+                        torch.stack(losses).sum().backward()
+                    for i, grad, loss, theirs in zip(idx, hidden.grad.split(rows), losses, sent):
+                        grads = {"grad": grad} if items[i][4] else {}
+                        if items[i][4] and theirs is not None:
+                            grads[ROUTER] = theirs.grad
+                        results[i] = ("gradients", grads, {"loss": float(loss.detach())})
                 else:
-                    self.pending[("batch", step, micro, start, end, hidden.shape[1])] = (hidden, out.hidden, idx, rows)
-                    for i, h in zip(idx, out.hidden.detach().split(rows)):
-                        results[i] = ("activations", {"hidden": h}, {})
+                    self.pending[("batch", step, micro, start, end, hidden.shape[1])] = (hidden, out.hidden, idx, rows, out.router)
+                    for i, h, mine in zip(idx, out.hidden.detach().split(rows), own):
+                        results[i] = ("activations", {"hidden": h} if mine is None else {"hidden": h, ROUTER: mine.detach()}, {})
         return results
 
     def batch_of(self, step: int, micro: int, client: int) -> tuple | None:
@@ -126,14 +144,20 @@ class TrunkEngine:
         return found[0] if found else None
 
     def backward_together(self, step: int, micro: int, items: dict) -> dict:
+        """``items``: each client's (gradient, router sums' gradient or None)."""
         results = {}
         with torch.enable_grad():
             for key in [k for k in self.pending if k[:3] == ("batch", step, micro)]:
-                hidden_in, hidden_out, idx, rows = self.pending.pop(key)
+                hidden_in, hidden_out, idx, rows, sums = self.pending.pop(key)
                 # a client given up in the middle of the step contributes no gradient
-                grads = [items[i] if i in items else torch.zeros((r, *hidden_out.shape[1:]), dtype=hidden_out.dtype, device=hidden_out.device)
-                         for i, r in zip(idx, rows)]
-                hidden_out.backward(torch.cat(grads))
+
+                def part(i, r, t, j):
+                    got = items[i][j] if i in items else None
+                    return got if got is not None else torch.zeros((r, *t.shape[1:]), dtype=t.dtype, device=t.device)
+
+                sums_grad = None if sums is None else torch.cat([part(i, r, sums, 1) for i, r in zip(idx, rows)])
+                with segment_failures(self.party, key[3], key[4], head=False, backward=True):
+                    _backward(hidden_out, torch.cat([part(i, r, hidden_out, 0) for i, r in zip(idx, rows)]), sums, sums_grad)
                 results.update((i, g) for i, g in zip(idx, hidden_in.grad.split(rows)) if i in items)
         return results
 
@@ -154,6 +178,14 @@ class TrunkEngine:
         own = self.party.sq_grad_norm(adapter)
         self.party.optimizer_step(client_sq + own, adapter)
         return own, self.party.lr_of(adapter)
+
+
+def _backward(hidden_out: torch.Tensor, grad: torch.Tensor, sums: torch.Tensor | None, sums_grad: torch.Tensor | None) -> None:
+    """Back-propagate the trunk's output gradient and, with a router loss, its router sums' gradient together."""
+    if sums is None or sums_grad is None or not sums.requires_grad:
+        hidden_out.backward(grad)
+    else:
+        torch.autograd.backward([hidden_out, sums], [grad, sums_grad])
 
 
 def _work(jobs: queue.Queue) -> None:

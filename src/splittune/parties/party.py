@@ -23,7 +23,9 @@ from ..models.adapters import apply_training, load_trainable_state, lora_layers,
 from ..models.arch import ArchSpec
 from ..models.partition import DTYPES, PlanError, Segment, SplitPlan, check_trainable, load_party_model, move_model, plan_split
 from ..models.recompute import recomputed
+from ..models.routing import RouterAux
 from ..models.segment import SegmentOutput, run_segment
+from ..models.stages import arch_name, loading_stage, segment_failures, stage_errors
 from ..models.zoo import ModelSource
 
 
@@ -169,22 +171,25 @@ class Party:
         self.segments = self.plan.party_segments(role)
         self.dtype = DTYPES[session.dtype]
         _check_tied(spec, self.plan, session.segments)
-        model, self.weights = load_party_model(
-            source,
-            config if config is not None else source.config(),
-            spec,
-            [i for s in self.segments for i in s.blocks],
-            pre=any(s.embeds for s in self.segments),
-            post=any(s.head for s in self.segments),
-            dtype=self.dtype,
-            keep_dropout=session.model_dropout,
-        )
-        modes = [(s, session.segments[s.name]) for s in self.segments]
-        self.device = device if device is not None else torch.device("cpu")
-        self.model = move_model(apply_training(model, spec, modes, session.lora_config, session.seed, adapters), self.device)
+        self.arch = arch_name(spec.model_type, source.ref)  # names this model in errors from inside it (models/stages.py)
+        with stage_errors(self.arch, loading_stage(role, self.plan)):
+            model, self.weights = load_party_model(
+                source,
+                config if config is not None else source.config(),
+                spec,
+                [i for s in self.segments for i in s.blocks],
+                pre=any(s.embeds for s in self.segments),
+                post=any(s.head for s in self.segments),
+                dtype=self.dtype,
+                keep_dropout=session.model_dropout,
+            )
+            modes = [(s, session.segments[s.name]) for s in self.segments]
+            self.device = device if device is not None else torch.device("cpu")
+            self.model = move_model(apply_training(model, spec, modes, session.lora_config, session.seed, adapters), self.device)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.blocks = base.get_submodule(spec.blocks_path)
         self.post = [base.get_submodule(name) for name in spec.post]
+        self.router = RouterAux.of(base, self.blocks)  # None unless the model adds a router loss (MoE, output_router_logits)
         self.model.train()
         if total_steps is None:  # one client: every schedule steps each adapter once per step
             total_steps = session.steps
@@ -202,8 +207,18 @@ class Party:
         batch). The routing is entered again when a recomputed block runs in backward."""
         route = functools.partial(mixed_adapters, self.model, routes) if routes is not None else contextlib.nullcontext
         recompute = self.recompute and torch.is_grad_enabled()
-        with route(), recomputed(self.blocks, range(start, end), route) if recompute else contextlib.nullcontext():
-            return run_segment(self.model, self.blocks, start, end, post=self.post, **kwargs)
+        routing = self.router.collect(kwargs["attention_mask"]) if self.router is not None else contextlib.nullcontext({})
+        with segment_failures(self, start, end, head=kwargs.get("head")), route(), routing as box, \
+                recomputed(self.blocks, range(start, end), route) if recompute else contextlib.nullcontext():
+            forward = {"output_router_logits": False} if self.router is not None else None  # the split adds it: ``add_aux``
+            out = run_segment(self.model, self.blocks, start, end, post=self.post, forward_kwargs=forward, **kwargs)
+        out.router = box.get("sums")
+        return out
+
+    def add_aux(self, loss: torch.Tensor, *parts: torch.Tensor | None) -> torch.Tensor:
+        """A training loss plus the router's auxiliary loss over every party's router sums (``models/routing.py``);
+        ``loss`` itself when the model computes none."""
+        return loss if self.router is None else self.router.add(loss, *parts)
 
     def trains(self, segment: Segment) -> bool:
         """Whether ``segment``'s forward uses a parameter that trains (a tied embedding trained as the head counts)."""

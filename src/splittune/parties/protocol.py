@@ -179,6 +179,19 @@ def cached_in(tensors: dict[str, torch.Tensor], cache: CacheMeta, width: int, dt
     return hidden, mask.shape[1]
 
 
+def router_in(tensors: dict[str, torch.Tensor], kind: str, rows: int, experts: int, where: str) -> torch.Tensor:
+    """Router sums (or their gradient) of a mixture-of-experts stage: float32 [rows, 2·experts + 1], finite."""
+    t = tensors.get("router")
+    expected = (rows, 2 * experts + 1)
+    if t is None:
+        raise ProtocolError(f"{kind} message lacks tensor 'router' (this model's router loss needs it)")
+    if tuple(t.shape) != expected or t.dtype != torch.float32:
+        raise ProtocolError(f"tensor 'router' must be float32 of shape {list(expected)}, got {t.dtype} {list(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ProtocolError(f"tensor 'router' contains NaN or Inf values ({where})")
+    return t
+
+
 def mask_in(tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     mask = tensors.get("attention_mask")
     if mask is None or tuple(mask.shape) != tuple(shape[:2]) or mask.dtype != torch.int64:

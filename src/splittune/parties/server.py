@@ -12,6 +12,7 @@ schedule asks it to, then hands the computation to the trunk engine (``engine.py
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -22,6 +23,8 @@ import torch
 from .. import checkpoint
 from ..device import to_device
 from ..models.arch import ArchSpec
+from ..models.routing import ROUTER
+from ..models.stages import StageError
 from ..models.zoo import ModelSource
 from ..wire import Message
 from .cache import CACHE_MISS, ActivationCache, entry_bytes
@@ -30,7 +33,9 @@ from .group import Group, Member
 from .meet import WaitTimeout
 from .party import SessionSpec
 from .secure import SecureRounds
-from .protocol import ProtocolError, cached_in, hidden_in, labels_in, mask_in, parse_meta, scores_in
+from .protocol import ProtocolError, cached_in, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in
+
+log = logging.getLogger("splittune.serve")
 
 
 def status_of(err: Exception) -> str:
@@ -39,6 +44,8 @@ def status_of(err: Exception) -> str:
         return err.code
     if isinstance(err, WaitTimeout):
         return "DEADLINE_EXCEEDED"
+    if isinstance(err, StageError):
+        return "INTERNAL"
     return "INVALID_ARGUMENT"
 
 
@@ -99,6 +106,8 @@ class Server:
                 msg.tensors = to_device(msg.tensors, self.party.device)
             return self._handlers[msg.kind](member, msg, meta)
         except (ProtocolError, ValueError, WaitTimeout) as err:
+            if isinstance(err, StageError):  # the model failed inside, not the message: the operator needs the traceback
+                log.warning("%s", err, exc_info=err)
             return Message("error", msg.session, msg.step, msg.micro, meta={"reason": str(err), "code": status_of(err)})
 
     def _reply(self, msg: Message, kind: str, tensors=None, **meta) -> Message:
@@ -215,6 +224,19 @@ class Server:
         self.group.drop(client, "its turn outlasted the wait")
         self.engine.run(self.engine.forget, client, self.group.members[client].adapter)
 
+    def _router_sums(self, msg: Message, rows: int, sent: bool | None) -> torch.Tensor | None:
+        """The router sums (or their gradient) a message carries (``models/routing.py``): ``sent`` True requires them,
+        False refuses them, None takes them if present (a bottom of dense blocks, or none, runs no router)."""
+        router = self.party.router
+        if router is None or sent is False:
+            if ROUTER in msg.tensors:
+                why = "this model adds no router loss" if router is None else "this stage returns none"
+                raise ProtocolError(f"{msg.kind} message carries tensor {ROUTER!r}, but {why}")
+            return None
+        if sent is None and ROUTER not in msg.tensors:
+            return None
+        return router_in(msg.tensors, msg.kind, rows, router.experts, f"step {msg.step}, micro-batch {msg.micro}")
+
     def _hidden(self, msg: Message, name: str = "hidden") -> torch.Tensor:
         return hidden_in(msg.tensors, msg.kind, name, self.width, self.party.dtype, f"step {msg.step}, micro-batch {msg.micro}")
 
@@ -263,23 +285,24 @@ class Server:
         mask = mask_in(msg.tensors, hidden.shape)
         labels = labels_in(msg.tensors, hidden.shape, self.vocab) if member.head else None
         scores = scores_in(meta, hidden.shape, self.vocab)
+        sums = self._router_sums(msg, hidden.shape[0], sent=None if member.head and meta.train else False)
         commit()
         engine, group = self.engine, self.group
         if meta.train and group.batched:
-            item = (hidden, mask, labels, meta.num_items, meta.want_grad)
+            item = (hidden, mask, labels, meta.num_items, meta.want_grad, sums)
             kind, tensors, extra = group.meet.meet(
                 ("forward", msg.step, msg.micro), member.index, item, group.active,
                 lambda items: engine.run(engine.forward_together, msg.step, msg.micro, items, group.members, self.vocab), group.drop)
             return self._reply(msg, kind, tensors, **extra)
         if member.head:
-            loss, grad, scored = engine.run(engine.head, member.adapter, member.start, member.end, hidden, mask, labels,
-                                            meta.num_items, meta.train, meta.want_grad, scores)
+            loss, grads, scored = engine.run(engine.head, member.adapter, member.start, member.end, hidden, mask, labels,
+                                             meta.num_items, meta.train, meta.want_grad, scores, sums)
             if not meta.train:
                 return self._reply(msg, "activations", {} if scored is None else {"scores": scored}, loss=loss)
-            return self._reply(msg, "gradients", {} if grad is None else {"grad": grad}, loss=loss)
-        out = engine.run(engine.forward, (member.index, msg.step, msg.micro), member.adapter, member.start, member.end,
-                         hidden, mask, meta.train)
-        return self._reply(msg, "activations", {"hidden": out})
+            return self._reply(msg, "gradients", grads, loss=loss)
+        out, trunk_sums = engine.run(engine.forward, (member.index, msg.step, msg.micro), member.adapter, member.start, member.end,
+                                     hidden, mask, meta.train)
+        return self._reply(msg, "activations", {"hidden": out} if trunk_sums is None else {"hidden": out, ROUTER: trunk_sums})
 
     def _gradients(self, member: Member, msg: Message, meta) -> Message:
         self._needs_party(msg)
@@ -291,11 +314,12 @@ class Server:
             batch = engine.batch_of(msg.step, msg.micro, member.index)
             if batch is None:
                 raise missing
-            _, hidden_out, idx, rows = batch
+            _, hidden_out, idx, rows, sums = batch
             expected = (rows[idx.index(member.index)], *hidden_out.shape[1:])
             if tuple(grad.shape) != expected:
                 raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {expected}")
-            grads = group.meet.meet(("backward", msg.step, msg.micro), member.index, grad, group.active,
+            item = (grad, self._router_sums(msg, expected[0], sent=sums is not None))
+            grads = group.meet.meet(("backward", msg.step, msg.micro), member.index, item, group.active,
                                     lambda items: engine.run(engine.backward_together, msg.step, msg.micro, items), group.drop)
             return self._reply(msg, "gradients", {"grad": grads} if meta.want_grad else {})
         key = (member.index, msg.step, msg.micro)
@@ -304,7 +328,8 @@ class Server:
             raise missing
         if grad.shape != pending[1].shape:
             raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {tuple(pending[1].shape)}")
-        grad_in = engine.run(engine.backward, key, grad)
+        sums_grad = self._router_sums(msg, grad.shape[0], sent=pending[2] is not None)
+        grad_in = engine.run(engine.backward, key, grad, sums_grad)
         return self._reply(msg, "gradients", {"grad": grad_in} if meta.want_grad else {})
 
     def _step(self, member: Member, msg: Message, meta) -> Message:
