@@ -62,6 +62,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, client: int | None
     spec = detect_arch(source.config())
     fan_in_fan_out = manifest.get("fan_in_fan_out", False)
     lora, ranks, alphas = _lora_tensors(state, cfg.lora.alpha)
+    names: list[str] = []
     if cfg.lora.experts:  # an expert wrapper's factors stack one rank-r LoRA per expert
         names, count = _expert_parameters(source, spec)
         wrapped = {n.rsplit(".", 1)[0] for n in names}
@@ -78,7 +79,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, client: int | None
     if client is not None:
         info["client"] = client
     if lora:
-        peft_config = _adapter_config(lora, spec, cfg, source, fan_in_fan_out, ranks, alphas)
+        peft_config = _adapter_config(lora, spec, cfg, source, fan_in_fan_out, ranks, alphas, names)
         peft_config.save_pretrained(str(out))
         save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.items()}, str(out / "adapter_model.safetensors"))
         info.update(target_modules=sorted(peft_config.target_modules), layers=peft_config.layers_to_transform,
@@ -114,10 +115,9 @@ def _lora_tensors(state: dict[str, torch.Tensor], alpha: float) -> tuple[dict[st
 
 
 def _adapter_config(lora: dict[str, torch.Tensor], spec, cfg, source, fan_in_fan_out: bool,
-                    ranks: dict[str, int], alphas: dict[str, float]) -> PeftLoraConfig:
+                    ranks: dict[str, int], alphas: dict[str, float], experts: list[str] = ()) -> PeftLoraConfig:
     pattern = re.compile(re.escape(spec.blocks_path) + r"\.(\d+)\.(.+)\.lora_[AB]\.weight$")
     modules, layers = set(), set()
-    experts = _expert_parameters(source, spec)[0] if cfg.lora.experts else []
     wrapped = {name.rsplit(".", 1)[0] for name in experts}  # modules whose stacked weights carry LoRA (not target_modules)
     for name in lora:
         m = pattern.match(name)

@@ -123,4 +123,4 @@ class RouterAux:
         given = [p for p in parts if p is not None]
         if not given:
             return loss
-        return loss + self.coef * self.loss(torch.stack([p.sum(0) for p in given]).sum(0)).to(loss.device)
+        return loss + self.coef * self.loss(torch.cat([p.to(loss.device) for p in given])).to(loss.device)
