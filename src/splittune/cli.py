@@ -104,6 +104,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .channels.transport import DeployError
     from .device import DeviceError
     from .export import ExportError
+    from .parties.generator import GenerationError
     from .models.adapters import AdapterError
     from .models.arch import ArchitectureError
     from .models.builtin import BuiltinModelError
@@ -121,7 +122,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, DataError, ModelError, PlanError, ArchitectureError, AdapterError, ExportError,
             AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError, DeviceError, RunDirError,
-            TapError, ThreatModelError, AttackError, JudgeError, DefenseError, DPError, StageError)
+            TapError, ThreatModelError, AttackError, JudgeError, DefenseError, DPError, StageError, GenerationError)
 
 
 def _human_bytes(n: float) -> str:
@@ -373,6 +374,12 @@ def serve(
                                               "aggregator taps into DIR (for `splittune attack DIR`)"),
     tap_max_bytes: Optional[str] = typer.Option("1GiB", "--tap-max-bytes", callback=lambda v: _size_option(v),
                                                 help="bound on each recorded tap (bytes, or a size like 512MB)"),
+    max_inference_sessions: int = typer.Option(16, "--max-inference-sessions", min=1,
+                                               help="split-generation sessions served at once (beside any training run)"),
+    max_inference_bytes: Optional[str] = typer.Option("4GiB", "--max-inference-bytes", callback=lambda v: _size_option(v),
+                                                      help="cap on the KV caches of all generation sessions together (bytes, or a size like 2GiB)"),
+    inference_timeout: float = typer.Option(600.0, "--inference-timeout", min=1.0,
+                                            help="seconds a generation session may stay idle before its cache is freed"),
 ) -> None:
     """Serve the server's segments to clients over gRPC (TLS by default off loopback)."""
     import logging
@@ -385,6 +392,7 @@ def serve(
     from .device import resolve_device
     from .models.arch import detect_arch
     from .models.zoo import resolve_model
+    from .parties.inference import InferenceLimits
     from .parties.server import Server
     from .schedules.policy import POLICIES
     from .wire import FrameLimits
@@ -408,7 +416,8 @@ def serve(
         source = resolve_model(model)
         config = source.config()
         party_server = Server(source, detect_arch(config), config, wait_s=wait_s, state_dir=state, device=compute,
-                              policies=POLICIES, max_cache_bytes=max_cache_bytes)
+                              policies=POLICIES, max_cache_bytes=max_cache_bytes,
+                              inference=InferenceLimits(max_inference_sessions, max_inference_bytes, inference_timeout))
         service = SplitService(party_server, token_map, Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions),
                                bindings=bindings)
         if recording is not None:
@@ -715,6 +724,131 @@ def export(
                   + (f" on {info['target_modules']} in blocks {info['layers']}" if info.get("lora_tensors") else ""))
     if merge:
         console.print(f"merged full weights in [bold green]{out / 'merged'}[/]")
+
+
+@app.command()
+@_shows_warnings
+def generate(
+    run_dir: Path = typer.Argument(..., help="a finished run directory (splittune train --out DIR)"),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="a prompt (repeat for several)"),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="prompts, one per line ('-': standard input)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate at most per prompt"),
+    greedy: bool = typer.Option(False, "--greedy", help="always the most likely token (the default unless --temperature, "
+                                "--top-p or --top-k is given)"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="sample with this temperature (> 0)"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="sample from the smallest set of tokens holding this probability"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="sample from the k most likely tokens (0: all)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="make sampling reproducible"),
+    stop: list[str] = typer.Option([], "--stop", help="stop when the completion ends with this text (repeat for several)"),
+    stream: bool = typer.Option(False, "--stream", help="print tokens as they come (one prompt at a time)"),
+    raw: bool = typer.Option(False, "--raw", help="send the prompt as it is (no chat template for an instruction run)"),
+    batch: bool = typer.Option(False, "--batch", help="generate for every prompt in one left-padded batch"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per prompt: prompt, completion, token ids, bytes each "
+                                 "way, time to first token"),
+    client: Optional[int] = typer.Option(None, "--client", min=0, help="generate with this client's personalised model"),
+    server: Optional[str] = typer.Option(None, "--server", help="a splittune server: grpcs://host:port (grpc:// on loopback); "
+                                         "in-process when omitted"),
+    client_id: str = typer.Option("anonymous", "--client-id", help="who this client is (the server's tokens file names it)"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="file holding this client's token"),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate to verify the server (system roots when omitted)"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate (mutual TLS)"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="client key (mutual TLS)"),
+    reply_timeout: float = typer.Option(600.0, "--reply-timeout", min=1.0, help="seconds to wait for any one reply of the server"),
+    record_tap: Optional[Path] = typer.Option(None, "--record-tap", help="record what the in-process server sees (the prompt's "
+                                              "and every token's activations) into DIR, as `serve --record-tap` does"),
+    tap_max_bytes: Optional[str] = typer.Option("1GiB", "--tap-max-bytes", callback=lambda v: _size_option(v),
+                                                help="bound on the recorded tap (bytes, or a size like 512MB)"),
+) -> None:
+    """Generate text with a run's fine-tuned model through the same split: the text stays here, the server runs its part."""
+    _quiet_libraries()
+    import json as _json
+
+    from .generation import load_split
+
+    sampling = temperature is not None or top_p is not None or top_k is not None
+    try:
+        if greedy and sampling:
+            raise _usage_error("--greedy decodes without sampling; drop it to sample with --temperature/--top-p/--top-k")
+        prompts = list(prompt) + _read_prompts(prompt_file)
+        if not prompts:
+            raise _usage_error("give a prompt: --prompt TEXT or --prompt-file FILE")
+        if max_new_tokens < 1:
+            raise _usage_error(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if stream and (batch or as_json):
+            raise _usage_error("--stream prints one prompt's tokens as they come; it does not combine with --batch or --json")
+        if record_tap is not None and server is not None:
+            raise _usage_error("--record-tap records the in-process server; a deployed server's operator records with "
+                               "`splittune serve --record-tap DIR`")
+        channel = _generation_channel(server, client_id, token_file, tls_ca, tls_cert, tls_key, reply_timeout) if server else None
+        recording = None
+        if record_tap is not None:
+            from .privacy.recording import Recording
+
+            recording = Recording(record_tap, ("server",), tap_max_bytes, truth=False)
+        split = load_split(run_dir, channel=channel, client=client, serve_through=recording.attach if recording else None)
+    except _user_errors() as err:
+        _fail(str(err))
+    options = dict(raw=raw, max_new_tokens=max_new_tokens, greedy=not sampling, temperature=1.0 if temperature is None else temperature,
+                   top_p=top_p if top_p is not None else 1.0, top_k=top_k or 0, seed=seed, stop=stop or None, batch=batch)
+    try:
+        with split:
+            if stream:
+                from transformers import TextStreamer
+
+                for text in prompts:
+                    console.print(f"[bold]{escape(text)}[/]", highlight=False)
+                    split.complete([text], streamer=TextStreamer(split.tokenizer, skip_prompt=True, skip_special_tokens=True),
+                                   **options)
+                return
+            results = split.complete(prompts, **options)
+    except _user_errors() as err:
+        _fail(str(err))
+    finally:
+        if recording is not None:
+            recording.close()
+    for r in results:
+        if as_json:
+            print(_json.dumps(r.to_json()), flush=True)
+        else:
+            console.print(f"[bold]{escape(r.prompt)}[/]", highlight=False)
+            console.print(escape(r.completion), highlight=False)
+            ttft = f", first token after {r.time_to_first_token_s * 1000:.0f} ms" if r.time_to_first_token_s is not None else ""
+            console.print(f"[dim]{len(r.token_ids)} tokens in {r.seconds:.2f} s{ttft}; {_human_bytes(r.bytes_up)} up, "
+                          f"{_human_bytes(r.bytes_down)} down in {r.messages} crossings[/]", highlight=False)
+
+
+def _usage_error(message: str) -> Exception:
+    from .config import ConfigError
+
+    return ConfigError(message)
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    """One prompt per non-empty line of ``path`` ('-': standard input)."""
+    if path is None:
+        return []
+    from .config import ConfigError
+
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--prompt-file {path}: cannot read it ({err})") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompt-file {path} holds no prompt (one per line)")
+    return prompts
+
+
+def _generation_channel(url, client_id, token_file, ca, cert, key, reply_timeout_s):
+    """A gRPC channel to a served run's server for generation (the same address, auth and TLS as training)."""
+    from .channels.grpc import GrpcChannel
+    from .channels.transport import parse_server
+    from .deploy.files import check_client, read_token
+
+    parse_server(url)
+    check_client(ca, cert, key)
+    token = read_token(token_file) if token_file is not None else None
+    return GrpcChannel(url, client_id=client_id, token=token, ca=ca, cert=cert, key=key, reply_timeout_s=reply_timeout_s)
 
 
 @app.command()

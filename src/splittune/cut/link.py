@@ -113,12 +113,14 @@ class CutLink:
         for tap in self.taps:
             tap(direction, msg, nbytes)
 
-    def hello(self, meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> Message:
+    def hello(self, meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None,
+              tensors: dict[str, torch.Tensor] | None = None) -> Message:
         """Stage 0: propose the session and the chain; the server's acceptance makes the chain the session's.
-        ``state`` (from :meth:`state`) resumes both ends' chains: the server's end travels in the hello."""
+        ``state`` (from :meth:`state`) resumes both ends' chains: the server's end travels in the hello.
+        ``tensors`` travel with the proposal (an inference session's server-side adapter)."""
         state = state or {}
         theirs = {f"{STATE}{k.removeprefix('server/')}": v for k, v in state.items() if k.startswith("server/")}
-        msg = Message("hello", self.session, tensors=theirs, meta={**meta, "chain": self.terms})
+        msg = Message("hello", self.session, tensors={**(tensors or {}), **theirs}, meta={**meta, "chain": self.terms})
         frame = encode_frame(msg)
         self._observe("up", msg, len(frame))
         if self.sent_log is not None:
@@ -240,6 +242,8 @@ class ServerLink:
         frame = encode_frame(reply) if raw else chain.encode(reply)
         for tap in self.taps:  # what the server sends (its own view, before the client's chain)
             tap("down", reply, len(frame))
+        if request.kind == "close" and reply.kind == "close":  # an inference session ended: its chain goes with it
+            self.close_session(session)
         if raw:
             return frame
         if chain.lossy and request.step > 0:

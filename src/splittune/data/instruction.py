@@ -82,6 +82,15 @@ class InstructionFormat:
         parts = [self._plain(r) for r in records]
         return [p for p, _ in parts], [p + r for p, r in parts]
 
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Each prompt as a user turn, framed as training framed prompts (the chat template and its generation
+        prompt, or the plain form's special prefix): what generation continues."""
+        if self.chat:
+            texts = self.tokenizer.apply_chat_template([[{"role": "user", "content": p}] for p in prompts],
+                                                       add_generation_prompt=True, tokenize=False)
+            return encode(self.tokenizer, list(texts))
+        return [self.prefix + ids for ids in encode(self.tokenizer, list(prompts))]
+
     def encode(self, records: Sequence[Record]) -> list[Encoded]:
         """(prompt ids, full ids) per record, the prompt checked to be a proper prefix of the full sequence."""
         if not records:

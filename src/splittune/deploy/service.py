@@ -160,6 +160,7 @@ class SplitService:
                 for session in opened:
                     self.owner.pop(session, None)
                     self.link.close_session(session)
+            self.server.disconnected(opened)
             self._event("disconnect", client=client, peer=peer, sessions=sorted(opened))
 
     def _handle(self, frame: bytes, client: str, context) -> tuple[Message, Message]:
@@ -210,6 +211,8 @@ class SplitService:
         return msg, reply
 
     def _starts_new_run(self, msg: Message) -> bool:
+        if msg.meta.get("inference") is True:
+            return False  # inference sessions live beside whatever run the server serves
         try:
             return self.server.starts_new_run(SessionSpec.from_meta(msg.meta))
         except (TypeError, ValueError):
@@ -223,7 +226,7 @@ class SplitService:
         group = self.server.group
         body = {"status": "SERVING", "uptime_s": round(time.time() - self.started, 1), "sessions": len(self.owner),
                 "clients": group.n if group else 0, "joined": len(group.members) if group else 0,
-                "schedule": group.schedule if group else None, **self.counts,
+                "schedule": group.schedule if group else None, **self.counts, **self.server.inference.health(),
                 "peak_memory": peak_memory(self.server.device)}  # the process's high-water marks (sizing, the benchmark)
         return json.dumps(body).encode()
 

@@ -19,7 +19,7 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .arch import ArchSpec
 from .conversion import Fused, key_plan
@@ -150,12 +150,19 @@ class AbsentBlock(nn.Module):
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)  # cache=, layer_past=, positional
-        if cache is not None and self.layer_idx is not None:
+        if cache is not None and self.layer_idx is not None and _tracks_length(cache, self.layer_idx):
             # generation with a KV cache: this party's cache keeps the layer's length in step (one value per position),
             # so the model's own get_seq_length() and mask sizes are right whichever layers the party holds
             z = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
             cache.update(z, z, self.layer_idx)
         return (hidden,) if self.block_tuple else hidden
+
+
+def _tracks_length(cache: Cache, index: int) -> bool:
+    """Whether layer ``index`` of ``cache`` counts positions (attention); a linear-attention layer's conv or recurrent
+    state is read by its own layer only, so a stub leaves it alone."""
+    layers = getattr(cache, "layers", None)
+    return layers is None or index >= len(layers) or isinstance(layers[index], CacheLayerMixin)
 
 
 @dataclass

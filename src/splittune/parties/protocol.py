@@ -113,6 +113,17 @@ class Empty(Meta):
     pass
 
 
+class GenerateMeta(Meta):
+    """One forward of split generation (``parties/inference.py``): the new positions of every row."""
+
+    start: int = Field(ge=0, description="positions this session's KV cache already holds (0: a new sequence)")
+    keep: int | None = Field(None, ge=0, description="two-part: logits of only the last ``keep`` positions (0: all)")
+
+
+# What an inference session serves, with its meta schema (it opens with a hello whose meta has ``inference``).
+INFERENCE_SCHEMAS: dict[str, type[Meta]] = {"generate": GenerateMeta, "close": Empty}
+
+
 # Every kind the server serves after the hello, with its meta schema (the hello is the session proposal).
 SCHEMAS: dict[str, type[Meta]] = {
     "activations": ActivationsMeta,
@@ -130,11 +141,12 @@ SCHEMAS: dict[str, type[Meta]] = {
 }
 
 
-def parse_meta(kind: str, meta: dict[str, Any]) -> Meta:
+def parse_meta(kind: str, meta: dict[str, Any], schemas: dict[str, type[Meta]] = SCHEMAS) -> Meta:
     """``meta`` of a ``kind`` message as its typed schema, or a ProtocolError naming the field."""
-    schema = SCHEMAS.get(kind)
+    schema = schemas.get(kind)
     if schema is None:
-        raise ProtocolError(f"a server does not accept {kind!r} messages; it serves {', '.join(['hello', *SCHEMAS])}")
+        what = "an inference session" if schemas is INFERENCE_SCHEMAS else "a training session"
+        raise ProtocolError(f"{what} does not serve {kind!r} messages; it serves {', '.join(['hello', *schemas])}")
     try:
         return schema.model_validate(meta)
     except ValidationError as err:

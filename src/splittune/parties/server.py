@@ -33,7 +33,8 @@ from .group import Group, Member
 from .meet import WaitTimeout
 from .party import SessionSpec
 from .secure import SecureRounds
-from .protocol import ProtocolError, cached_in, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in
+from .inference import InferenceLimits, InferenceSessions
+from .protocol import INFERENCE_SCHEMAS, ProtocolError, cached_in, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in
 
 log = logging.getLogger("splittune.serve")
 
@@ -52,10 +53,12 @@ def status_of(err: Exception) -> str:
 class Server:
     """``policies`` maps schedule names to their policy objects (``schedules.POLICIES``: this layer
     cannot import the policies, which sit above it); ``max_cache_bytes`` caps the activation cache a
-    client may ask for (None: what the client asks)."""
+    client may ask for (None: what the client asks); ``inference`` bounds the inference sessions served beside
+    training (``parties/inference.py``)."""
 
     def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0, state_dir: Path | None = None,
-                 device: torch.device | None = None, *, policies: Mapping, max_cache_bytes: int | None = None):
+                 device: torch.device | None = None, *, policies: Mapping, max_cache_bytes: int | None = None,
+                 inference: InferenceLimits | None = None):
         self.source = source
         self.device = device if device is not None else torch.device("cpu")
         self.spec = spec
@@ -71,6 +74,7 @@ class Server:
         self.sessions: dict[str, Member] = {}
         self._lock = threading.Lock()
         self.engine = TrunkEngine()
+        self.inference = InferenceSessions(source, spec, self.config, self.device, self.engine.run, inference)
         self._handlers = {"activations": self._activations, "gradients": self._gradients, "step": self._step,
                           "state": self._state, "global": self._global, "aggregate": self._aggregate,
                           "checkpoint": self._checkpoint, "relay_put": self._relay_put, "relay_get": self._relay_get,
@@ -88,13 +92,21 @@ class Server:
                 self.group.turns.cancel(reason)
 
     def close(self) -> None:
+        self.inference.stop()
         self.engine.close()
+
+    def disconnected(self, sessions) -> None:
+        """A client's stream ended: its inference sessions end with it (a training run's state stays)."""
+        for session in sessions:
+            self.inference.close(session)
 
     # -- dispatch -----------------------------------------------------------------------------------
     def handle(self, msg: Message) -> Message:
         try:
             if msg.kind == "hello":
-                return self._hello(msg)
+                return self._open_inference(msg) if msg.meta.get("inference") is True else self._hello(msg)
+            if msg.kind in INFERENCE_SCHEMAS or self.inference.holds(msg.session):
+                return self._inference(msg)
             member = self.sessions.get(msg.session)
             if member is None:
                 raise ProtocolError(f"unknown session {msg.session!r}; send hello first", "NOT_FOUND")
@@ -114,7 +126,7 @@ class Server:
         return Message(kind, msg.session, msg.step, msg.micro, tensors or {}, meta)
 
     # -- session --------------------------------------------------------------------------------------
-    def _hello(self, msg: Message) -> Message:
+    def _proposal(self, msg: Message) -> SessionSpec:
         try:
             session = SessionSpec.from_meta(msg.meta)
         except (TypeError, ValueError) as err:
@@ -125,6 +137,27 @@ class Server:
                 f"the server's {self.source.describe()} has {self.fingerprint}; both parties must load the same weights",
                 "FAILED_PRECONDITION",
             )
+        return session
+
+    def _open_inference(self, msg: Message) -> Message:
+        """An inference session beside any training run (``parties/inference.py``); the hello's tensors are what the
+        run's server part trained."""
+        session = self._proposal(msg)
+        if msg.session in self.sessions:
+            raise ProtocolError(f"session {msg.session!r} is a training session; an inference session needs its own id", "ALREADY_EXISTS")
+        info = self.inference.open(msg.session, session, dict(msg.tensors))
+        return self._reply(msg, "hello", accepted=True, inference=True, **info)
+
+    def _inference(self, msg: Message) -> Message:
+        meta = parse_meta(msg.kind, msg.meta, INFERENCE_SCHEMAS)
+        if msg.kind == "close":
+            if not self.inference.close(msg.session):
+                raise ProtocolError(f"unknown inference session {msg.session!r}", "NOT_FOUND")
+            return self._reply(msg, "close", closed=True)
+        return self._reply(msg, "generate", self.inference.step(msg.session, msg.tensors, meta))
+
+    def _hello(self, msg: Message) -> Message:
+        session = self._proposal(msg)
         if session.schedule not in self.policies:
             raise ProtocolError(f"unknown schedule {session.schedule!r}; schedules: {', '.join(self.policies)}")
         plan = session.plan(self.spec.n_blocks)

@@ -37,7 +37,7 @@ INDEX = "tap.json"
 FORMAT = 1
 SHARD_BYTES = 64 << 20  # tensors buffered before a shard is written
 
-SERVER_KINDS = ("activations", "gradients")
+SERVER_KINDS = ("activations", "gradients", "generate")  # generate: split generation, the prompt and every token
 AGGREGATOR_KINDS = ("aggregate",)
 TRUTH_KINDS = ("batch",)
 

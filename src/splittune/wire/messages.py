@@ -22,6 +22,8 @@ KINDS = (
     "secagg_keys",  # secure aggregation: a client's public keys for one average; reply: the roster
     "secagg_shares",  # secure aggregation: encrypted key shares for the peers; reply: this client's inbox
     "secagg_unmask",  # secure aggregation: the shares that remove the masks; reply: the share of the average
+    "generate",  # split generation: the new positions' activations at the cut; reply: the segment's output
+    "close",  # the client ends an inference session (its KV cache is freed)
     "error",  # a refusal with a reason
 )
 
