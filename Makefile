@@ -19,6 +19,7 @@ setup: $(BIN)/splittune
 
 demo: setup
 	$(BIN)/splittune train --out runs/demo
+	$(BIN)/splittune generate runs/demo --prompt "ROMEO. O, she doth teach the torches" --max-new-tokens 40
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -320,7 +320,7 @@ def test_readme_command_table_has_every_option():
     readme = (ROOT / "README.md").read_text()
     assert options_missing_from_readme(readme) == {}
     # the twin: a flag left out is named
-    assert options_missing_from_readme(readme.replace("--reply-timeout", "")) == {"train": ["--reply-timeout"]}
+    assert options_missing_from_readme(readme.replace("--client-index", "")) == {"train": ["--client-index"]}
 
 
 def test_models_lists_the_tiny_models_as_the_docs_do():
