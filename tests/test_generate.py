@@ -412,38 +412,36 @@ def test_grpc_generation_equals_in_process_and_a_disconnect_frees_the_session(tr
 
 
 # -- taps -------------------------------------------------------------------------------------------------------
-def test_the_server_tap_holds_the_prompt_and_each_token_as_the_server_saw_them(tmp_path):
+def tapped_generation(tmp_path, *sets, new_tokens=3):
+    """A two-part generation of 5 prompt tokens with the server tapped: the tap, and the clean bottom's output."""
     from splittune.models.segment import run_segment
 
-    cfg = load_config(None, ["model=tiny:llama", "cuts=[2]"])
+    cfg = load_config(None, ["model=tiny:llama", "cuts=[2]", *sets])
     recording = Recording(tmp_path / "tap", ("server",), 1 << 30, truth=False)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with SplitModel(cfg, None, serve_through=recording.attach) as split:
-        split.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
-        bottom = run_segment(split.party.model, split.party.blocks, 0, 2, input_ids=ids, attention_mask=torch.ones_like(ids))
+        split.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        clean = run_segment(split.party.model, split.party.blocks, 0, 2, input_ids=ids, attention_mask=torch.ones_like(ids))
     recording.close()
-    tap = Tap.open(tmp_path / "tap" / "server", "server")
+    return Tap.open(tmp_path / "tap" / "server", "server"), clean.hidden
+
+
+def test_the_server_tap_holds_the_prompt_and_each_token_as_the_server_saw_them(tmp_path):
+    tap, bottom = tapped_generation(tmp_path)
     up = list(tap.records("generate", "up"))
     assert [r.tensor("hidden").shape[1] for r in up] == [5, 1, 1]
-    assert torch.allclose(up[0].tensor("hidden"), bottom.hidden, atol=1e-6)  # the pretrained bottom's output: invertible
+    assert torch.allclose(up[0].tensor("hidden"), bottom, atol=1e-6)  # the pretrained bottom's output: invertible
     down = list(tap.records("generate", "down"))
-    assert down[0].tensor("logits").shape == (1, 1, resolve_model("tiny:llama").config().vocab_size)  # two-part: the server holds the head, and sees the logits
+    vocab = resolve_model("tiny:llama").config().vocab_size
+    assert down[0].tensor("logits").shape == (1, 1, vocab)  # two-part: the server holds the head, and sees the logits
 
 
 @pytest.mark.parametrize("defense", ["{name: gaussian, sigma: 0.5, clip: 10}", "{name: dx, epsilon: 20}"])
 def test_a_noise_defense_changes_what_the_server_sees_during_generation(tmp_path, defense):
     """The twin of the tap test above: with the run's noise defense the server's view is not the clean bottom's."""
-    from splittune.models.segment import run_segment
-
-    cfg = load_config(None, ["model=tiny:llama", "cuts=[2]", f"defense=[{defense}]"])
-    recording = Recording(tmp_path / "tap", ("server",), 1 << 30, truth=False)
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    with SplitModel(cfg, None, serve_through=recording.attach) as split:
-        split.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-        clean = run_segment(split.party.model, split.party.blocks, 0, 2, input_ids=ids, attention_mask=torch.ones_like(ids))
-    recording.close()
-    seen = next(Tap.open(tmp_path / "tap" / "server", "server").records("generate", "up")).tensor("hidden")
-    assert (seen - clean.hidden).norm() > 0.1 * clean.hidden.norm()
+    tap, clean = tapped_generation(tmp_path, f"defense=[{defense}]", new_tokens=2)
+    seen = next(tap.records("generate", "up")).tensor("hidden")
+    assert (seen - clean).norm() > 0.1 * clean.norm()
 
 
 # -- from a run directory and the command line -------------------------------------------------------------------

@@ -333,21 +333,25 @@ def bench(
         err_console.print(f"[bold yellow]warning:[/] {escape(warning.splitlines()[0])}", highlight=False)
     console.print(f"written: [bold green]{out / 'bench.json'}[/], [bold green]{out / 'report.md'}[/], [bold green]{out / 'report.html'}[/] and the plots")
 
-def _remote_trainer(url, client_id, token_file, client_index, ca, cert, key, reply_timeout_s):
-    """``train`` for one client process talking gRPC to ``url``."""
+def _grpc_client(url, client_id, token_file, ca, cert, key, reply_timeout_s):
+    """A maker of gRPC channels to ``url`` as this client; a bad address or a missing or malformed file fails here,
+    before the model loads."""
     from .channels.grpc import GrpcChannel
-    from .deploy.files import check_client, read_token
     from .channels.transport import parse_server
-    from .runner import train_remote
+    from .deploy.files import check_client, read_token
 
-    parse_server(url)  # a bad address, a missing or malformed file, fail before the model loads
+    parse_server(url)
     check_client(ca, cert, key)
     token = read_token(token_file) if token_file is not None else None
+    return lambda: GrpcChannel(url, client_id=client_id, token=token, ca=ca, cert=cert, key=key, reply_timeout_s=reply_timeout_s)
 
-    def channel_for(index: int):
-        return GrpcChannel(url, client_id=client_id, token=token, ca=ca, cert=cert, key=key, reply_timeout_s=reply_timeout_s)
 
-    return lambda cfg, out, progress: train_remote(cfg, out, client_index, channel_for, progress)
+def _remote_trainer(url, client_id, token_file, client_index, ca, cert, key, reply_timeout_s):
+    """``train`` for one client process talking gRPC to ``url``."""
+    from .runner import train_remote
+
+    channel = _grpc_client(url, client_id, token_file, ca, cert, key, reply_timeout_s)
+    return lambda cfg, out, progress: train_remote(cfg, out, client_index, lambda index: channel(), progress)
 
 
 @app.command()
@@ -779,7 +783,7 @@ def generate(
         if record_tap is not None and server is not None:
             raise _usage_error("--record-tap records the in-process server; a deployed server's operator records with "
                                "`splittune serve --record-tap DIR`")
-        channel = _generation_channel(server, client_id, token_file, tls_ca, tls_cert, tls_key, reply_timeout) if server else None
+        channel = _grpc_client(server, client_id, token_file, tls_ca, tls_cert, tls_key, reply_timeout)() if server else None
         recording = None
         if record_tap is not None:
             from .privacy.recording import Recording
@@ -837,18 +841,6 @@ def _read_prompts(path: Path | None) -> list[str]:
     if not prompts:
         raise ConfigError(f"--prompt-file {path} holds no prompt (one per line)")
     return prompts
-
-
-def _generation_channel(url, client_id, token_file, ca, cert, key, reply_timeout_s):
-    """A gRPC channel to a served run's server for generation (the same address, auth and TLS as training)."""
-    from .channels.grpc import GrpcChannel
-    from .channels.transport import parse_server
-    from .deploy.files import check_client, read_token
-
-    parse_server(url)
-    check_client(ca, cert, key)
-    token = read_token(token_file) if token_file is not None else None
-    return GrpcChannel(url, client_id=client_id, token=token, ca=ca, cert=cert, key=key, reply_timeout_s=reply_timeout_s)
 
 
 @app.command()
