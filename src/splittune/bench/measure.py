@@ -15,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,23 +46,30 @@ def free_port() -> int:
 
 
 def start_server(model: str, threads: int, extra: tuple[str, ...] = ()) -> tuple[str, subprocess.Popen]:
-    """``splittune serve`` in its own process on a free loopback port; its URL once it answers health checks."""
+    """``splittune serve`` in its own process on a free loopback port; its URL once it answers health checks.
+
+    Its log (a line per message) goes to a temporary file, not a pipe: nobody reads a pipe while the bench runs,
+    and a full one blocks the server on its next log line (split generation fills one within a few hundred tokens)."""
     from ..deploy.service import health
 
     port = free_port()
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "splittune.cli", "serve", "--model", model, "--listen", f"127.0.0.1:{port}",
-                             "--threads", str(threads), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--threads", str(threads), *extra], stdout=subprocess.DEVNULL, stderr=log)
     url = f"grpc://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the bench's server process ended at start: {proc.stderr.read().decode(errors='replace')[-400:]}")
+            log.seek(0)
+            raise RuntimeError(f"the bench's server process ended at start: {log.read().decode(errors='replace')[-400:]}")
         try:
             health(url, timeout_s=1)
+            log.close()  # the child keeps its own descriptor
             return url, proc
         except Exception:
             time.sleep(0.2)
     proc.kill()
+    log.close()
     raise RuntimeError("the bench's server process did not answer within 300 s")
 
 
