@@ -61,6 +61,33 @@ def test_tiny_configs_follow_the_shrunken_sizes():
     assert mamba2.num_heads * mamba2.head_dim == mamba2.expand * mamba2.hidden_size
 
 
+def test_tiny_mamba2_mixers_are_tiny():
+    """Mamba-2 configs keep the full model's 128 heads and 256 states by default (seconds per step on a 64-wide model)."""
+    opts = dict(DEFAULTS)
+    for arch, heads, head_dim, state, chunk in (
+        ("bamba", "mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_chunk_size"),
+        ("granitemoehybrid", "mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_chunk_size"),
+        ("falcon_h1", "mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_chunk_size"),
+        ("nemotron_h", "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "chunk_size"),
+        ("mamba2", "num_heads", "head_dim", "state_size", "chunk_size"),
+    ):
+        config = tiny_config(arch, opts)
+        assert getattr(config, heads) * getattr(config, head_dim) == 2 * opts["hidden"], arch
+        assert getattr(config, state) <= 16 and getattr(config, chunk) < 12, arch  # several chunks in a test sequence
+
+
+def test_tiny_xlstm_runs_with_its_cache():
+    """Its cache rounds the query/key width up to a multiple of 64 and its layer does not: the tiny width lands on one.
+    The twin: the default factor (0.5 of 64) fails in plain transformers as soon as the cache is used."""
+    config = tiny_config("xlstm", dict(DEFAULTS))
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        AutoModelForCausalLM.from_config(config).eval()(input_ids=ids, use_cache=True)
+        config.qk_dim_factor = 0.5
+        with pytest.raises(ValueError, match="wrong shape"):
+            AutoModelForCausalLM.from_config(config).eval()(input_ids=ids, use_cache=True)
+
+
 def test_tiny_moe_configs_have_few_experts():
     for arch, experts in (("mixtral", "num_local_experts"), ("qwen3_moe", "num_experts"), ("deepseek_v3", "n_routed_experts")):
         config = tiny_config(arch, dict(DEFAULTS))
@@ -107,6 +134,15 @@ def test_loops_that_take_the_first_item_of_a_tuple_are_not_refused():
     for arch in ("falcon", "bloom", "gpt_neo"):
         spec = detect_arch(tiny_config(arch, dict(DEFAULTS)))
         assert spec.block_tuple and spec.block_outputs == 2
+
+
+def test_state_kept_inside_a_block_is_not_refused():
+    """The twin of the zaya and inkling2 refusals: RWKV and xLSTM blocks return a recurrent state too, but in training
+    their loops do not hand it to the next block (stand-ins return None for it); Inkling, unlike Inkling2, mixes no
+    earlier blocks' hidden states into later ones; and no hybrid's stream between blocks is wider than its hidden size."""
+    for arch in ("rwkv", "xlstm", "inkling_text", "qwen3_next"):
+        spec = detect_arch(tiny_config(arch, dict(DEFAULTS)))
+        assert spec.n_blocks == 4
 
 
 def test_the_exact_list_is_the_catalog_s():

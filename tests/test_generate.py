@@ -24,6 +24,9 @@ from splittune.generation import GenerationError, SplitModel, load_split
 from splittune.models.arch import detect_arch
 from splittune.models.catalog import TESTED_ARCHITECTURES
 from splittune.models.zoo import resolve_model
+from splittune.parties import generator as generator_module
+from splittune.parties import inference as inference_module
+from splittune.parties.generator import own_cache_refusal
 from splittune.parties.inference import InferenceLimits
 from splittune.parties.server import Server
 from splittune.privacy.recording import Recording
@@ -34,6 +37,7 @@ from splittune.wire import Message
 
 TRAIN = ["train.steps=2", "train.batch_size=2", "train.seq_len=32", "train.eval_every=0", "train.eval_batches=1",
          "data.max_documents=6", "lora.rank=4", "train.lr=0.01", "train.warmup_steps=0"]
+OWN_CACHE = {"rwkv", "xlstm", "minimax"}  # models that build a generation state object of their own
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
 
 
@@ -95,14 +99,35 @@ def test_greedy_split_generation_equals_unsplit_generate_with_the_exported_adapt
 @pytest.mark.parametrize("cuts", ["[1,3]", "[2]"])
 @pytest.mark.parametrize("arch", TESTED_ARCHITECTURES)
 def test_split_generation_is_exact_for_every_tested_architecture(arch, cuts):
-    """Each family in both shapes, a left-padded batch, the base model split (the cache classes are the family's own)."""
+    """Each family in both shapes, a left-padded batch, the base model split (the cache classes are the family's own);
+    the families whose model keeps its own generation state object are refused with why."""
     ids, mask = prompts()
-    with SplitModel(load_config(None, [f"model=tiny:{arch}", f"cuts={cuts}"]), None) as split:
+    cfg = load_config(None, [f"model=tiny:{arch}", f"cuts={cuts}"])
+    if arch in OWN_CACHE:
+        with pytest.raises(GenerationError, match=f"split generation does not support {arch}: .* cache object of its own"):
+            SplitModel(cfg, None)
+        return
+    with SplitModel(cfg, None) as split:
         got = split.generate(ids, mask, **GREEDY)
     with torch.no_grad():
         want = unsplit(f"tiny:{arch}").generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert torch.equal(got.sequences, want.sequences)
     assert max_score_diff(got, want) < 1e-5
+
+
+def test_the_own_cache_refusal_is_transformers_own_and_the_server_makes_it_too(monkeypatch):
+    """The refused families are the exact ones transformers cannot start from a DynamicCache; the twins: without the
+    refusal xLSTM fails inside the server's trunk, and a client that skips the check is refused by the server."""
+    assert {a for a in TESTED_ARCHITECTURES if own_cache_refusal(resolve_model(f"tiny:{a}").config())} == OWN_CACHE
+    assert own_cache_refusal(resolve_model("tiny:mamba").config()) is None  # Mamba's state is a per-layer Cache layer
+    cfg = load_config(None, ["model=tiny:xlstm", "cuts=[1,3]"])
+    monkeypatch.setattr(generator_module, "own_cache_refusal", lambda config: None)
+    with pytest.raises(RemoteError, match="split generation does not support xlstm") as refused:
+        SplitModel(cfg, None)
+    assert refused.value.code == "UNIMPLEMENTED"
+    monkeypatch.setattr(inference_module, "own_cache_refusal", lambda config: None)
+    with SplitModel(cfg, None) as split, pytest.raises(RemoteError, match="rnn_state"):
+        split.generate(*prompts(), **GREEDY)
 
 
 def test_a_server_that_skips_its_adapter_is_caught(trained):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from .config import load_config
 from .models.adapters import PEFT_PREFIX, expert_parameters
 from .models.arch import detect_arch
+from .models.linears import expert_weights
 from .models.zoo import resolve_model
 from .runner import ADAPTERS
 from .averaging import low_rank
@@ -152,9 +153,10 @@ def _expert_parameters(source, spec) -> tuple[list[str], int]:
     and how many experts each stacks (a wrapper's LoRA factors have rank × experts rows)."""
     from .models.arch import empty_model
 
-    block = empty_model(source.config()).get_submodule(spec.blocks_path)[0]
-    names = expert_parameters(spec, block, list(range(spec.n_blocks)))
-    return names, int(next(p.shape[0] for p in block.parameters() if p.dim() == 3))
+    blocks = empty_model(source.config()).get_submodule(spec.blocks_path)
+    names = expert_parameters(spec, blocks, list(range(spec.n_blocks)))
+    first = blocks[spec.expert_blocks[0]]
+    return names, int(first.get_parameter(expert_weights(first)[0]).shape[0])
 
 
 def _merge(source, out: Path, lora: dict, full: dict) -> None:

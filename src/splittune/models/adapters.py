@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
 from .arch import ArchSpec
+from .linears import bypassed, expert_weights, linear_names
 from .partition import Segment
 
 PEFT_PREFIX = "base_model.model."
@@ -33,6 +34,17 @@ class AdapterError(ValueError):
 def default_target_modules(model_type: str) -> list[str] | str:
     """peft's per-architecture default (attention projections); every linear layer where it has none."""
     return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or []) or "all-linear"
+
+
+def default_targets(spec: ArchSpec) -> list[str] | str:
+    """``default_target_modules``, unless some block of the model holds none of peft's targets (a hybrid whose
+    state-space blocks have no attention, e.g. Nemotron-H): then every linear layer LoRA can adapt, so each block
+    trains and a party holding only such blocks has adapters too. Decided from the whole model (the spec), so every
+    party and the unsplit model choose alike."""
+    targets = default_target_modules(spec.model_type)
+    if targets != "all-linear" and any(not set(targets) & set(names) for names in spec.lora_linears):
+        return "all-linear"
+    return targets
 
 
 _BASE_LAYER = re.compile(r"\.base_layer\.(?!lora_)")
@@ -58,25 +70,34 @@ def adapter_of(name: str) -> str | None:
     return None
 
 
-def linear_names(block: nn.Module) -> list[str]:
-    """Leaf names of every linear layer in a block (what ``all-linear`` means inside the blocks)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
-
-
-def _lora_config(spec: ArchSpec, lora: LoraConfig, blocks: list[int], block: nn.Module, scope: nn.Module) -> PeftLoraConfig:
-    """``block``: the first adapted block; ``scope``: all of them (blocks of a hybrid differ: attention, recurrent)."""
-    targets = lora.target_modules if lora.target_modules is not None else default_target_modules(spec.model_type)
+def _targets(spec: ArchSpec, lora: LoraConfig, scope: nn.Module) -> list[str]:
+    """The leaf names LoRA targets in ``scope`` (the adapted blocks); naming a layer whose weight the forward reads
+    directly (models/linears.py) is refused, as its LoRA would never train."""
+    targets = lora.target_modules if lora.target_modules is not None else default_targets(spec)
     if targets == "all-linear":  # peft cannot combine its own all-linear with a layer range
-        targets = linear_names(scope)
-    elif isinstance(targets, str):
-        targets = [targets]
+        return linear_names(scope)
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    ignored = sorted({t.rsplit(".", 1)[-1] for t in targets} & bypassed(scope))
+    if ignored:
+        raise AdapterError(
+            f"lora.target_modules names {', '.join(ignored)}, whose weight {spec.model_type} blocks read directly (in a "
+            f"fused kernel or a matrix product) rather than calling the layer, so a LoRA there would never train; LoRA "
+            f"can adapt {', '.join(linear_names(scope))} (or 'all-linear')"
+        )
+    return targets
+
+
+def _lora_config(spec: ArchSpec, lora: LoraConfig, blocks: list[int], all_blocks: nn.ModuleList, scope: nn.Module) -> PeftLoraConfig:
+    """``all_blocks``: the model's block list; ``scope``: the adapted blocks (blocks of a hybrid differ: attention,
+    recurrent, experts)."""
+    targets = _targets(spec, lora, scope)
     uses_conv1d = any(isinstance(m, Conv1D) for name, m in scope.named_modules() if name.rsplit(".", 1)[-1] in targets)
     return PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
-        target_parameters=expert_parameters(spec, block, blocks) if lora.experts else None,
+        target_parameters=(expert_parameters(spec, all_blocks, blocks) or None) if lora.experts else None,
         layers_to_transform=blocks,
         layers_pattern=spec.blocks_attr,
         fan_in_fan_out=uses_conv1d,
@@ -84,14 +105,14 @@ def _lora_config(spec: ArchSpec, lora: LoraConfig, blocks: list[int], block: nn.
     )
 
 
-def expert_parameters(spec: ArchSpec, block: nn.Module, blocks: list[int]) -> list[str]:
-    """Full names of the stacked expert weights (3-D parameters) in ``blocks``: peft's ``target_parameters``
-    ignores ``layers_to_transform``, so the blocks are named one by one."""
-    names = [n for n, p in block.named_parameters() if p.dim() == 3]
-    if not names:
+def expert_parameters(spec: ArchSpec, all_blocks: nn.ModuleList, blocks: list[int]) -> list[str]:
+    """Full names of the stacked expert weights in ``blocks`` (``all_blocks[i]`` for each): peft's ``target_parameters``
+    ignores ``layers_to_transform``, so the blocks are named one by one, each with its own (a hybrid such as Jamba has
+    experts in some blocks only). Empty for a party whose blocks hold none; refused for a model that has none."""
+    if not spec.expert_blocks:
         raise AdapterError(f"lora.experts: {spec.model_type} blocks hold no stacked expert weights (3-D parameters); "
                            "it is not a mixture-of-experts model, or its experts are separate linear layers (use lora.target_modules)")
-    return [f"{spec.blocks_path}.{i}.{n}" for i in blocks for n in names]
+    return [f"{spec.blocks_path}.{i}.{n}" for i in blocks if i in spec.expert_blocks for n in expert_weights(all_blocks[i])]
 
 
 def _seeded_lora_init(model: nn.Module, seed: int) -> None:
@@ -126,8 +147,8 @@ def apply_training(
     lora_blocks = sorted(i for seg, mode in segments if mode == "lora" for i in seg.blocks)
     if lora_blocks:
         all_blocks = model.get_submodule(spec.blocks_path)
-        block, scope = all_blocks[lora_blocks[0]], nn.ModuleList(all_blocks[i] for i in lora_blocks)
-        config = _lora_config(spec, lora, lora_blocks, block, scope)
+        scope = nn.ModuleList(all_blocks[i] for i in lora_blocks)
+        config = _lora_config(spec, lora, lora_blocks, all_blocks, scope)
         try:
             model = get_peft_model(model, config, adapter_name=adapters[0])
             for name in adapters[1:]:

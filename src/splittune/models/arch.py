@@ -6,9 +6,10 @@ head). The spec finds the block list and sorts the other parameter-holding modul
 *post* by running the model once on the meta device (no memory, no weights) and recording which
 modules execute before the first block. Nothing about a given architecture is written down here.
 
-Two layouts are refused up front, before any weight loads, from what the meta model shows (the reasons
-are in models/catalog.py): blocks that share one module's weights, and a loop that unpacks several values
-from each block, which the weightless stand-ins for a party's absent blocks do not return.
+Layouts a split cannot carry are refused up front, before any weight loads, from what the meta model shows
+(the reasons are in models/catalog.py): blocks that share one module's weights, blocks that hand the next block
+a second tensor beside the hidden state (only the hidden state crosses a cut), and a loop that uses more of a
+block's outputs than the weightless stand-ins for a party's absent blocks return.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from .catalog import SHARED_WEIGHTS, UNPACKING_LOOP
+from .catalog import CARRIED_STATE, SHARED_WEIGHTS, UNPACKING_LOOP, WIDE_STREAM
+from .linears import expert_weights, linear_names
 
 
 class ArchitectureError(ValueError):
@@ -40,6 +42,14 @@ class ArchSpec:
     positions_key: str = ""  # the config key (or module) that sets ``max_positions``
     block_tuple: bool = False  # a block returns a tuple whose first item is the hidden state (the loop unpacks it)
     block_outputs: int = 1  # how many items a block returns (a tuple's length; 1 for a bare tensor)
+    lora_linears: tuple[tuple[str, ...], ...] = ()  # per block: the linear layers LoRA can adapt (models/linears.py)
+    expert_blocks: tuple[int, ...] = ()  # blocks that hold stacked expert weights (lora.experts)
+
+    @property
+    def stub_returns(self) -> bool | int:
+        """What the stand-in for an absent block returns (``partition.AbsentBlock``): False for a bare tensor, else a
+        tuple as long as the real block's, so loops that unpack every block's outputs get as many."""
+        return self.block_outputs if self.block_tuple else False
 
     @property
     def blocks_attr(self) -> str:
@@ -70,11 +80,11 @@ def _n_blocks(config: PretrainedConfig) -> int:
     return n
 
 
-def empty_model(config: PretrainedConfig, device: str | torch.device = "meta") -> nn.Module:
+def empty_model(config: PretrainedConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
     """The model's module tree with no weights allocated."""
     try:
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+            return AutoModelForCausalLM.from_config(config, attn_implementation="eager", **({"dtype": dtype} if dtype else {}))
     except ValueError as err:
         raise ArchitectureError(
             f"model_type {config.model_type!r} is not a causal LM transformers can build ({str(err)[:200]})"
@@ -131,40 +141,80 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
 
     def entered(module, args, kwargs):
         seen["pre"] = list(ran)
-
-    def returned(module, args, kwargs, output):  # what the decoder loop unpacks (weightless stubs must match it)
-        seen["tuple"] = isinstance(output, tuple)
-        seen["outputs"] = len(output) if isinstance(output, tuple) else 1
-        raise _Stop
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        seen["width"] = hidden.shape[-1] if isinstance(hidden, torch.Tensor) else None
 
     hooks.append(blocks[0].register_forward_pre_hook(entered, with_kwargs=True))
-    hooks.append(blocks[0].register_forward_hook(returned, with_kwargs=True))
     try:
-        ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
-        with _meta_counts_as_tracing():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    except _Stop:
-        pass
+        _trace_blocks(model, blocks, seen)
     except Exception as err:
-        if "pre" not in seen:  # a block that cannot run on meta only leaves its output form unknown
+        if "pre" not in seen:
             raise ArchitectureError(
                 f"could not trace {type(model).__name__} to find its embeddings ({type(err).__name__}: {str(err)[:200]})"
             ) from None
     finally:
         for h in hooks:
             h.remove()
+    if "outputs" not in seen:  # block 0 could not run on meta: some kernels check dtypes there (grouped_mm wants bf16)
+        with contextlib.suppress(Exception):  # a block that cannot run on meta only leaves its output form unknown
+            again = empty_model(config, dtype=torch.bfloat16)
+            _trace_blocks(again, again.get_submodule(blocks_path), seen)
     ran = seen.get("pre", [])
     if not ran:
         raise ArchitectureError(f"{type(model).__name__}: no embedding module runs before the first block")
     pre = tuple(n for n in holders if n in ran)
     post = tuple(n for n in holders if n not in ran)
+    width = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", None)
+    if isinstance(width, int) and seen.get("width") not in (None, width):
+        raise ArchitectureError(f"{type(model).__name__} ({config.model_type}) cannot be split: {WIDE_STREAM} "
+                                f"({seen['width']} wide between blocks; hidden_size {width})")
+    if seen.get("carried"):
+        raise ArchitectureError(f"{type(model).__name__} ({config.model_type}) cannot be split: {CARRIED_STATE} "
+                                "(block 1 takes such a tensor beside its hidden state)")
     if seen.get("outputs", 1) > 1:
-        _refuse_unpacking_loop(model, blocks, [holders[n] for n in post], bool(seen["tuple"]), int(seen["outputs"]))
+        _refuse_unpacking_loop(model, blocks, [holders[n] for n in post], int(seen["outputs"]))
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     limit, key = _position_limit(config, model, embed, ran)
     return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied, limit, key, bool(seen.get("tuple", False)),
-                    int(seen.get("outputs", 1)))
+                    int(seen.get("outputs", 1)), tuple(tuple(linear_names(b)) for b in blocks),
+                    tuple(i for i, b in enumerate(blocks) if expert_weights(b)))
+
+
+def _trace_blocks(model: nn.Module, blocks: nn.ModuleList, seen: dict) -> None:
+    """Run ``model`` on meta up to block 1, recording in ``seen`` what block 0 returns (what the decoder loop unpacks,
+    which weightless stand-ins must match) and whether block 1 takes, beside the hidden state, a tensor that only the
+    blocks before it can compute."""
+
+    def returned(module, args, kwargs, output):
+        seen["tuple"] = isinstance(output, tuple)
+        seen["outputs"] = len(output) if isinstance(output, tuple) else 1
+        seen["extra"] = [x for x in output[1:] if x is not None] if isinstance(output, tuple) else []
+        if len(blocks) == 1:
+            raise _Stop
+
+    def next_block(module, args, kwargs):
+        others = [*args[1:], *(v for k, v in kwargs.items() if not (k == "hidden_states" and not args))]
+        others += [x for v in others if isinstance(v, (tuple, list)) for x in v]
+        others += [x for v in others if isinstance(v, dict) for x in v.values()]
+        # what block 0 returned beside the hidden state, or any other tensor computed from weights (it has a gradient
+        # path: made from the embeddings or earlier blocks): a party starting at a cut could not compute either
+        seen["carried"] = any(any(v is x for x in seen.get("extra", [])) or (isinstance(v, torch.Tensor) and v.requires_grad)
+                              for v in others)
+        raise _Stop
+
+    hooks = [blocks[0].register_forward_hook(returned, with_kwargs=True)]
+    if len(blocks) > 1:
+        hooks.append(blocks[1].register_forward_pre_hook(next_block, with_kwargs=True))
+    try:
+        ids = torch.zeros(1, 4, dtype=torch.long, device="meta")
+        with _meta_counts_as_tracing():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _refuse_shared_weights(model: nn.Module, blocks: nn.ModuleList, blocks_path: str) -> None:
@@ -182,15 +232,15 @@ def _refuse_shared_weights(model: nn.Module, blocks: nn.ModuleList, blocks_path:
                 )
 
 
-def _refuse_unpacking_loop(model: nn.Module, blocks: nn.ModuleList, post: list[nn.Module], as_tuple: bool, n: int) -> None:
-    """Run the model on meta with every block replaced by the stand-in a party uses for blocks it does not hold:
-    a loop that unpacks several values from each block (a recurrent state beside the hidden state: RWKV, xLSTM)
-    fails on it, and would fail the same way in every split."""
+def _refuse_unpacking_loop(model: nn.Module, blocks: nn.ModuleList, post: list[nn.Module], n: int) -> None:
+    """Run the model on meta with every block replaced by the stand-in a party uses for blocks it does not hold (a
+    tuple as long as block 0's: the hidden state, then None): a loop that unpacks another number of values from some
+    blocks (block kinds that return different tuples) fails on it, and would fail the same way in every split."""
     from .partition import AbsentBlock  # partition imports this module
 
     originals = list(blocks)
     for i, block in enumerate(originals):
-        blocks[i] = AbsentBlock(block, as_tuple)
+        blocks[i] = AbsentBlock(block, n, i)
     stops = [m.register_forward_pre_hook(_raise_stop) for m in post]
     try:
         ids = torch.zeros(1, 4, dtype=torch.long, device="meta")

@@ -20,9 +20,13 @@ DETECTED = "detected automatically; run splittune verify"
 # Why detect_arch refuses a model (models/arch.py words its refusal with these; a refused family names one).
 SHARED_WEIGHTS = ("its blocks share the weights of one module, and each party loads and trains only its own blocks, "
                   "so a module shared across a cut would become two diverging copies")
-UNPACKING_LOOP = ("its model loop unpacks several values from every block (the hidden state and more, such as a "
-                  "recurrent state), and splittune's stand-ins for the blocks a party does not hold return only the "
-                  "hidden state")
+CARRIED_STATE = ("its blocks take, beside the hidden state, a tensor computed from weights before them (a router state "
+                 "or attention selection handed from block to block, earlier blocks' hidden states, or a learned "
+                 "position bias), and only the hidden state crosses a cut, so the blocks after a cut would run without it")
+WIDE_STREAM = ("what runs from block to block is wider than its hidden size (several residual streams, as with "
+               "hyper-connections), and a cut carries one hidden state of the model's hidden size")
+UNPACKING_LOOP = ("its model loop unpacks a different number of values from different blocks, and splittune's "
+                  "stand-ins for the blocks a party does not hold return one shape for all")
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,39 @@ FAMILIES: tuple[Family, ...] = (
     Family("stablelm", EXACT, "partial rotary, layer norms"),
     Family("lfm2", EXACT, "short-convolution layers between attention layers"),
     Family("recurrent_gemma", EXACT, "recurrent (RG-LRU) layers between local attention layers"),
+    # state-space and linear-attention layers: the state runs along the sequence inside a layer, so in training only
+    # hidden states cross a cut; LoRA goes on the layers the forward calls (models/linears.py)
+    Family("mamba", EXACT, "selective state-space layers; LoRA on in_proj (a fused kernel reads the other projections)"),
+    Family("falcon_mamba", EXACT, "Mamba layers with norms on the state-space inputs"),
+    Family("mamba2", EXACT, "Mamba-2 layers, a chunked scan; LoRA on in_proj"),
+    Family("bamba", EXACT, "Mamba-2 and attention layers; blocks return tuples the loop unpacks"),
+    Family("falcon_h1", EXACT, "attention and Mamba-2 side by side in every layer, multipliers"),
+    Family("jamba", EXACT, "Mamba and attention layers, experts on some layers only"),
+    Family("granitemoehybrid", EXACT, "Mamba-2 and attention layers, experts in every layer"),
+    Family("nemotron_h", EXACT, "Mamba-2, attention, MLP and expert layers; default LoRA on every layer kind"),
+    Family("rwkv", EXACT, "RWKV time-mixing recurrence; blocks return (hidden, state, attentions)"),
+    Family("xlstm", EXACT, "mLSTM recurrence; blocks return (hidden, state)"),
+    Family("qwen3_next", EXACT, "gated DeltaNet layers between attention layers, experts"),
+    Family("qwen3_5", EXACT, "gated DeltaNet layers between attention layers, from a composite config"),
+    Family("qwen3_5_moe", EXACT, "gated DeltaNet layers between attention layers, experts"),
+    Family("olmo_hybrid", EXACT, "gated DeltaNet layers between attention layers"),
+    Family("kimi_linear", EXACT, "Kimi delta attention between latent (MLA) attention layers, experts"),
+    Family("bailing_hybrid", EXACT, "delta attention between attention layers, experts"),
+    Family("lara_mini", EXACT, "gated DeltaNet, sliding and full attention layers, experts"),
+    Family("minimax", EXACT, "lightning (linear) attention alternating with attention, experts"),
+    Family("lfm2_moe", EXACT, "short-convolution and attention layers, experts"),
+    Family("lfm3", EXACT, "short-convolution, sliding and full attention layers"),
+    Family("inkling_text", EXACT, "short convolutions inside sliding and full attention layers, experts"),
     Family("zamba", REFUSED, SHARED_WEIGHTS),
     Family("zamba2", REFUSED, SHARED_WEIGHTS),
-    Family("rwkv", REFUSED, UNPACKING_LOOP),
-    Family("xlstm", REFUSED, UNPACKING_LOOP),
-    Family("bamba", REFUSED, UNPACKING_LOOP),
+    Family("zaya", REFUSED, CARRIED_STATE),
+    Family("inkling2_text", REFUSED, CARRIED_STATE),
+    Family("inkling2_loop_text", REFUSED, CARRIED_STATE),
+    Family("glm_moe_dsa", REFUSED, CARRIED_STATE),
+    Family("hy_v4", REFUSED, CARRIED_STATE),
+    Family("cpmant", REFUSED, CARRIED_STATE),
+    Family("qwen4_exp", REFUSED, WIDE_STREAM),
+    Family("qwen4_exp_text", REFUSED, WIDE_STREAM),
 )
 
 TESTED_ARCHITECTURES = tuple(f.model_type for f in FAMILIES if f.status == EXACT)

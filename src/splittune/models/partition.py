@@ -133,16 +133,20 @@ class AbsentBlock(nn.Module):
     """Stands in for a block this party does not hold: no weights, passes its input through.
 
     Its output is never used: the segment runner replaces the hidden state at the first block the
-    segment runs. It returns what the real block returns (``ArchSpec.block_tuple``: a tuple for loops that
-    take ``outputs[0]``), so a long run of stubs hands every one the same shape; and it copies the original
-    block's plain attributes (e.g. ``attention_type``) because some decoder loops read them.
+    segment runs. It returns what the real block returns, so a long run of stubs hands every one the same
+    shape and loops that unpack each block's outputs get as many: ``block_tuple`` is False for a bare tensor,
+    True for a tuple the loop takes ``outputs[0]`` of, or the tuple's length (``ArchSpec.stub_returns``), whose
+    items after the hidden state are None (a stand-in computes no attention weights or recurrent state; arch.py
+    refuses a model whose blocks hand such a state to the next block). It copies the original block's plain
+    attributes (e.g. ``attention_type``) because some decoder loops read them.
     """
 
-    def __init__(self, original: nn.Module | None = None, block_tuple: bool = False, index: int | None = None):
+    def __init__(self, original: nn.Module | None = None, block_tuple: bool | int = False, index: int | None = None):
         super().__init__()
         self.block_tuple = block_tuple
-        if original is not None:
-            for key, value in vars(original).items():
+        if original is not None:  # class attributes too: some layer classes declare their kind (Inkling2's attention_type)
+            plain = [vars(k) for k in reversed(type(original).__mro__) if k.__module__.startswith("transformers.")]
+            for key, value in (kv for d in (*plain, vars(original)) for kv in d.items()):
                 if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None))):
                     setattr(self, key, value)
         self.layer_idx = index  # its place in the block list (set after the copy: models name it differently)
@@ -155,7 +159,13 @@ class AbsentBlock(nn.Module):
             # so the model's own get_seq_length() and mask sizes are right whichever layers the party holds
             z = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
             cache.update(z, z, self.layer_idx)
-        return (hidden,) if self.block_tuple else hidden
+        return self.returns(hidden)
+
+    def returns(self, hidden: torch.Tensor):
+        """``hidden`` in the form the real block returns it (subclasses that compute the hidden state reuse this)."""
+        if not self.block_tuple:
+            return hidden
+        return (hidden,) + (None,) * (int(self.block_tuple) - 1)
 
 
 def _tracks_length(cache: Cache, index: int) -> bool:
@@ -242,7 +252,7 @@ def load_party_model(
     block_list = model.get_submodule(spec.blocks_path)
     for i in range(spec.n_blocks):
         if i not in owned_blocks:
-            block_list[i] = AbsentBlock(block_list[i], spec.block_tuple, i)
+            block_list[i] = AbsentBlock(block_list[i], spec.stub_returns, i)
 
     owned_modules = (spec.pre if pre else ()) + (spec.post if post else ())
     block_prefixes = tuple(spec.block_prefix(i) for i in owned_blocks)

@@ -72,7 +72,7 @@ def run_segment(
     start: int,
     end: int,
     *,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     input_ids: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,

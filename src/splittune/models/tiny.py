@@ -28,12 +28,18 @@ DEFAULTS = dict(layers=4, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=320, se
 
 # Bump when what a tiny config contains changes: the cache directory names it, so a model built by an
 # older rule is never reused.
-TINY_VERSION = 3
+TINY_VERSION = 4
 
 
 def _alternate(first: str, second: str):
     return lambda o: [first if i % 2 == 0 else second for i in range(o["layers"])]
 
+
+# Mamba-2 mixers at the tiny width (the defaults keep the full model's 128 heads and 256 states, which made one
+# training step of a 64-wide model take seconds): heads x head_dim = expand (2) x hidden, chunks shorter than a test
+# sequence so the scan carries its state from chunk to chunk.
+_SSM_HEADS = lambda o: 2 * o["hidden"] // 16  # noqa: E731
+_MAMBA2 = dict(mamba_n_heads=_SSM_HEADS, mamba_d_state=16, mamba_chunk_size=8)
 
 # Settings that make a tiny config exercise what the real architecture does differently (sliding windows,
 # mixed layer types, soft-capping, embedding projections, partial rotary), or that no generic rule can
@@ -53,10 +59,20 @@ QUIRKS: dict[str, dict] = {
     # one attention layer among the state-space layers, as the released models interleave them
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
     "lfm2": dict(full_attn_idxs=lambda o: list(range(1, o["layers"], 2))),
+    "inkling2_text": dict(unpadded_vocab_size=lambda o: o["vocab"]),  # the head's rows (the default is the full 200k)
+    "inkling2_loop_text": dict(unpadded_vocab_size=lambda o: o["vocab"]),
+    "lfm2_moe": dict(layer_types=_alternate("conv", "full_attention")),  # no default list: released configs name one
+    # QSA sparse attention needs its indexer sized (the default names none), a budget shorter than a test sequence
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4,
+                           indexer_compress_ratio=2, hc_lowrank=8),
     "zamba": dict(attn_layer_period=2, attn_layer_offset=0),  # two hybrid layers share one attention block
-    "bamba": dict(attn_layer_indices=lambda o: list(range(1, o["layers"], 2))),
-    "granitemoehybrid": dict(layer_types=_alternate("linear_attention", "full_attention")),
-    "mamba2": dict(num_heads=lambda o: 2 * o["hidden"] // 16, head_dim=16),  # heads x head_dim = expand (2) x hidden
+    "granitemoehybrid": dict(layer_types=_alternate("linear_attention", "full_attention"), **_MAMBA2),
+    "mamba2": dict(num_heads=_SSM_HEADS, head_dim=16, state_size=16, n_groups=2, chunk_size=8),
+    "bamba": dict(attn_layer_indices=lambda o: list(range(1, o["layers"], 2)), **_MAMBA2),
+    "falcon_h1": dict(mamba_d_ssm=lambda o: 2 * o["hidden"], **_MAMBA2),
+    "nemotron_h": dict(mamba_num_heads=_SSM_HEADS, mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=8),
+    # the query/key width rounds up to a multiple of 64 in the cache but not in the layer: a factor that lands on one
+    "xlstm": dict(num_heads=lambda o: o["heads"], qk_dim_factor=lambda o: max(1, o["hidden"] // 64) * 64 / o["hidden"]),
 }
 
 ATTENTION_KINDS = {"full_attention", "sliding_attention"}
@@ -73,7 +89,7 @@ def _caps(opts: dict) -> dict:
                 shared_expert_intermediate_size=opts["ffn"] // 2, kv_lora_rank=opts["hidden"] // 2,
                 q_lora_rank=opts["hidden"] // 2,
                 # windows shorter than a test batch's sequences, so windowed attention differs from full attention
-                sliding_window=5, attention_window_size=5, attention_chunk_size=5)
+                sliding_window=5, sliding_window_size=5, attention_window_size=5, attention_chunk_size=5)
 
 
 class TinyModelError(ValueError):

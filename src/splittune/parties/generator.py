@@ -10,7 +10,9 @@ head's raw output, which a forward hook puts in place of the client's own (weigh
 model does after its head (logit scaling, soft-capping) runs once, on the client, as in the unsplit model.
 
 Everything else (sampling, stopping on EOS or stop strings, streamers, left padding, the cache classes) is
-transformers' code. Beam search reorders caches, which a split cannot do across parties: it is refused.
+transformers' code. Beam search reorders caches, which a split cannot do across parties: it is refused, and so
+are models whose generation state lives in a cache object of their own rather than transformers' layered ``Cache``
+(RWKV, xLSTM, the original MiniMax): each party keeps the layers of its own blocks, which such a cache does not have.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 from transformers.generation.streamers import BaseStreamer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..channels import RemoteError
 from ..cut.link import CutLink
@@ -33,6 +37,21 @@ from .party import Party
 
 class GenerationError(ValueError):
     """A generation request splittune cannot serve (named argument, allowed values)."""
+
+
+def own_cache_refusal(config: PretrainedConfig) -> str | None:
+    """Why split generation cannot serve this model, or None. transformers' own test of a model class decides: a
+    model that cannot start from a ``DynamicCache`` builds a state object of its own, whose per-model layout the
+    parties' stubs cannot keep in step layer by layer."""
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+    if cls._supports_default_dynamic_cache():
+        return None
+    return (f"split generation does not support {config.model_type}: {cls.__name__} keeps its generation state in a "
+            "cache object of its own, not transformers' per-layer Cache whose layers each party keeps for its own "
+            "blocks; training, verify and export work, and the exported adapter (splittune export) generates unsplit")
 
 
 class RemoteSegment(AbsentBlock):
@@ -89,6 +108,9 @@ class SplitGenerator:
         plan = party.plan
         if plan.shape == "centralized":
             raise GenerationError("a centralized run has no cut; generate with the exported adapter instead")
+        refusal = own_cache_refusal(party.model.config)
+        if refusal:
+            raise GenerationError(refusal)
         self.start = plan.cuts[0]  # the server's segment (the trunk) starts at the first cut
         self.two_part = plan.shape == "two-part"
         self.model = party.model
@@ -132,15 +154,17 @@ class SplitGenerator:
         seen = self._seen
         mask = seen.get("attention_mask")
         rows, new = hidden.shape[:2]
-        if mask is None:
-            mask = torch.ones(rows, self._positions + new, dtype=torch.long, device=hidden.device)
-        if mask.dim() != 2:
+        tensors = {"hidden": hidden.detach()}
+        if mask is None:  # the forward got none (Mamba drops it after the prompt): the server's segment gets none either
+            start = self._positions
+        elif mask.dim() != 2:
             raise GenerationError("split generation needs a 2-D attention mask ([batch, positions])")
-        start = mask.shape[1] - new
+        else:
+            start = mask.shape[1] - new
+            tensors["attention_mask"] = mask.to(torch.int64)
         if start != self._positions and start != 0:
             raise GenerationError(f"the model's forward starts at position {start}, but the server holds {self._positions}; "
                                   "split generation sends each position once, in order")
-        tensors = {"hidden": hidden.detach(), "attention_mask": mask.to(torch.int64)}
         if seen.get("position_ids") is not None:
             tensors["position_ids"] = seen["position_ids"].to(torch.int64)
         meta: dict[str, Any] = {"start": start}

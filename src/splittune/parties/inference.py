@@ -34,6 +34,7 @@ from ..models.partition import PlanError
 from ..models.segment import run_segment
 from ..models.stages import segment_failures
 from ..models.zoo import ModelSource
+from .generator import own_cache_refusal
 from .party import Party, SessionSpec
 from .protocol import GenerateMeta, ProtocolError, hidden_in
 
@@ -149,6 +150,9 @@ class InferenceSessions:
         plan = session.plan(self.spec.n_blocks)
         if plan.shape == "centralized":
             raise ProtocolError("a centralized run has no server part to generate with")
+        refusal = own_cache_refusal(self.config)
+        if refusal:
+            raise ProtocolError(refusal, "UNIMPLEMENTED")
         segments = plan.party_segments("server")
         blocks = [i for s in segments for i in s.blocks]
         start, end = blocks[0], blocks[-1] + 1
@@ -247,11 +251,11 @@ class InferenceSessions:
                                 f"the message starts at {meta.start} (0 starts a new sequence)", "FAILED_PRECONDITION")
         if meta.start and rows != s.rows:
             raise ProtocolError(f"the sequence has {s.rows} rows; this message has {rows} (start at 0 for a new batch)")
-        mask = tensors.get("attention_mask")
-        if mask is None or mask.dtype != torch.int64 or tuple(mask.shape) != (rows, meta.start + new):
-            got = None if mask is None else (mask.dtype, list(mask.shape))
-            raise ProtocolError(f"attention_mask must be int64 of shape [{rows}, {meta.start + new}] (every position so far), got {got}")
-        if not ((mask == 0) | (mask == 1)).all():
+        mask = tensors.get("attention_mask")  # absent when the client's forward has none (Mamba's after the prompt)
+        if mask is not None and (mask.dtype != torch.int64 or tuple(mask.shape) != (rows, meta.start + new)):
+            raise ProtocolError(f"attention_mask must be int64 of shape [{rows}, {meta.start + new}] (every position so far), "
+                                f"or absent, got {mask.dtype} {list(mask.shape)}")
+        if mask is not None and not ((mask == 0) | (mask == 1)).all():
             raise ProtocolError("attention_mask may hold only 0 and 1")
         positions = tensors.get("position_ids")
         if positions is not None and (positions.dtype != torch.int64 or tuple(positions.shape) not in ((rows, new), (1, new))):
