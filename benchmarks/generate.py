@@ -204,7 +204,7 @@ def table(results: list[dict], meta: dict) -> str:
                      f"{per_up} | {per_down} | {prompt} | {equal} |")
     lines += ["", "Ratios: median tokens/s over the unsplit entry's (same run, same batch); brackets: p10–p90 of the "
               "per-round paired ratio. Bytes per token: each generate crossing after the prompt's (frames as sent, "
-              "headers included); up grows by the attention mask's new column each step. Tokens/s counts every row's "
+              "headers included); up carries the new position's attention-mask column too (8 bytes a row). Tokens/s counts every row's "
               "new tokens over the whole generate call (prompt included); decode tokens/s leaves out the first token.",
               "Scores ±: the largest difference of any step's scores from unsplit's (one untimed generate). "
               "Twin (the check can fail): unsplit with its adapter disabled differs from it by "

@@ -174,7 +174,9 @@ def test_one_position_per_token_crosses_after_the_prompt_each_way():
     assert [m.tensors["hidden"].shape[1] for m, _ in up] == crossed.positions
     assert [m.meta["start"] for m, _ in up] == [0, 9, 10, 11, 12, 13]
     assert [tuple(m.tensors["hidden"].shape) for m, _ in down] == [(2, 9, width)] + [(2, 1, width)] * 5
-    assert [tuple(m.tensors["attention_mask"].shape) for m, _ in up] == [(2, 9 + k) for k in range(6)]
+    assert [tuple(m.tensors["attention_mask"].shape) for m, _ in up] == [(2, 9)] + [(2, 1)] * 5  # new columns only
+    sizes = [n for _, n in up[1:]]
+    assert max(sizes) - min(sizes) <= 2  # a token costs the same at any length (only the start field's digits grow)
     # bytes per token per direction: the hidden state of one position per row (fp32), plus a small header
     # (and one mask column per row up)
     for (m, n), (r, k) in zip(up[1:], down[1:]):
@@ -319,10 +321,10 @@ def raw_session(link, cfg_sets=("model=tiny:llama", "cuts=[1,3]"), tensors=None)
     return channel, sid, reply
 
 
-def step(channel, sid, start, new, rows=1, width=64, total=None):
-    total = start + new if total is None else total
+def step(channel, sid, start, new, rows=1, width=64, columns=None):
+    columns = new if columns is None else columns
     return ask(channel, Message("generate", sid, tensors={"hidden": torch.randn(rows, new, width),
-                                                           "attention_mask": torch.ones(rows, total, dtype=torch.long)},
+                                                           "attention_mask": torch.ones(rows, columns, dtype=torch.long)},
                                 meta={"start": start}))
 
 
@@ -334,19 +336,23 @@ def test_bad_inference_messages_get_a_status_and_the_server_keeps_serving():
     bad = step(channel, sid, 2, 1)  # the cache holds 4 positions
     assert bad.kind == "error" and bad.meta["code"] == "FAILED_PRECONDITION"
     assert "cache position out of order: this session's cache holds 4 positions, the message starts at 2" in bad.meta["reason"]
-    bad = step(channel, sid, 4, 1, total=3)
-    assert bad.kind == "error" and "attention_mask must be int64 of shape [1, 5]" in bad.meta["reason"]
+    bad = step(channel, sid, 4, 1, columns=5)  # the whole mask: the session holds the first 4 columns already
+    assert bad.kind == "error" and "attention_mask must be int64 of shape [1, 1] (the new positions' columns)" in bad.meta["reason"]
     bad = step(channel, sid, 4, 1, rows=2)
     assert bad.kind == "error" and "the sequence has 1 rows" in bad.meta["reason"]
     nan = ask(channel, Message("generate", sid, tensors={"hidden": torch.full((1, 1, 64), float("nan")),
-                                                          "attention_mask": torch.ones(1, 5, dtype=torch.long)}, meta={"start": 4}))
+                                                          "attention_mask": torch.ones(1, 1, dtype=torch.long)}, meta={"start": 4}))
     assert nan.kind == "error" and "NaN" in nan.meta["reason"]
-    two = ask(channel, Message("generate", sid, tensors={"hidden": torch.randn(1, 1, 64), "attention_mask": torch.ones(1, 5, dtype=torch.long)},
+    two = ask(channel, Message("generate", sid, tensors={"hidden": torch.randn(1, 1, 64), "attention_mask": torch.ones(1, 1, dtype=torch.long)},
                                meta={"start": 4, "keep": 1}))
     assert two.kind == "error" and "does not end the model" in two.meta["reason"]
     extra = ask(channel, Message("generate", sid, meta={"start": 4, "speed": 2}))
     assert extra.kind == "error" and "unknown meta field 'speed'" in extra.meta["reason"]
     assert step(channel, sid, 4, 1).kind == "generate"  # the session still works, at the position it held
+    maskless = ask(channel, Message("generate", sid, tensors={"hidden": torch.randn(1, 3, 64)}, meta={"start": 0}))
+    assert maskless.kind == "generate"  # a forward without a mask (Mamba's) is served without one
+    late = step(channel, sid, 3, 1)
+    assert late.kind == "error" and "earlier positions came without one" in late.meta["reason"]
     ghost = step(channel, "nobody", 0, 1)
     assert ghost.kind == "error" and ghost.meta["code"] == "NOT_FOUND" and "unknown inference session 'nobody'" in ghost.meta["reason"]
     wrong = ask(channel, Message("activations", sid, tensors={}))

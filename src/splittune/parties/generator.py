@@ -3,11 +3,12 @@ server's blocks reached across the cut.
 
 The client's model already has weightless stubs where the server's blocks are (``AbsentBlock``); they keep the
 client's KV cache in step with one value per position. The stub at the first server block becomes a
-:class:`RemoteSegment`: it sends the hidden state of the new positions (with the whole attention mask and the
-position ids the model's forward was given, which a forward pre-hook records) in a ``generate`` message, and
-returns what the server's segment made of it. In the two-part split the server ends the model: its reply is the
-head's raw output, which a forward hook puts in place of the client's own (weightless) head's, so whatever the
-model does after its head (logit scaling, soft-capping) runs once, on the client, as in the unsplit model.
+:class:`RemoteSegment`: it sends the hidden state of the new positions (with their columns of the attention mask,
+which the server appends to the ones it holds, and the position ids the model's forward was given, which a
+forward pre-hook records) in a ``generate`` message, and returns what the server's segment made of it. In the
+two-part split the server ends the model: its reply is the head's raw output, which a forward hook puts in place
+of the client's own (weightless) head's, so whatever the model does after its head (logit scaling, soft-capping)
+runs once, on the client, as in the unsplit model.
 
 Everything else (sampling, stopping on EOS or stop strings, streamers, left padding, the cache classes) is
 transformers' code. Beam search reorders caches, which a split cannot do across parties: it is refused, and so
@@ -161,7 +162,7 @@ class SplitGenerator:
             raise GenerationError("split generation needs a 2-D attention mask ([batch, positions])")
         else:
             start = mask.shape[1] - new
-            tensors["attention_mask"] = mask.to(torch.int64)
+            tensors["attention_mask"] = mask[:, start:].to(torch.int64)  # the new columns: the server keeps the rest
         if start != self._positions and start != 0:
             raise GenerationError(f"the model's forward starts at position {start}, but the server holds {self._positions}; "
                                   "split generation sends each position once, in order")

@@ -3,9 +3,9 @@ server-side adapter, and a transformers KV cache for the blocks it runs.
 
 A client opens one with a hello whose meta says ``inference`` (the session proposal of its run, plus the tensors
 its server part trained), then sends ``generate`` messages: the activations of the positions that are new since
-the last one, the whole attention mask and the position ids; the reply is the segment's output for those positions
-(the activations at the top cut, or in the two-part split the head's raw logits). Only new positions cross: the
-cache holds the rest.
+the last one, their columns of the attention mask and the position ids; the reply is the segment's output for
+those positions (the activations at the top cut, or in the two-part split the head's raw logits). Only new
+positions cross: the cache and the session's mask hold the rest.
 
 Sessions live beside a training run and never join or reset it. They are bounded (``InferenceLimits``: how many at
 once, and the bytes their caches hold together) and freed on ``close``, when their stream disconnects, or after
@@ -63,6 +63,7 @@ class _Session:
     end: int
     cache: DynamicCache | None = None
     positions: int = 0  # what the cache holds
+    mask: torch.Tensor | None = None  # the attention mask of those positions (each message brings its new columns)
     rows: int = 0
     bytes: int = 0
     last: float = field(default_factory=time.monotonic)
@@ -251,12 +252,19 @@ class InferenceSessions:
                                 f"the message starts at {meta.start} (0 starts a new sequence)", "FAILED_PRECONDITION")
         if meta.start and rows != s.rows:
             raise ProtocolError(f"the sequence has {s.rows} rows; this message has {rows} (start at 0 for a new batch)")
-        mask = tensors.get("attention_mask")  # absent when the client's forward has none (Mamba's after the prompt)
-        if mask is not None and (mask.dtype != torch.int64 or tuple(mask.shape) != (rows, meta.start + new)):
-            raise ProtocolError(f"attention_mask must be int64 of shape [{rows}, {meta.start + new}] (every position so far), "
+        # the new positions' columns of the attention mask; the session holds the earlier ones. Absent when the
+        # client's forward has none (Mamba's after the prompt): the segment then gets none either
+        mask = tensors.get("attention_mask")
+        if mask is not None and (mask.dtype != torch.int64 or tuple(mask.shape) != (rows, new)):
+            raise ProtocolError(f"attention_mask must be int64 of shape [{rows}, {new}] (the new positions' columns), "
                                 f"or absent, got {mask.dtype} {list(mask.shape)}")
         if mask is not None and not ((mask == 0) | (mask == 1)).all():
             raise ProtocolError("attention_mask may hold only 0 and 1")
+        if mask is not None and meta.start:
+            if s.mask is None:
+                raise ProtocolError("attention_mask: this sequence's earlier positions came without one; send it from "
+                                    "the start of the sequence (start 0) or not at all")
+            mask = torch.cat([s.mask, mask], dim=1)
         positions = tensors.get("position_ids")
         if positions is not None and (positions.dtype != torch.int64 or tuple(positions.shape) not in ((rows, new), (1, new))):
             raise ProtocolError(f"position_ids must be int64 of shape [{rows}, {new}], got {positions.dtype} {list(positions.shape)}")
@@ -269,6 +277,7 @@ class InferenceSessions:
                                 f"({others} held by other sessions); close sessions or ask for fewer positions", "RESOURCE_EXHAUSTED")
         out = self.run(self._forward, s, hidden, mask, positions, meta)
         s.positions, s.rows, s.bytes, s.last = meta.start + new, rows, cache_bytes(s.cache), time.monotonic()
+        s.mask = mask
         if self.bytes > self.limits.max_bytes:  # the first forward of a sequence, larger than any estimate allowed
             self.close(session_id)
             raise ProtocolError(f"the session's cache ({s.bytes} bytes) exceeds this server's cap of {self.limits.max_bytes} bytes "
@@ -294,7 +303,7 @@ class InferenceSessions:
                 out = run_segment(party.model, party.blocks, s.start, s.end, attention_mask=mask, hidden=hidden, post=party.post,
                                   head=s.head, want_logits=s.head, forward_kwargs=forward)
         except BaseException:
-            s.cache, s.positions = None, 0  # a half-updated cache is useless: the next message must start afresh
+            s.cache, s.positions, s.mask = None, 0, None  # a half-updated cache is useless: the next message must start afresh
             raise
         finally:
             if handle is not None:
