@@ -13,8 +13,8 @@ neighbour slows all alike and none always runs first. Threads are pinned (``torc
 (``min_new_tokens`` too, so an early EOS cannot shorten one entry's work); the batch-4 entries use four
 left-padded prompts. Reported: median tokens/s (every row's new tokens over the ``generate`` call) with its
 p10-p90 spread and the ratio of medians against the unsplit entry of the same run and batch, time to first
-token, bytes per generated token each way (the crossings after the prompt's, read off ``generator.crossings``
-as each token arrives) and the prompt's, and whether the greedy tokens equal unsplit's.
+token, bytes per generated token each way (the crossings after the prompt's, from ``generator.crossings``,
+one entry per message) and the prompt's, and whether the greedy tokens equal unsplit's.
 Writes ``runs/bench-generate/generate.json`` and ``generate.md``.
 """
 
@@ -50,19 +50,15 @@ OUT = Path("runs/bench-generate")
 
 
 class Clock(BaseStreamer):
-    """When each new token exists, and (for a split) the crossings' byte counters at that moment: token k arrives
-    after k crossings (the prompt's, then one per earlier token), so successive snapshots are each crossing's bytes."""
+    """When each new token exists, measured the same way for split and unsplit entries."""
 
-    def __init__(self, crossings=None):
-        self.crossings, self.calls, self.times, self.bytes = crossings, 0, [], []
+    def __init__(self):
+        self.calls, self.times = 0, []
 
     def put(self, value):
         self.calls += 1
         if self.calls > 1:  # the first call is the prompt
             self.times.append(time.perf_counter())
-            c = self.crossings
-            if c is not None:
-                self.bytes.append((c.messages, c.bytes_up, c.bytes_down))
 
     def end(self):
         pass
@@ -97,35 +93,19 @@ def unsplit_model(model: str, adapter: Path):
     return PeftModel.from_pretrained(base, str(adapter)).eval()
 
 
-def inputs(split: SplitModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts as the run framed them, left-padded (as ``SplitModel.complete`` pads a batch)."""
-    rows = split.encode_prompts(prompts)
-    pad = split.tokenizer.pad_token_id if split.tokenizer.pad_token_id is not None else split.tokenizer.eos_token_id
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 def one(entry: Entry, ids, mask, options) -> dict[str, Any]:
     """One timed ``generate`` of ``entry``: seconds, time to first token, each crossing's bytes, the new tokens."""
     c = entry.split.generator.crossings if entry.split is not None else None
-    clock = Clock(c)
-    before = (c.messages, c.bytes_up, c.bytes_down) if c is not None else None
+    first = c.messages if c is not None else 0
+    clock = Clock()
     t0 = time.perf_counter()
     out = entry.generate(ids, mask, clock, **options)
     seconds = time.perf_counter() - t0
     new = out[:, ids.shape[1]:]
     row: dict[str, Any] = {"s": seconds, "ttft_s": clock.times[0] - t0, "new_tokens": int(new.numel()),
                            "decode_s": clock.times[-1] - clock.times[0], "steps": len(clock.times)}
-    if c is not None:
-        snaps = [before, *clock.bytes]
-        row["messages"] = c.messages - before[0]
-        row["positions"] = c.positions[-row["messages"]:]
-        row["prompt_up"], row["prompt_down"] = snaps[1][1] - before[1], snaps[1][2] - before[2]
-        row["token_up"] = [b[1] - a[1] for a, b in zip(snaps[1:], snaps[2:])]
-        row["token_down"] = [b[2] - a[2] for a, b in zip(snaps[1:], snaps[2:])]
-        row["all_up"], row["all_down"] = c.bytes_up - before[1], c.bytes_down - before[2]
+    if c is not None:  # this call's crossings: the prompt's, then one per token
+        row["positions"], row["up"], row["down"] = c.positions[first:], c.up[first:], c.down[first:]
     tokens = new.tolist()
     if entry.tokens is None:
         entry.tokens = tokens
@@ -165,13 +145,11 @@ def figures(entry: Entry, ref: Entry | None, warmup: int) -> dict[str, Any]:
                                             for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     if entry.split is not None:
         last = rows[-1]
-        out.update(prompt_bytes_up=last["prompt_up"], prompt_bytes_down=last["prompt_down"],
-                   token_bytes_up={"median": statistics.median(last["token_up"]), "first": last["token_up"][0], "last": last["token_up"][-1]},
-                   token_bytes_down={"median": statistics.median(last["token_down"]), "first": last["token_down"][0],
-                                     "last": last["token_down"][-1]},
-                   crossings=last["messages"], positions=last["positions"],
-                   bytes_accounted=last["all_up"] == last["prompt_up"] + sum(last["token_up"])
-                   and last["all_down"] == last["prompt_down"] + sum(last["token_down"]))
+        up, down = last["up"][1:], last["down"][1:]
+        out.update(prompt_bytes_up=last["up"][0], prompt_bytes_down=last["down"][0],
+                   token_bytes_up={"median": statistics.median(up), "first": up[0], "last": up[-1]},
+                   token_bytes_down={"median": statistics.median(down), "first": down[0], "last": down[-1]},
+                   crossings=len(last["positions"]), positions=last["positions"])
     return out
 
 
@@ -272,9 +250,9 @@ def main() -> None:
             splits["t"] = load_split(t)
         cleanup += list(splits.values())
         any_split = next(iter(splits.values()))
-        tok = any_split.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        one_prompt, four = inputs(any_split, [PROMPT]), inputs(any_split, BATCH)
+        pad = any_split.pad_id
+        one_prompt = any_split.left_padded(any_split.encode_prompts([PROMPT]))
+        four = any_split.left_padded(any_split.encode_prompts(BATCH))
         models = {}
         if wanted & {"unsplit", "unsplit, batch 4"}:
             models["u"] = unsplit_model(args.model, u / "export")

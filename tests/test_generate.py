@@ -22,11 +22,11 @@ from splittune.channels.transport import parse_listen
 from splittune.export import export_run
 from splittune.generation import GenerationError, SplitModel, load_split
 from splittune.models.arch import detect_arch
-from splittune.models.catalog import TESTED_ARCHITECTURES
+from splittune.models.catalog import FAMILIES, TESTED_ARCHITECTURES
 from splittune.models.zoo import resolve_model
+from splittune.models.arch import generation_refusal
 from splittune.parties import generator as generator_module
 from splittune.parties import inference as inference_module
-from splittune.parties.generator import own_cache_refusal
 from splittune.parties.inference import InferenceLimits
 from splittune.parties.server import Server
 from splittune.privacy.recording import Recording
@@ -118,14 +118,15 @@ def test_split_generation_is_exact_for_every_tested_architecture(arch, cuts):
 def test_the_own_cache_refusal_is_transformers_own_and_the_server_makes_it_too(monkeypatch):
     """The refused families are the exact ones transformers cannot start from a DynamicCache; the twins: without the
     refusal xLSTM fails inside the server's trunk, and a client that skips the check is refused by the server."""
-    assert {a for a in TESTED_ARCHITECTURES if own_cache_refusal(resolve_model(f"tiny:{a}").config())} == OWN_CACHE
-    assert own_cache_refusal(resolve_model("tiny:mamba").config()) is None  # Mamba's state is a per-layer Cache layer
+    assert {a for a in TESTED_ARCHITECTURES if generation_refusal(resolve_model(f"tiny:{a}").config())} == OWN_CACHE
+    assert generation_refusal(resolve_model("tiny:mamba").config()) is None
+    assert {f.model_type for f in FAMILIES if "split generation refused" in f.why} == OWN_CACHE  # splittune models says so  # Mamba's state is a per-layer Cache layer
     cfg = load_config(None, ["model=tiny:xlstm", "cuts=[1,3]"])
-    monkeypatch.setattr(generator_module, "own_cache_refusal", lambda config: None)
+    monkeypatch.setattr(generator_module, "generation_refusal", lambda config: None)
     with pytest.raises(RemoteError, match="split generation does not support xlstm") as refused:
         SplitModel(cfg, None)
     assert refused.value.code == "UNIMPLEMENTED"
-    monkeypatch.setattr(inference_module, "own_cache_refusal", lambda config: None)
+    monkeypatch.setattr(inference_module, "generation_refusal", lambda config: None)
     with SplitModel(cfg, None) as split, pytest.raises(RemoteError, match="rnn_state"):
         split.generate(*prompts(), **GREEDY)
 
@@ -183,8 +184,8 @@ def test_one_position_per_token_crosses_after_the_prompt_each_way():
         assert m.tensors["hidden"].numel() * 4 == 2 * width * 4
         assert 2 * width * 4 < n < 2 * width * 4 + m.tensors["attention_mask"].numel() * 8 + 1024
         assert 2 * width * 4 < k < 2 * width * 4 + 1024
-    assert crossed.bytes_up == sum(n for _, n in up) and crossed.bytes_down == sum(n for _, n in down)
-    assert bytes_up > crossed.bytes_up  # the hello (with the server's adapter) and the close come on top
+    assert crossed.up == [n for _, n in up] and crossed.down == [n for _, n in down]  # each message's own frame
+    assert bytes_up > crossed.bytes_up and bytes_down > crossed.bytes_down  # the hello (with the server's adapter) and the close come on top
 
 
 def test_int8_on_the_wire_shrinks_what_each_token_sends():

@@ -129,14 +129,25 @@ class SplitModel:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """transformers' ``generate`` through the split: the same arguments (``streamer`` included) and return value;
         ``seed`` makes sampling reproducible."""
-        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                          else self.tokenizer.eos_token_id)
+        kwargs.setdefault("pad_token_id", self.pad_id)
         if kwargs.get("stop_strings") is not None:
             kwargs.setdefault("tokenizer", self.tokenizer)
         with self.defenses.bottom() if self.defenses is not None else contextlib.nullcontext():
             return self.generator.generate(input_ids, attention_mask, **kwargs)
 
     # -- text in, text out ------------------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int | None:
+        """What pads a batch: the tokenizer's pad token, else its end-of-sequence token."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows`` of token ids as one batch padded on the left, so every row ends together, and its attention mask."""
+        width = max(map(len, rows))
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return ids, mask
+
     def encode_prompts(self, prompts: list[str], raw: bool = False) -> list[list[int]]:
         """Token ids of each prompt, framed as the run framed prompts in training (``raw``: the text alone)."""
         if raw:
@@ -168,11 +179,8 @@ class SplitModel:
         groups = [list(range(len(ids)))] if batch else [[i] for i in range(len(ids))]
         results: list[Completion | None] = [None] * len(ids)
         for group in groups:
-            rows = [ids[i] for i in group]
-            width = max(map(len, rows))
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left padding: every row ends together
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            input_ids, mask = self.left_padded([ids[i] for i in group])
+            width = input_ids.shape[1]
             before = (self.link.bytes_up, self.link.bytes_down, self.generator.crossings.messages)
             t0 = time.perf_counter()
             out = self.generate(input_ids, mask, streamer=streamer if len(group) == 1 else None, **options)
@@ -183,7 +191,7 @@ class SplitModel:
             messages = self.generator.crossings.messages - before[2]
             for j, i in enumerate(group):
                 new = out[j, width:].tolist()
-                new = _until_end(new, self.tokenizer, pad)
+                new = _until_end(new, self.tokenizer, self.pad_id)
                 results[i] = Completion(prompts[i], self.tokenizer.decode(new, skip_special_tokens=True), new, len(ids[i]),
                                         up, down, ttft, seconds, messages)
         return results  # type: ignore[return-value]

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .catalog import CARRIED_STATE, SHARED_WEIGHTS, UNPACKING_LOOP, WIDE_STREAM
+from .catalog import CARRIED_STATE, OWN_CACHE, SHARED_WEIGHTS, UNPACKING_LOOP, WIDE_STREAM
 from .linears import expert_weights, linear_names
 
 
@@ -46,10 +47,10 @@ class ArchSpec:
     expert_blocks: tuple[int, ...] = ()  # blocks that hold stacked expert weights (lora.experts)
 
     @property
-    def stub_returns(self) -> bool | int:
-        """What the stand-in for an absent block returns (``partition.AbsentBlock``): False for a bare tensor, else a
-        tuple as long as the real block's, so loops that unpack every block's outputs get as many."""
-        return self.block_outputs if self.block_tuple else False
+    def stub_returns(self) -> int:
+        """What the stand-in for an absent block returns (``partition.AbsentBlock``): 0 for a bare tensor, else the
+        length of the real block's tuple, so loops that unpack every block's outputs get as many."""
+        return self.block_outputs if self.block_tuple else 0
 
     @property
     def blocks_attr(self) -> str:
@@ -284,6 +285,19 @@ def _position_limit(config: PretrainedConfig, model: nn.Module, embed: nn.Module
         if isinstance(value, int) and 0 < value <= rows:  # a table may keep a few extra rows (OPT's offset of 2)
             return value, key
     return rows, ""
+
+
+def generation_refusal(config: PretrainedConfig) -> str | None:
+    """Why split generation cannot serve this model, or None. transformers' own test of the model class decides: a
+    model that cannot start from a ``DynamicCache`` builds a state object of its own (RWKV, xLSTM, MiniMax), whose
+    per-model layout the parties' stubs cannot keep in step layer by layer."""
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+    if cls._supports_default_dynamic_cache():
+        return None
+    return f"split generation does not support {config.model_type}: {cls.__name__} {OWN_CACHE}"
 
 
 def check_seq_len(spec: ArchSpec, seq_len: int, key: str = "train.seq_len", model: str | None = None) -> None:

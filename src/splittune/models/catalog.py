@@ -25,6 +25,10 @@ CARRIED_STATE = ("its blocks take, beside the hidden state, a tensor computed fr
                  "position bias), and only the hidden state crosses a cut, so the blocks after a cut would run without it")
 WIDE_STREAM = ("what runs from block to block is wider than its hidden size (several residual streams, as with "
                "hyper-connections), and a cut carries one hidden state of the model's hidden size")
+# Why split generation refuses a model whose training splits exactly (models/arch.py: generation_refusal).
+OWN_CACHE = ("keeps its generation state in a cache object of its own, not transformers' per-layer Cache whose layers "
+             "each party keeps for its own blocks; training, verify and export work, and the exported adapter "
+             "(splittune export) generates unsplit")
 UNPACKING_LOOP = ("its model loop unpacks a different number of values from different blocks, and splittune's "
                   "stand-ins for the blocks a party does not hold return one shape for all")
 
@@ -73,8 +77,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("jamba", EXACT, "Mamba and attention layers, experts on some layers only"),
     Family("granitemoehybrid", EXACT, "Mamba-2 and attention layers, experts in every layer"),
     Family("nemotron_h", EXACT, "Mamba-2, attention, MLP and expert layers; default LoRA on every layer kind"),
-    Family("rwkv", EXACT, "RWKV time-mixing recurrence; blocks return (hidden, state, attentions)"),
-    Family("xlstm", EXACT, "mLSTM recurrence; blocks return (hidden, state)"),
+    Family("rwkv", EXACT, "RWKV time-mixing recurrence; blocks return (hidden, state, attentions); split generation refused (its own cache object)"),
+    Family("xlstm", EXACT, "mLSTM recurrence; blocks return (hidden, state); split generation refused (its own cache object)"),
     Family("qwen3_next", EXACT, "gated DeltaNet layers between attention layers, experts"),
     Family("qwen3_5", EXACT, "gated DeltaNet layers between attention layers, from a composite config"),
     Family("qwen3_5_moe", EXACT, "gated DeltaNet layers between attention layers, experts"),
@@ -82,7 +86,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("kimi_linear", EXACT, "Kimi delta attention between latent (MLA) attention layers, experts"),
     Family("bailing_hybrid", EXACT, "delta attention between attention layers, experts"),
     Family("lara_mini", EXACT, "gated DeltaNet, sliding and full attention layers, experts"),
-    Family("minimax", EXACT, "lightning (linear) attention alternating with attention, experts"),
+    Family("minimax", EXACT, "lightning (linear) attention alternating with attention, experts; split generation refused (its own cache object)"),
     Family("lfm2_moe", EXACT, "short-convolution and attention layers, experts"),
     Family("lfm3", EXACT, "short-convolution, sliding and full attention layers"),
     Family("inkling_text", EXACT, "short convolutions inside sliding and full attention layers, experts"),

@@ -134,16 +134,16 @@ class AbsentBlock(nn.Module):
 
     Its output is never used: the segment runner replaces the hidden state at the first block the
     segment runs. It returns what the real block returns, so a long run of stubs hands every one the same
-    shape and loops that unpack each block's outputs get as many: ``block_tuple`` is False for a bare tensor,
-    True for a tuple the loop takes ``outputs[0]`` of, or the tuple's length (``ArchSpec.stub_returns``), whose
-    items after the hidden state are None (a stand-in computes no attention weights or recurrent state; arch.py
+    shape and loops that unpack each block's outputs get as many: ``block_tuple`` is 0 for a bare tensor, else
+    the length of the tuple the real block returns (``ArchSpec.stub_returns``), whose items after the hidden
+    state are None (a stand-in computes no attention weights or recurrent state; arch.py
     refuses a model whose blocks hand such a state to the next block). It copies the original block's plain
     attributes (e.g. ``attention_type``) because some decoder loops read them.
     """
 
-    def __init__(self, original: nn.Module | None = None, block_tuple: bool | int = False, index: int | None = None):
+    def __init__(self, original: nn.Module | None = None, block_tuple: int = 0, index: int | None = None):
         super().__init__()
-        self.block_tuple = block_tuple
+        self.block_tuple = int(block_tuple)
         if original is not None:  # class attributes too: some layer classes declare their kind (Inkling2's attention_type)
             plain = [vars(k) for k in reversed(type(original).__mro__) if k.__module__.startswith("transformers.")]
             for key, value in (kv for d in (*plain, vars(original)) for kv in d.items()):
@@ -159,13 +159,7 @@ class AbsentBlock(nn.Module):
             # so the model's own get_seq_length() and mask sizes are right whichever layers the party holds
             z = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
             cache.update(z, z, self.layer_idx)
-        return self.returns(hidden)
-
-    def returns(self, hidden: torch.Tensor):
-        """``hidden`` in the form the real block returns it (subclasses that compute the hidden state reuse this)."""
-        if not self.block_tuple:
-            return hidden
-        return (hidden,) + (None,) * (int(self.block_tuple) - 1)
+        return (hidden,) + (None,) * (self.block_tuple - 1) if self.block_tuple else hidden
 
 
 def _tracks_length(cache: Cache, index: int) -> bool:

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
 from transformers.generation.streamers import BaseStreamer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..channels import RemoteError
 from ..cut.link import CutLink
 from ..device import to_device
+from ..models.arch import generation_refusal
 from ..models.partition import AbsentBlock
 from ..wire import Message
 from .party import Party
@@ -38,21 +37,6 @@ from .party import Party
 
 class GenerationError(ValueError):
     """A generation request splittune cannot serve (named argument, allowed values)."""
-
-
-def own_cache_refusal(config: PretrainedConfig) -> str | None:
-    """Why split generation cannot serve this model, or None. transformers' own test of a model class decides: a
-    model that cannot start from a ``DynamicCache`` builds a state object of its own, whose per-model layout the
-    parties' stubs cannot keep in step layer by layer."""
-    try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        return None
-    if cls._supports_default_dynamic_cache():
-        return None
-    return (f"split generation does not support {config.model_type}: {cls.__name__} keeps its generation state in a "
-            "cache object of its own, not transformers' per-layer Cache whose layers each party keeps for its own "
-            "blocks; training, verify and export work, and the exported adapter (splittune export) generates unsplit")
 
 
 class RemoteSegment(AbsentBlock):
@@ -71,13 +55,24 @@ class RemoteSegment(AbsentBlock):
 
 @dataclass
 class Crossings:
-    """What the generation sent across the cut: messages, positions and bytes each way, and when each step ended."""
+    """What the generation sent across the cut, one entry per message: its new positions (the prompt's, then 1 per
+    token) and its bytes each way."""
 
-    messages: int = 0
-    positions: list[int] = field(default_factory=list)  # new positions per message (the prompt's, then 1 per token)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    step_times: list[float] = field(default_factory=list)  # perf_counter at the end of each crossing
+    positions: list[int] = field(default_factory=list)
+    up: list[int] = field(default_factory=list)
+    down: list[int] = field(default_factory=list)
+
+    @property
+    def messages(self) -> int:
+        return len(self.positions)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(self.up)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(self.down)
 
 
 class _Clock(BaseStreamer):
@@ -109,7 +104,7 @@ class SplitGenerator:
         plan = party.plan
         if plan.shape == "centralized":
             raise GenerationError("a centralized run has no cut; generate with the exported adapter instead")
-        refusal = own_cache_refusal(party.model.config)
+        refusal = generation_refusal(party.model.config)
         if refusal:
             raise GenerationError(refusal)
         self.start = plan.cuts[0]  # the server's segment (the trunk) starts at the first cut
@@ -177,11 +172,9 @@ class SplitGenerator:
         up, down = self.link.bytes_up, self.link.bytes_down
         reply = self.link.call(Message("generate", self.session, 0, 0, tensors, meta))
         c = self.crossings
-        c.messages += 1
         c.positions.append(new)
-        c.bytes_up += self.link.bytes_up - up
-        c.bytes_down += self.link.bytes_down - down
-        c.step_times.append(time.perf_counter())
+        c.up.append(self.link.bytes_up - up)
+        c.down.append(self.link.bytes_down - down)
         self._positions = start + new
         out = to_device(reply.tensors, hidden.device)
         if self.two_part:

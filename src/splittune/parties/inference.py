@@ -29,12 +29,11 @@ from .. import workers
 from ..averaging import add_delta
 from ..device import to_device
 from ..models.adapters import AdapterError, load_trainable_state, lora_layers, trainable
-from ..models.arch import ArchSpec
+from ..models.arch import ArchSpec, generation_refusal
 from ..models.partition import PlanError
 from ..models.segment import run_segment
 from ..models.stages import segment_failures
 from ..models.zoo import ModelSource
-from .generator import own_cache_refusal
 from .party import Party, SessionSpec
 from .protocol import GenerateMeta, ProtocolError, hidden_in
 
@@ -151,7 +150,7 @@ class InferenceSessions:
         plan = session.plan(self.spec.n_blocks)
         if plan.shape == "centralized":
             raise ProtocolError("a centralized run has no server part to generate with")
-        refusal = own_cache_refusal(self.config)
+        refusal = generation_refusal(self.config)
         if refusal:
             raise ProtocolError(refusal, "UNIMPLEMENTED")
         segments = plan.party_segments("server")
