@@ -8,9 +8,32 @@ symbols, e.g. ("Ġ", "x") for " x") get ids from 261 upwards.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+def _cores_of_this_worker() -> None:
+    """Under pytest-xdist, each worker and the processes it starts compute on cores of their own.
+
+    torch's thread pool is as large as the machine in every process, so two workers (and the servers and clients
+    they start) would each take every core and slow one another several-fold; with the worker's CPU affinity set
+    here, splittune's ``auto`` thread count (``threads.available_cores``) sees only the worker's own cores.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores, index = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw"))
+    share = max(1, len(cores) // count)
+    mine = cores[index * share:(index + 1) * share] if index * share < len(cores) else [cores[index % len(cores)]]
+    os.sched_setaffinity(0, mine)
+    import torch
+
+    torch.set_num_threads(len(mine))
+
+
+_cores_of_this_worker()
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -78,11 +78,9 @@ def test_sfl_v1_batches_cached_rows_of_several_clients(tmp_path):
 def test_over_grpc_a_server_cap_is_what_both_ends_use(tmp_path):
     """Contract 4: over gRPC the same crossings and bytes; ``serve --max-cache-bytes`` caps what the client
     asked, the hello tells the client, and its mirror follows (no refusal)."""
-    import socket
-
+    from served import serve_here
     from splittune.channels.grpc import GrpcChannel
-    from splittune.channels.transport import parse_listen
-    from splittune.deploy.service import SplitService, start
+    from splittune.deploy.service import SplitService
     from splittune.models.arch import detect_arch
     from splittune.models.zoo import resolve_model
     from splittune.runner import train_remote
@@ -92,10 +90,7 @@ def test_over_grpc_a_server_cap_is_what_both_ends_use(tmp_path):
     local, _ = run(tmp_path, "local", *extra, f"cache.max_bytes={3 * ROW}")
     source = resolve_model("tiny:llama")
     service = SplitService(Server(source, detect_arch(source.config()), wait_s=30, policies=POLICIES, max_cache_bytes=3 * ROW), None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = start(service, parse_listen(f"127.0.0.1:{port}"), None)
+    server, port = serve_here(service)
     try:
         remote = train_remote(load_config(None, [*RUN, *extra]), tmp_path / "remote", 0, lambda i: GrpcChannel(f"grpc://127.0.0.1:{port}"))
     finally:

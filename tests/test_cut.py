@@ -259,11 +259,9 @@ def test_an_emulated_link_changes_time_not_bytes_or_results(tmp_path):
 def test_grpc_bytes_and_results_equal_in_process_for_every_codec(tmp_path, codec):
     """A client process's view over gRPC (pipelined, padded instruction data) equals the in-process run: the
     server encodes its replies with the negotiated downlink codec."""
-    import socket
-
+    from served import serve_here
     from splittune.channels.grpc import GrpcChannel
-    from splittune.deploy.service import SplitService, start
-    from splittune.channels.transport import parse_listen
+    from splittune.deploy.service import SplitService
     from splittune.models.arch import detect_arch
     from splittune.parties.server import Server
     from splittune.runner import train_remote
@@ -274,10 +272,7 @@ def test_grpc_bytes_and_results_equal_in_process_for_every_codec(tmp_path, codec
     local = train(load_config(None, sets), tmp_path / "local")
     source = resolve_model("tiny:llama")
     service = SplitService(Server(source, detect_arch(source.config()), wait_s=30, policies=POLICIES), None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = start(service, parse_listen(f"127.0.0.1:{port}"), None)
+    server, port = serve_here(service)
     try:
         remote = train_remote(load_config(None, sets), tmp_path / "remote", 0, lambda i: GrpcChannel(f"grpc://127.0.0.1:{port}"))
     finally:

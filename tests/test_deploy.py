@@ -4,9 +4,7 @@ TLS, mutual TLS and tokens; every kind of bad input gets its status and the serv
 import json
 import random
 import re
-import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +18,8 @@ from splittune.channels import RemoteError
 from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
 from splittune.deploy.certs import make_certs
-from splittune.deploy.service import Limits, SplitService, Tls, health, load_tokens, start
-from splittune.channels.transport import LAST, SESSION_METHOD, DeployError, chunks, parse_listen, parse_server
+from splittune.deploy.service import Limits, SplitService, Tls, health, load_tokens
+from splittune.channels.transport import LAST, SESSION_METHOD, DeployError, chunks, parse_server
 from splittune.models.arch import detect_arch
 from splittune.models.zoo import resolve_model
 from splittune.parties import SessionSpec
@@ -31,45 +29,25 @@ from splittune.privacy.tap import Tap
 from splittune.runner import train
 from splittune.wire import FrameLimits, Message, encode_frame
 
-CLI = [sys.executable, "-m", "splittune.cli"]
+from served import CLI, Served, free_port, serve_here, sets
+
 RUN = ["model=tiny:llama", "cuts=[1,3]", "train.steps=3", "train.seq_len=32", "train.batch_size=2",
        "data.max_documents=6", "train.eval_batches=1", "train.lr=0.01", "train.warmup_steps=0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sets(items):
-    return [a for item in items for a in ("--set", item)]
 
 
 @pytest.fixture
 def serve_process(tmp_path):
     """``splittune serve`` in its own process; yields its URL."""
-    procs = []
+    served: list[Served] = []
 
     def launch(*extra, model="tiny:llama"):
-        port = free_port()
-        proc = subprocess.Popen([*CLI, "serve", "--model", model, "--listen", f"127.0.0.1:{port}", *extra],
-                                stdout=subprocess.PIPE, stderr=open(tmp_path / f"serve-{port}.log", "w"), text=True)
-        procs.append(proc)
-        url = f"grpc://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                health(url, timeout_s=1)
-                return url
-            except grpc.RpcError:
-                time.sleep(0.1)
-        raise RuntimeError((tmp_path / f"serve-{port}.log").read_text())
+        served.append(Served(tmp_path / f"serve-{len(served)}.log", *extra, model=model))
+        return served[-1].url
 
-    launch.procs = procs
+    launch.procs = served
     yield launch
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=20)
+    for s in served:
+        s.stop()
 
 
 def rows(out):
@@ -96,9 +74,7 @@ def test_grpc_processes_equal_the_in_process_run(tmp_path, serve_process):
                for run in ("remote", "local")]
     steps = [[r for r in ledger if r["kind"] in ("activations", "gradients", "step")] for ledger in ledgers]
     assert steps[0] == steps[1] and steps[0]  # the client's ledger is the same on both channels
-    proc = serve_process.procs[0]
-    proc.terminate()
-    proc.wait(timeout=20)  # the operator's tap is complete once the server stops
+    serve_process.procs[0].stop()  # the operator's tap is complete once the server stops
     served, local = Tap.open(tmp_path / "audit" / "server"), Tap.open(tmp_path / "local" / "tap" / "server")
     for kind, direction in (("activations", "up"), ("gradients", "up"), ("activations", "down")):
         a, b = list(served.records(kind, direction)), list(local.records(kind, direction))
@@ -144,8 +120,7 @@ def _serve(tokens=None, tls=None, limits=None, insecure=False, host="127.0.0.1",
     source = resolve_model("tiny:llama")
     config = source.config()
     service = SplitService(Server(source, detect_arch(config), config, wait_s=30, policies=POLICIES), tokens, limits, bindings=bindings)
-    port = free_port()
-    server = start(service, parse_listen(f"{host}:{port}"), tls, insecure)
+    server, port = serve_here(service, tls, insecure, host)
     return server, service, port
 
 

@@ -24,7 +24,8 @@ from splittune.parties import SessionSpec
 from splittune.parties.server import Server
 from splittune.runner import train_remote
 from splittune.wire import Message
-from test_deploy import RUN, _hello, free_port
+from served import free_port, serve_here
+from test_deploy import RUN, _hello
 
 from splittune.cli import app
 
@@ -55,7 +56,8 @@ def _party_server(source, **kwargs) -> Server:
 def _server(tokens=None, tls=None, state_dir=None, model="tiny:llama", port=None):
     source = resolve_model(model)
     service = SplitService(_party_server(source, wait_s=30, state_dir=state_dir), tokens)
-    port = port or free_port()
+    if port is None:
+        return serve_here(service, tls)
     return start(service, parse_listen(f"127.0.0.1:{port}"), tls), port
 
 
@@ -210,13 +212,13 @@ def test_serve_fails_fast_on_a_bad_certificate_or_a_busy_port(pki, model_loads):
     # the twin: good files and a free port get as far as the model, and give the port back on the way out
     code, out = cli(*serve, "--tls-cert", pki / "server.pem", "--tls-key", pki / "server.key", "--tls-client-ca", pki / "ca.pem")
     assert code == 2 and "stopped before loading tiny:gpt2" in out and model_loads == ["tiny:gpt2"], out
-    release(bind(parse_listen(f"127.0.0.1:{port}"), None))
+    release(bind(parse_listen(f"127.0.0.1:{port}"), None)[0])
 
 
 def test_bind_refuses_what_it_cannot_serve(pki):
     with pytest.raises(DeployError, match="is not a PEM certificate"):
         bind(parse_listen(f"127.0.0.1:{free_port()}"), Tls(pki / "garbage.pem", pki / "server.key"))
-    release(bind(parse_listen(f"127.0.0.1:{free_port()}"), Tls(pki / "server.pem", pki / "server.key")))
+    release(bind(parse_listen(f"127.0.0.1:{free_port()}"), Tls(pki / "server.pem", pki / "server.key"))[0])
 
 
 # -- 5. a server that vanishes mid-run --------------------------------------------------------------------------

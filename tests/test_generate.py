@@ -3,7 +3,6 @@ with the exported adapter; one position per token crosses after the prompt; sess
 freed; streaming, gRPC and the command line; every bad input gets its status or error line."""
 
 import json
-import socket
 import threading
 import time
 
@@ -17,8 +16,7 @@ from splittune.channels import LocalChannel, RemoteError
 from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
 from splittune.cut import ServerLink
-from splittune.deploy.service import SplitService, health, start
-from splittune.channels.transport import parse_listen
+from splittune.deploy.service import SplitService, health
 from splittune.export import export_run
 from splittune.generation import GenerationError, SplitModel, load_split
 from splittune.models.arch import detect_arch
@@ -35,16 +33,12 @@ from splittune.runner import train
 from splittune.schedules.policy import POLICIES
 from splittune.wire import Message
 
+from served import serve_here
+
 TRAIN = ["train.steps=2", "train.batch_size=2", "train.seq_len=32", "train.eval_every=0", "train.eval_batches=1",
          "data.max_documents=6", "lora.rank=4", "train.lr=0.01", "train.warmup_steps=0"]
 OWN_CACHE = {"rwkv", "xlstm", "minimax"}  # models that build a generation state object of their own
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompts(seed=0, rows=2, length=7):
@@ -421,8 +415,7 @@ def test_grpc_generation_equals_in_process_and_a_disconnect_frees_the_session(tr
     config = source.config()
     server = Server(source, detect_arch(config), config, policies=POLICIES)
     service = SplitService(server, None)
-    port = free_port()
-    bound = start(service, parse_listen(f"127.0.0.1:{port}"), None)
+    bound, port = serve_here(service)
     url = f"grpc://127.0.0.1:{port}"
     try:
         ids, mask = prompts()

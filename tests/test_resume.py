@@ -89,7 +89,7 @@ CLI = [sys.executable, "-m", "splittune.cli"]
 def test_killed_client_and_server_processes_resume_exactly(tmp_path):
     """SIGKILL the client at a random step, then the server at a random step; restart each with the same
     command; the finished run equals an uninterrupted one."""
-    from test_deploy import free_port
+    from served import free_port
 
     rng = random.Random(1)
     run = [*RUN, "train.steps=12", "train.checkpoint_every=1"]

@@ -358,7 +358,7 @@ def _remote_trainer(url, client_id, token_file, client_index, ca, cert, key, rep
 @_shows_warnings
 def serve(
     model: str = typer.Option(..., "--model", "-m", help="the base model (the same as the clients')"),
-    listen: str = typer.Option("127.0.0.1:50051", "--listen", help="HOST:PORT to listen on"),
+    listen: str = typer.Option("127.0.0.1:50051", "--listen", help="HOST:PORT to listen on (port 0: any free port, named in the first line)"),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="server certificate (PEM)"),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="server key (PEM)"),
     tls_client_ca: Optional[Path] = typer.Option(None, "--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)"),
@@ -412,7 +412,7 @@ def serve(
         compute = resolve_device(device)
         tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
         locked = _serve_process(state, threads)  # one server per state directory; its compute threads
-        bound = bind(address, tls, insecure, max_sessions)
+        bound, address = bind(address, tls, insecure, max_sessions)  # port 0: the port the kernel gave
         if record_tap is not None:
             from .privacy.recording import Recording
 
@@ -789,7 +789,12 @@ def generate(
             from .privacy.recording import Recording
 
             recording = Recording(record_tap, ("server",), tap_max_bytes, truth=False)
-        split = load_split(run_dir, channel=channel, client=client, serve_through=recording.attach if recording else None)
+        try:
+            split = load_split(run_dir, channel=channel, client=client, serve_through=recording.attach if recording else None)
+        except BaseException:
+            if channel is not None:  # the split did not take it over: close it here, not at exit
+                channel.close()
+            raise
     except _user_errors() as err:
         _fail(str(err))
     options = dict(raw=raw, max_new_tokens=max_new_tokens, greedy=not sampling, temperature=1.0 if temperature is None else temperature,

@@ -143,34 +143,38 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
         channel_for = lambda i: LocalChannel(serve)  # noqa: E731
     terms = terms_from(cfg.codec.model_dump(), cfg.padding_removal, wire_defenses(cfg))
     clients, links = [], []
-    for i, count in zip(indices, samples, strict=True):
-        session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe())
-        try:
-            party = Party("client", source, spec, session, config, device=device, total_steps=policy.client_steps(cfg.train.steps, n),
-                          recompute=cfg.train.gradient_checkpointing)
-        except (PlanError, ValueError) as err:
-            raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
-        link = None
-        if channel_for is not None and cfg.mode != "centralized":
-            channel = channel_for(i)
-            if cfg.link.active:
-                channel = EmulatedChannel(channel, LinkModel.of(cfg.link))
-            link = CutLink(channel, uuid.uuid4().hex[:12], terms, secret=client_secret(cfg, i))
-            link.sent_log = ledger
-        client = Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight)
-        own = [d.model_dump() for d in cfg.defense if d.name in PARTY_DEFENSES]
-        if own:
-            client.defenses = ClientDefenses(own, party, client_secret(cfg, i))
-        if cfg.dp_sgd is not None:
-            steps = policy.client_steps(cfg.train.steps, n)
-            client.dp = DPSGD(party, dp_noise(cfg, count, steps), cfg.dp_sgd.max_grad_norm, client_secret(cfg, i))
-        if recording is not None:
-            client.recorder = recording.truth
-        clients.append(client)
-        links.append(link)
-    fleet = Fleet(clients, server, links, source, indices)
-    states = link_states or {}
-    parallel(lambda pair: pair[1].connect(resume, states.get(pair[0])), list(zip(indices, clients)), fleet.abort)
+    fleet = Fleet(clients, server, links, source, indices)  # filled as parties are built, so a failure closes them
+    try:
+        for i, count in zip(indices, samples, strict=True):
+            session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe())
+            try:
+                party = Party("client", source, spec, session, config, device=device, total_steps=policy.client_steps(cfg.train.steps, n),
+                              recompute=cfg.train.gradient_checkpointing)
+            except (PlanError, ValueError) as err:
+                raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
+            link = None
+            if channel_for is not None and cfg.mode != "centralized":
+                channel = channel_for(i)
+                if cfg.link.active:
+                    channel = EmulatedChannel(channel, LinkModel.of(cfg.link))
+                link = CutLink(channel, uuid.uuid4().hex[:12], terms, secret=client_secret(cfg, i))
+                link.sent_log = ledger
+            links.append(link)
+            client = Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight)
+            own = [d.model_dump() for d in cfg.defense if d.name in PARTY_DEFENSES]
+            if own:
+                client.defenses = ClientDefenses(own, party, client_secret(cfg, i))
+            if cfg.dp_sgd is not None:
+                steps = policy.client_steps(cfg.train.steps, n)
+                client.dp = DPSGD(party, dp_noise(cfg, count, steps), cfg.dp_sgd.max_grad_norm, client_secret(cfg, i))
+            if recording is not None:
+                client.recorder = recording.truth
+            clients.append(client)
+        states = link_states or {}
+        parallel(lambda pair: pair[1].connect(resume, states.get(pair[0])), list(zip(indices, clients)), fleet.abort)
+    except BaseException:  # a refused hello, a failed party: close what was opened, never leave it to the collector
+        fleet.close()
+        raise
     return fleet
 
 

@@ -103,8 +103,13 @@ def verify(cfg: RunConfig, batch: int = 2, seq: int = 16, padding: bool = True, 
     half = max(1, batch // 2)
     micro = [data] if batch == 1 else [{k: v[:half] for k, v in data.items()}, {k: v[half:] for k, v in data.items()}]
 
-    loss_ref, _ = reference.backward(0, micro)
-    loss_split, _ = client.backward(0, micro)
+    # the same random draws for both (a model that samples in training, e.g. phimoe's routing, draws them in the
+    # same order split and unsplit; dropout is off unless train.model_dropout asks for it)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        loss_ref, _ = reference.backward(0, micro)
+        torch.manual_seed(cfg.seed)
+        loss_split, _ = client.backward(0, micro)
     g_ref, g_split = _grads(reference.party), _grads(client.party, server.party)
     problems = []
     if set(g_ref) != set(g_split):

@@ -54,8 +54,9 @@ class GrpcChannel(Channel):
         self._next = itertools.count(1)
         self._lock = threading.Lock()
         self._failure: RemoteError | None = None  # once the stream fails, every later request fails the same way
-        workers.start(_receive, (self._responses, weakref.ref(self)), "splittune-grpc-replies",
-                      functools.partial(_hang_up, self._requests, self._responses))
+        self._closed = False
+        self._receiver = workers.start(_receive, (self._responses, weakref.ref(self)), "splittune-grpc-replies",
+                                       functools.partial(_hang_up, self._requests, self._responses, self._channel))
 
     def _submit(self, frame: bytes) -> Future:
         future: Future = Future()
@@ -85,6 +86,7 @@ class GrpcChannel(Channel):
                 self._failure = failure
             waiting, self._waiting = self._waiting, {}
         self._responses.cancel()
+        self._channel.close()  # nothing more can cross; a channel left open would be closed by the collector, at exit
         for future in waiting.values():
             if not future.done():
                 future.set_exception(self._failure)
@@ -97,14 +99,25 @@ class GrpcChannel(Channel):
         arrived(future, frame)
 
     def close(self) -> None:
-        self._requests.put(None)
-        self._channel.close()
+        """End the stream, close the channel and wait for the reply thread: a gRPC call left to the garbage
+        collector can hang the interpreter's exit forever (grpcio waits in ``_ChannelCallState.__del__``)."""
+        if self._closed:
+            return
+        self._closed = True
+        _hang_up(self._requests, self._responses, self._channel)
+        if self._receiver is not threading.current_thread():
+            self._receiver.join(CLOSE_WAIT_S)
 
 
-def _hang_up(requests: queue.Queue, responses) -> None:
-    """End the stream from this side (at exit: the reply thread must not be inside gRPC when it tears down)."""
+CLOSE_WAIT_S = 5.0  # the reply thread leaves as soon as the cancelled stream raises; this only bounds a stuck one
+
+
+def _hang_up(requests: queue.Queue, responses, channel) -> None:
+    """End the stream from this side and close the channel (also at exit, for a channel nobody closed: the reply
+    thread must not be inside gRPC when the interpreter tears down)."""
     requests.put(None)
     responses.cancel()
+    channel.close()
 
 
 def _receive(responses, channel_ref) -> None:

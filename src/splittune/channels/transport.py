@@ -99,6 +99,8 @@ def parse_server(url: str) -> Address:
     if not sep or scheme not in ("grpc", "grpcs"):
         raise DeployError(f"--server must look like grpcs://host:port (or grpc://127.0.0.1:port on loopback), got {url!r}")
     address = parse_listen(rest, tls=scheme == "grpcs")
+    if address.port == 0:
+        raise DeployError(f"--server needs the server's port (1..65535), got {url!r}")
     if not address.tls and not is_loopback(address.host):
         raise DeployError(
             f"plaintext grpc:// is allowed only to a loopback address (127.0.0.1, localhost, [::1]); use grpcs://{rest} for {address.host}"
@@ -107,7 +109,8 @@ def parse_server(url: str) -> Address:
 
 
 def parse_listen(text: str, tls: bool = False) -> Address:
+    """``HOST:PORT``; port 0 asks the kernel for a free one (the server then says which)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise DeployError(f"an address must be HOST:PORT with a port in 1..65535, got {text!r}")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not host:
+        raise DeployError(f"an address must be HOST:PORT with a port in 0..65535 (0: any free port), got {text!r}")
     return Address(host, int(port), tls)

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -244,10 +244,12 @@ class Tls:
     client_ca: Path | None = None  # mutual TLS: clients must present a certificate signed by this CA
 
 
-def bind(listen: Address, tls: Tls | None, insecure: bool = False, max_sessions: int = 64, workers: int | None = None) -> grpc.Server:
+def bind(listen: Address, tls: Tls | None, insecure: bool = False, max_sessions: int = 64,
+         workers: int | None = None) -> tuple[grpc.Server, Address]:
     """A gRPC server bound to ``listen``, not started (no handlers yet): ``serve`` binds before it loads its
     model, so a busy port or a bad certificate fails in a second. Refuses a plaintext listener on a
-    non-loopback address unless ``insecure``."""
+    non-loopback address unless ``insecure``. Returns the server and the address it listens on (port 0 in
+    ``listen``: the port the kernel gave)."""
     from .files import check_server, read
 
     if tls is None and not is_loopback(listen.host) and not insecure:
@@ -277,7 +279,7 @@ def bind(listen: Address, tls: Tls | None, insecure: bool = False, max_sessions:
     if port == 0:
         server.stop(None)
         raise DeployError(f"cannot listen on {listen.target}: {_why_not_bound(listen)}")
-    return server
+    return server, replace(listen, port=port)
 
 
 def _why_not_bound(listen: Address) -> str:
@@ -313,7 +315,7 @@ def start(service: SplitService, listen: Address, tls: Tls | None, insecure: boo
           bound: grpc.Server | None = None) -> grpc.Server:
     """Bind (unless ``bound`` is the server :func:`bind` made for the same ``listen`` and ``tls``), add the
     service and start. With mutual TLS, the service binds client ids to client certificates."""
-    server = bound if bound is not None else bind(listen, tls, insecure, service.limits.max_sessions, workers)
+    server = bound if bound is not None else bind(listen, tls, insecure, service.limits.max_sessions, workers)[0]
     service.client_certs = tls is not None and tls.client_ca is not None
     server.add_generic_rpc_handlers((service.handler(),))
     server.start()

@@ -42,7 +42,11 @@ def default_targets(spec: ArchSpec) -> list[str] | str:
     trains and a party holding only such blocks has adapters too. Decided from the whole model (the spec), so every
     party and the unsplit model choose alike."""
     targets = default_target_modules(spec.model_type)
-    if targets != "all-linear" and any(not set(targets) & set(names) for names in spec.lora_linears):
+    if targets == "all-linear":
+        return targets
+    callable_ = set().union(*spec.lora_linears)  # peft's list, kept to what the forward calls (its list may move)
+    targets = [t for t in targets if t in callable_] if spec.lora_linears else targets
+    if not targets or any(not set(targets) & set(names) for names in spec.lora_linears):
         return "all-linear"
     return targets
 
@@ -75,14 +79,14 @@ def _targets(spec: ArchSpec, lora: LoraConfig, scope: nn.Module) -> list[str]:
     directly (models/linears.py) is refused, as its LoRA would never train."""
     targets = lora.target_modules if lora.target_modules is not None else default_targets(spec)
     if targets == "all-linear":  # peft cannot combine its own all-linear with a layer range
-        return linear_names(scope)
+        return linear_names(scope, spec.model_type)
     targets = [targets] if isinstance(targets, str) else list(targets)
     ignored = sorted({t.rsplit(".", 1)[-1] for t in targets} & bypassed(scope))
     if ignored:
         raise AdapterError(
             f"lora.target_modules names {', '.join(ignored)}, whose weight {spec.model_type} blocks read directly (in a "
             f"fused kernel or a matrix product) rather than calling the layer, so a LoRA there would never train; LoRA "
-            f"can adapt {', '.join(linear_names(scope))} (or 'all-linear')"
+            f"can adapt {', '.join(linear_names(scope, spec.model_type))} (or 'all-linear')"
         )
     return targets
 
@@ -157,7 +161,7 @@ def apply_training(
             detail = str(err).split(". Note:", 1)[0]  # peft's note on layers_to_transform is about internals
             raise AdapterError(
                 f"cannot place LoRA adapters on {spec.model_type} (lora.target_modules={lora.target_modules!r}): {detail}; "
-                f"the linear layers of {spec.model_type} blocks are {', '.join(linear_names(scope))} (or 'all-linear')"
+                f"the linear layers of {spec.model_type} blocks are {', '.join(linear_names(scope, spec.model_type))} (or 'all-linear')"
             ) from None
         _seeded_lora_init(model, seed)
         for name, p in model.named_parameters():

@@ -144,6 +144,7 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
         seen["pre"] = list(ran)
         hidden = args[0] if args else kwargs.get("hidden_states")
         seen["width"] = hidden.shape[-1] if isinstance(hidden, torch.Tensor) else None
+        seen["dims"] = hidden.dim() if isinstance(hidden, torch.Tensor) else None
 
     hooks.append(blocks[0].register_forward_pre_hook(entered, with_kwargs=True))
     try:
@@ -172,13 +173,16 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
     if seen.get("carried"):
         raise ArchitectureError(f"{type(model).__name__} ({config.model_type}) cannot be split: {CARRIED_STATE} "
                                 "(block 1 takes such a tensor beside its hidden state)")
+    if seen.get("dims") not in (None, 3):  # streams side by side: [batch, seq, streams, hidden] (DeepSeek-V4)
+        raise ArchitectureError(f"{type(model).__name__} ({config.model_type}) cannot be split: {WIDE_STREAM} "
+                                f"({seen['dims']} dimensions between blocks, not [batch, seq, hidden])")
     if seen.get("outputs", 1) > 1:
         _refuse_unpacking_loop(model, blocks, [holders[n] for n in post], int(seen["outputs"]))
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     limit, key = _position_limit(config, model, embed, ran)
     return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied, limit, key, bool(seen.get("tuple", False)),
-                    int(seen.get("outputs", 1)), tuple(tuple(linear_names(b)) for b in blocks),
+                    int(seen.get("outputs", 1)), tuple(tuple(linear_names(b, config.model_type)) for b in blocks),
                     tuple(i for i, b in enumerate(blocks) if expert_weights(b)))
 
 

@@ -58,6 +58,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("gptj", EXACT, "partial rotary applied inside attention"),
     Family("codegen", EXACT, "fused QKV with rotary inside attention"),
     Family("mixtral", EXACT, "experts stored one by one, fused on load per party; the router loss when on"),
+    Family("phimoe", EXACT, "experts sampled in training (sparsemixer), a router that returns a tuple; exact given the "
+                            "same random draws, which verify gives both sides"),
     Family("qwen3_moe", EXACT, "fused experts, query/key norms"),
     Family("gpt_neo", EXACT, "alternating local (windowed) and global attention"),
     Family("bloom", EXACT, "ALiBi positions, embedding norm"),

@@ -5,6 +5,8 @@ mixers read some projections' weights directly instead: Mamba's fused training k
 and ``out_proj`` by their weights, Mamba-2's takes ``out_proj``'s, and Jamba multiplies by ``dt_proj.weight``. A
 LoRA on those would never change the output (peft refuses ``out_proj`` on Mamba models for this reason), so
 ``all-linear`` leaves them out and naming one is refused. Found from the modules' own source, not a list of models.
+peft may refuse more for a model type than the forward bypasses (``out_proj`` on every Mamba-like type, whatever the
+installed transformers does with it): those are asked of peft's own check, so defaults follow both libraries as they move.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from types import SimpleNamespace
 
+import torch
+from peft import LoraConfig
+from peft.tuners import tuners_utils
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -47,10 +53,46 @@ def bypassed(block: nn.Module) -> set[str]:
     return out
 
 
-def linear_names(block: nn.Module) -> list[str]:
-    """Leaf names of the linear layers of ``block`` that LoRA can adapt (what ``all-linear`` means in the blocks)."""
-    found = {name.rsplit(".", 1)[-1] for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
-    return sorted(found - bypassed(block))
+_verdicts: dict[type, bool] = {}
+
+
+def behaves_as_linear(module: nn.Module) -> bool:
+    """A linear layer peft can wrap: one whose forward returns a tensor. Some subclasses return more (Phi-MoE's and
+    Llama 4's routers return scores and logits), so peft's wrapper would fail on them. Asked once per class, on a row
+    of zeros on the weight's device (meta for a party's unloaded blocks)."""
+    kind = type(module)
+    if kind in (nn.Linear, Conv1D):
+        return True
+    if kind not in _verdicts:
+        weight = module.weight
+        width = weight.shape[0] if isinstance(module, Conv1D) else weight.shape[1]
+        try:
+            with torch.no_grad():
+                out = module(torch.zeros(1, width, dtype=weight.dtype, device=weight.device))
+            _verdicts[kind] = isinstance(out, torch.Tensor)
+        except Exception:  # noqa: BLE001 (a forward that needs more than a row of features is no plain linear)
+            _verdicts[kind] = False
+    return _verdicts[kind]
+
+
+def peft_refuses(model_type: str | None, name: str) -> bool:
+    """Whether peft refuses a LoRA on layer ``name`` of a ``model_type`` model (its Mamba guard; none if it has none)."""
+    check = getattr(tuners_utils, "_check_lora_target_modules_mamba", None)
+    if check is None or model_type is None:
+        return False
+    try:
+        check(LoraConfig(), SimpleNamespace(config=SimpleNamespace(model_type=model_type)), name)
+    except ValueError:
+        return True
+    return False
+
+
+def linear_names(block: nn.Module, model_type: str | None = None) -> list[str]:
+    """Leaf names of the linear layers of ``block`` that LoRA can adapt (what ``all-linear`` means in the blocks):
+    those the forward calls, less any peft refuses for ``model_type``."""
+    found = {name.rsplit(".", 1)[-1] for name, m in block.named_modules()
+             if isinstance(m, (nn.Linear, Conv1D)) and behaves_as_linear(m)}
+    return sorted(n for n in found - bypassed(block) if not peft_refuses(model_type, n))
 
 
 def expert_weights(block: nn.Module) -> list[str]:

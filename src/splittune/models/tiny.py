@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -144,10 +146,19 @@ def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
+def _peek(config: PretrainedConfig, name: str, default=None):
+    """``config.name``, or ``default`` where reading it raises: a config with per-layer settings (Gemma 4) refuses
+    a global read of one that varies across layers; such a setting is left as the constructor derives it."""
+    try:
+        return getattr(config, name, default)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError and kin
+        return default
+
+
 def _head_dim(config: PretrainedConfig) -> int | None:
-    heads = getattr(config, "num_attention_heads", None)
-    hidden = getattr(config, "hidden_size", None)
-    if isinstance(getattr(config, "head_dim", None), int):
+    heads = _peek(config, "num_attention_heads", None)
+    hidden = _peek(config, "hidden_size", None)
+    if isinstance(_peek(config, "head_dim", None), int):
         return config.head_dim
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
@@ -162,9 +173,9 @@ def _derived(cls: type, default: PretrainedConfig, kwargs: dict, opts: dict) -> 
     dimension, expert counts capped, lists of layer indices folded into the new depth."""
     out: dict = {}
     old_head, new_head = _head_dim(default), opts["hidden"] // opts["heads"]
-    depth, caps = getattr(default, "num_hidden_layers", None), _caps(opts)
+    depth, caps = _peek(default, "num_hidden_layers", None), _caps(opts)
     for name in _fields(cls) - set(kwargs):
-        value = getattr(default, name, None)
+        value = _peek(default, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             if name in caps and value > caps[name]:
                 out[name] = caps[name]
@@ -184,21 +195,21 @@ def _per_layer(config: PretrainedConfig, default: PretrainedConfig, opts: dict) 
     """Per-layer lists the constructor left at the default depth (given as fixed lists rather than derived),
     cut or extended to the new depth. A tiny model mixes sliding and full attention wherever the architecture
     supports sliding windows, so both mask paths are exercised."""
-    depth, n = getattr(default, "num_hidden_layers", None), opts["layers"]
+    depth, n = _peek(default, "num_hidden_layers", None), opts["layers"]
     out: dict = {}
     for name in _fields(type(config)):
-        value = getattr(config, name, None)
+        value = _peek(config, name, None)
         if isinstance(value, (list, tuple)) and value and len(value) == depth != n:
             new = list(value)[:n] + [value[-1]] * (n - len(value))
             out[name] = type(value)(new)
     for name in KIND_LISTS & _fields(type(config)):  # a hybrid keeps every kind of layer it has at full depth
-        full, tiny = getattr(default, name, None), out.get(name, getattr(config, name, None))
+        full, tiny = _peek(default, name, None), out.get(name, _peek(config, name, None))
         if isinstance(full, (list, tuple)) and isinstance(tiny, (list, tuple)) and len(set(tiny)) < min(len(set(full)), n):
             kinds = list(dict.fromkeys(full))
             out[name] = [kinds[i % len(kinds)] for i in range(n)]
-    kinds = out.get("layer_types", getattr(config, "layer_types", None))
+    kinds = out.get("layer_types", _peek(config, "layer_types", None))
     if "layer_types" in _fields(type(config)) and isinstance(kinds, (list, tuple)) and len(set(kinds)) == 1 \
-            and kinds[0] in ATTENTION_KINDS and getattr(config, "sliding_window", None):
+            and kinds[0] in ATTENTION_KINDS and _peek(config, "sliding_window", None):
         out["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
     return out
 
@@ -267,9 +278,17 @@ def tiny_model_dir(ref: str) -> Path:
             model = AutoModelForCausalLM.from_config(config)
         except Exception as err:  # noqa: BLE001 -- not a causal LM (t5, bert…), or options the architecture rejects
             raise TinyModelError(f"cannot build {ref!r}: {type(err).__name__}: {_first_line(err)}") from None
-    tmp = out.with_name(out.name + ".tmp")
+    # a directory of this process's own, renamed into place: processes building the same model at once (parallel
+    # test workers, clients on one machine) never see a half-written one, and the first rename wins
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     byte_tokenizer().save_pretrained(tmp)
     (tmp / "splittune.json").write_text(json.dumps({"tiny": ref, "options": opts}))
-    tmp.replace(out) if not out.exists() else None
+    try:
+        tmp.rename(out)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "model.safetensors").exists():
+            raise
     return out

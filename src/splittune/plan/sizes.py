@@ -51,7 +51,7 @@ def lora_params(block: nn.Module, model_type: str, lora: LoraConfig) -> int:
     """r · (in + out) for every linear layer of ``block`` the LoRA targets name (peft's suffix match)."""
     targets = lora.target_modules if lora.target_modules is not None else default_target_modules(model_type)
     if targets == "all-linear":
-        targets = linear_names(block)
+        targets = linear_names(block, model_type)
     elif isinstance(targets, str):
         targets = [targets]
     total = 0
