@@ -6,7 +6,8 @@ Each model type's tiny model (``tiny:TYPE``) is verified in a process of its own
 U-shaped cuts [1,3] with a left- and a right-padded row, the default LoRA targets, the tolerance ``verify`` uses.
 A row is **exact** (split equals unsplit), **refused** (splittune stops it before loading weights and says why)
 or **failing** (the error, or the differences that exceeded the tolerance). Writes
-``runs/verify-all/verify-all.json``; ``--write-docs`` also replaces the generated table in docs/models-and-data.md.
+``runs/verify-all/verify-all.json`` (``--only`` re-verifies some types and replaces their rows in it); ``--write-docs``
+also replaces the generated table in docs/models-and-data.md.
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def main() -> None:
             print(f"[{i}/{len(types)}] {row['model_type']}: {row['status']} ({row['seconds']} s) {row['why'][:100]}", flush=True)
     versions = f"transformers {transformers.__version__}, peft {__import__('peft').__version__}, torch {torch.__version__}"
     args.out.mkdir(parents=True, exist_ok=True)
+    earlier = args.out / "verify-all.json"
+    if args.only and earlier.exists():  # re-verified rows replace theirs in the last whole sweep
+        fresh = {r["model_type"]: r for r in rows}
+        rows = [fresh.pop(r["model_type"], r) for r in json.loads(earlier.read_text())["rows"]] + list(fresh.values())
     (args.out / "verify-all.json").write_text(json.dumps(dict(versions=versions, rows=rows), indent=1))
     table = markdown(rows, versions)
     (args.out / "verify-all.md").write_text(table + "\n")

@@ -74,5 +74,5 @@ def serve_here(service, tls=None, insecure: bool = False, host: str = "127.0.0.1
     from splittune.channels.transport import parse_listen
     from splittune.deploy.service import bind, start
 
-    bound, address = bind(parse_listen(f"{host}:0"), tls, insecure, service.limits.max_sessions)
+    bound, address = bind(parse_listen(f"{host}:0"), tls, insecure, service.limits.streams)
     return start(service, address, tls, insecure, bound=bound), address.port

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,11 +38,51 @@ def save(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str
     return final
 
 
-def latest(root: Path) -> int | None:
+def latest(root: Path, warn: Callable[[str], None] | None = None) -> int | None:
+    """The newest intact checkpoint's step, or None when there is none. A damaged newest one (a truncated file after a
+    full disk or a crash of the disk's cache, an unreadable ``latest``) falls back to the previous one kept beside it,
+    and ``warn`` says so; every checkpoint damaged is a CheckpointError naming each problem."""
     pointer = root / "latest"
     if not pointer.exists():
         return None
-    return int(pointer.read_text())
+    kept = sorted((int(p.name.removeprefix("step-")) for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()),
+                  reverse=True)
+    try:
+        named = int(pointer.read_text())
+    except ValueError:
+        named = None
+    order = ([named] if named is not None else []) + [s for s in kept if s != named and (named is None or s < named)]
+    problems = []
+    for step in order:
+        problem = damage(root / f"step-{step}")
+        if problem is None:
+            if problems and warn is not None:
+                warn(f"{root}: {problems[0]}; resuming from the previous checkpoint, step {step}")
+            return step
+        problems.append(f"the checkpoint of step {step} is damaged ({problem})")
+    raise CheckpointError(f"{root}: " + "; ".join(problems or ["latest names no checkpoint"])
+                          + "; no intact checkpoint is left: start the run again in a new directory")
+
+
+class CheckpointError(ValueError):
+    """No intact checkpoint to resume from."""
+
+
+def damage(folder: Path) -> str | None:
+    """Why ``folder`` cannot be loaded (missing, unreadable meta, truncated or corrupt tensors), or None. Cheap: parses
+    the JSON and the safetensors header, whose offsets safetensors checks against the file's length."""
+    from safetensors import SafetensorError, safe_open
+
+    if not folder.is_dir():
+        return "missing"
+    try:
+        json.loads((folder / "meta.json").read_text())
+        with safe_open(str(folder / "tensors.safetensors"), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except (OSError, ValueError, SafetensorError) as err:
+        return f"{type(err).__name__}: {str(err)[:200]}"
+    return None
 
 
 def load(root: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

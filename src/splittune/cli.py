@@ -98,6 +98,7 @@ def _shows_warnings(command):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from .assets import AssetError
+    from .checkpoint import CheckpointError
     from .channels import RemoteError
     from .config import ConfigError
     from .data import DataError
@@ -122,7 +123,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, DataError, ModelError, PlanError, ArchitectureError, AdapterError, ExportError,
             AssetError, BuiltinModelError, TinyModelError, RemoteError, DeployError, DeviceError, RunDirError,
-            TapError, ThreatModelError, AttackError, JudgeError, DefenseError, DPError, StageError, GenerationError)
+            TapError, ThreatModelError, AttackError, JudgeError, DefenseError, DPError, StageError, GenerationError,
+            CheckpointError)
 
 
 def _human_bytes(n: float) -> str:
@@ -365,6 +367,11 @@ def serve(
     tokens: Optional[Path] = typer.Option(None, "--tokens", help="YAML map of client id to token (or to {token, index}: that id may only be that client index); without it any client may connect"),
     insecure: bool = typer.Option(False, "--insecure", help="allow plaintext on a non-loopback address"),
     max_sessions: int = typer.Option(64, "--max-sessions", min=1, help="sessions the server accepts"),
+    max_clients: int = typer.Option(16, "--max-clients", min=1, help="the most clients a run may have"),
+    max_pending: int = typer.Option(32, "--max-pending", min=1, help="connections waiting for their hello at once"),
+    hello_timeout: float = typer.Option(120.0, "--hello-timeout", min=1.0, help="seconds a connection may wait before its hello"),
+    idle_timeout: float = typer.Option(900.0, "--idle-timeout", min=1.0,
+                                       help="seconds a connection with sessions may send nothing before it is closed"),
     max_frame_mb: int = typer.Option(1024, "--max-frame-mb", min=1, help="largest frame accepted, MiB"),
     wait_s: float = typer.Option(600.0, "--wait", min=1.0, help="seconds a round waits for a client before giving up"),
     state: Optional[Path] = typer.Option(None, "--state", help="directory for the server's checkpoints (restart with the same command to resume)"),
@@ -412,7 +419,9 @@ def serve(
         compute = resolve_device(device)
         tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
         locked = _serve_process(state, threads)  # one server per state directory; its compute threads
-        bound, address = bind(address, tls, insecure, max_sessions)  # port 0: the port the kernel gave
+        limits = Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions, max_clients, max_pending, hello_timeout,
+                        idle_timeout)
+        bound, address = bind(address, tls, insecure, limits.streams)  # port 0: the port the kernel gave
         if record_tap is not None:
             from .privacy.recording import Recording
 
@@ -422,8 +431,7 @@ def serve(
         party_server = Server(source, detect_arch(config), config, wait_s=wait_s, state_dir=state, device=compute,
                               policies=POLICIES, max_cache_bytes=max_cache_bytes,
                               inference=InferenceLimits(max_inference_sessions, max_inference_bytes, inference_timeout))
-        service = SplitService(party_server, token_map, Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions),
-                               bindings=bindings)
+        service = SplitService(party_server, token_map, limits, bindings=bindings)
         if recording is not None:
             recording.attach(party_server, service.link)
         grpc_server = start(service, address, tls, insecure, bound=bound)

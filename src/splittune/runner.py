@@ -118,7 +118,7 @@ def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None
 def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: list[int] | None = None,
             channel_for: Callable[[int], Channel] | None = None, resume: int | None = None, state_dir: Path | None = None,
             link_states: dict[int, dict] | None = None, recording: Recording | None = None,
-            ledger: SentLog | None = None) -> Fleet:
+            ledger: SentLog | None = None, run_id: str = "") -> Fleet:
     """Stage 0: plan the split, build the parties, and say hello (the server forms the group).
 
     In-process, every client is built here with a local channel to a server built here too; a client
@@ -146,7 +146,8 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
     fleet = Fleet(clients, server, links, source, indices)  # filled as parties are built, so a failure closes them
     try:
         for i, count in zip(indices, samples, strict=True):
-            session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe())
+            session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe(),
+                                           run_id=run_id)
             try:
                 party = Party("client", source, spec, session, config, device=device, total_steps=policy.client_steps(cfg.train.steps, n),
                               recompute=cfg.train.gradient_checkpointing)
@@ -250,6 +251,7 @@ def train(cfg: RunConfig, out: Path, progress: Callable | None = None, record_ta
     ledger = SentLog(out / SENT, append=resume is not None) if cfg.mode != "centralized" else None
     try:
         fleet = connect(cfg, source, [len(task.train) for task in tasks], resume=resume, state_dir=out / CHECKPOINTS / "server",
+                        run_id=run_identity(out),
                         link_states=saved_link_states(out, resume), recording=recording, ledger=ledger)
         # the fleet stays usable after the run (tests and tools read its parties); nobody holding it stops its threads
         return Session(cfg, fleet, tasks, pooled, out, progress, started, resume).run()
@@ -324,13 +326,27 @@ def saved_link_states(out: Path, step: int | None) -> dict[int, dict]:
     return states
 
 
+RUN_ID = "run-id"
+
+
+def run_identity(out: Path) -> str:
+    """This run's id: random, made with its run directory and kept there, so a resume is the same run to the server
+    and two runs with the same config never share what the server keeps of them."""
+    path = out / RUN_ID
+    if path.exists():
+        return path.read_text().strip()
+    made = secrets.token_hex(8)
+    path.write_text(made + "\n")
+    return made
+
+
 def prepare_run_dir(cfg: RunConfig, out: Path) -> int | None:
     """Create the run directory, or find the step to resume from in it (the same command resumes).
 
     ``cfg`` is the resolved config (``resolved``); the caller holds the directory's lock (``owns_run_dir``).
     """
     out.mkdir(parents=True, exist_ok=True)
-    resume = checkpoint.latest(out / CHECKPOINTS / "client")
+    resume = checkpoint.latest(out / CHECKPOINTS / "client", warn)
     if resume is not None:
         saved = (out / "config.yaml").read_text() if (out / "config.yaml").exists() else ""
         if saved != dump_config(cfg):
@@ -363,7 +379,7 @@ def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Call
     ledger = SentLog(out / SENT, append=resume is not None)
     session = fleet = None
     try:
-        fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume,
+        fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume, run_id=run_identity(out),
                         link_states=saved_link_states(out, resume), ledger=ledger)
         session = Session(cfg, fleet, [task], task, out, progress, started, resume)
         return session.run()

@@ -107,9 +107,9 @@ def verify(cfg: RunConfig, batch: int = 2, seq: int = 16, padding: bool = True, 
     # same order split and unsplit; dropout is off unless train.model_dropout asks for it)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        loss_ref, _ = reference.backward(0, micro)
+        loss_ref, _ = reference.backward(1, micro)
         torch.manual_seed(cfg.seed)
-        loss_split, _ = client.backward(0, micro)
+        loss_split, _ = client.backward(1, micro)
     g_ref, g_split = _grads(reference.party), _grads(client.party, server.party)
     problems = []
     if set(g_ref) != set(g_split):
@@ -119,8 +119,8 @@ def verify(cfg: RunConfig, batch: int = 2, seq: int = 16, padding: bool = True, 
     grad_diff, worst = _max_diff(common, g_split)
     if not g_ref:
         problems.append("nothing is trainable: check segments and lora settings")
-    reference.optimizer_step(0)
-    client.optimizer_step(0)
+    reference.optimizer_step(1)
+    client.optimizer_step(1)
     after_ref = reference.party.state()
     after_split = {**client.party.state(), **client.server_state()}
     update_diff, _ = _max_diff({k: after_ref[k] for k in after_ref if k in after_split}, after_split)

@@ -85,7 +85,21 @@ def check_server(cert: Path | None, key: Path | None, client_ca: Path | None) ->
         certificates(client_ca, "--tls-client-ca")
 
 
+def warn_if_readable_by_others(path: Path, what: str) -> None:
+    """A secret file that the group or everyone may read gets a warning, as ssh gives for a private key."""
+    from ..config import warn
+
+    try:
+        mode = Path(path).stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        warn(f"{what} {path} is readable by others (permissions {mode:04o}); anyone who reads it can act as its owner: "
+             f"chmod 600 {path}")
+
+
 def read_token(path: Path, flag: str = "--token-file") -> str:
+    warn_if_readable_by_others(path, flag)
     try:
         token = read(path, flag).decode().strip()
     except UnicodeDecodeError:

@@ -25,7 +25,7 @@ import yaml
 
 from ..device import peak_memory
 from ..parties.party import SessionSpec
-from ..parties.server import Server
+from ..parties.server import Server, bounded
 from ..cut.link import ServerLink
 from ..cut.transforms import ChainError
 from ..wire import FrameError, FrameLimits, Message
@@ -37,6 +37,9 @@ log = logging.getLogger("splittune.serve")
 def load_tokens(path: Path) -> tuple[dict[str, str], dict[str, int]]:
     """Tokens by client id, and the client indices some ids are bound to, from YAML:
     ``alice: <token>`` (any index) or ``bob: {token: <token>, index: 1}`` (only client 1 of a run)."""
+    from .files import warn_if_readable_by_others
+
+    warn_if_readable_by_others(path, "the tokens file")
     try:
         entries = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -62,10 +65,24 @@ def load_tokens(path: Path) -> tuple[dict[str, str], dict[str, int]]:
     return tokens, bindings
 
 
+HEALTH_WORKERS = 4  # threads no stream may take: ``Health`` answers however many streams are open
+
+
 @dataclass
 class Limits:
+    """What one client, or many, may hold of the server (``serve --max-…``, ``--hello-timeout``, ``--idle-timeout``)."""
+
     frame: FrameLimits = field(default_factory=lambda: FrameLimits(max_frame_bytes=1 << 30))
     max_sessions: int = 64
+    max_clients: int = 16  # the largest ``clients`` a run may propose: a hello cannot hold a group open for millions
+    max_pending: int = 32  # streams connected but not yet through their hello
+    hello_timeout_s: float = 120.0  # a stream's hello must arrive within this (a client loads its model before it connects)
+    idle_timeout_s: float = 900.0  # a stream with sessions that sends nothing for this long is closed
+
+    @property
+    def streams(self) -> int:
+        """Streams open at once: every session's, and those waiting for their hello."""
+        return self.max_sessions + self.max_pending
 
 
 class SplitService:
@@ -84,6 +101,7 @@ class SplitService:
         self._lock = threading.Lock()
         self.started = time.time()
         self.counts = {"sessions_opened": 0, "messages": 0, "bytes_in": 0, "bytes_out": 0, "refused": 0}
+        self.pending = 0  # streams not yet through their hello
 
     # -- authentication ---------------------------------------------------------------------------------
     def _client(self, context) -> str:
@@ -126,6 +144,7 @@ class SplitService:
     def _event(self, event: str, **fields) -> None:
         if event == "refused":
             self.counts["refused"] += 1
+        fields = {k: bounded(v, 200) if isinstance(v, str) else v for k, v in fields.items()}  # ids and reasons a client chose
         log.info(json.dumps({"event": event, "t": round(time.time(), 3), **fields}))
 
     # -- the session stream -------------------------------------------------------------------------------
@@ -135,13 +154,26 @@ class SplitService:
         request's correlation id."""
         client = self._client(context)
         peer = context.peer()
+        with self._lock:
+            full = self.pending >= self.limits.max_pending
+            self.pending += not full
+        if full:
+            self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{self.limits.max_pending} connections already wait for their hello; try again shortly")
+        waiting = True  # counted in ``pending`` until its first hello is accepted
         self._event("connect", client=client, peer=peer)
         inbox: queue.Queue = queue.Queue()
         threading.Thread(target=_read_frames, args=(requests, inbox, self.limits.frame.max_frame_bytes), daemon=True).start()
         opened: set[str] = set()
         try:
             while True:
-                item = inbox.get()
+                try:
+                    item = inbox.get(timeout=self.limits.hello_timeout_s if waiting else self.limits.idle_timeout_s)
+                except queue.Empty:
+                    self._abort(context, client, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no hello within {self.limits.hello_timeout_s:g} s of connecting (serve --hello-timeout)"
+                                if waiting else f"nothing received for {self.limits.idle_timeout_s:g} s (serve --idle-timeout); "
+                                "the stream is closed, and the client's same command resumes its run")
                 if item is None:
                     return
                 if isinstance(item, ChunkError):
@@ -151,12 +183,17 @@ class SplitService:
                 request, reply = self._handle(frame, client, context)
                 if reply.kind == "hello":
                     opened.add(reply.session)
+                    if waiting:
+                        waiting = False
+                        with self._lock:
+                            self.pending -= 1
                 out = self.link.reply(request, reply)
                 self.counts["bytes_in"] += len(frame)
                 self.counts["bytes_out"] += len(out)
                 yield from chunks(out, self.chunk_bytes, corr)
         finally:  # the sessions of this stream end with it (the trained state stays with the server)
             with self._lock:
+                self.pending -= waiting
                 for session in opened:
                     self.owner.pop(session, None)
                     self.link.close_session(session)
@@ -189,6 +226,13 @@ class SplitService:
             if owner is None and len(self.owner) >= self.limits.max_sessions:
                 self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"the server holds its maximum of {self.limits.max_sessions} sessions")
+            clients = msg.meta.get("clients") if msg.kind == "hello" else None
+            if isinstance(clients, int) and clients > self.limits.max_clients:
+                self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"a run of {clients} clients is more than this server accepts (serve --max-clients "
+                            f"{self.limits.max_clients})")
+            if owner is None:  # admitted: the slot is this hello's from now on (checked and taken under one lock)
+                self.owner[msg.session] = client
         started = time.perf_counter()
         try:
             msg = self.link.accept(msg, len(frame))
@@ -198,10 +242,12 @@ class SplitService:
         except Exception as err:  # a fault of ours must not take the server down with it
             log.exception("handler failed")
             reply = Message("error", msg.session, msg.step, msg.micro, meta={"reason": f"internal error: {type(err).__name__}: {err}", "code": "INTERNAL"})
-        if msg.kind == "hello" and reply.kind == "hello":
+        if msg.kind == "hello":
             with self._lock:
-                self.owner[msg.session] = client
-                self.counts["sessions_opened"] += 1
+                if reply.kind == "hello":
+                    self.counts["sessions_opened"] += 1
+                elif owner is None:  # refused: its slot is free again
+                    self.owner.pop(msg.session, None)
         self.counts["messages"] += 1
         fields = {"client": client, "session": msg.session, "kind": msg.kind, "step": msg.step, "micro": msg.micro,
                   "bytes_in": len(frame), "ms": round(1000 * (time.perf_counter() - started), 1)}
@@ -219,6 +265,7 @@ class SplitService:
             return False  # a bad proposal: the server refuses it with the reason
 
     def _abort(self, context, client: str, code, details: str):
+        details = bounded(details, 500)
         self._event("refused", client=client, code=code.name, reason=details)
         context.abort(code, details)
 
@@ -244,7 +291,7 @@ class Tls:
     client_ca: Path | None = None  # mutual TLS: clients must present a certificate signed by this CA
 
 
-def bind(listen: Address, tls: Tls | None, insecure: bool = False, max_sessions: int = 64,
+def bind(listen: Address, tls: Tls | None, insecure: bool = False, max_streams: int = Limits().streams,
          workers: int | None = None) -> tuple[grpc.Server, Address]:
     """A gRPC server bound to ``listen``, not started (no handlers yet): ``serve`` binds before it loads its
     model, so a busy port or a bad certificate fails in a second. Refuses a plaintext listener on a
@@ -262,8 +309,9 @@ def bind(listen: Address, tls: Tls | None, insecure: bool = False, max_sessions:
     options = [*KEEPALIVE, ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 0),
                ("grpc.max_receive_message_length", MAX_CHUNK_BYTES + 16),
                ("grpc.max_send_message_length", MAX_CHUNK_BYTES + 16), ("grpc.so_reuseport", 0)]
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers or max_sessions + 8), options=options,
-                         maximum_concurrent_rpcs=max_sessions + 8)
+    # a thread per open stream, and a few that no stream can take, so Health answers however many are open
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers or max_streams + HEALTH_WORKERS), options=options,
+                         maximum_concurrent_rpcs=max_streams + HEALTH_WORKERS)
     try:
         if tls is not None:
             creds = grpc.ssl_server_credentials(
@@ -315,7 +363,7 @@ def start(service: SplitService, listen: Address, tls: Tls | None, insecure: boo
           bound: grpc.Server | None = None) -> grpc.Server:
     """Bind (unless ``bound`` is the server :func:`bind` made for the same ``listen`` and ``tls``), add the
     service and start. With mutual TLS, the service binds client ids to client certificates."""
-    server = bound if bound is not None else bind(listen, tls, insecure, service.limits.max_sessions, workers)[0]
+    server = bound if bound is not None else bind(listen, tls, insecure, service.limits.streams, workers)[0]
     service.client_certs = tls is not None and tls.client_ca is not None
     server.add_generic_rpc_handlers((service.handler(),))
     server.start()

@@ -43,6 +43,7 @@ class Member:
     head: bool = False  # two-part split: the server ends the model and computes this client's loss
     adapter: str = "default"
     cache: ActivationCache | None = None  # the activations this client sent, for later epochs (parties/cache.py)
+    last_step: int = 0  # the last optimizer step this client took (its resume point at hello): steps only go forward
 
 
 def personal_names(names, plan: SplitPlan, personal: set[str], arch: ArchSpec) -> set[str]:

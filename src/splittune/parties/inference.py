@@ -91,7 +91,7 @@ def cache_argument(model: torch.nn.Module) -> str:
 
 def _digest(session: SessionSpec, tensors: dict[str, torch.Tensor]) -> str:
     """Sessions with the same key run the very same segment: same proposal (but who proposed it) and adapter."""
-    terms = {k: v for k, v in session.to_meta().items() if k not in ("client", "samples", "model", "clients")}
+    terms = {k: v for k, v in session.to_meta().items() if k not in ("client", "samples", "model", "clients", "run_id")}
     h = hashlib.sha256(json.dumps(terms, sort_keys=True, default=str).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()

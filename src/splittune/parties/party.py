@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +31,18 @@ from ..models.zoo import ModelSource
 
 
 # What may differ from client to client in one run; every other field of the proposal must agree.
-PER_CLIENT = ("client", "cuts", "lora_rank", "samples", "model")  # ``model``: two clients may load the same weights from two paths
+PER_CLIENT = ("client", "cuts", "lora_rank", "samples", "model", "run_id")  # ``model``: two clients may load the same weights from two paths
+# Kept by the client, never sent: its sample count (the averaging weight travels with each aggregate, where needed).
+LOCAL_ONLY = ("samples",)
+
+
+def public_model_name(model: str) -> str:
+    """What a hello may say about the client's model: a reference (``builtin:…``, ``tiny:…``, a hub id) as given, a
+    local directory by its last component only (``/data/private/llama-8b`` → ``llama-8b``)."""
+    ref = model.split(" (", 1)[0]  # ``ModelSource.describe``: "REF (where it resolved)"
+    if ref.startswith(("/", "./", "../", "~")) or "\\" in ref or Path(ref).expanduser().exists():
+        return ref.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return ref
 
 
 @dataclass(frozen=True)
@@ -65,10 +77,12 @@ class SessionSpec:
     # the client's defenses and their parameters (never their seed): announced, as an attacker must be assumed to know them
     defenses: list[dict[str, Any]] = field(default_factory=list)
     secure_aggregation: bool = False  # clients' adapters reach the averaging only masked (parties/secure.py)
+    # the client's run (a random id kept in its run directory): the server keys what it keeps of a run by it
+    run_id: str = ""
 
     @classmethod
     def from_run(cls, cfg: RunConfig, fingerprint: str, model_type: str, client: int = 0, samples: int = 0,
-                 clients: int | None = None, model: str | None = None) -> "SessionSpec":
+                 clients: int | None = None, model: str | None = None, run_id: str = "") -> "SessionSpec":
         t = cfg.train
         return cls(
             fingerprint, model_type, cfg.client_cuts(client), cfg.mode, cfg.segments.model_dump(), cfg.lora.model_dump(),
@@ -79,14 +93,19 @@ class SessionSpec:
             cache_bytes=cfg.cache.max_bytes,
             defenses=[d.model_dump() for d in cfg.defense],
             secure_aggregation=cfg.secure_aggregation,
+            run_id=run_id,
         )
 
     def to_meta(self) -> dict[str, Any]:
-        return asdict(self)
+        """The proposal as a hello carries it: no sample count, and the model by name and fingerprint, never the
+        local path it was loaded from."""
+        meta = {k: v for k, v in asdict(self).items() if k not in LOCAL_ONLY}
+        meta["model"] = public_model_name(self.model)
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "SessionSpec":
-        fields = set(cls.__dataclass_fields__)
+        fields = set(cls.__dataclass_fields__) - set(LOCAL_ONLY)
         missing = fields - set(meta)
         if missing:
             raise ValueError(f"session proposal lacks {sorted(missing)}")

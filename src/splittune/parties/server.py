@@ -31,12 +31,19 @@ from .cache import CACHE_MISS, ActivationCache, entry_bytes
 from .engine import TrunkEngine
 from .group import Group, Member
 from .meet import WaitTimeout
+from ..models.partition import DTYPES
 from .party import SessionSpec
 from .secure import SecureRounds
 from .inference import InferenceLimits, InferenceSessions
 from .protocol import INFERENCE_SCHEMAS, ProtocolError, cached_in, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in
 
 log = logging.getLogger("splittune.serve")
+
+
+def bounded(text: str, limit: int = 1000) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out: a reply or a log line quoting what a client
+    sent (an id, a proposal) stays small however large that was."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 def status_of(err: Exception) -> str:
@@ -120,7 +127,7 @@ class Server:
         except (ProtocolError, ValueError, WaitTimeout) as err:
             if isinstance(err, StageError):  # the model failed inside, not the message: the operator needs the traceback
                 log.warning("%s", err, exc_info=err)
-            return Message("error", msg.session, msg.step, msg.micro, meta={"reason": str(err), "code": status_of(err)})
+            return Message("error", msg.session, msg.step, msg.micro, meta={"reason": bounded(str(err)), "code": status_of(err)})
 
     def _reply(self, msg: Message, kind: str, tensors=None, **meta) -> Message:
         return Message(kind, msg.session, msg.step, msg.micro, tensors or {}, meta)
@@ -131,6 +138,11 @@ class Server:
             session = SessionSpec.from_meta(msg.meta)
         except (TypeError, ValueError) as err:
             raise ProtocolError(f"bad session proposal: {err}") from None
+        if session.dtype not in DTYPES:
+            raise ProtocolError(f"bad session proposal: dtype {bounded(repr(session.dtype), 40)}; dtypes: {', '.join(DTYPES)}")
+        if not (isinstance(session.clients, int) and isinstance(session.client, int) and 0 <= session.client < session.clients):
+            raise ProtocolError(f"bad session proposal: client {bounded(repr(session.client), 40)} of "
+                                f"{bounded(repr(session.clients), 40)} clients; a run has clients >= 1 and a client index below it")
         if session.fingerprint != self.fingerprint:
             raise ProtocolError(
                 f"model mismatch: the client's base model {session.model or '(not named)'} has fingerprint {session.fingerprint}, "
@@ -175,7 +187,7 @@ class Server:
                 self.engine.run(self.engine.reset, None, False)
             group = self.group
             group.check(session)
-            member = Member(session.client, msg.session, session)
+            member = Member(session.client, msg.session, session, last_step=resume or 0)
             budget = session.cache_bytes if self.max_cache_bytes is None else min(session.cache_bytes, self.max_cache_bytes)
             member.cache = ActivationCache(budget) if budget > 0 else None
             group.members[session.client] = member
@@ -209,7 +221,10 @@ class Server:
     def _run_root(self, group: Group) -> Path:
         if self.state_dir is None:
             raise ProtocolError("this server keeps no checkpoints (start it with --state DIR to resume runs)", "FAILED_PRECONDITION")
-        key = hashlib.sha256(json.dumps(group.terms, sort_keys=True).encode()).hexdigest()[:16]
+        # the run's identity: its clients' run ids (each kept in the client's run directory) with the shared terms, so
+        # two runs of the same config, or two data owners with the same settings, never share a folder
+        runs = sorted((i, m.spec.run_id) for i, m in group.members.items())
+        key = hashlib.sha256(json.dumps([group.terms, runs], sort_keys=True).encode()).hexdigest()[:16]
         return self.state_dir / f"run-{key}"
 
     def _save(self, group: Group, step: int) -> dict:
@@ -225,8 +240,12 @@ class Server:
         return {i: None for i in group.members}
 
     def _restore(self, group: Group, step: int) -> None:
+        root = self._run_root(group)
+        problem = checkpoint.damage(root / f"step-{step}")
+        if problem is not None and problem != "missing":
+            raise ProtocolError(f"cannot resume: the server's checkpoint of step {step} is damaged ({problem})", "FAILED_PRECONDITION")
         try:
-            flat, meta = checkpoint.load(self._run_root(group), step)
+            flat, meta = checkpoint.load(root, step)
         except FileNotFoundError as err:
             raise ProtocolError(f"cannot resume: {err}", "FAILED_PRECONDITION") from None
         groups = checkpoint.unpack(flat)
@@ -367,11 +386,15 @@ class Server:
 
     def _step(self, member: Member, msg: Message, meta) -> Message:
         self._needs_party(msg)
+        if not member.last_step < msg.step <= member.spec.steps:  # a replayed or reordered step would move the lr schedule
+            raise ProtocolError(f"step {msg.step} is out of order: client {member.index} last stepped at {member.last_step} and "
+                                f"the run has {member.spec.steps} steps; a step must come after the last one", "FAILED_PRECONDITION")
         self._turn(member, msg)
         waiting = self.engine.waiting(member.index)
         if waiting:
             raise ProtocolError(f"step {msg.step} arrived with {len(waiting)} forward(s) still awaiting gradients", "FAILED_PRECONDITION")
         own, lr = self.engine.run(self.engine.step, member.adapter, meta.sq_norm)
+        member.last_step = msg.step
         group = self.group
         if group.turns is not None and not group.turn_ends(msg.step):
             group.turns.advance(member.index, msg.step)

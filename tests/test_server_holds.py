@@ -1,0 +1,291 @@
+"""The server holds against careless and hostile clients (issue 23): what it keeps of a run is the run's own, steps
+only go forward, a damaged checkpoint falls back to the one before, and a hello says nothing the server need not know."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splittune import checkpoint
+from splittune.channels.grpc import GrpcChannel
+from splittune.config import load_config
+from splittune.deploy.service import SplitService
+from splittune.models.arch import detect_arch
+from splittune.models.zoo import resolve_model
+from splittune.parties import SessionSpec
+from splittune.parties.party import public_model_name
+from splittune.parties.server import Server
+from splittune.runner import CHECKPOINTS, train, train_remote
+from splittune.schedules.policy import POLICIES
+from splittune.wire import Message
+
+from served import serve_here
+
+RUN = ["model=tiny:llama", "cuts=[1,3]", "train.seq_len=32", "train.batch_size=2", "data.max_documents=6",
+       "train.eval_every=0", "train.eval_batches=1", "train.lr=0.01", "train.warmup_steps=0", "train.steps=4",
+       "train.checkpoint_every=1"]
+
+
+class Killed(Exception):
+    """The client process dying at a step (its streams end; the server keeps what it saved)."""
+
+
+def kill_at(step):
+    def progress(done, total, row):
+        if row.get("step") == step:
+            raise Killed
+    return progress
+
+
+def adapters(out):
+    """Both parties' trained tensors as the run wrote them."""
+    return {f"{party}/{k}": v for party in ("client", "server")
+            for k, v in load_file(str(out / "adapters" / f"{party}.safetensors")).items()}
+
+
+def _served_with_state(state):
+    source = resolve_model("tiny:llama")
+    server = Server(source, detect_arch(source.config()), source.config(), wait_s=30, state_dir=state, policies=POLICIES)
+    return serve_here(SplitService(server, None))
+
+
+def test_two_runs_of_one_config_keep_their_own_checkpoints(tmp_path):
+    """Run A finishes, run B (the same config, another run directory) is killed at step 2 and resumes: it ends exactly
+    as A did. Keyed by settings alone, A's steps 3 and 4 made B's step-2 checkpoint the oldest, deleted as written."""
+    cfg = load_config(None, RUN)
+    grpc_server, port = _served_with_state(tmp_path / "state")
+    url = f"grpc://127.0.0.1:{port}"
+    try:
+        train_remote(cfg, tmp_path / "a", 0, lambda i: GrpcChannel(url))
+        with pytest.raises(Killed):
+            train_remote(cfg, tmp_path / "b", 0, lambda i: GrpcChannel(url), kill_at(2))
+        summary = train_remote(cfg, tmp_path / "b", 0, lambda i: GrpcChannel(url))
+    finally:
+        grpc_server.stop(None)
+    assert summary["steps"] == 4
+    a, b = adapters(tmp_path / "a"), adapters(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    runs = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert len(runs) == 2, runs  # one folder per run
+    assert (tmp_path / "a" / "run-id").read_text() != (tmp_path / "b" / "run-id").read_text()
+
+
+def _server_and_hello():
+    source = resolve_model("tiny:llama")
+    server = Server(source, detect_arch(source.config()), source.config(), wait_s=5, policies=POLICIES)
+    spec = SessionSpec.from_run(load_config(None, RUN), source.fingerprint(), "llama")
+    reply = server.handle(Message("hello", "s1", meta=spec.to_meta()))
+    assert reply.meta.get("accepted"), reply.meta
+    return server
+
+
+def step(server, at):
+    return server.handle(Message("step", "s1", at, 0, {}, {"sq_norm": 0.0}))
+
+
+def test_a_replayed_or_reordered_step_is_refused_and_moves_nothing():
+    server = _server_and_hello()
+    lrs = [step(server, 1).meta["lr"], step(server, 2).meta["lr"]]  # the twin: steps in order are served
+    assert lrs[0] != lrs[1]
+    for bad in (2, 1, 0, 5):  # replayed, older, before the first, past the run's 4 steps
+        reply = step(server, bad)
+        assert reply.kind == "error" and reply.meta["code"] == "FAILED_PRECONDITION", reply.meta
+        assert f"step {bad} is out of order: client 0 last stepped at 2" in reply.meta["reason"]
+    assert step(server, 3).meta["lr"] == pytest.approx(lrs[1] + (lrs[1] - lrs[0]))  # the schedule did not move
+
+
+def _damage(folder):
+    path = folder / "tensors.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = load_config(None, RUN)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "run", kill_at(3))
+    root = tmp_path / "run" / CHECKPOINTS / "client"
+    assert checkpoint.latest(root) == 2  # killed in step 3, before its checkpoint
+    _damage(root / "step-2")
+    with pytest.warns(UserWarning, match=r"the checkpoint of step 2 is damaged .*resuming from the previous checkpoint, step 1"):
+        summary = train(cfg, tmp_path / "run")
+    whole = train(cfg, tmp_path / "whole")
+    assert summary["steps"] == whole["steps"] == 4
+    a, b = adapters(tmp_path / "run"), adapters(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
+    for s in (1, 2):
+        checkpoint.save(tmp_path, s, {"x": torch.ones(4)}, {})
+    assert checkpoint.latest(tmp_path) == 2  # the twin: intact checkpoints are found
+    for s in (1, 2):
+        _damage(tmp_path / f"step-{s}")
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 2 is damaged .*step 1 is damaged .*no intact checkpoint is left"):
+        checkpoint.latest(tmp_path)
+
+
+def test_the_hello_carries_no_local_path_and_no_sample_count(tmp_path):
+    source = resolve_model("tiny:llama")
+    spec = SessionSpec.from_run(load_config(None, RUN), source.fingerprint(), "llama", samples=123, model=source.describe())
+    meta = spec.to_meta()
+    assert "samples" not in meta and meta["model"] == "tiny:llama" and str(source.path) not in str(meta)
+    assert spec.samples == 123  # the client keeps it (an aggregate carries its weight where averaging needs one)
+    local = tmp_path / "private" / "llama-8b"
+    local.mkdir(parents=True)
+    assert public_model_name(f"{local} ({local})") == public_model_name(str(local)) == "llama-8b"
+    assert public_model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id, as given
+    assert SessionSpec.from_meta(meta).samples == 0
+
+
+def test_a_token_file_others_can_read_is_warned_about(tmp_path):
+    import warnings
+
+    from splittune.deploy.files import read_token
+
+    token = tmp_path / "alice.token"
+    token.write_text("s3cret-token-of-alice\n")
+    token.chmod(0o644)
+    with pytest.warns(UserWarning, match=r"--token-file .*alice.token is readable by others \(permissions 0644\).*chmod 600"):
+        assert read_token(token) == "s3cret-token-of-alice"
+    token.chmod(0o600)  # the twin: a private file reads without a word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_token(token) == "s3cret-token-of-alice"
+
+
+# -- admission: limits that cannot be bypassed ------------------------------------------------------------------
+
+TOKENS = {"alice": "alice-token-0123456789"}
+
+
+def _limited(**limits):
+    from splittune.deploy.service import Limits
+
+    source = resolve_model("tiny:llama")
+    server = Server(source, detect_arch(source.config()), source.config(), wait_s=limits.pop("wait_s", 30), policies=POLICIES)
+    service = SplitService(server, TOKENS, Limits(**limits))
+    grpc_server, port = serve_here(service)
+    return grpc_server, service, f"grpc://127.0.0.1:{port}"
+
+
+def _proposal(**changes):
+    source = resolve_model("tiny:llama")
+    spec = SessionSpec.from_run(load_config(None, RUN), source.fingerprint(), "llama")
+    return {**spec.to_meta(), **changes}
+
+
+def _try_hello(url, session, **changes):
+    from splittune.channels import RemoteError
+
+    channel = GrpcChannel(url, "alice", TOKENS["alice"])
+    try:
+        reply = channel.call(Message("hello", session, meta=_proposal(**changes)))
+        return ("accepted" if reply.kind == "hello" else reply.meta["code"], reply.meta.get("reason", "")), channel
+    except RemoteError as err:
+        return (err.code, str(err)), channel
+
+
+def test_concurrent_hellos_cannot_pass_the_session_limit():
+    from concurrent.futures import ThreadPoolExecutor
+
+    grpc_server, service, url = _limited(max_sessions=4)
+    channels = []
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(lambda i: _try_hello(url, f"s{i}"), range(20)))
+        channels = [c for _, c in results]
+        outcomes = [r for r, _ in results]
+        assert sum(code == "accepted" for code, _ in outcomes) == 4, outcomes
+        refused = [why for code, why in outcomes if code != "accepted"]
+        assert len(refused) == 16 and all("maximum of 4 sessions" in why for why in refused), refused
+        assert len(service.owner) == 4
+    finally:
+        for c in channels:
+            c.close()
+        grpc_server.stop(None)
+
+
+def _idle_streams(url, n):
+    """``n`` authenticated streams that never send a frame; returns their calls (cancel to end them)."""
+    import grpc
+    import queue
+
+    from splittune.channels.transport import SESSION_METHOD
+
+    channel = grpc.insecure_channel(url.removeprefix("grpc://"))
+    stub = channel.stream_stream(SESSION_METHOD, request_serializer=None, response_deserializer=None)
+    metadata = [("x-splittune-client", "alice"), ("authorization", f"Bearer {TOKENS['alice']}")]
+    calls = [stub(iter(queue.Queue().get, None), metadata=metadata) for _ in range(n)]
+    return channel, calls
+
+
+def _code_of(call, timeout=20):
+    import grpc
+
+    try:
+        next(iter(call))
+    except grpc.RpcError as err:
+        return err.code().name, err.details()
+    return "OK", ""
+
+
+def test_idle_streams_neither_block_a_client_nor_health(tmp_path):
+    from splittune.deploy.service import health
+
+    grpc_server, _, url = _limited(max_sessions=4)
+    channel, calls = _idle_streams(url, 30)
+    try:
+        status = health(url, timeout_s=5)  # 30 streams are open, and Health still answers
+        assert status["status"] == "SERVING"
+        cfg = load_config(None, [*RUN, "train.steps=2"])
+        summary = train_remote(cfg, tmp_path / "run", 0, lambda i: GrpcChannel(url, "alice", TOKENS["alice"]))
+        assert summary["steps"] == 2
+    finally:
+        for call in calls:
+            call.cancel()
+        channel.close()
+        grpc_server.stop(None)
+
+
+def test_waiting_streams_are_capped_and_time_out():
+    grpc_server, _, url = _limited(max_pending=8, hello_timeout_s=1.0)
+    channel, calls = _idle_streams(url, 12)
+    try:
+        codes = [_code_of(call) for call in calls]
+        over = [c for c in codes if c[0] == "RESOURCE_EXHAUSTED"]
+        late = [c for c in codes if c[0] == "DEADLINE_EXCEEDED"]
+        assert len(over) == 4 and "8 connections already wait for their hello" in over[0][1], codes
+        assert len(late) == 8 and "no hello within 1 s of connecting" in late[0][1], codes
+    finally:
+        channel.close()
+        grpc_server.stop(None)
+
+
+def test_a_run_larger_than_the_server_allows_is_refused_in_one_short_line():
+    grpc_server, service, url = _limited(max_clients=4, wait_s=1)
+    channels = []
+    try:
+        (code, why), c = _try_hello(url, "big", clients=1_000_000)
+        channels.append(c)
+        assert code == "RESOURCE_EXHAUSTED" and len(why) < 200, why
+        assert "a run of 1000000 clients is more than this server accepts (serve --max-clients 4)" in why
+        assert service.server.group is None  # nothing was held open for it
+        (code, why), c = _try_hello(url, "fits", clients=4)  # the twin: a run within the limit gets as far as its round
+        channels.append(c)
+        assert "more than this server accepts" not in why
+    finally:
+        for c in channels:
+            c.close()
+        grpc_server.stop(None)
+
+
+def test_a_bad_proposal_and_a_huge_id_get_short_answers(caplog):
+    server = _server_and_hello()
+    reply = server.handle(Message("hello", "s2", meta=_proposal(dtype="float8")))
+    assert reply.meta["code"] == "INVALID_ARGUMENT" and "dtype 'float8'; dtypes: float32, bfloat16, float16" in reply.meta["reason"]
+    reply = server.handle(Message("hello", "s3", meta=_proposal(client=5, clients=2)))
+    assert "client 5 of 2 clients" in reply.meta["reason"]
+    huge = "x" * 900_000
+    reply = server.handle(Message("step", huge, 1, 0, {}, {"sq_norm": 0.0}))
+    assert reply.kind == "error" and "more characters)" in reply.meta["reason"] and len(reply.meta["reason"]) < 1100
+    # the twin: a short reason is left whole
+    assert server.handle(Message("step", "nobody", 1, 0, {}, {"sq_norm": 0.0})).meta["reason"].endswith("send hello first")
