@@ -34,14 +34,14 @@ demo: setup
 	$(BIN)/splittune generate runs/demo --prompt "ROMEO. O, she doth teach the torches" --max-new-tokens 40
 
 test: setup
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # The newest releases pyproject.toml allows, in a venv of their own: drift found on purpose, not by users.
 test-latest:
 	rm -rf $(LATEST)
 	$(call install,$(LATEST),--upgrade --upgrade-strategy eager -c requirements/torch.txt)
 	$(LATEST)/bin/pip list --format=freeze > $(LATEST)/versions.txt
-	$(LATEST)/bin/python -m pytest -n $(PYTEST_WORKERS) --durations=15 $(PYTEST_ARGS)
+	$(LATEST)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # Re-resolve the lock to the newest allowed releases and print what moved.
 lock: setup

@@ -289,3 +289,36 @@ def test_a_bad_proposal_and_a_huge_id_get_short_answers(caplog):
     assert reply.kind == "error" and "more characters)" in reply.meta["reason"] and len(reply.meta["reason"]) < 1100
     # the twin: a short reason is left whole
     assert server.handle(Message("step", "nobody", 1, 0, {}, {"sq_norm": 0.0})).meta["reason"].endswith("send hello first")
+
+
+def test_one_stream_cannot_buffer_many_half_sent_frames():
+    from splittune.channels.transport import ChunkError, Reassembler, chunks
+
+    frame = bytes(range(256)) * 64  # 16 KiB
+    whole = Reassembler(max_frame_bytes=64 << 10, max_partial=4)
+    for corr in range(1, 5):  # the twin: four interleaved frames within the limits all come out whole
+        pieces = list(chunks(frame, 4096, corr))
+        assert [whole.add(p) for p in pieces[:-1]] == [None] * 3
+    assert [whole.add(list(chunks(frame, 4096, corr))[-1])[1] for corr in range(1, 5)] == [frame] * 4
+    assert whole.buffered == 0
+    many = Reassembler(max_frame_bytes=64 << 10, max_partial=4)
+    for corr in range(1, 5):
+        many.add(next(iter(chunks(frame, 4096, corr))))
+    with pytest.raises(ChunkError, match="unfinished frames on one stream exceed 4$"):
+        many.add(next(iter(chunks(frame, 4096, 5))))
+    big = Reassembler(max_frame_bytes=20 << 10, max_partial=8)  # each frame fits, together they do not
+    for corr in range(1, 3):
+        big.add(next(iter(chunks(frame, 8192, corr))))
+    with pytest.raises(ChunkError, match=r"unfinished frames on one stream exceed 20480 bytes together"):
+        big.add(list(chunks(frame, 8192, 1))[1])
+
+
+def test_a_displaced_session_is_told_why():
+    server = _server_and_hello()
+    assert step(server, 1).kind == "step"
+    again = server.handle(Message("hello", "s2", meta=_proposal()))  # a second process with the same settings and id
+    assert again.kind == "hello"
+    reply = step(server, 2)
+    assert reply.meta["code"] == "ABORTED" and "session 's1' has ended: a new run started on this server" in reply.meta["reason"]
+    # the twin: a session the server never had is still just unknown
+    assert "unknown session 'zz'; send hello first" in server.handle(Message("step", "zz", 1, 0, {}, {"sq_norm": 0.0})).meta["reason"]

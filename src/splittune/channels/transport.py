@@ -48,24 +48,40 @@ class ChunkError(ValueError):
     """A chunk that breaks the stream's framing (the stream cannot be trusted after it)."""
 
 
-class Reassembler:
-    """Frames from chunks, several interleaved by correlation id; each finished frame is returned once."""
+MAX_PARTIAL_FRAMES = 64  # frames one stream may have begun and not finished (a client interleaves its micro-batches')
 
-    def __init__(self, max_frame_bytes: int):
+
+class Reassembler:
+    """Frames from chunks, several interleaved by correlation id; each finished frame is returned once.
+
+    What one stream may hold unfinished is bounded: at most ``max_partial`` frames begun, together at most
+    ``max_buffered_bytes`` (by default the size of one largest frame), so many half-sent frames cost no more memory
+    than one whole one."""
+
+    def __init__(self, max_frame_bytes: int, max_partial: int = MAX_PARTIAL_FRAMES, max_buffered_bytes: int | None = None):
         self.max_frame_bytes = max_frame_bytes
+        self.max_partial = max_partial
+        self.max_buffered_bytes = max_buffered_bytes or max_frame_bytes
         self.parts: dict[int, bytearray] = {}
+        self.buffered = 0
 
     def add(self, chunk: bytes) -> tuple[int, bytes] | None:
         if len(chunk) < CHUNK_HEADER or chunk[0] not in (MORE, LAST):
             raise ChunkError("malformed chunk: a chunk is a flag byte (0 more, 1 last), a 4-byte correlation id and data")
         (corr,) = CORR.unpack_from(chunk, 1)
+        if corr not in self.parts and len(self.parts) >= self.max_partial:
+            raise ChunkError(f"unfinished frames on one stream exceed {self.max_partial}")
         buffer = self.parts.setdefault(corr, bytearray())
         buffer += memoryview(chunk)[CHUNK_HEADER:]
+        self.buffered += len(chunk) - CHUNK_HEADER
         if len(buffer) > self.max_frame_bytes:
             raise ChunkError(f"frame exceeds {self.max_frame_bytes} bytes")
+        if self.buffered > self.max_buffered_bytes:
+            raise ChunkError(f"unfinished frames on one stream exceed {self.max_buffered_bytes} bytes together")
         if chunk[0] == MORE:
             return None
         del self.parts[corr]
+        self.buffered -= len(buffer)
         return corr, buffer
 
 

@@ -40,6 +40,9 @@ from .protocol import INFERENCE_SCHEMAS, ProtocolError, cached_in, hidden_in, la
 log = logging.getLogger("splittune.serve")
 
 
+REMEMBER_ENDED = 256  # replaced sessions whose end the server can still explain
+
+
 def bounded(text: str, limit: int = 1000) -> str:
     """``text`` cut to ``limit`` characters, saying how much was left out: a reply or a log line quoting what a client
     sent (an id, a proposal) stays small however large that was."""
@@ -79,6 +82,7 @@ class Server:
         self.max_cache_bytes = max_cache_bytes
         self.group: Group | None = None
         self.sessions: dict[str, Member] = {}
+        self.ended: dict[str, str] = {}  # sessions a later hello replaced, and why (the newest REMEMBER_ENDED)
         self._lock = threading.Lock()
         self.engine = TrunkEngine()
         self.inference = InferenceSessions(source, spec, self.config, self.device, self.engine.run, inference)
@@ -115,6 +119,8 @@ class Server:
             if msg.kind in INFERENCE_SCHEMAS or self.inference.holds(msg.session):
                 return self._inference(msg)
             member = self.sessions.get(msg.session)
+            if member is None and msg.session in self.ended:
+                raise ProtocolError(f"session {bounded(repr(msg.session), 80)} has ended: {self.ended[msg.session]}", "ABORTED")
             if member is None:
                 raise ProtocolError(f"unknown session {msg.session!r}; send hello first", "NOT_FOUND")
             if member.index in self.group.dropped:
@@ -183,13 +189,17 @@ class Server:
         with self._lock:
             if self.starts_new_run(session):
                 self.group = Group(session, self.wait_s, self.policies)
-                self.sessions.clear()
+                self._end_sessions(self.sessions, "a new run started on this server (a newer hello, from this client id "
+                                                  "or another, replaced it)")
                 self.engine.run(self.engine.reset, None, False)
             group = self.group
             group.check(session)
             member = Member(session.client, msg.session, session, last_step=resume or 0)
             budget = session.cache_bytes if self.max_cache_bytes is None else min(session.cache_bytes, self.max_cache_bytes)
             member.cache = ActivationCache(budget) if budget > 0 else None
+            self._end_sessions({s: m for s, m in self.sessions.items() if m.index == session.client},
+                               f"client {session.client} of this run said hello again from another session (a second "
+                               "process with the same client index, or a restart), which replaced this one")
             group.members[session.client] = member
             self.sessions[msg.session] = member
         group.meet.meet("hello", member.index, resume, set(range(group.n)), lambda items: self._form(group, items))
@@ -200,6 +210,14 @@ class Server:
             info.update(blocks=[member.start, member.end], params=party.weights.params, bytes=party.weights.bytes,
                         trainable=party.trainable_params, fan_in_fan_out=party.fan_in_fan_out, device=str(party.device))
         return self._reply(msg, "hello", **info)
+
+    def _end_sessions(self, sessions: dict[str, Member], why: str) -> None:
+        """Forget ``sessions``, remembering why, so a client still using one is told what happened, not 'unknown'."""
+        for sid in list(sessions):
+            self.sessions.pop(sid, None)
+            self.ended[sid] = why
+        while len(self.ended) > REMEMBER_ENDED:
+            self.ended.pop(next(iter(self.ended)))
 
     def starts_new_run(self, session: SessionSpec) -> bool:
         """Whether this hello starts a new run (the server serves one run at a time) rather than joining one."""
