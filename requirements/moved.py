@@ -1,4 +1,6 @@
-"""Print what moved between two pip-compile lock files (``make lock``): added, removed and changed pins."""
+"""Print what moved between two lists of pins (``make lock``: the old and new lock; or a lock and ``pip freeze``):
+added, removed and changed versions. Names compare as PEP 503 normalises them (``typing_extensions`` is
+``typing-extensions``)."""
 
 import re
 import sys
@@ -8,7 +10,7 @@ PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==(\S+)")
 
 def pins(path: str) -> dict[str, str]:
     with open(path, encoding="utf-8") as f:
-        return {m[1].lower(): m[2] for m in map(PIN.match, f) if m}
+        return {re.sub(r"[-_.]+", "-", m[1]).lower(): m[2] for m in map(PIN.match, f) if m}
 
 
 def main(old_path: str, new_path: str) -> None:
