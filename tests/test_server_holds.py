@@ -322,3 +322,16 @@ def test_a_displaced_session_is_told_why():
     assert reply.meta["code"] == "ABORTED" and "session 's1' has ended: a new run started on this server" in reply.meta["reason"]
     # the twin: a session the server never had is still just unknown
     assert "unknown session 'zz'; send hello first" in server.handle(Message("step", "zz", 1, 0, {}, {"sq_norm": 0.0})).meta["reason"]
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 64), (2, 0, 64)], ids=["no-rows", "no-tokens"])
+def test_an_empty_batch_is_a_short_refusal_not_an_internal_error(shape):
+    server = _server_and_hello()
+    rows, seq, width = shape
+    tensors = {"hidden": torch.zeros(shape), "attention_mask": torch.ones(rows, seq, dtype=torch.long)}
+    reply = server.handle(Message("activations", "s1", 1, 0, tensors, {"train": True}))
+    assert reply.kind == "error" and reply.meta["code"] == "INVALID_ARGUMENT", reply.meta
+    assert "an empty batch or a zero-length sequence" in reply.meta["reason"]
+    # the twin: one row of one token is served
+    ok = {"hidden": torch.zeros(1, 1, width), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    assert server.handle(Message("activations", "s1", 1, 1, ok, {"train": True})).kind == "activations"

@@ -166,6 +166,9 @@ def hidden_in(tensors: dict[str, torch.Tensor], kind: str, name: str, width: int
         raise ProtocolError(f"{kind} message lacks tensor {name!r}")
     if t.dim() != 3 or t.shape[-1] != width:
         raise ProtocolError(f"tensor {name!r} has shape {tuple(t.shape)}; expected [batch, seq, {width}]")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ProtocolError(f"tensor {name!r} has shape {tuple(t.shape)}: an empty batch or a zero-length sequence "
+                            "(a micro-batch needs at least one row of at least one token)")
     if t.dtype != dtype:
         raise ProtocolError(f"tensor {name!r} has dtype {t.dtype}; this session uses {dtype}")
     if not torch.isfinite(t).all():
