@@ -1,6 +1,8 @@
 """The server holds against careless and hostile clients (issue 23): what it keeps of a run is the run's own, steps
 only go forward, a damaged checkpoint falls back to the one before, and a hello says nothing the server need not know."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -335,3 +337,29 @@ def test_an_empty_batch_is_a_short_refusal_not_an_internal_error(shape):
     # the twin: one row of one token is served
     ok = {"hidden": torch.zeros(1, 1, width), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
     assert server.handle(Message("activations", "s1", 1, 1, ok, {"train": True})).kind == "activations"
+
+
+def test_a_full_disk_is_one_error_line_and_the_same_command_resumes(tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    from splittune.cli import app
+
+    real_save = checkpoint.save
+
+    def full_after_two(root, step, *args, **kwargs):  # the client's checkpoint of step 3 meets a full disk
+        if root.name == "client" and step == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(root / f"step-{step}"))
+        return real_save(root, step, *args, **kwargs)
+
+    command = ["train", *[a for s in RUN for a in ("--set", s)], "--out", str(tmp_path / "run")]
+    monkeypatch.setattr(checkpoint, "save", full_after_two)
+    result = CliRunner().invoke(app, command, env={"COLUMNS": "400"})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "error: the disk is full: cannot write" in text and "step-3" in text, text
+    assert "run the same command to resume from the last checkpoint" in text and "Traceback" not in text
+    monkeypatch.setattr(checkpoint, "save", real_save)  # the twin: space again, and the same command resumes and finishes
+    result = CliRunner().invoke(app, command, env={"COLUMNS": "400"})
+    assert result.exit_code == 0 and "resuming from step 2" in result.output, result.output
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import signal
@@ -214,6 +215,12 @@ def train(
         except _user_errors() as err:
             bar.stop()
             _fail(str(err))
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            bar.stop()  # checkpoints are written whole or not at all: the last complete one is where the run resumes
+            _fail(f"the disk is full: cannot write {err.filename or out} ({err.strerror}); free space (or use another --out) "
+                  f"and run the same command to resume from the last checkpoint")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
