@@ -25,7 +25,8 @@ import yaml
 
 from ..device import peak_memory
 from ..parties.party import SessionSpec
-from ..parties.server import Server, bounded
+from ..parties.protocol import bounded
+from ..parties.server import Server
 from ..cut.link import ServerLink
 from ..cut.transforms import ChainError
 from ..wire import FrameError, FrameLimits, Message

@@ -16,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .cache import KEY
 
 
+def bounded(text: str, limit: int = 1000) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out: a reply or a log line quoting what a client
+    sent (an id, a proposal) stays small however large that was."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
 class ProtocolError(ValueError):
     """A message the server refuses; the text goes back to the client with a gRPC status name."""
 

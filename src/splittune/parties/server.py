@@ -35,18 +35,12 @@ from ..models.partition import DTYPES
 from .party import SessionSpec
 from .secure import SecureRounds
 from .inference import InferenceLimits, InferenceSessions
-from .protocol import INFERENCE_SCHEMAS, ProtocolError, cached_in, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in
+from .protocol import INFERENCE_SCHEMAS, ProtocolError, bounded, cached_in, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in
 
 log = logging.getLogger("splittune.serve")
 
 
 REMEMBER_ENDED = 256  # replaced sessions whose end the server can still explain
-
-
-def bounded(text: str, limit: int = 1000) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was left out: a reply or a log line quoting what a client
-    sent (an id, a proposal) stays small however large that was."""
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 def status_of(err: Exception) -> str:
