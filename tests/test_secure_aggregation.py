@@ -79,51 +79,70 @@ def test_the_aggregator_attack_fails_under_secure_aggregation(runs):
     assert f1["secure"] < 0.1, f1
 
 
-def test_a_client_that_drops_after_masking_leaves_the_survivors_exact_average():
-    cfg = load_config(None, [f"model={MODEL}", "clients=3", "mode=federated", "secure_aggregation=true", "train.steps=1",
+def _drop_last_after_sharing(n):
+    """An n-client secure average in which the last client shares its keys, then never sends its masked input;
+    returns the fleet, the clients' updates and weights, and what each other client's round raised."""
+    cfg = load_config(None, [f"model={MODEL}", f"clients={n}", "mode=federated", "secure_aggregation=true", "train.steps=1",
                              "train.batch_size=2", "train.seq_len=16"])
-    fleet = connect(cfg, resolve_model(MODEL), [4, 4, 8])
+    weights = [4] * (n - 1) + [8]
+    fleet = connect(cfg, resolve_model(MODEL), weights)
     fleet.server.group.meet.wait_s = 3.0  # the dropped client is given up after this long
     generator = torch.Generator().manual_seed(0)
-    for client in fleet.clients:  # three different updates
+    for client in fleet.clients:  # different updates
         client.party.load_state({k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in client.party.state().items()})
     states = [c.party.state() for c in fleet.clients]
-    weights = [4, 4, 8]
 
     class Dropped(Exception):
         pass
 
-    def vanish(kind, *args, **meta):  # client 2 shares its keys, then never sends its masked input
+    def vanish(kind, *args, **meta):
         if kind == "aggregate":
             raise Dropped
-        return fleet.clients[2]._call(kind, *args, **meta)
+        return fleet.clients[n - 1]._call(kind, *args, **meta)
 
-    errors = []
+    errors = {}
 
     def run(i):
         try:
-            if i == 2:
-                client_round(vanish, 2, 3, 1, states[2], weights[2])
+            if i == n - 1:
+                client_round(vanish, i, n, 1, states[i], weights[i])
             else:
                 fleet.clients[i].aggregate(1)
         except Dropped:
             pass
         except Exception as err:  # noqa: BLE001
-            errors.append(err)
+            errors[i] = err
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    return fleet, states, weights, errors
+
+
+def test_a_client_that_drops_after_masking_leaves_the_survivors_exact_average():
+    fleet, states, weights, errors = _drop_last_after_sharing(4)  # three survivors still hide each other's updates
     assert not errors, errors
-    assert fleet.server.group.dropped == {2}
-    expected = {k: (weights[0] * states[0][k].double() + weights[1] * states[1][k].double()) / 8 for k in states[0]}
-    for i in (0, 1):
+    assert fleet.server.group.dropped == {3}
+    expected = {k: sum(weights[i] * states[i][k].double() for i in range(3)) / 12 for k in states[0]}
+    for i in range(3):
         got = fleet.clients[i].party.state()
         assert max(float((got[k].double() - expected[k]).abs().max()) for k in expected) < 1e-7
-    with_dropped = {k: (weights[0] * states[0][k] + weights[1] * states[1][k] + weights[2] * states[2][k]) / 16 for k in states[0]}
+    with_dropped = {k: sum(weights[i] * states[i][k] for i in range(4)) / 20 for k in states[0]}
     assert max(float((fleet.clients[0].party.state()[k] - with_dropped[k]).abs().max()) for k in expected) > 1e-3  # the twin
+    fleet.close()
+
+
+def test_a_round_left_with_two_survivors_is_called_off_and_both_are_told():
+    fleet, states, _, errors = _drop_last_after_sharing(3)
+    assert sorted(errors) == [0, 1]  # never a quiet average of two, from which each could read the other's update
+    for err in errors.values():
+        assert err.code == "ABORTED"
+        assert ("secure aggregation at step 1 is called off: client 2 dropped out, leaving 2 (0, 1), fewer than the 3 whose "
+                "sum keeps each update hidden") in str(err)
+    for i in (0, 1):  # and nothing was averaged
+        assert all(torch.equal(fleet.clients[i].party.state()[k], states[i][k]) for k in states[i])
     fleet.close()
 
 

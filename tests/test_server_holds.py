@@ -2,6 +2,7 @@
 only go forward, a damaged checkpoint falls back to the one before, and a hello says nothing the server need not know."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from splittune.runner import CHECKPOINTS, train, train_remote
 from splittune.schedules.policy import POLICIES
 from splittune.wire import Message
 
+from hostile import topk_frame
 from served import serve_here
 
 RUN = ["model=tiny:llama", "cuts=[1,3]", "train.seq_len=32", "train.batch_size=2", "data.max_documents=6",
@@ -363,3 +365,107 @@ def test_a_full_disk_is_one_error_line_and_the_same_command_resumes(tmp_path, mo
     result = CliRunner().invoke(app, command, env={"COLUMNS": "400"})
     assert result.exit_code == 0 and "resuming from step 2" in result.output, result.output
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_few_bytes_cannot_name_a_huge_tensor_the_bound_is_the_sessions_codec():
+    from splittune.cut.link import ServerLink
+    from splittune.wire import FrameError, decode_frame, parse_frame
+
+    legal = topk_frame("activations", "s1", rows=2)
+    hostile = topk_frame("activations", "s1", rows=4096, empty=True)  # ~200 bytes naming 32 MiB of activations
+    assert len(hostile) < 400 and parse_frame(hostile).decoded_bytes >= 32 << 20
+    with pytest.raises(FrameError, match=r"0 payload bytes of codec topk would decode to \d+ bytes, more than the 10x"):
+        parse_frame(hostile).decode({})
+    # a legal payload at the session's fraction (1 %) expands 50x: past topk's default bound, within the session's
+    with pytest.raises(FrameError, match="more than the 10x a legal payload expands"):
+        parse_frame(legal).decode({})
+    from splittune.wire.codecs import make_codec
+    assert torch.is_tensor(parse_frame(legal).decode({"topk": make_codec({"name": "topk", "fraction": 0.01})}).tensors["hidden"])
+    assert decode_frame(hostile).tensors["hidden"].shape[0] == 4096  # the twin: without a session's bound it would be built
+
+    # through the server's end of the cut: the session's chain sets the bound, and the session stays usable
+    from splittune.cut.link import ServerLink
+    from splittune.wire import encode_frame
+
+    source = resolve_model("tiny:llama")
+    link = ServerLink(Server(source, detect_arch(source.config()), source.config(), wait_s=5, policies=POLICIES).handle)
+    terms = {"up": [{"name": "codec", "hidden": {"name": "topk", "fraction": 0.01}, "grad": "raw"}], "down": []}
+    assert decode_frame(link.serve(encode_frame(Message("hello", "s1", meta={**_proposal(), "chain": terms})))).kind == "hello"
+    refused = decode_frame(link.serve(hostile))
+    assert refused.meta["code"] == "INVALID_ARGUMENT" and "would decode to" in refused.meta["reason"], refused.meta
+    assert decode_frame(link.serve(legal)).kind == "activations"
+
+
+def _hello_in_thread(url, session, client_id="alice", **changes):
+    """A hello on its own stream, answered in a thread (a hello of a several-client run waits for the others)."""
+    import threading
+
+    result = {}
+    channel = GrpcChannel(url, client_id, TOKENS.get(client_id))
+
+    def run():
+        result["reply"] = _answer(channel, session, **changes)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return channel, thread, result
+
+
+def _answer(channel, session, **changes):
+    from splittune.channels import RemoteError
+
+    try:
+        reply = channel.call(Message("hello", session, meta=_proposal(**changes)))
+        return "accepted" if reply.kind == "hello" else reply.meta["code"], reply.meta.get("reason", "")
+    except RemoteError as err:
+        return err.code, str(err)
+
+
+def test_a_client_restarted_while_waiting_for_the_others_takes_its_place():
+    grpc_server, service, url = _limited(wait_s=20)
+    TOKENS["bob"] = "bob-token-0123456789ab"
+    try:
+        first, waiting, _ = _hello_in_thread(url, "a-1", clients=2, client=0, run_id="run-a")
+        time.sleep(0.5)
+        # the same client, its first process still connected: refused, that process keeps its place
+        assert _answer(GrpcChannel(url, "alice", TOKENS["alice"]), "a-2", clients=2, client=0, run_id="run-a") == (
+            "ALREADY_EXISTS", "client 0 of this run is still connected from another process; a restarted client rejoins "
+            "once its old process has ended")
+        # another run's client 0 (another run id) cannot take the place either
+        code, reason = _answer(GrpcChannel(url, "alice", TOKENS["alice"]), "x-1", clients=2, client=0, run_id="run-x")
+        assert code == "INVALID_ARGUMENT" and "client 0 already has a session in this run" in reason
+        first.close()  # the process dies while it waits for client 1
+        deadline = time.time() + 10
+        while service.stream_of["a-1"].is_active() and time.time() < deadline:
+            time.sleep(0.05)
+        again, rejoined, got = _hello_in_thread(url, "a-3", clients=2, client=0, run_id="run-a")  # the same command again
+        time.sleep(0.5)
+        peer, joined, other = _hello_in_thread(url, "b-1", client_id="bob", clients=2, client=1, run_id="run-b")
+        for thread in (rejoined, joined, waiting):
+            thread.join(20)
+        assert got["reply"][0] == "accepted" and other["reply"][0] == "accepted", (got, other)
+        assert set(service.server.sessions) == {"a-3", "b-1"}
+        again.close()
+        peer.close()
+    finally:
+        TOKENS.pop("bob")
+        grpc_server.stop(None)
+
+
+def test_a_client_given_up_cannot_rejoin_the_run_that_went_on():
+    source = resolve_model("tiny:llama")
+    server = Server(source, detect_arch(source.config()), source.config(), wait_s=5, policies=POLICIES)
+    import threading
+
+    replies = {}
+    hellos = [threading.Thread(target=lambda i=i: replies.__setitem__(i, server.handle(
+        Message("hello", f"s{i}", meta=_proposal(clients=2, client=i, run_id=f"run-{i}"))))) for i in range(2)]
+    for t in hellos:
+        t.start()
+    for t in hellos:
+        t.join(20)
+    assert all(r.kind == "hello" for r in replies.values())
+    server.group.drop(1)
+    reply = server.handle(Message("hello", "s1-again", meta=_proposal(clients=2, client=1, run_id="run-1")))
+    assert reply.meta["code"] == "FAILED_PRECONDITION"
+    assert "client 1 was given up after missing a round and the run went on without it; it cannot rejoin" in reply.meta["reason"]

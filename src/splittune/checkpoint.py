@@ -38,6 +38,21 @@ def save(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str
     return final
 
 
+def discard_after(root: Path, step: int) -> None:
+    """Forget the checkpoints after ``step`` (0: all of them): a run rolled back to ``step`` (a restarted peer rejoined
+    there) must never resume from a step of the timeline it left."""
+    for folder in root.glob("step-*"):
+        name = folder.name.removeprefix("step-")
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(folder, ignore_errors=True)
+    if step and (root / f"step-{step}").is_dir():
+        pointer = root / f".latest.tmp-{os.getpid()}"
+        pointer.write_text(str(step))
+        os.replace(pointer, root / "latest")
+    else:
+        (root / "latest").unlink(missing_ok=True)
+
+
 def latest(root: Path, warn: Callable[[str], None] | None = None) -> int | None:
     """The newest intact checkpoint's step, or None when there is none. A damaged newest one (a truncated file after a
     full disk or a crash of the disk's cache, an unreadable ``latest``) falls back to the previous one kept beside it,

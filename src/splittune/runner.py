@@ -362,9 +362,10 @@ def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Call
     """One client of a deployed run: this process's data and segments, the server over ``channel_for``.
 
     Everything else is the in-process code path; with the same config the losses, adapters and byte
-    counts equal the in-process run's. Evaluations use this client's held-out data.
+    counts equal the in-process run's. Evaluations use this client's held-out data. When a restarted peer
+    rejoins the run, this client goes back to the step it rejoined at and goes on from there.
     """
-    from .channels.base import ConnectionLost, RemoteError
+    from .channels.base import RemoteError
 
     if cfg.mode == "centralized":
         raise ConfigError("mode: centralized trains without a server; drop --server")
@@ -376,6 +377,21 @@ def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Call
     cfg = with_defense_seed(resolved(cfg, source), out)
     resume = prepare_run_dir(cfg, out)
     task = client_tasks(cfg, source.tokenizer())[client_index]
+    fresh = rng_state()  # a run rolled back to its start begins as this one did
+    while True:
+        set_rng_state(fresh)  # (a resumed run restores its checkpoint's)
+        try:
+            return _train_remote(cfg, out, source, task, client_index, channel_for, progress, started, resume)
+        except RemoteError as err:
+            if err.rejoin is None:
+                raise
+            resume = rejoin_from(out, err.rejoin, str(err))
+
+
+def _train_remote(cfg: RunConfig, out: Path, source: ModelSource, task: TaskData, client_index: int,
+                  channel_for: Callable[[int], Channel], progress: Callable | None, started: float, resume: int | None):
+    from .channels.base import ConnectionLost, RemoteError
+
     ledger = SentLog(out / SENT, append=resume is not None)
     session = fleet = None
     try:
@@ -393,6 +409,18 @@ def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Call
         if fleet is not None:
             fleet.close()
         ledger.close()
+
+
+def rejoin_from(out: Path, step: int, why: str) -> int | None:
+    """A restarted peer rejoined the run at ``step``: this client goes back to its own checkpoint of that step (the
+    later ones belong to a timeline the run left) and says so. Returns the step to resume from (None: the start)."""
+    root = out / CHECKPOINTS / "client"
+    if step and checkpoint.damage(root / f"step-{step}") is not None:
+        raise ConfigError(f"a peer rejoined the run from step {step}, but {out} holds no intact checkpoint of that step "
+                          f"({checkpoint.damage(root / f'step-{step}')}); restart every client of the run")
+    checkpoint.discard_after(root, step)
+    warn(f"{why}: resuming from " + (f"the checkpoint at step {step}" if step else "the start"))
+    return step or None
 
 
 # the statuses of a connection that broke (the server process died, the network went away), not of a refusal

@@ -16,11 +16,20 @@ Tap = Callable[[str, Message, int], None]
 
 
 class RemoteError(RuntimeError):
-    """The other party refused a message; the text is its reason, ``code`` its gRPC status name."""
+    """The other party refused a message; the text is its reason, ``code`` its gRPC status name, ``rejoin`` (a
+    several-client run) the step this client resumes from because a restarted peer rejoined the run there."""
 
-    def __init__(self, reason: str, code: str = "UNKNOWN"):
+    def __init__(self, reason: str, code: str = "UNKNOWN", rejoin: int | None = None):
         super().__init__(reason)
         self.code = code
+        self.rejoin = rejoin
+
+    @classmethod
+    def of(cls, reply) -> "RemoteError":
+        """The refusal an ``error`` reply carries."""
+        rejoin = reply.meta.get("rejoin")
+        return cls(reply.meta.get("reason", "the server refused the message"), reply.meta.get("code", "UNKNOWN"),
+                   rejoin if isinstance(rejoin, int) and not isinstance(rejoin, bool) and rejoin >= 0 else None)
 
 
 class ConnectionLost(RemoteError):
@@ -66,7 +75,7 @@ class Channel(ABC):
         """Send one message raw and wait for its reply (the hello, tests, tools): no chain, no codec."""
         reply = decode_frame(self.wait(self.request(encode_frame(msg)), msg))
         if reply.kind == "error":
-            raise RemoteError(reply.meta.get("reason", "the server refused the message"), reply.meta.get("code", "UNKNOWN"))
+            raise RemoteError.of(reply)
         return reply
 
     def close(self) -> None:

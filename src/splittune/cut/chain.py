@@ -12,8 +12,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from ..wire import FrameLimits, Message, decode_frame, encode_frame
-from ..wire.codecs import make_codec
+from ..wire.codecs import Codec, make_codec
 from .defenses import Defense
 from .transforms import ROLES, ChainError, CodecStage, Crossing, End, Transform, build_transform
 
@@ -113,6 +115,17 @@ class Chain:
         codec = stage.codecs.get(role) if stage is not None else None
         codec = codec or make_codec("raw")
         return codec.encoded_size(dtype, shape, {k: codec.opts[k] for k in codec.params if k in codec.opts})
+
+    def codecs(self, direction: str) -> dict[str, Codec]:
+        """The codecs agreed for ``direction``, by name; of one codec under several options, the one whose payloads
+        expand most (what a receiver must allow, ``Codec.max_ratio``)."""
+        found: dict[str, Codec] = {}
+        for t in self.transforms[direction]:
+            for codec in (t.codecs.values() if isinstance(t, CodecStage) else ()):
+                held = found.get(codec.name)
+                if held is None or codec.max_ratio(torch.float32) > held.max_ratio(torch.float32):
+                    found[codec.name] = codec
+        return found
 
     def packs(self, direction: str) -> bool:
         """Whether padding removal runs in ``direction``."""

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ..channels import Channel, RemoteError, Tap
-from ..wire import FrameError, FrameLimits, Message, decode_frame, encode_frame
+from ..wire import FrameError, FrameLimits, Message, Parsed, decode_frame, encode_frame, parse_frame
 from .chain import RAW_TERMS, Chain, Stopwatch, check_terms
 from .transforms import ChainError
 
@@ -77,7 +77,7 @@ class Pending:
             with link._lock:
                 link.in_flight.pop((self.msg.step, self.msg.micro, self.msg.kind), None)
             if reply.kind == "error":
-                raise RemoteError(reply.meta.get("reason", "the server refused the message"), reply.meta.get("code", "UNKNOWN"))
+                raise RemoteError.of(reply)
             self._reply = reply
         return self._reply
 
@@ -192,26 +192,28 @@ class ServerLink:
         FrameError; a chain proposal the server cannot run, or a crossing it cannot undo, raises ChainError."""
         return self.accept(self.decode(frame), len(frame))
 
-    def decode(self, frame: bytes) -> Message:
-        """The frame validated and decoded, before any session state is touched (the service checks who
-        owns the session in between)."""
+    def decode(self, frame: bytes) -> Parsed:
+        """The frame's header validated, no tensor built yet: the service checks who owns the session in between,
+        and ``accept`` decodes with that session's codecs."""
         started = time.perf_counter()
-        msg = decode_frame(frame, self.limits)
-        msg.received_at = started  # the server's time on a message runs from here to its reply
-        return msg
+        parsed = parse_frame(frame, self.limits)
+        parsed.received_at = started  # the server's time on a message runs from here to its reply
+        return parsed
 
-    def accept(self, msg: Message, nbytes: int) -> Message:
-        """A decoded message through its session's receiving chain (a hello: its chain proposal checked)."""
+    def accept(self, parsed: Parsed, nbytes: int) -> Message:
+        """A parsed frame decoded within its session's codecs (``Codec.max_ratio``: a few bytes cannot name a huge
+        tensor), then through the session's receiving chain (a hello: its chain proposal checked)."""
+        chain = self.chains.get(parsed.session) if parsed.kind != "hello" else None
+        msg = parsed.decode(chain.codecs("up") if chain is not None else {})
+        msg.received_at = parsed.received_at
         if msg.kind == "hello":
             chain = Chain(check_terms(msg.meta.pop("chain", RAW_TERMS)), "server", self.limits)
             saved = {k: msg.tensors.pop(k) for k in [k for k in msg.tensors if k.startswith(STATE)]}
             chain.load_state_dict({k.removeprefix(STATE): v for k, v in saved.items()})  # a resumed session's chain
             with self._lock:
                 self._proposed[msg.session] = chain
-        else:
-            chain = self.chains.get(msg.session)
-            if chain is not None:
-                msg = chain.receive(msg)
+        elif chain is not None:
+            msg = chain.receive(msg)
         for tap in self.taps:
             tap("up", msg, nbytes)
         return msg

@@ -29,7 +29,7 @@ from ..parties.protocol import bounded
 from ..parties.server import Server
 from ..cut.link import ServerLink
 from ..cut.transforms import ChainError
-from ..wire import FrameError, FrameLimits, Message
+from ..wire import FrameError, FrameLimits, Message, Parsed
 from ..channels.transport import CHUNK_BYTES, HEALTH_METHOD, KEEPALIVE, MAX_CHUNK_BYTES, Address, ChunkError, DeployError, Reassembler, chunks, is_loopback
 
 log = logging.getLogger("splittune.serve")
@@ -98,6 +98,7 @@ class SplitService:
         self.limits = limits or Limits()
         self.chunk_bytes = chunk_bytes
         self.owner: dict[str, str] = {}  # session id -> client id
+        self.stream_of: dict[str, object] = {}  # session id -> the gRPC context of the stream it was opened on
         self.client_certs = False  # mutual TLS: a client's id must be its certificate's (``start`` sets it)
         self._lock = threading.Lock()
         self.started = time.time()
@@ -197,11 +198,12 @@ class SplitService:
                 self.pending -= waiting
                 for session in opened:
                     self.owner.pop(session, None)
+                    self.stream_of.pop(session, None)
                     self.link.close_session(session)
             self.server.disconnected(opened)
             self._event("disconnect", client=client, peer=peer, sessions=sorted(opened))
 
-    def _handle(self, frame: bytes, client: str, context) -> tuple[Message, Message]:
+    def _handle(self, frame: bytes, client: str, context) -> tuple[Parsed | Message, Message]:
         try:
             msg = self.link.decode(frame)
         except FrameError as err:
@@ -224,6 +226,11 @@ class SplitService:
                 self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"the server is serving another run (clients {', '.join(others)}); "
                             "a new run can start when its clients have disconnected")
+            stale = self._stale_stream(msg) if msg.kind == "hello" else None
+            if stale is not None and stale is not context and stale.is_active():
+                self._abort(context, client, grpc.StatusCode.ALREADY_EXISTS,
+                            f"client {msg.meta.get('client')} of this run is still connected from another process; a "
+                            "restarted client rejoins once its old process has ended")
             if owner is None and len(self.owner) >= self.limits.max_sessions:
                 self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"the server holds its maximum of {self.limits.max_sessions} sessions")
@@ -234,12 +241,14 @@ class SplitService:
                             f"{self.limits.max_clients})")
             if owner is None:  # admitted: the slot is this hello's from now on (checked and taken under one lock)
                 self.owner[msg.session] = client
+                self.stream_of[msg.session] = context
         started = time.perf_counter()
         try:
             msg = self.link.accept(msg, len(frame))
             reply = self.server.handle(msg)
-        except ChainError as err:  # a chain the server cannot run, or a crossing it cannot undo: the session stays usable
-            reply = Message("error", msg.session, msg.step, msg.micro, meta={"reason": str(err), "code": "INVALID_ARGUMENT"})
+        except (ChainError, FrameError) as err:  # a chain the server cannot run, a crossing it cannot undo, a payload
+            # that would expand past its codec's bound: the session stays usable
+            reply = Message("error", msg.session, msg.step, msg.micro, meta={"reason": bounded(str(err)), "code": "INVALID_ARGUMENT"})
         except Exception as err:  # a fault of ours must not take the server down with it
             log.exception("handler failed")
             reply = Message("error", msg.session, msg.step, msg.micro, meta={"reason": f"internal error: {type(err).__name__}: {err}", "code": "INTERNAL"})
@@ -249,6 +258,7 @@ class SplitService:
                     self.counts["sessions_opened"] += 1
                 elif owner is None:  # refused: its slot is free again
                     self.owner.pop(msg.session, None)
+                    self.stream_of.pop(msg.session, None)
         self.counts["messages"] += 1
         fields = {"client": client, "session": msg.session, "kind": msg.kind, "step": msg.step, "micro": msg.micro,
                   "bytes_in": len(frame), "ms": round(1000 * (time.perf_counter() - started), 1)}
@@ -264,6 +274,16 @@ class SplitService:
             return self.server.starts_new_run(SessionSpec.from_meta(msg.meta))
         except (TypeError, ValueError):
             return False  # a bad proposal: the server refuses it with the reason
+
+    def _stale_stream(self, msg: Message):
+        """The stream of the session a rejoining hello would replace (None: the hello does not rejoin)."""
+        if msg.meta.get("inference") is True:
+            return None
+        try:
+            stale = self.server.rejoining(SessionSpec.from_meta(msg.meta))
+        except (TypeError, ValueError):
+            return None  # a bad proposal, or a client that cannot rejoin: the server refuses it with the reason
+        return self.stream_of.get(stale.session) if stale is not None else None
 
     def _abort(self, context, client: str, code, details: str):
         details = bounded(details, 500)

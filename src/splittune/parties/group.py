@@ -78,6 +78,7 @@ class Group:
         self.every = first.aggregate_every
         self.personal = set(first.personal)
         self.members: dict[int, Member] = {}
+        self.formed = False  # every client said hello (a client saying it again rejoins a run under way)
         self.dropped: set[int] = set()
         self.party: Party | None = None
         self.meet = Rendezvous(wait_s)
@@ -111,9 +112,10 @@ class Group:
     def turn_ends(self, step: int) -> bool:
         return self.policy.turn_ends(step, self.steps, self.every)
 
-    def check(self, spec: SessionSpec) -> None:
-        """A client joins only with the terms the group was formed with."""
-        if spec.client in self.members:
+    def check(self, spec: SessionSpec, rejoining: bool = False) -> None:
+        """A client joins only with the terms the group was formed with (``rejoining``: it replaces its own stale
+        session, same run id)."""
+        if spec.client in self.members and not rejoining:
             raise ValueError(f"client {spec.client} already has a session in this run")
         if not 0 <= spec.client < self.n:
             raise ValueError(f"client index {spec.client} is outside this run's clients 0..{self.n - 1}")

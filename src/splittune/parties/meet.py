@@ -99,6 +99,7 @@ class _Round:
     error: BaseException | None = None
     computing: bool = False
     taken: int = 0
+    holders: dict[int, object] = field(default_factory=dict)  # client -> the call whose item is in ``items``
 
 
 class Rendezvous(_Waits):
@@ -107,26 +108,34 @@ class Rendezvous(_Waits):
         self._rounds: dict[Hashable, _Round] = {}
 
     def meet(self, key: Hashable, client: int, item: Any, expected: set[int], compute: Callable[[dict[int, Any]], dict[int, Any]],
-             give_up: Callable[[set[int]], None] | None = None) -> Any:
+             give_up: Callable[[set[int]], None] | None = None, replace: bool = False) -> Any:
         """Leave ``item`` at ``key``; when every ``expected`` client has, ``compute(items)`` runs once and
         each client receives ``results[client]`` (or the error ``compute`` raised).
 
         With ``give_up``, a round that waited its time limit proceeds with the clients present:
-        ``give_up(missing)`` is told who never came (the server drops them from the run).
+        ``give_up(missing)`` is told who never came (the server drops them from the run). With ``replace``, an item
+        the client left before (a process that died waiting) is replaced, and that earlier call ends with an error.
         """
+        mine = object()
         with self._cond:
             rnd = self._rounds.setdefault(key, _Round())
-            if client in rnd.items:
+            if client in rnd.items and not (replace and not rnd.computing):
                 raise ValueError(f"client {client} already sent its part for {key}")
-            rnd.items[client] = item
+            rnd.items[client], rnd.holders[client] = item, mine
+            self._cond.notify_all()  # a call whose item this replaced stops waiting
             last = set(rnd.items) >= expected and not rnd.computing
             if last:
                 rnd.computing = True
             else:
+                replaced = lambda: rnd.holders.get(client) is not mine  # noqa: E731
                 try:
-                    self._wait(lambda: rnd.results is not None or rnd.error is not None,
+                    self._wait(lambda: rnd.results is not None or rnd.error is not None or replaced(),
                                f"{key} still lacks clients {sorted(expected - set(rnd.items))}")
+                    if replaced() and rnd.results is None and rnd.error is None:
+                        raise WaitTimeout(f"{key}: client {client} said it again from another session, which took this one's place")
                 except WaitTimeout:
+                    if replaced():
+                        raise
                     if rnd.computing and self.cancelled is None:  # another waiter gave up on the missing and computes with our part
                         self._wait(lambda: rnd.results is not None or rnd.error is not None, f"{key}'s result", limit=False)
                     elif give_up is None or self.cancelled is not None:

@@ -12,7 +12,9 @@ sample counts, sent in the clear as before). Per average at ``step``:
    average, as an ordinary ``aggregate`` reply would carry it.
 
 Each round is a rendezvous of the run's active clients; a client that vanishes is given up as in any average,
-and the sum is still exact over the survivors as long as ``threshold`` of them answer the last round.
+and the sum is still exact over the survivors as long as ``threshold`` of them answer the last round. Fewer
+survivors than ``hiding_floor`` would hide nothing from each other (of two, each reads the other's update from
+the sum), so such a round is called off and every survivor is told why, rather than going on quietly.
 Secure aggregation needs one layout for every client (the same cuts and LoRA rank): the sum of masked vectors is
 defined only for vectors of one shape, and exact rank-heterogeneous averaging needs every client's factors.
 """
@@ -25,6 +27,7 @@ import torch
 
 from ..privacy.secagg import SecAggAggregator, SecAggClient, SecAggError, default_threshold
 from ..wire import Message
+from .protocol import ProtocolError
 
 KINDS = ("secagg_keys", "secagg_shares", "secagg_unmask")
 
@@ -64,15 +67,37 @@ def client_round(call: Callable[..., Message], index: int, clients: int, step: i
     return call("secagg_unmask", step, 0, shares)
 
 
+def hiding_floor(clients: int) -> int:
+    """The fewest survivors whose sum still hides each update: the protocol's threshold, and at least three (two
+    survivors each subtract their own update from the sum and read the other's), unless the run has fewer."""
+    return min(clients, max(3, default_threshold(clients)))
+
+
 class SecureRounds:
     """The server's side: one ``SecAggAggregator`` per average (keyed by step), driven by the group's rendezvous."""
 
     def __init__(self, clients: int):
+        self.clients = clients
         self.threshold = default_threshold(clients)
+        self.floor = hiding_floor(clients)
         self.rounds: dict[int, SecAggAggregator] = {}
         self.weights: dict[int, dict[int, float]] = {}  # step -> each survivor's (public) weight
 
+    def check_survivors(self, step: int, present) -> None:
+        """Call the round off (every survivor hears it) when too few clients remain to hide each update."""
+        present = sorted(present)
+        if len(present) >= self.floor:
+            return
+        gone = sorted(set(range(self.clients)) - set(present))
+        self.rounds.pop(step, None)
+        raise ProtocolError(
+            f"secure aggregation at step {step} is called off: client{'s' * (len(gone) > 1)} {', '.join(map(str, gone))} dropped "
+            f"out, leaving {len(present)} ({', '.join(map(str, present))}), fewer than the {self.floor} whose sum keeps each "
+            "update hidden (with two, each reads the other's from the average); rerun every client's same command to "
+            "resume the run from its last checkpoint", "ABORTED")
+
     def keys(self, step: int, adverts: dict[int, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+        self.check_survivors(step, adverts)
         aggregator = self.rounds[step] = SecAggAggregator(self.threshold)
         for old in [s for s in self.rounds if s < step]:  # a round that never finished (a failed average)
             del self.rounds[old]
@@ -81,10 +106,12 @@ class SecureRounds:
         return {i: reply for i in adverts}
 
     def shares(self, step: int, outgoing: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+        self.check_survivors(step, outgoing)
         inbox = self._round(step).route_shares({i: by_index(t, "ct.") for i, t in outgoing.items()})
         return {i: {f"ct.{j}": as_tensor(ct) for j, ct in inbox.get(i, {}).items()} for i in outgoing}
 
     def masked(self, step: int, inputs: dict[int, tuple[dict[str, torch.Tensor], float, str]]) -> dict[int, dict]:
+        self.check_survivors(step, inputs)
         masked = {}
         for i, (words, weight, commit) in inputs.items():
             try:
@@ -98,6 +125,7 @@ class SecureRounds:
     def finish(self, step: int, answers: dict[int, dict[str, torch.Tensor]]):
         """The round's sum over the survivors (``privacy.secagg.Aggregate``: ``tensors`` Σ w·x, ``weight`` Σ w) and
         each survivor's weight."""
+        self.check_survivors(step, answers)
         parsed = {}
         for i, tensors in answers.items():
             parsed[i] = {"b": by_index({k: v for k, v in tensors.items() if k.startswith("b.")}, "b."),

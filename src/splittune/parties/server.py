@@ -76,7 +76,9 @@ class Server:
         self.max_cache_bytes = max_cache_bytes
         self.group: Group | None = None
         self.sessions: dict[str, Member] = {}
-        self.ended: dict[str, str] = {}  # sessions a later hello replaced, and why (the newest REMEMBER_ENDED)
+        # sessions a later hello replaced: why, and the step a restarted client rejoined from (its peers resume from
+        # there), or None (the newest REMEMBER_ENDED)
+        self.ended: dict[str, tuple[str, int | None]] = {}
         self._lock = threading.Lock()
         self.engine = TrunkEngine()
         self.inference = InferenceSessions(source, spec, self.config, self.device, self.engine.run, inference)
@@ -114,7 +116,7 @@ class Server:
                 return self._inference(msg)
             member = self.sessions.get(msg.session)
             if member is None and msg.session in self.ended:
-                raise ProtocolError(f"session {bounded(repr(msg.session), 80)} has ended: {self.ended[msg.session]}", "ABORTED")
+                raise ProtocolError(f"session {bounded(repr(msg.session), 80)} has ended: {self.ended[msg.session][0]}", "ABORTED")
             if member is None:
                 raise ProtocolError(f"unknown session {msg.session!r}; send hello first", "NOT_FOUND")
             if member.index in self.group.dropped:
@@ -127,7 +129,11 @@ class Server:
         except (ProtocolError, ValueError, WaitTimeout) as err:
             if isinstance(err, StageError):  # the model failed inside, not the message: the operator needs the traceback
                 log.warning("%s", err, exc_info=err)
-            return Message("error", msg.session, msg.step, msg.micro, meta={"reason": bounded(str(err)), "code": status_of(err)})
+            meta = {"reason": bounded(str(err)), "code": status_of(err)}
+            rejoin = self.ended.get(msg.session, ("", None))[1]
+            if rejoin is not None:  # a peer restarted and rejoined: this client resumes from the step it came back at
+                meta.update(code="ABORTED", rejoin=rejoin)
+            return Message("error", msg.session, msg.step, msg.micro, meta=meta)
 
     def _reply(self, msg: Message, kind: str, tensors=None, **meta) -> Message:
         return Message(kind, msg.session, msg.step, msg.micro, tensors or {}, meta)
@@ -181,13 +187,16 @@ class Server:
         if resume is not None and (not isinstance(resume, int) or isinstance(resume, bool) or resume < 1):
             raise ProtocolError(f"resume must be a completed step (a positive integer), got {resume!r}")
         with self._lock:
-            if self.starts_new_run(session):
+            stale = self.rejoining(session)
+            if stale is not None and self.group.formed:
+                self._roll_back(session, resume)
+            elif self.starts_new_run(session):
                 self.group = Group(session, self.wait_s, self.policies)
                 self._end_sessions(self.sessions, "a new run started on this server (a newer hello, from this client id "
                                                   "or another, replaced it)")
                 self.engine.run(self.engine.reset, None, False)
             group = self.group
-            group.check(session)
+            group.check(session, rejoining=stale is not None)
             member = Member(session.client, msg.session, session, last_step=resume or 0)
             budget = session.cache_bytes if self.max_cache_bytes is None else min(session.cache_bytes, self.max_cache_bytes)
             member.cache = ActivationCache(budget) if budget > 0 else None
@@ -196,7 +205,8 @@ class Server:
                                "process with the same client index, or a restart), which replaced this one")
             group.members[session.client] = member
             self.sessions[msg.session] = member
-        group.meet.meet("hello", member.index, resume, set(range(group.n)), lambda items: self._form(group, items))
+        group.meet.meet("hello", member.index, resume, set(range(group.n)), lambda items: self._form(group, items),
+                        replace=stale is not None)
         party = group.party
         info = {"accepted": True, "clients": group.n, "schedule": group.schedule, "checkpoints": self.state_dir is not None,
                 "cache_bytes": member.cache.max_bytes if member.cache is not None else 0}
@@ -205,19 +215,53 @@ class Server:
                         trainable=party.trainable_params, fan_in_fan_out=party.fan_in_fan_out, device=str(party.device))
         return self._reply(msg, "hello", **info)
 
-    def _end_sessions(self, sessions: dict[str, Member], why: str) -> None:
-        """Forget ``sessions``, remembering why, so a client still using one is told what happened, not 'unknown'."""
+    def _end_sessions(self, sessions: dict[str, Member], why: str, rejoin: int | None = None) -> None:
+        """Forget ``sessions``, remembering why, so a client still using one is told what happened, not 'unknown'
+        (and, after a peer rejoined, from which step it resumes)."""
         for sid in list(sessions):
             self.sessions.pop(sid, None)
-            self.ended[sid] = why
+            self.ended[sid] = (why, rejoin)
         while len(self.ended) > REMEMBER_ENDED:
             self.ended.pop(next(iter(self.ended)))
 
     def starts_new_run(self, session: SessionSpec) -> bool:
-        """Whether this hello starts a new run (the server serves one run at a time) rather than joining one."""
+        """Whether this hello starts a new run (the server serves one run at a time) rather than joining one (or
+        rejoining it: a restarted client of the run being served)."""
+        if self.rejoining(session) is not None:
+            return False
         return self.group is None or session.clients == 1 or len(self.group.members) == self.group.n
 
+    def rejoining(self, session: SessionSpec) -> Member | None:
+        """The stale member a restarted client of the run being served replaces: same run id, same index, same terms
+        (None for a hello that starts or joins a run). A client given up after missing a round cannot come back: the
+        run went on without it."""
+        group = self.group
+        member = group.members.get(session.client) if group is not None and session.clients > 1 else None
+        if member is None or not session.run_id or member.spec.run_id != session.run_id or group.terms != session.shared_terms():
+            return None
+        if session.client in group.dropped:
+            raise ProtocolError(f"client {session.client} was given up after missing a round and the run went on without it; "
+                                "it cannot rejoin (start a new run, with a new --out, to train again)", "FAILED_PRECONDITION")
+        return member
+
+    def _roll_back(self, session: SessionSpec, resume: int | None) -> None:
+        """A restarted client rejoins a run under way: the run goes back to the step it resumes from (its last
+        checkpoint, which every party keeps). Every other client's session ends with that step (``ABORTED``, meta
+        ``rejoin``), at once: the waits of the old run are called off rather than left to time out."""
+        step = resume or 0
+        why = (f"client {session.client} of this run restarted and rejoined it from "
+               + (f"its checkpoint at step {step}" if step else "the start") + "; every client resumes from there")
+        old = self.group
+        log.warning(json.dumps({"event": "rejoin", "client": session.client, "step": step}))
+        self._end_sessions(self.sessions, why, rejoin=step)
+        self.group = Group(session, self.wait_s, self.policies)
+        old.meet.cancel(why)
+        if old.turns is not None:
+            old.turns.cancel(why)
+        self.engine.run(self.engine.reset, None, False)
+
     def _form(self, group: Group, items: dict) -> dict:
+        group.formed = True  # every client said hello: a client saying it again now rejoins a run under way
         self.engine.run(group.form, self.source, self.spec, self.config, self.device)
         self.engine.run(self.engine.reset, group.party, group.batched)
         resumes = set(items.values())
@@ -485,9 +529,9 @@ class Server:
 
     def _relay_get(self, member: Member, msg: Message, meta) -> Message:
         group = self.group
+        if group.turns is not None and msg.step:  # wait for this client's turn: the one before hands on first
+            group.turns.enter(member.index, msg.step)
         if group.relay is None:
             raise ProtocolError("no client has handed on its model yet")
-        if group.turns is not None and msg.step:
-            group.turns.enter(member.index, msg.step)
         tensors, optimizer = group.relay
         return self._reply(msg, "state", tensors, optimizer=optimizer)

@@ -2,10 +2,10 @@
 
 from .codecs import CODECS, Codec, CodecSpec, get_codec, make_codec, register_codec
 from .errors import FrameError
-from .frames import FrameLimits, decode_frame, encode_frame
+from .frames import FrameLimits, Parsed, decode_frame, encode_frame, parse_frame
 from .messages import KINDS, Message
 
 __all__ = [
     "CODECS", "Codec", "CodecSpec", "get_codec", "make_codec", "register_codec",
-    "FrameError", "FrameLimits", "decode_frame", "encode_frame", "KINDS", "Message",
+    "FrameError", "FrameLimits", "Parsed", "decode_frame", "encode_frame", "parse_frame", "KINDS", "Message",
 ]

@@ -221,6 +221,12 @@ class Codec:
         """The exact payload size of ``dtype``/``shape`` under these (checked) params."""
         raise NotImplementedError
 
+    def max_ratio(self, dtype: torch.dtype) -> float:
+        """The most a legal payload of this codec (with these options) expands when decoded to ``dtype``: decoded
+        bytes over payload bytes. A receiver bounds what a frame may allocate by it (a few header bytes must not
+        name a huge tensor). A codec that does not say is bounded only by ``FrameLimits.max_decoded_bytes``."""
+        return math.inf
+
     def decode(self, data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], params: dict[str, Any]) -> torch.Tensor:
         """A CPU tensor of ``dtype``/``shape`` from exactly ``encoded_size`` bytes; bad content raises ``FrameError``.
         A writable ``data`` may be shared by the result (raw); a read-only one is never written to."""
@@ -293,6 +299,9 @@ class Raw(Codec):
     def encoded_size(self, dtype, shape, params):
         return _numel(shape) * _itemsize(dtype)
 
+    def max_ratio(self, dtype):
+        return 1.0
+
     def decode(self, data, dtype, shape, params):
         return _tensor_of(data, dtype).reshape(shape)
 
@@ -318,6 +327,9 @@ class _Cast(Codec):
 
     def encoded_size(self, dtype, shape, params):
         return _numel(shape) * _itemsize(self.wire)
+
+    def max_ratio(self, dtype):
+        return _itemsize(dtype) / _itemsize(self.wire)
 
     def decode(self, data, dtype, shape, params):
         return _tensor_of(data, self.wire).reshape(shape).to(dtype)
@@ -390,6 +402,9 @@ class Int8(Codec):
         rows, _ = _rows(shape)
         return _numel(shape) + rows * _itemsize(_SCALES[params["scales"]])
 
+    def max_ratio(self, dtype):
+        return float(_itemsize(dtype))  # a byte per value at least
+
     def decode(self, data, dtype, shape, params):
         n = _numel(shape)
         rows, last = _rows(shape)
@@ -439,6 +454,9 @@ class Int4(Codec):
     def encoded_size(self, dtype, shape, params):
         groups = -(-_numel(shape) // params["group"])
         return groups * 2 + groups * params["group"] // 2
+
+    def max_ratio(self, dtype):
+        return 2.0 * _itemsize(dtype)  # half a byte per value at least
 
     def decode(self, data, dtype, shape, params):
         n, g = _numel(shape), params["group"]
@@ -491,6 +509,10 @@ class TopK(Codec):
         if want_decoded:
             decoded = torch.zeros_like(flat).index_copy_(0, idx, vals).reshape(x.shape)
         return (_bytes_of(idx.to(_index_dtype(n))), _bytes_of(vals)), {"k": k}, decoded
+
+    def max_ratio(self, dtype):
+        # k >= fraction * n values of (index + value) bytes decode to n values: below 1 / fraction
+        return 1.0 / self.opts["fraction"]
 
     def encoded_size(self, dtype, shape, params):
         n, k = _numel(shape), params["k"]

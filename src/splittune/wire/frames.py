@@ -23,14 +23,14 @@ from typing import Mapping
 import msgpack
 import torch
 
-from .codecs import CODECS, DTYPE_NAMES, DTYPES, ITEMSIZE, CodecSpec, make_codec
+from .codecs import CODECS, DTYPE_NAMES, DTYPES, ITEMSIZE, Codec, CodecSpec, make_codec
 from .errors import FrameError
 from .messages import KINDS, Message
 
 MAGIC = b"STN1"
 _LEN = struct.Struct("<I")
 
-__all__ = ["MAGIC", "FrameError", "FrameLimits", "encode_frame", "decode_frame"]
+__all__ = ["MAGIC", "FrameError", "FrameLimits", "Parsed", "encode_frame", "decode_frame", "parse_frame"]
 
 
 @dataclass(frozen=True)
@@ -97,15 +97,61 @@ def _require(cond: bool, why: str) -> None:
 
 def decode_frame(frame: bytes | bytearray | memoryview, limits: FrameLimits = FrameLimits()) -> Message:
     """The message in ``frame``, or a ``FrameError`` saying which field is wrong (never any other error)."""
+    return parse_frame(frame, limits).decode()
+
+
+def parse_frame(frame: bytes | bytearray | memoryview, limits: FrameLimits = FrameLimits()) -> "Parsed":
+    """``frame``'s header and every tensor entry checked, no payload decoded yet (``Parsed.decode``); a
+    ``FrameError`` saying which field is wrong (never any other error)."""
     try:
-        return _decode_frame(frame, limits)
+        return _parse_frame(frame, limits)
     except FrameError:
         raise
     except Exception as err:  # a check this module lacks must still be a refusal, not a crash
         raise FrameError(f"frame could not be decoded: {type(err).__name__}: {err}") from None
 
 
-def _decode_frame(frame, limits: FrameLimits) -> Message:
+@dataclass
+class Parsed:
+    """A frame whose header is checked but whose tensors are not built: a server first checks who owns
+    ``session``, then decodes with that session's codecs, so a stranger's frame never allocates anything."""
+
+    kind: str
+    session: str
+    step: int
+    micro: int
+    meta: dict
+    plans: list
+    view: memoryview
+    decoded_bytes: int  # what the tensors take once decoded
+
+    def decode(self, codecs: Mapping[str, Codec] | None = None) -> Message:
+        """The message. With ``codecs`` (the receiver's codecs by name, with the options its session agreed), each
+        payload may expand at most that codec's ``max_ratio`` (a codec not named: its header's defaults): a sparse
+        payload of a few bytes that names a huge tensor is refused before anything is allocated."""
+        try:
+            if codecs is not None:
+                for name, dtype, shape, codec, params, nbytes, _ in self.plans:
+                    wanted = math.prod(shape) * ITEMSIZE[dtype]
+                    ratio = codecs.get(codec.name, codec).max_ratio(dtype)
+                    _require(wanted <= nbytes * ratio, f"tensor {name!r}: {nbytes} payload bytes of codec {codec.name} would "
+                                                       f"decode to {wanted} bytes, more than the {ratio:g}x a legal payload expands")
+            tensors = {}
+            for name, dtype, shape, codec, params, nbytes, start in self.plans:
+                try:
+                    tensors[name] = codec.decode(self.view[start : start + nbytes], dtype, shape, params)
+                except FrameError as err:
+                    raise FrameError(f"tensor {name!r}: {codec.name} {err}") from None
+                except Exception as err:
+                    raise FrameError(f"tensor {name!r}: codec {codec.name} could not decode it: {err}") from None
+        except FrameError:
+            raise
+        except Exception as err:
+            raise FrameError(f"frame could not be decoded: {type(err).__name__}: {err}") from None
+        return Message(self.kind, self.session, self.step, self.micro, tensors, self.meta)
+
+
+def _parse_frame(frame, limits: FrameLimits) -> Parsed:
     try:
         view = memoryview(frame)
         if view.format != "B" or view.ndim != 1:
@@ -145,15 +191,7 @@ def _decode_frame(frame, limits: FrameLimits) -> Message:
         plans.append((*plan, offset))
         offset += nbytes
     _require(offset == len(view), f"frame has {len(view) - offset} bytes beyond its declared tensors")
-    tensors = {}
-    for name, dtype, shape, codec, params, nbytes, start in plans:
-        try:
-            tensors[name] = codec.decode(view[start : start + nbytes], dtype, shape, params)
-        except FrameError as err:
-            raise FrameError(f"tensor {name!r}: {codec.name} {err}") from None
-        except Exception as err:
-            raise FrameError(f"tensor {name!r}: codec {codec.name} could not decode it: {err}") from None
-    return Message(kind, header["session"], header["step"], header["micro"], tensors, header["meta"])
+    return Parsed(kind, header["session"], header["step"], header["micro"], header["meta"], plans, view, decoded_bytes)
 
 
 def _check_entry(entry, view: memoryview, offset: int, limits: FrameLimits):
