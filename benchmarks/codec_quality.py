@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from splittune.config import load_config
-from splittune.runner import train
+from splittune.run import train
 
 CODECS = {"raw": "raw", "bf16": "bf16", "int8": "int8", "int4": "int4", "topk": "{name: topk, fraction: 0.1}"}
 

@@ -22,7 +22,7 @@ import torch
 from splittune.bench.measure import start_server
 from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
-from splittune.runner import build, client_tasks, connect
+from splittune.run import build, client_tasks, connect
 
 ENTRIES = {
     "centralized": ["mode=centralized"],

@@ -41,7 +41,7 @@ from splittune.config import load_config
 from splittune.export import export_run, read_run_adapters
 from splittune.generation import SplitModel, load_split, run_task
 from splittune.models.zoo import resolve_model
-from splittune.runner import train
+from splittune.run import train
 
 PROMPT = "To be, or not to be, that is the question:"
 BATCH = ["First Citizen:", "Before we proceed any further, hear me speak.", "You are all resolved rather to die than to famish?",

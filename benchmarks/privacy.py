@@ -20,7 +20,7 @@ import torch
 from splittune.config import load_config
 from splittune.privacy.job import attack_run
 from splittune.privacy.leak import sweep
-from splittune.runner import train
+from splittune.run import train
 
 MODEL = "builtin:smollm2-135m"
 COMMON = ["train.batch_size=4", "train.seq_len=64", "train.warmup_steps=0", "data.max_eval_examples=4", "train.eval_batches=1"]

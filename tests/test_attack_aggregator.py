@@ -16,8 +16,8 @@ from splittune.privacy.attacks.aggregator import AggregatorInversion, initial_ad
 from splittune.privacy.attacks.base import AttackError, run_attack
 from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge
-from splittune.privacy.tap import Tap, TapWriter, Truth
-from splittune.runner import train
+from splittune.taps.tap import Tap, TapWriter, Truth
+from splittune.run import train
 
 MODEL = "tiny:llama,layers=4,hidden=64"
 SETS = [f"model={MODEL}", "cuts=[1,3]", "clients=2", "schedule=sfl-v2", "aggregate_every=1", "segments.bottom=lora",

@@ -11,8 +11,8 @@ from splittune.privacy.attacks.base import AttackError, run_attack
 from splittune.privacy.attacks.gradient_labels import GradientLabels, linear_labels, norm_head
 from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge
-from splittune.privacy.tap import Tap, TapWriter, Truth
-from splittune.runner import train
+from splittune.taps.tap import Tap, TapWriter, Truth
+from splittune.run import train
 
 MODEL = "tiny:llama,layers=4,hidden=64"
 BASE = [f"model={MODEL}", "cuts=[1,3]", "train.steps=2", "train.batch_size=2", "train.seq_len=32", "train.warmup_steps=0",

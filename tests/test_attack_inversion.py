@@ -12,8 +12,8 @@ from splittune.privacy.attacks.inversion import Inversion
 from splittune.privacy.attacks.optimization import Optimization
 from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge, ThreatModelError
-from splittune.privacy.tap import Tap, TapWriter, Truth
-from splittune.runner import train
+from splittune.taps.tap import Tap, TapWriter, Truth
+from splittune.run import train
 
 MODEL = "tiny:llama,layers=4,hidden=64"
 OTHER = "tiny:llama,layers=3,hidden=32,heads=2,kv_heads=1,ffn=64"

@@ -11,9 +11,9 @@ from splittune.privacy import judge
 from splittune.privacy.attacks.base import AttackError, run_attack
 from splittune.privacy.attacks.label_inference import LabelInference, answer_positions, direction_scores
 from splittune.privacy.knowledge import PublicKnowledge
-from splittune.privacy.metrics import leak_auc
-from splittune.privacy.tap import Tap, TapWriter, Truth
-from splittune.runner import train
+from splittune.dpmath.metrics import leak_auc
+from splittune.taps.tap import Tap, TapWriter, Truth
+from splittune.run import train
 
 MODEL = "tiny:llama,layers=4,hidden=64,vocab=320"
 BASE = [f"model={MODEL}", "data.source=builtin:sentiment", "data.max_train_examples=32", "train.steps=4",

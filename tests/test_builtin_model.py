@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from splittune.config import load_config
 from splittune.models.zoo import resolve_model
-from splittune.runner import train
+from splittune.run import train
 from splittune.verify import verify
 
 pytestmark = pytest.mark.slow

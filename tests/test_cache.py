@@ -14,7 +14,7 @@ from splittune.config import SplittuneWarning, load_config
 from splittune.parties import Server
 from splittune.parties.cache import CACHE_MISS, ActivationCache
 from splittune.parties.client import Client
-from splittune.runner import build, train
+from splittune.run import build, train
 
 # 4 training examples, 2 a batch: an epoch is 2 steps, so steps 3-6 see every sample again
 RUN = ["model=tiny:llama", "train.steps=6", "train.seq_len=32", "train.batch_size=2", "data.max_train_examples=4",
@@ -83,7 +83,7 @@ def test_over_grpc_a_server_cap_is_what_both_ends_use(tmp_path):
     from splittune.deploy.service import SplitService
     from splittune.models.arch import detect_arch
     from splittune.models.zoo import resolve_model
-    from splittune.runner import train_remote
+    from splittune.run import train_remote
     from splittune.schedules.policy import POLICIES
 
     extra = ["cuts=[1,3]", "train.micro_batches=2"]

@@ -100,7 +100,7 @@ def test_a_refused_token_ends_the_client(guarded, tmp_path):
 
 
 def test_a_refused_token_ends_generation(guarded, tmp_path):
-    from splittune.runner import train
+    from splittune.run import train
     from splittune.config import load_config
 
     server, _ = guarded

@@ -14,7 +14,7 @@ from splittune.cut import ChainError, CutLink, ServerLink, terms_from
 from splittune.cut.chain import Chain
 from splittune.models.zoo import resolve_model
 from splittune.parties import SessionSpec
-from splittune.runner import build, train
+from splittune.run import build, train
 from splittune.wire import Message, encode_frame
 
 TINY = ["model=tiny:llama", "cuts=[1,3]", "train.seq_len=16", "train.batch_size=4", "data.max_documents=6",
@@ -264,7 +264,7 @@ def test_grpc_bytes_and_results_equal_in_process_for_every_codec(tmp_path, codec
     from splittune.deploy.service import SplitService
     from splittune.models.arch import detect_arch
     from splittune.parties.server import Server
-    from splittune.runner import train_remote
+    from splittune.run import train_remote
     from splittune.schedules.policy import POLICIES
 
     sets = [*TINY, f"codec.up={codec}", f"codec.down={codec}", "train.micro_batches=2", "data.source=builtin:sentiment",

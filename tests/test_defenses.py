@@ -13,14 +13,14 @@ import torch
 
 from splittune.config import ConfigError, load_config
 from splittune.parties.defenses import DefenseError
-from splittune.privacy.accounting import gaussian_epsilon, most_releases, noise_for_epsilon
+from splittune.dpmath.accounting import gaussian_epsilon, most_releases, noise_for_epsilon
 from splittune.privacy.attacks.base import run_attack
 from splittune.privacy.attacks.inversion import Inversion
 from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge
-from splittune.privacy.mechanisms import clip_pullback, clip_rows, distance_correlation, dx_noise
-from splittune.privacy.tap import Tap, Truth
-from splittune.runner import train
+from splittune.dpmath.mechanisms import clip_pullback, clip_rows, distance_correlation, dx_noise
+from splittune.taps.tap import Tap, Truth
+from splittune.run import train
 
 MODEL = "tiny:llama,layers=4,hidden=64"
 BASE = [f"model={MODEL}", "cuts=[1,3]", "train.steps=2", "train.batch_size=2", "train.seq_len=16", "train.warmup_steps=0",
@@ -173,7 +173,7 @@ def test_nopeek_refuses_a_bottom_that_cannot_train(tmp_path):
     with pytest.raises(DefenseError, match="trains nothing"):
         train(load_config(None, [*BASE, "cuts=[0,3]", "defense=[{name: nopeek, alpha: 1}]"]), tmp_path / "x")
     from splittune.parties.defenses import ClientDefenses
-    from splittune.runner import build
+    from splittune.run import build
 
     client = build(load_config(None, BASE))[0]
     defenses = ClientDefenses([{"name": "nopeek", "alpha": 1.0}], client.party, secret=1)

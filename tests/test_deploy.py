@@ -25,8 +25,8 @@ from splittune.models.zoo import resolve_model
 from splittune.parties import SessionSpec
 from splittune.parties.server import Server
 from splittune.schedules.policy import POLICIES
-from splittune.privacy.tap import Tap
-from splittune.runner import train
+from splittune.taps.tap import Tap
+from splittune.run import train
 from splittune.wire import FrameLimits, Message, encode_frame
 
 from served import CLI, Served, free_port, serve_here, sets
@@ -248,7 +248,7 @@ def test_fuzzed_frames_do_not_stop_a_well_behaved_client(tmp_path, mutate):
             assert time.time() < deadline, health(url)
             time.sleep(0.05)
         assert health(url)["sessions_opened"] == 1
-        from splittune.runner import train_remote
+        from splittune.run import train_remote
 
         summary = train_remote(load_config(None, RUN), tmp_path / "after", 0, lambda i: GrpcChannel(url))
         train(load_config(None, RUN), tmp_path / "ref")

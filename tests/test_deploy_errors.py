@@ -22,7 +22,7 @@ from splittune.models.arch import detect_arch
 from splittune.models.zoo import resolve_model
 from splittune.parties import SessionSpec
 from splittune.parties.server import Server
-from splittune.runner import train_remote
+from splittune.run import train_remote
 from splittune.wire import Message
 from served import free_port, serve_here
 from test_deploy import RUN, _hello

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from splittune.cli import app
 from splittune.config import ConfigError, load_config
 from splittune.device import DeviceError, resolve_device, rng_state, set_rng_state
-from splittune.runner import train
+from splittune.run import train
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 TINY = ["model=tiny:llama", "cuts=[1,3]", "train.steps=2", "train.seq_len=32", "data.max_documents=4", "train.eval_batches=1"]
@@ -71,7 +71,7 @@ def test_explicit_cpu_equals_auto_here_and_the_summary_says_where(tmp_path):
 def test_moving_a_party_keeps_the_weights_it_does_not_hold_unmaterialised():
     """``Tensor.to`` would allocate the embeddings and head a U-shape server never holds at full size on the new device."""
     from splittune.models.partition import is_placeholder, move_model
-    from splittune.runner import build
+    from splittune.run import build
 
     _, server, _, _ = build(load_config(None, [*TINY, "train.device=cpu"]))
     model = server.party.model

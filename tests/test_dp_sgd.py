@@ -15,8 +15,8 @@ from splittune.privacy.attacks.base import run_attack
 from splittune.privacy.attacks.inversion import Inversion
 from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge
-from splittune.privacy.tap import Tap, Truth
-from splittune.runner import build, train
+from splittune.taps.tap import Tap, Truth
+from splittune.run import build, train
 
 MODEL = "tiny:llama,layers=4,hidden=64"
 BASE = [f"model={MODEL}", "cuts=[1,3]", "train.steps=3", "train.batch_size=4", "train.seq_len=16", "train.warmup_steps=0",

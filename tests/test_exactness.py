@@ -65,7 +65,7 @@ def test_verify_detects_a_wrong_split(monkeypatch):
 
 def test_a_fully_trained_top_trains_its_tied_head():
     """verify compares like with like, so a tied head left frozen on both sides passed it: check it trains."""
-    from splittune.runner import build
+    from splittune.run import build
 
     client, server, link, _ = build(load_config(None, ["model=tiny:gpt2", "cuts=[1,3]", "segments.bottom=frozen", "segments.top=full"]))
     try:

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from splittune.config import load_config
 from splittune.export import ExportError, export_run
 from splittune.models.zoo import resolve_model
-from splittune.runner import build, train
+from splittune.run import build, train
 
 BASE = ["train.steps=3", "train.seq_len=32", "train.batch_size=2", "data.max_documents=4", "train.lr=0.02", "train.eval_batches=1"]
 
@@ -27,7 +27,7 @@ def split_logits(client, batch):
 
 @pytest.mark.parametrize("model", ["tiny:llama", "tiny:gpt2", "tiny:opt"])
 def test_exported_adapter_reproduces_split_logits(tmp_path, model, monkeypatch):
-    import splittune.runner as runner
+    import splittune.run.loop as runner  # where train looks them up
 
     kept = {}
     real_connect = runner.connect

@@ -27,9 +27,9 @@ from splittune.parties import generator as generator_module
 from splittune.parties import inference as inference_module
 from splittune.parties.inference import InferenceLimits
 from splittune.parties.server import Server
-from splittune.privacy.recording import Recording
-from splittune.privacy.tap import Tap
-from splittune.runner import train
+from splittune.taps.recording import Recording
+from splittune.taps.tap import Tap
+from splittune.run import train
 from splittune.schedules.policy import POLICIES
 from splittune.wire import Message
 

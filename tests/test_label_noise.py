@@ -13,15 +13,15 @@ import torch
 
 from splittune.config import ConfigError, load_config
 from splittune.cut.defenses import LabelNoiseDefense, loss_positions
-from splittune.privacy.mechanisms import answer_classes, marvell_variances
+from splittune.dpmath.mechanisms import answer_classes, marvell_variances
 from splittune.cut.transforms import ChainError, Crossing, End
 from splittune.privacy import judge
 from splittune.privacy.attacks.base import run_attack
 from splittune.privacy.attacks.label_inference import LabelInference, direction_scores
 from splittune.privacy.knowledge import PublicKnowledge
-from splittune.privacy.metrics import leak_auc
-from splittune.privacy.tap import Tap, Truth
-from splittune.runner import train
+from splittune.dpmath.metrics import leak_auc
+from splittune.taps.tap import Tap, Truth
+from splittune.run import train
 from splittune.wire import Message
 
 MODEL = "tiny:llama,layers=4,hidden=64,vocab=320"

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from splittune.config import load_config
 from splittune.models.recompute import saved_bytes
-from splittune.runner import build, train
+from splittune.run import build, train
 from splittune.verify import verify
 
 TINY = ["model=tiny:llama", "train.steps=3", "train.seq_len=32", "train.batch_size=2", "data.max_documents=4",

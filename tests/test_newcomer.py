@@ -202,7 +202,7 @@ def test_hub_data_without_datasets_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_settings_that_run_but_not_as_meant_warn(tmp_path):
-    from splittune.runner import train
+    from splittune.run import train
 
     base = ["model=tiny:gpt2", "train.steps=2", "train.seq_len=32", "data.max_documents=3", "train.eval_batches=1"]
     with pytest.warns(SplittuneWarning) as caught:
@@ -278,7 +278,7 @@ def test_threads_are_applied_recorded_and_restored(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["threads"] == 1
     assert "1 thread" in result.output and torch.get_num_threads() == before
-    from splittune.runner import train
+    from splittune.run import train
 
     summary = train(load_config(None, ["model=tiny:gpt2", "train.steps=1", "train.warmup_steps=0", "train.seq_len=32",
                                        "data.max_documents=3", "train.eval_batches=1"]), tmp_path / "auto")

@@ -21,7 +21,7 @@ from splittune.plan import BudgetError, Fit, Profile, predict, profile_model, se
 from splittune.plan.pipeline import Hop, simulate
 from splittune.plan.sizes import model_sizes
 from splittune.plan.units import parse_rate, parse_size, parse_time
-from splittune.runner import train
+from splittune.run import train
 
 runner = CliRunner()
 MODEL = "tiny:llama,layers=8"

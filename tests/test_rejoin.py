@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from splittune.config import load_config
-from splittune.runner import CHECKPOINTS, train
+from splittune.run import CHECKPOINTS, train
 
 from served import CLI, Served, sets
 

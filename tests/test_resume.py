@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from splittune.config import ConfigError, load_config
 from splittune.parties.client import Client
-from splittune.runner import train
+from splittune.run import train
 
 RUN = ["model=tiny:llama", "cuts=[1,3]", "train.steps=6", "train.seq_len=32", "train.batch_size=2", "data.max_documents=6",
        "train.eval_batches=1", "train.lr=0.01", "train.warmup_steps=1", "train.checkpoint_every=2", "train.eval_every=2"]
@@ -159,7 +159,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):
 
 def test_error_feedback_state_is_what_makes_a_topk_resume_exact(tmp_path, monkeypatch):
     """The twin: drop the chain state from the checkpoint and the resumed top-k run drifts from the whole one."""
-    import splittune.runner as runner
+    import splittune.run.loop as runner  # where train looks them up
 
     cfg = load_config(None, [*RUN, "codec.up={name: topk, fraction: 0.3}", "codec.down={name: topk, fraction: 0.3}"])
     train(cfg, tmp_path / "whole")

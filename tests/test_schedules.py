@@ -11,7 +11,7 @@ from splittune.config import ConfigError, load_config
 from splittune.data import build_client_tasks
 from splittune.models.adapters import lora_layers
 from splittune.models.zoo import resolve_model
-from splittune.runner import build, connect, parallel, train
+from splittune.run import build, connect, parallel, train
 
 TINY = ["model=tiny:llama", "cuts=[1,3]", "train.steps=4", "train.seq_len=32", "train.batch_size=2", "data.max_documents=8",
         "train.lr=0.01", "train.eval_batches=1", "train.warmup_steps=1", "train.max_grad_norm=0.5"]
@@ -223,7 +223,7 @@ def test_multi_client_run_directory_and_export(tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import splittune.runner as runner
+    import splittune.run.loop as runner  # where train looks them up
     from splittune.export import export_run
 
     kept = {}

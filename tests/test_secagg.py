@@ -1,4 +1,4 @@
-"""Secure aggregation (privacy/secagg.py): exact sums, masked inputs that look uniform, dropout recovery,
+"""Secure aggregation (dpmath/secagg.py): exact sums, masked inputs that look uniform, dropout recovery,
 the refusals that protect a client, Shamir, tampering, layouts, overflow. Each invariant has a twin test
 showing that its check does fail on an input that breaks it."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from splittune.privacy import secagg
-from splittune.privacy.secagg import (
+from splittune.dpmath import secagg
+from splittune.dpmath.secagg import (
     CIPHERTEXT_BYTES, SHARE_BYTES, SecAggAggregator, SecAggClient, SecAggError, SeededRandom, decode, encode,
     layout_of, shamir_combine, shamir_split, upload_bytes,
 )

@@ -16,8 +16,8 @@ from splittune.privacy.attacks.aggregator import AggregatorInversion, initial_ad
 from splittune.privacy.attacks.base import run_attack
 from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge
-from splittune.privacy.tap import Tap, Truth
-from splittune.runner import connect, train
+from splittune.taps.tap import Tap, Truth
+from splittune.run import connect, train
 from splittune.parties.secure import client_round
 
 MODEL = "tiny:llama,layers=4,hidden=64"

@@ -17,7 +17,7 @@ from splittune.models.zoo import resolve_model
 from splittune.parties import SessionSpec
 from splittune.parties.party import public_model_name
 from splittune.parties.server import Server
-from splittune.runner import CHECKPOINTS, train, train_remote
+from splittune.run import CHECKPOINTS, train, train_remote
 from splittune.schedules.policy import POLICIES
 from splittune.wire import Message
 

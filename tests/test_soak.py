@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from splittune.channels.transport import MORE, SESSION_METHOD, chunks
 from splittune.config import load_config
 from splittune.deploy.service import health
-from splittune.runner import train
+from splittune.run import train
 from splittune.wire import Message, encode_frame
 
 from hostile import topk_frame

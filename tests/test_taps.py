@@ -12,10 +12,10 @@ from splittune.config import load_config
 from splittune.cut.chain import Chain
 from splittune.privacy.attacks.base import Attack, Recovery, run_attack
 from splittune.privacy.knowledge import PublicKnowledge, ThreatModelError
-from splittune.privacy.metrics import leak_auc, mean_rouge_l_f1, rouge_l_f1, set_scores, token_accuracy
-from splittune.privacy.recording import parse_observers
-from splittune.privacy.tap import Tap, TapError, TapWriter, Truth
-from splittune.runner import train
+from splittune.dpmath.metrics import leak_auc, mean_rouge_l_f1, rouge_l_f1, set_scores, token_accuracy
+from splittune.taps.recording import parse_observers
+from splittune.taps.tap import Tap, TapError, TapWriter, Truth
+from splittune.run import train
 from splittune.wire import decode_frame
 
 MODEL = "tiny:llama,layers=3,hidden=32,heads=2,kv_heads=1,ffn=64"
@@ -158,7 +158,7 @@ def test_the_attack_api_takes_a_tap_and_public_knowledge_only(raw_run):
     out, _ = raw_run
     tap, public = Tap.open(out / "tap" / "server"), PublicKnowledge(MODEL)
     assert run_attack(_Echo(), tap, public).target == "inputs"
-    from splittune.runner import build
+    from splittune.run import build
 
     client, *_ = build(load_config(None, [*BASE, "cuts=[1]"]))
     for bad_tap in (client.party, Truth.open(out / "tap" / "truth"), out / "tap" / "server"):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from splittune.config import load_config
-from splittune.runner import build, train
+from splittune.run import build, train
 from splittune.wire import encode_frame
 
 TINY = ["model=tiny:llama", "train.steps=4", "train.seq_len=32", "train.batch_size=2", "data.max_documents=4",

@@ -73,7 +73,7 @@ def test_truncated_and_garbage_frames():
 
 def test_server_refuses_bad_tensors_and_keeps_serving():
     from splittune.config import load_config
-    from splittune.runner import build
+    from splittune.run import build
 
     client, server, channel, _ = build(load_config(None, ["model=tiny:llama", "cuts=[1,3]"]))
     good = torch.randn(1, 4, 64)

@@ -15,8 +15,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SplittuneError
 
-class AssetError(RuntimeError):
+
+class AssetError(SplittuneError, RuntimeError):
     """A builtin asset could not be fetched or failed its checksum."""
 
 

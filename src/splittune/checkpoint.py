@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import SplittuneError
+
 
 def save(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,7 @@ def latest(root: Path, warn: Callable[[str], None] | None = None) -> int | None:
                           + "; no intact checkpoint is left: start the run again in a new directory")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SplittuneError, ValueError):
     """No intact checkpoint to resume from."""
 
 

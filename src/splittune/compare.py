@@ -14,7 +14,7 @@ from typing import Any, Callable
 from .config import ConfigError, RunConfig, validate
 from .report.plots import plot_compare
 from .rundir import RunLock
-from .runner import train
+from .run import train
 
 ENTRIES = ("centralized", "federated", "sequential", "sfl-v1", "sfl-v2")
 

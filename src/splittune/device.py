@@ -8,10 +8,12 @@ import re
 
 import torch
 
+from .errors import SplittuneError
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-class DeviceError(ValueError):
+class DeviceError(SplittuneError, ValueError):
     pass
 
 

@@ -15,16 +15,18 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from safetensors.torch import load_file, save_file
 
+from .errors import SplittuneError
 from .config import load_config
 from .models.adapters import PEFT_PREFIX, expert_parameters
 from .models.arch import detect_arch
 from .models.linears import expert_weights
 from .models.zoo import resolve_model
-from .runner import ADAPTERS
+from .run import ADAPTERS
 from .averaging import low_rank
+from .wire.names import FOLD, split
 
 
-class ExportError(ValueError):
+class ExportError(SplittuneError, ValueError):
     pass
 
 
@@ -68,7 +70,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, client: int | None
         names, count = _expert_parameters(source, spec)
         wrapped = {n.rsplit(".", 1)[0] for n in names}
         ranks = {m: r // count if m.replace(".base_layer", "") in wrapped else r for m, r in ranks.items()}
-    full = {k: v for k, v in state.items() if ".lora_" not in k and not k.startswith("fold::")}
+    full = {k: v for k, v in split(FOLD, state)[0].items() if ".lora_" not in k}
     if full and not merge:
         segs = [s for s, mode in manifest["segments"].items() if mode == "full"]
         raise ExportError(
@@ -101,10 +103,7 @@ def _lora_tensors(state: dict[str, torch.Tensor], alpha: float) -> tuple[dict[st
     lora = {k: v for k, v in state.items() if ".lora_" in k}
     ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0]) for k, v in lora.items() if k.endswith(".lora_A.weight")}
     alphas = {m: alpha for m in ranks}
-    for key, delta in state.items():
-        if not key.startswith("fold::"):
-            continue
-        module = key.removeprefix("fold::")
+    for module, delta in split(FOLD, state)[1].items():
         total = delta.double()
         if module in ranks:
             a, b = lora[f"{module}.lora_A.weight"].double(), lora[f"{module}.lora_B.weight"].double()

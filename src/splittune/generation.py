@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from .channels import Channel, LocalChannel
+from .channels import Channel
 from .config import RunConfig, load_config
 from .cut import CutLink, ServerLink, terms_from
 from .data.instruction import InstructionFormat
@@ -38,10 +38,10 @@ from .models.zoo import resolve_model
 from .parties import Party, Server, SessionSpec
 from .parties.defenses import ClientDefenses
 from .parties.generator import GenerationError, SplitGenerator
-from .parties.inference import FOLD, InferenceLimits
+from .parties.inference import InferenceLimits
+from .wire.names import FOLD, split
 from .averaging import add_delta
-from .runner import wire_defenses
-from .schedules.policy import POLICIES
+from .run.assemble import in_process, server_for, wire_defenses
 
 __all__ = ["Completion", "GenerationError", "SplitModel", "load_split"]
 
@@ -73,8 +73,8 @@ def _split_state(party: Party, state: dict[str, torch.Tensor]) -> tuple[dict[str
 
 
 def _load_client(party: Party, state: dict[str, torch.Tensor]) -> None:
-    folds = {k.removeprefix(FOLD): v for k, v in state.items() if k.startswith(FOLD)}
-    load_trainable_state(party.model, {k: v for k, v in state.items() if not k.startswith(FOLD)}, partial=False)
+    trained, folds = split(FOLD, state)
+    load_trainable_state(party.model, trained, partial=False)
     layers = lora_layers(party.model)
     with torch.no_grad():
         for module, delta in folds.items():
@@ -110,9 +110,8 @@ class SplitModel:
             _load_client(self.party, mine)
         self.server: Server | None = None
         if channel is None:
-            self.server = Server(self.source, self.spec, config, device=self.device, policies=POLICIES, inference=limits)
-            server_link = ServerLink(self.server.handle)
-            channel = LocalChannel(serve_through(self.server, server_link) if serve_through else server_link.serve)
+            self.server = server_for(self.source, self.spec, config, device=self.device, inference=limits)
+            channel = in_process(self.server, serve_through)()
         # the run's noise defenses apply to generation's crossings, drawn from a fresh secret (noise repeated across
         # sessions would cancel out in their difference); no padding removal: see docs/generation.md
         dx = [d.model_dump() for d in cfg.defense if d.name == "dx"]

@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import SplittuneError
 from .config import warn
 
 LOCK = ".lock"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(SplittuneError, RuntimeError):
     """A run directory another process is using."""
 
 

@@ -5,7 +5,7 @@ compute at the same time (several in-process clients, or a pipelined client comp
 each would take the whole pool and oversubscribe the cores (tiny runs under contention slowed 3-12x), so
 ``auto`` gives them half the cores (at most ``SHARED_CAP``). When one party computes at a time (a client taking
 turns with its server, a lone party: centralized, a client of a remote server, ``splittune serve``) it takes
-every core (the runner's ``computes_concurrently`` decides which).
+every core (``run.loop.computes_concurrently`` decides which).
 """
 
 from __future__ import annotations

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .channels import LocalChannel
-from .cut import CutLink, ServerLink, terms_from
+from .cut import CutLink, terms_from
 from .config import RunConfig
 from .device import resolve_device
 from .models.arch import check_seq_len, detect_arch
 from .models.zoo import resolve_model
-from .schedules.policy import POLICIES
-from .parties import Client, Party, Server, SessionSpec
+from .parties import Client, Party, SessionSpec
+from .run.assemble import in_process, server_for
 
 
 @dataclass
@@ -92,9 +91,9 @@ def verify(cfg: RunConfig, batch: int = 2, seq: int = 16, padding: bool = True, 
     device = resolve_device(cfg.train.device)  # --set train.device=cuda checks the split on a GPU
     # the same micro-batches: a router loss (MoE) is computed per forward, as under transformers' gradient accumulation
     reference = Client(Party("client", source, spec, whole, config, device=device), micro_batches=cfg.train.micro_batches)
-    server = Server(source, spec, config, device=device, policies=POLICIES)
+    server = server_for(source, spec, config, device=device)
     # the run's own chain: padding removal and codecs are part of what is verified
-    link = CutLink(LocalChannel(ServerLink(server.handle).serve), "verify", terms_from(cfg.codec.model_dump(), cfg.padding_removal))
+    link = CutLink(in_process(server)(), "verify", terms_from(cfg.codec.model_dump(), cfg.padding_removal))
     client = Client(Party("client", source, spec, split, config, device=device), link, cfg.train.micro_batches, cfg.train.max_in_flight)
     client.connect()
 

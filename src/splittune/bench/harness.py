@@ -23,7 +23,7 @@ import torch
 from .. import __version__
 from ..config import ConfigError, RunConfig, load_config
 from ..models.zoo import resolve_model
-from ..runner import resolved
+from ..run import resolved
 from ..threads import available_cores
 from .measure import Timed, pin_threads, summarise
 from .memory import party_memory

@@ -2,7 +2,7 @@
 in turn (A, B, C, B, C, A, …: each round starts one entry later, so none always runs first), so a noisy
 neighbour slows every entry alike.
 
-A round is what the runner calls a round: one step of every client (and the average, when the schedule
+A round is what the training loop calls a round: one step of every client (and the average, when the schedule
 averages after it). Each entry reads the same batches in the same order (same seed, same data), so round
 ``k`` of every entry trains on the same examples and the per-round ratio against centralized pairs like
 with like. The thread count is pinned once for the whole process (``torch.set_num_threads``); a server
@@ -27,7 +27,7 @@ from ..config import RunConfig
 from ..data import merge_tasks
 from ..eval import evaluate
 from ..models.zoo import ModelSource
-from ..runner import BREAKDOWN, Fleet, client_tasks, connect, parallel, time_breakdown, train_batch
+from ..run import BREAKDOWN, Fleet, client_tasks, connect, parallel, time_breakdown, train_batch
 from ..schedules.policy import policy_for
 from .suites import Entry
 
@@ -108,33 +108,26 @@ class Timed:
         for c, steps in rnd.turns:
             task = self.tasks[c]
             jobs.append((c, steps[0], [train_batch(task, next(self.samplers[c])) for _ in range(t.grad_accum)]))
-        before = [self.fleet.bytes(c) for c in range(len(self.tasks))]
-        for link in self.fleet.links:
-            if link is not None:
-                link.stats.reset()
-        timings: dict[int, float] = {}
-
-        def step(job):
-            c, s, batches = job
-            t0 = time.perf_counter()
-            result = self.fleet.clients[c].train_step(s, batches)
-            timings[c] = time.perf_counter() - t0
-            return result
-
         t0 = time.perf_counter()
-        results = parallel(step, jobs, self.fleet.abort)
+        reports = parallel(lambda job: self.fleet.clients[job[0]].train_step(job[1], job[2]), jobs, self.fleet.abort)
+        synced = []
         if rnd.sync == "aggregate":
-            parallel(lambda c: self.fleet.clients[c].aggregate(jobs[0][1]), [c for c, _ in rnd.turns], self.fleet.abort)
+
+            def average(c):
+                with self.fleet.clients[c].traffic() as sent:
+                    self.fleet.clients[c].aggregate(jobs[0][1])
+                return sent
+
+            synced = parallel(average, [c for c, _ in rnd.turns], self.fleet.abort)
         round_s = time.perf_counter() - t0
-        after = [self.fleet.bytes(c) for c in range(len(self.tasks))]
         n = len(self.tasks)
         tokens = sum(int(b["attention_mask"].sum()) for _, _, batches in jobs for b in batches)  # every real token, padding not
-        row = {"round_s": round_s, "tokens": tokens, "loss_tokens": sum(r.tokens for r in results), "loss": sum(r.loss for r in results) / n,
-               "bytes_up": sum(a[0] - b[0] for a, b in zip(after, before)) / n,  # per client step, averages included
-               "bytes_down": sum(a[1] - b[1] for a, b in zip(after, before)) / n}
-        link = self.fleet.links[0]
-        if link is not None:
-            row["breakdown"] = {k: v for k, v in time_breakdown(timings[0], link.stats.take()).items() if k in BREAKDOWN}
+        row = {"round_s": round_s, "tokens": tokens, "loss_tokens": sum(r.tokens for r in reports), "loss": sum(r.loss for r in reports) / n,
+               "bytes_up": (sum(r.bytes_up for r in reports) + sum(s.up for s in synced)) / n,  # per client step, averages included
+               "bytes_down": (sum(r.bytes_down for r in reports) + sum(s.down for s in synced)) / n}
+        first = reports[0]
+        if first.link is not None:
+            row["breakdown"] = {k: v for k, v in time_breakdown(first.step_s, first.link).items() if k in BREAKDOWN}
         self.rounds.append(row)
         return row
 

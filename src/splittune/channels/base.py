@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from typing import Callable
 
+from ..errors import SplittuneError
 from ..wire import Message, decode_frame, encode_frame
 
 # A tap sees exactly what one observer sees: direction ("up": client → server, "down"), the decoded
@@ -15,7 +16,7 @@ from ..wire import Message, decode_frame, encode_frame
 Tap = Callable[[str, Message, int], None]
 
 
-class RemoteError(RuntimeError):
+class RemoteError(SplittuneError, RuntimeError):
     """The other party refused a message; the text is its reason, ``code`` its gRPC status name, ``rejoin`` (a
     several-client run) the step this client resumes from because a restarted peer rejoined the run there."""
 

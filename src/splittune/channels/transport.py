@@ -13,7 +13,9 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-class DeployError(ValueError):
+from ..errors import SplittuneError
+
+class DeployError(SplittuneError, ValueError):
     """A deployment setting that cannot work (address, TLS files, tokens); the message says which."""
 
 

@@ -16,7 +16,7 @@ import secrets
 
 import torch
 
-from ..privacy.mechanisms import answer_classes, clip_pullback, clip_rows, gaussian_noise, marvell_variances
+from ..dpmath.mechanisms import answer_classes, clip_pullback, clip_rows, gaussian_noise, marvell_variances
 from .transforms import ChainError, Crossing, End, Transform, _activation_like, register
 
 

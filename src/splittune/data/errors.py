@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ..errors import SplittuneError
 
-class DataError(ValueError):
+
+
+class DataError(SplittuneError, ValueError):
     """Data that cannot be used; the message names the file (and line) and what is allowed there."""

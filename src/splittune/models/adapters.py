@@ -19,6 +19,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..errors import SplittuneError
 from ..config import LoraConfig
 from .arch import ArchSpec
 from .linears import bypassed, expert_weights, linear_names
@@ -27,7 +28,7 @@ from .partition import Segment
 PEFT_PREFIX = "base_model.model."
 
 
-class AdapterError(ValueError):
+class AdapterError(SplittuneError, ValueError):
     pass
 
 

@@ -23,11 +23,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from ..errors import SplittuneError
+from .absent import AbsentBlock
 from .catalog import CARRIED_STATE, OWN_CACHE, SHARED_WEIGHTS, UNPACKING_LOOP, WIDE_STREAM
 from .linears import expert_weights, linear_names
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(SplittuneError, ValueError):
     """A model whose layout splittune cannot split."""
 
 
@@ -48,7 +50,7 @@ class ArchSpec:
 
     @property
     def stub_returns(self) -> int:
-        """What the stand-in for an absent block returns (``partition.AbsentBlock``): 0 for a bare tensor, else the
+        """What the stand-in for an absent block returns (``absent.AbsentBlock``): 0 for a bare tensor, else the
         length of the real block's tuple, so loops that unpack every block's outputs get as many."""
         return self.block_outputs if self.block_tuple else 0
 
@@ -241,8 +243,6 @@ def _refuse_unpacking_loop(model: nn.Module, blocks: nn.ModuleList, post: list[n
     """Run the model on meta with every block replaced by the stand-in a party uses for blocks it does not hold (a
     tuple as long as block 0's: the hidden state, then None): a loop that unpacks another number of values from some
     blocks (block kinds that return different tuples) fails on it, and would fail the same way in every split."""
-    from .partition import AbsentBlock  # partition imports this module
-
     originals = list(blocks)
     for i, block in enumerate(originals):
         blocks[i] = AbsentBlock(block, n, i)

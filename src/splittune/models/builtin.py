@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SplittuneError
 from ..assets import ARTIFACTS, cache_dir, fetch_artifact
 
 
@@ -37,7 +38,7 @@ BUILTIN_MODELS = {
 }
 
 
-class BuiltinModelError(ValueError):
+class BuiltinModelError(SplittuneError, ValueError):
     pass
 
 

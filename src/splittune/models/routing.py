@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .arch import ArchitectureError
-from .partition import AbsentBlock
+from .absent import AbsentBlock
 
 ROUTER = "router"  # the tensor that carries a party's sums across the cut
 

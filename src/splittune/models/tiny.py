@@ -23,6 +23,7 @@ import transformers
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from ..errors import SplittuneError
 from ..assets import cache_dir
 from .tokenizer import byte_tokenizer
 
@@ -94,7 +95,7 @@ def _caps(opts: dict) -> dict:
                 sliding_window=5, sliding_window_size=5, attention_window_size=5, attention_chunk_size=5)
 
 
-class TinyModelError(ValueError):
+class TinyModelError(SplittuneError, ValueError):
     pass
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from ..errors import SplittuneError
 from .builtin import BUILTIN_MODELS, builtin_model_dir
 from .tiny import tiny_model_dir
 
@@ -19,7 +20,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 
 
-class ModelError(ValueError):
+class ModelError(SplittuneError, ValueError):
     """A model reference that cannot be resolved or loaded."""
 
 

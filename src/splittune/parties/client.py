@@ -7,6 +7,7 @@ shares every line of data handling, optimisation and evaluation with the split r
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ..models.routing import ROUTER
 from ..models.stages import segment_failures
 from ..wire import Message
 from ..averaging import fold_delta
+from ..wire.names import FOLD, OPT, split, tag
 from .cache import CACHE_MISS, Mirror, entry_bytes, row_keys, why_off
 from .defenses import ClientDefenses
 from .dp_sgd import DPSGD
@@ -43,10 +45,30 @@ def count_items(labels: torch.Tensor) -> int:
 
 
 @dataclass
-class StepResult:
+class Traffic:
+    """The bytes a client's link carried each way during a block (``Client.traffic``)."""
+
+    up: int = 0
+    down: int = 0
+
+
+@dataclass
+class StepReport:
+    """What one client step did, reported by the client itself: the loss over its ``tokens``, the learning rate, the
+    bytes each way, its wall time; split runs add where the time went (``link``: ``LinkStats.take()``), the bottom's
+    forward time and the defense penalty summed into its loss; with the activation cache, its hits and misses."""
+
     loss: float
     tokens: int
     lr: float
+    bytes_up: int = 0
+    bytes_down: int = 0
+    step_s: float = 0.0
+    link: dict | None = None
+    bottom_s: float = 0.0
+    penalty: float = 0.0
+    cache_hits: int | None = None
+    cache_misses: int | None = None
 
 
 def split_rows(batch: Batch, parts: int) -> list[Batch]:
@@ -100,12 +122,12 @@ class Client:
             raise ValueError(f"a {self.plan.shape} split needs a link to the server")
         self.cache: Mirror | None = None  # the activation cache's mirror, when the session can use one
         self.cache_off: str | None = None if self.split else "nothing crosses a cut"
-        self.bottom_s = 0.0  # time in the bottom's training forwards (the caller resets it)
+        self._bottom_s = 0.0  # time in the bottom's training forwards this step
         # called with (session, step, micro, batch) as each training micro-batch is first sent (a run recording its taps)
         self.recorder: Callable[[str, int, int, Batch], None] | None = None
         self.defenses: ClientDefenses | None = None  # dχ noise and NoPeek inside the bottom (parties/defenses.py)
         self.dp: DPSGD | None = None  # DP-SGD on this client's adapters (parties/dp_sgd.py)
-        self.penalty_sum = 0.0  # the defense terms added to the bottom's loss since the caller last reset it
+        self._penalty = 0.0  # the defense terms added to the bottom's loss this step
 
     def connect(self, resume: int | None = None, link_state: dict | None = None) -> dict:
         """Stage 0: propose the session and the chain; the server builds its part from it (restored to step
@@ -159,7 +181,7 @@ class Client:
                 tensors["cut.rows"] = torch.tensor(rows)
         else:
             self.cache.counts["bottom_forwards_skipped"] += 1
-        self.bottom_s += time.perf_counter() - t0
+        self._bottom_s += time.perf_counter() - t0
         m.want_grad = m.hidden is not None and m.hidden.requires_grad
         if self.plan.shape == "two-part":
             tensors["labels"] = batch["labels"]
@@ -243,7 +265,7 @@ class Client:
             if m.penalty is not None:
                 outputs.append(m.penalty)
                 grads.append(torch.ones_like(m.penalty))
-                self.penalty_sum += float(m.penalty.detach())
+                self._penalty += float(m.penalty.detach())
             if m.router is not None and m.router_grad is not None and m.router.requires_grad:
                 outputs.append(m.router)
                 grads.append(m.router_grad)
@@ -274,18 +296,41 @@ class Client:
                     self._advance(step, m, num_items)
         return sum(m.loss for m in micros)
 
-    def train_step(self, step: int, batches: list[Batch]) -> StepResult:
-        """Forward and backward every micro-batch, then one optimizer step on both parties.
+    def train_step(self, step: int, batches: list[Batch]) -> StepReport:
+        """Forward and backward every micro-batch, then one optimizer step on both parties; returns the step's report.
 
         Each micro-batch's loss is its token sum divided by the tokens of the *whole* step, so the
         accumulated gradient is that of one big batch, whatever the micro-batch split.
         """
-        loss, num_items = self.backward(step, batches)
-        if self.dp is not None:  # the client's gradients, clipped per example and noised, before the global norm
-            self.dp.privatise()
-        lr = self.party.lr
-        self.optimizer_step(step)
-        return StepResult(loss, num_items, lr)
+        if self.link is not None:
+            self.link.stats.take()  # the step's crossings start afresh
+        self._bottom_s = self._penalty = 0.0
+        counts = self.cache_counts()
+        started = time.perf_counter()
+        with self.traffic() as sent:
+            loss, num_items = self.backward(step, batches)
+            if self.dp is not None:  # the client's gradients, clipped per example and noised, before the global norm
+                self.dp.privatise()
+            lr = self.party.lr
+            self.optimizer_step(step)
+        report = StepReport(loss, num_items, lr, sent.up, sent.down, time.perf_counter() - started, penalty=self._penalty)
+        if self.link is not None:
+            report.link, report.bottom_s = self.link.stats.take(), self._bottom_s
+        if counts:
+            now = self.cache_counts()
+            report.cache_hits, report.cache_misses = now["hits"] - counts["hits"], now["misses"] - counts["misses"]
+        return report
+
+    @contextlib.contextmanager
+    def traffic(self):
+        """The bytes this client's link carries during the block: a ``Traffic`` filled in when it ends."""
+        out = Traffic()
+        up, down = (self.link.bytes_up, self.link.bytes_down) if self.link is not None else (0, 0)
+        try:
+            yield out
+        finally:
+            if self.link is not None:
+                out.up, out.down = self.link.bytes_up - up, self.link.bytes_down - down
 
     def backward(self, step: int, batches: list[Batch]) -> tuple[float, int]:
         """Stages 1–5 for every micro-batch (each of ``batches`` cut into ``micro_batches``): gradients
@@ -368,7 +413,7 @@ class Client:
         return dict(self._call("state", 0, 0, {}).tensors)
 
     def global_state(self) -> dict[str, torch.Tensor]:
-        """The last average (personal segments included) and the updates folded into base weights (``fold::``)."""
+        """The last average (personal segments included) and the updates folded into base weights (``wire.names.FOLD``)."""
         return dict(self._call("global", 0, 0, {}).tensors)
 
     def checkpoint(self, step: int) -> None:
@@ -383,13 +428,11 @@ class Client:
             reply = client_round(self._call, session.client, session.clients, step, self.party.state(), session.samples)
         else:
             reply = self._call("aggregate", step, 0, self.party.state(), weight=session.samples)
-        values, folds = {}, {}
-        for name, tensor in reply.tensors.items():
-            if name.startswith("fold::"):
-                _, module, factor = name.split("::")
-                folds.setdefault(module, {})[factor] = tensor
-            else:
-                values[name] = tensor
+        values, factors = split(FOLD, reply.tensors)
+        folds: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in factors.items():  # MODULE::B and MODULE::A
+            module, _, factor = name.rpartition("::")
+            folds.setdefault(module, {})[factor] = tensor
         self.party.load_state(values)
         for module, factors in folds.items():
             self.party.fold(module, fold_delta(factors["B"], factors["A"]))
@@ -397,13 +440,12 @@ class Client:
     def hand_on(self, step: int) -> None:
         """Sequential: end this client's turn by handing its client-side model and optimizer to the next."""
         moments, meta = self.party.optimizer_state()
-        tensors = {**self.party.state(), **{f"opt::{k}": v for k, v in moments.items()}}
+        tensors = {**self.party.state(), **tag(OPT, moments)}
         self._call("relay_put", step, 0, tensors, optimizer=meta)
 
     def take_over(self, step: int) -> None:
         """Sequential: start a turn (at ``step``; 0 after training) from the model the last client handed on."""
         reply = self._call("relay_get", step, 0, {})
-        state = {k: v for k, v in reply.tensors.items() if not k.startswith("opt::")}
-        moments = {k.removeprefix("opt::"): v for k, v in reply.tensors.items() if k.startswith("opt::")}
+        state, moments = split(OPT, reply.tensors)
         self.party.load_state(state)
         self.party.load_optimizer_state(moments, reply.meta["optimizer"])

@@ -13,14 +13,15 @@ from typing import Any, Iterator
 
 import torch
 
+from ..errors import SplittuneError
 from ..cut.defenses import NoiseStream
-from ..privacy.mechanisms import distance_correlation, dx_release
+from ..dpmath.mechanisms import distance_correlation, dx_release
 from .party import Party
 
 PARTY_DEFENSES = ("dx", "nopeek")
 
 
-class DefenseError(ValueError):
+class DefenseError(SplittuneError, ValueError):
     """A defense that does not fit this client's split (names the defense and what it needs)."""
 
 

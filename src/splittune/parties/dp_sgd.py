@@ -18,12 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import SplittuneError
 from ..cut.defenses import NoiseStream
 from ..models.adapters import trainable
 from .party import Party
 
 
-class DPError(ValueError):
+class DPError(SplittuneError, ValueError):
     """DP-SGD that cannot run on this client (names what trains that it cannot clip per example)."""
 
 

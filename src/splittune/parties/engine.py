@@ -16,6 +16,7 @@ import queue
 import threading
 import weakref
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -27,6 +28,31 @@ from ..models.stages import segment_failures
 from .party import Party
 
 
+@dataclass
+class Rows:
+    """One client's part of an sfl-v1 batched forward: its activations and mask, and for a two-part split its labels,
+    token count and router sums; ``want_grad``: whether it wants the gradient at its cut back."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor | None = None
+    num_items: int | None = None
+    want_grad: bool = True
+    sums: torch.Tensor | None = None
+
+
+@dataclass
+class Pending:
+    """A training forward awaiting its gradient: the input (its ``.grad`` goes back), the output and its router sums;
+    a batched one (sfl-v1) also names the clients whose rows it holds, in order, and how many each."""
+
+    hidden_in: torch.Tensor
+    hidden_out: torch.Tensor
+    router: torch.Tensor | None = None
+    clients: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+
 class TrunkEngine:
     def __init__(self, name: str = "splittune-trunk"):
         self._jobs: queue.Queue = queue.Queue()
@@ -35,7 +61,7 @@ class TrunkEngine:
         weakref.finalize(self, stop)  # an engine nobody holds stops its thread
         self.party: Party | None = None
         self.batched = False  # sfl-v1 with several clients: rows are routed to their own adapters
-        self.pending: dict[tuple, tuple] = {}  # forwards awaiting their gradients
+        self.pending: dict[tuple, Pending] = {}  # forwards awaiting their gradients
 
     def run(self, fn: Callable, *args) -> Any:
         """Run ``fn(*args)`` on the engine thread and return its result (inline when already on it)."""
@@ -66,7 +92,7 @@ class TrunkEngine:
                 return self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes, head=False).hidden, None
             hidden.requires_grad_(True)
             out = self.party.run(start, end, hidden=hidden, attention_mask=mask, routes=routes, head=False)
-        self.pending[key] = (hidden, out.hidden, out.router)
+        self.pending[key] = Pending(hidden, out.hidden, out.router)
         return out.hidden.detach(), None if out.router is None else out.router.detach()
 
     def head(self, adapter: str, start: int, end: int, hidden, mask, labels, num_items, train: bool, want_grad: bool,
@@ -93,54 +119,54 @@ class TrunkEngine:
         return float(loss.detach()), grads, None
 
     def backward(self, key: tuple, grad: torch.Tensor, sums_grad: torch.Tensor | None = None) -> torch.Tensor | None:
-        hidden_in, hidden_out, sums = self.pending.pop(key)
+        pending = self.pending.pop(key)
         trunk = self.party.segments[0]
         with torch.enable_grad(), segment_failures(self.party, trunk.start, trunk.end, head=False, backward=True):
-            _backward(hidden_out, grad, sums, sums_grad)
-        return hidden_in.grad
+            _backward(pending.hidden_out, grad, pending.router, sums_grad)
+        return pending.hidden_in.grad
 
     def forward_together(self, step: int, micro: int, items: dict, members: dict, vocab: int) -> dict:
-        """sfl-v1: the clients' activations of one micro-batch go through the shared base as one batch,
-        each row through its own client's adapter; clients entering at other blocks form their own batch."""
+        """sfl-v1: the clients' activations of one micro-batch (``items``: each client's ``Rows``) go through the shared
+        base as one batch, each row through its own client's adapter; clients entering at other blocks form their own batch."""
         party = self.party
         buckets: dict[tuple, list[int]] = {}
-        for i, (hidden, *_rest) in items.items():
+        for i, part in items.items():
             m = members[i]
-            buckets.setdefault((m.start, m.end, hidden.shape[1]), []).append(i)
+            buckets.setdefault((m.start, m.end, part.hidden.shape[1]), []).append(i)
         results = {}
         with torch.enable_grad():
             for (start, end, _), idx in buckets.items():
-                hidden = torch.cat([items[i][0] for i in idx]).requires_grad_(True)
-                mask = torch.cat([items[i][1] for i in idx])
-                rows = [items[i][0].shape[0] for i in idx]
+                hidden = torch.cat([items[i].hidden for i in idx]).requires_grad_(True)
+                mask = torch.cat([items[i].mask for i in idx])
+                rows = [items[i].hidden.shape[0] for i in idx]
                 names = [members[i].adapter for i, r in zip(idx, rows) for _ in range(r)]
                 head = members[idx[0]].head
                 out = party.run(start, end, hidden=hidden, attention_mask=mask, want_logits=head, routes=names, head=head)
                 own = [None] * len(idx) if out.router is None else out.router.split(rows)
                 if head:
                     base = party.model.get_base_model() if hasattr(party.model, "get_base_model") else party.model
-                    sent = [None if items[i][5] is None else items[i][5].detach().requires_grad_(True) for i in idx]
+                    sent = [None if items[i].sums is None else items[i].sums.detach().requires_grad_(True) for i in idx]
                     losses = [
-                        party.add_aux(base.loss_function(logits=logits, labels=items[i][2], vocab_size=vocab, num_items_in_batch=items[i][3]),
-                                      theirs, mine)
+                        party.add_aux(base.loss_function(logits=logits, labels=items[i].labels, vocab_size=vocab,
+                                                         num_items_in_batch=items[i].num_items), theirs, mine)
                         for i, logits, theirs, mine in zip(idx, out.logits.split(rows), sent, own)
                     ]
                     with segment_failures(party, start, end, head=True, backward=True):
                         torch.stack(losses).sum().backward()
                     for i, grad, loss, theirs in zip(idx, hidden.grad.split(rows), losses, sent):
-                        grads = {"grad": grad} if items[i][4] else {}
-                        if items[i][4] and theirs is not None:
+                        grads = {"grad": grad} if items[i].want_grad else {}
+                        if items[i].want_grad and theirs is not None:
                             grads[ROUTER] = theirs.grad
                         results[i] = ("gradients", grads, {"loss": float(loss.detach())})
                 else:
-                    self.pending[("batch", step, micro, start, end, hidden.shape[1])] = (hidden, out.hidden, idx, rows, out.router)
+                    self.pending[("batch", step, micro, start, end, hidden.shape[1])] = Pending(hidden, out.hidden, out.router, idx, rows)
                     for i, h, mine in zip(idx, out.hidden.detach().split(rows), own):
                         results[i] = ("activations", {"hidden": h} if mine is None else {"hidden": h, ROUTER: mine.detach()}, {})
         return results
 
-    def batch_of(self, step: int, micro: int, client: int) -> tuple | None:
+    def batch_of(self, step: int, micro: int, client: int) -> Pending | None:
         """The pending batched forward of (step, micro) that holds ``client``'s rows."""
-        found = [v for k, v in self.pending.items() if k[:3] == ("batch", step, micro) and client in v[2]]
+        found = [v for k, v in self.pending.items() if k[:3] == ("batch", step, micro) and client in v.clients]
         return found[0] if found else None
 
     def backward_together(self, step: int, micro: int, items: dict) -> dict:
@@ -148,7 +174,8 @@ class TrunkEngine:
         results = {}
         with torch.enable_grad():
             for key in [k for k in self.pending if k[:3] == ("batch", step, micro)]:
-                hidden_in, hidden_out, idx, rows, sums = self.pending.pop(key)
+                pending = self.pending.pop(key)
+                hidden_in, hidden_out, idx, rows, sums = pending.hidden_in, pending.hidden_out, pending.clients, pending.rows, pending.router
                 # a client given up in the middle of the step contributes no gradient
 
                 def part(i, r, t, j):
@@ -163,7 +190,7 @@ class TrunkEngine:
 
     def waiting(self, client: int) -> list[tuple]:
         """Forwards of ``client`` still awaiting gradients."""
-        return [k for k, v in self.pending.items() if k[0] == client or (k[0] == "batch" and client in v[2])]
+        return [k for k, v in self.pending.items() if k[0] == client or (k[0] == "batch" and client in v.clients)]
 
     def forget(self, client: int, adapter: str) -> None:
         """A client vanished in its turn: drop its half-done step (pending forwards, gradients it left)."""

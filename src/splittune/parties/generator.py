@@ -26,16 +26,17 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from ..errors import SplittuneError
 from ..channels import RemoteError
 from ..cut.link import CutLink
 from ..device import to_device
 from ..models.arch import generation_refusal
-from ..models.partition import AbsentBlock
+from ..models.absent import AbsentBlock
 from ..wire import Message
 from .party import Party
 
 
-class GenerationError(ValueError):
+class GenerationError(SplittuneError, ValueError):
     """A generation request splittune cannot serve (named argument, allowed values)."""
 
 

@@ -13,20 +13,26 @@ over every client, each client with the copy that was trained on its data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from .. import checkpoint
 from ..averaging import Average, Contribution, average
+from ..device import to_device
 from ..models.partition import DTYPES
 from ..models.arch import ArchSpec, block_of
 from ..models.partition import SplitPlan
 from ..models.zoo import ModelSource
+from ..wire.names import FOLD, tag
 from .cache import ActivationCache
 from .party import Party, SessionSpec
+from .protocol import ProtocolError
 from .meet import Rendezvous, Turnstile
 from .secure import SecureRounds
 
@@ -65,7 +71,7 @@ def personal_names(names, plan: SplitPlan, personal: set[str], arch: ArchSpec) -
 
 
 class Group:
-    """``policies`` maps schedule names to policy objects (the runner or ``serve`` hands them down)."""
+    """``policies`` maps schedule names to policy objects (the run or ``serve`` hands them down)."""
 
     def __init__(self, first: SessionSpec, wait_s: float, policies: Mapping):
         if first.schedule not in policies:
@@ -167,6 +173,50 @@ class Group:
                 f"those segments must train the same way, but segments are {moved}"
             )
 
+    # -- checkpoints: what the server keeps of the run in ``--state`` --------------------------------------
+    def state_root(self, state_dir: Path | None) -> Path:
+        """The run's folder under ``state_dir``, named for its identity: its clients' run ids (each kept in the client's
+        run directory) with the shared terms, so two runs of one config, or two data owners with the same settings,
+        never share one."""
+        if state_dir is None:
+            raise ProtocolError("this server keeps no checkpoints (start it with --state DIR to resume runs)", "FAILED_PRECONDITION")
+        runs = sorted((i, m.spec.run_id) for i, m in self.members.items())
+        key = hashlib.sha256(json.dumps([self.terms, runs], sort_keys=True).encode()).hexdigest()[:16]
+        return state_dir / f"run-{key}"
+
+    def save(self, state_dir: Path | None, step: int) -> None:
+        groups, meta = self.party.checkpoint() if self.party is not None else ({}, {})
+        groups["global"], groups["group_folded"] = dict(self.global_state), dict(self.folded)
+        groups["relay"] = dict(self.relay[0]) if self.relay else {}
+        caches = {i: m.cache for i, m in self.members.items() if m.cache is not None}
+        groups.update({f"cache.{i}": cache.tensors() for i, cache in caches.items()})
+        meta.update(step=step, turns=self.turns.position if self.turns else None,
+                    relay=self.relay[1] if self.relay else None, dropped=sorted(self.dropped),
+                    caches={str(i): cache.order() for i, cache in caches.items()})
+        checkpoint.save(self.state_root(state_dir), step, checkpoint.pack(groups), meta)
+
+    def restore(self, state_dir: Path | None, step: int) -> None:
+        root = self.state_root(state_dir)
+        problem = checkpoint.damage(root / f"step-{step}")
+        if problem is not None and problem != "missing":
+            raise ProtocolError(f"cannot resume: the server's checkpoint of step {step} is damaged ({problem})", "FAILED_PRECONDITION")
+        try:
+            flat, meta = checkpoint.load(root, step)
+        except FileNotFoundError as err:
+            raise ProtocolError(f"cannot resume: {err}", "FAILED_PRECONDITION") from None
+        groups = checkpoint.unpack(flat)
+        if self.party is not None:
+            self.party.restore(groups, meta)
+        device = self.party.device if self.party is not None else torch.device("cpu")  # where new averages will be
+        self.global_state, self.folded = groups.get("global", {}), to_device(groups.get("group_folded", {}), device)
+        if meta.get("relay") is not None:
+            self.relay = (groups.get("relay", {}), meta["relay"])
+        if self.turns is not None:
+            self.turns.position = meta["turns"]
+        for i, m in self.members.items():  # the activation caches, within today's budgets
+            if m.cache is not None:
+                m.cache.load(meta.get("caches", {}).get(str(i), []), groups.get(f"cache.{i}", {}), device)
+
     # -- what the server trains on a client's behalf ----------------------------------------------------
     def on_behalf(self, member: Member) -> dict[str, torch.Tensor]:
         """The server-side tensors trained with ``member``'s data: its adapter, blocks [start, end) (and head)."""
@@ -197,7 +247,7 @@ class Group:
 
     def aggregate_sum(self, total, weights: dict[int, float]) -> dict[int, dict[str, torch.Tensor]]:
         """Stage 7 under secure aggregation: the survivors' own tensors arrive only as their weighted sum
-        (``privacy.secagg.Aggregate``); what the server trained for them is averaged here, as ``aggregate`` does."""
+        (``dpmath.secagg.Aggregate``); what the server trained for them is averaged here, as ``aggregate`` does."""
         dtype = DTYPES[self.terms["dtype"]]
         own = {name: (t / total.weight).to(dtype) for name, t in total.tensors.items()}
         alpha = float(self.terms["lora"]["alpha"])
@@ -223,7 +273,7 @@ class Group:
             share = {k: v for k, v in result.tensors.items() if k in tensors and k not in keep}
             for module, (b, a) in result.folds.items():
                 if f"{module}.lora_A.weight" in tensors and f"{module}.lora_A.weight" not in keep:
-                    share[f"fold::{module}::B"], share[f"fold::{module}::A"] = b, a
+                    share.update(tag(FOLD, {f"{module}::B": b, f"{module}::A": a}))
             replies[index] = share
         return replies
 

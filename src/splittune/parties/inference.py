@@ -34,10 +34,11 @@ from ..models.partition import PlanError
 from ..models.segment import run_segment
 from ..models.stages import segment_failures
 from ..models.zoo import ModelSource
+from ..wire.names import FOLD, split
 from .party import Party, SessionSpec
-from .protocol import GenerateMeta, ProtocolError, hidden_in
+from ..wire import Message
+from .protocol import INFERENCE_SCHEMAS, GenerateMeta, ProtocolError, hidden_in, parse_meta
 
-FOLD = "fold::"  # an update an exact rank-heterogeneous average moved into a base weight (export.py names them so)
 
 
 @dataclass
@@ -188,8 +189,7 @@ class InferenceSessions:
         except (PlanError, AdapterError) as err:
             raise ProtocolError(f"cannot build the run's server part: {err}") from None
         tensors = to_device(tensors, party.device)
-        folds = {k.removeprefix(FOLD): v for k, v in tensors.items() if k.startswith(FOLD)}
-        state = {k: v for k, v in tensors.items() if not k.startswith(FOLD)}
+        state, folds = split(FOLD, tensors)
         expected = {name for name, _ in trainable(party.model)}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if not tensors:  # none sent: the adapters as initialised (LoRA B = 0), the base model's segment
@@ -209,6 +209,15 @@ class InferenceSessions:
                 add_delta(layers[module].get_base_layer().weight, delta, layers[module].fan_in_fan_out)
         party.model.eval()
         return party
+
+    def answer(self, msg: Message) -> Message:
+        """The reply to an inference session's ``generate`` or ``close`` message."""
+        meta = parse_meta(msg.kind, msg.meta, INFERENCE_SCHEMAS)
+        if msg.kind == "close":
+            if not self.close(msg.session):
+                raise ProtocolError(f"unknown inference session {msg.session!r}", "NOT_FOUND")
+            return Message("close", msg.session, msg.step, msg.micro, {}, {"closed": True})
+        return Message("generate", msg.session, msg.step, msg.micro, self.step(msg.session, msg.tensors, meta), {})
 
     def close(self, session_id: str) -> bool:
         with self._lock:

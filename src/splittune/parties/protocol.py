@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..models.stages import StageError
 from .cache import KEY
+from .meet import WaitTimeout
 
 
 def bounded(text: str, limit: int = 1000) -> str:
@@ -245,3 +247,14 @@ def scores_in(meta: ActivationsMeta, shape: torch.Size, vocab: int) -> tuple[lis
     if not tokens or any(not 0 <= t < vocab for t in tokens):
         raise ProtocolError(f"meta field 'score_tokens' must be token ids in 0..{vocab - 1}, got {tokens}")
     return positions, tokens
+
+
+def status_of(err: Exception) -> str:
+    """The gRPC status name a refusal travels with (also in-process, so clients see the same codes)."""
+    if isinstance(err, ProtocolError):
+        return err.code
+    if isinstance(err, WaitTimeout):
+        return "DEADLINE_EXCEEDED"
+    if isinstance(err, StageError):
+        return "INTERNAL"
+    return "INVALID_ARGUMENT"

@@ -1,5 +1,5 @@
 """Secure aggregation on the wire (``secure_aggregation: true``): the four rounds of Bonawitz et al.
-(``privacy/secagg.py`` holds the protocol math) as messages between each client and the server.
+(``dpmath/secagg.py`` holds the protocol math) as messages between each client and the server.
 
 A client's adapters reach the server only masked; the server, which also runs the averaging, learns their
 weighted sum over the clients whose masked input arrived, and divides by the sum of the weights (the clients'
@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ..privacy.secagg import SecAggAggregator, SecAggClient, SecAggError, default_threshold
+from ..dpmath.secagg import SecAggAggregator, SecAggClient, SecAggError, default_threshold
 from ..wire import Message
 from .protocol import ProtocolError
 
@@ -123,7 +123,7 @@ class SecureRounds:
         return {i: {"survivors": list(survivors), "dropped": list(dropped)} for i in inputs}
 
     def finish(self, step: int, answers: dict[int, dict[str, torch.Tensor]]):
-        """The round's sum over the survivors (``privacy.secagg.Aggregate``: ``tensors`` Σ w·x, ``weight`` Σ w) and
+        """The round's sum over the survivors (``dpmath.secagg.Aggregate``: ``tensors`` Σ w·x, ``weight`` Σ w) and
         each survivor's weight."""
         self.check_survivors(step, answers)
         parsed = {}

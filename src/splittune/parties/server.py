@@ -11,47 +11,36 @@ schedule asks it to, then hands the computation to the trunk engine (``engine.py
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import json
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .. import checkpoint
 from ..device import to_device
 from ..models.arch import ArchSpec
 from ..models.routing import ROUTER
 from ..models.stages import StageError
 from ..models.zoo import ModelSource
 from ..wire import Message
-from .cache import CACHE_MISS, ActivationCache, entry_bytes
-from .engine import TrunkEngine
+from ..wire.names import FOLD, tag
+from .arrivals import arrived
+from .cache import ActivationCache
+from .engine import Rows, TrunkEngine
 from .group import Group, Member
 from .meet import WaitTimeout
 from ..models.partition import DTYPES
 from .party import SessionSpec
 from .secure import SecureRounds
 from .inference import InferenceLimits, InferenceSessions
-from .protocol import INFERENCE_SCHEMAS, ProtocolError, bounded, cached_in, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in
+from .protocol import INFERENCE_SCHEMAS, ProtocolError, bounded, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in, status_of
 
 log = logging.getLogger("splittune.serve")
 
 
 REMEMBER_ENDED = 256  # replaced sessions whose end the server can still explain
-
-
-def status_of(err: Exception) -> str:
-    """The gRPC status name a refusal travels with (also in-process, so clients see the same codes)."""
-    if isinstance(err, ProtocolError):
-        return err.code
-    if isinstance(err, WaitTimeout):
-        return "DEADLINE_EXCEEDED"
-    if isinstance(err, StageError):
-        return "INTERNAL"
-    return "INVALID_ARGUMENT"
 
 
 class Server:
@@ -113,7 +102,7 @@ class Server:
             if msg.kind == "hello":
                 return self._open_inference(msg) if msg.meta.get("inference") is True else self._hello(msg)
             if msg.kind in INFERENCE_SCHEMAS or self.inference.holds(msg.session):
-                return self._inference(msg)
+                return self.inference.answer(msg)
             member = self.sessions.get(msg.session)
             if member is None and msg.session in self.ended:
                 raise ProtocolError(f"session {bounded(repr(msg.session), 80)} has ended: {self.ended[msg.session][0]}", "ABORTED")
@@ -165,14 +154,6 @@ class Server:
             raise ProtocolError(f"session {msg.session!r} is a training session; an inference session needs its own id", "ALREADY_EXISTS")
         info = self.inference.open(msg.session, session, dict(msg.tensors))
         return self._reply(msg, "hello", accepted=True, inference=True, **info)
-
-    def _inference(self, msg: Message) -> Message:
-        meta = parse_meta(msg.kind, msg.meta, INFERENCE_SCHEMAS)
-        if msg.kind == "close":
-            if not self.inference.close(msg.session):
-                raise ProtocolError(f"unknown inference session {msg.session!r}", "NOT_FOUND")
-            return self._reply(msg, "close", closed=True)
-        return self._reply(msg, "generate", self.inference.step(msg.session, msg.tensors, meta))
 
     def _hello(self, msg: Message) -> Message:
         session = self._proposal(msg)
@@ -273,49 +254,13 @@ class Server:
             self.engine.run(self._restore, group, step)
         return {i: None for i in items}
 
-    # -- checkpoints ---------------------------------------------------------------------------------------
-    def _run_root(self, group: Group) -> Path:
-        if self.state_dir is None:
-            raise ProtocolError("this server keeps no checkpoints (start it with --state DIR to resume runs)", "FAILED_PRECONDITION")
-        # the run's identity: its clients' run ids (each kept in the client's run directory) with the shared terms, so
-        # two runs of the same config, or two data owners with the same settings, never share a folder
-        runs = sorted((i, m.spec.run_id) for i, m in group.members.items())
-        key = hashlib.sha256(json.dumps([group.terms, runs], sort_keys=True).encode()).hexdigest()[:16]
-        return self.state_dir / f"run-{key}"
-
+    # -- checkpoints (what the group holds: group.py) -------------------------------------------------------
     def _save(self, group: Group, step: int) -> dict:
-        groups, meta = group.party.checkpoint() if group.party is not None else ({}, {})
-        groups["global"], groups["group_folded"] = dict(group.global_state), dict(group.folded)
-        groups["relay"] = dict(group.relay[0]) if group.relay else {}
-        caches = {i: m.cache for i, m in group.members.items() if m.cache is not None}
-        groups.update({f"cache.{i}": cache.tensors() for i, cache in caches.items()})
-        meta.update(step=step, turns=group.turns.position if group.turns else None,
-                    relay=group.relay[1] if group.relay else None, dropped=sorted(group.dropped),
-                    caches={str(i): cache.order() for i, cache in caches.items()})
-        checkpoint.save(self._run_root(group), step, checkpoint.pack(groups), meta)
+        group.save(self.state_dir, step)
         return {i: None for i in group.members}
 
     def _restore(self, group: Group, step: int) -> None:
-        root = self._run_root(group)
-        problem = checkpoint.damage(root / f"step-{step}")
-        if problem is not None and problem != "missing":
-            raise ProtocolError(f"cannot resume: the server's checkpoint of step {step} is damaged ({problem})", "FAILED_PRECONDITION")
-        try:
-            flat, meta = checkpoint.load(root, step)
-        except FileNotFoundError as err:
-            raise ProtocolError(f"cannot resume: {err}", "FAILED_PRECONDITION") from None
-        groups = checkpoint.unpack(flat)
-        if group.party is not None:
-            group.party.restore(groups, meta)
-        device = group.party.device if group.party is not None else torch.device("cpu")  # where new averages will be
-        group.global_state, group.folded = groups.get("global", {}), to_device(groups.get("group_folded", {}), device)
-        if meta.get("relay") is not None:
-            group.relay = (groups.get("relay", {}), meta["relay"])
-        if group.turns is not None:
-            group.turns.position = meta["turns"]
-        for i, m in group.members.items():  # the activation caches, within today's budgets
-            if m.cache is not None:
-                m.cache.load(meta.get("caches", {}).get(str(i), []), groups.get(f"cache.{i}", {}), device)
+        group.restore(self.state_dir, step)
 
     # -- turns ------------------------------------------------------------------------------------------
     def _needs_party(self, msg: Message) -> None:
@@ -348,48 +293,13 @@ class Server:
     def _hidden(self, msg: Message, name: str = "hidden") -> torch.Tensor:
         return hidden_in(msg.tensors, msg.kind, name, self.width, self.party.dtype, f"step {msg.step}, micro-batch {msg.micro}")
 
-    def _arrived(self, member: Member, msg: Message, meta) -> tuple[torch.Tensor, Callable[[], None]]:
-        """A micro-batch's activations as they arrived; with the activation cache, the rows it carries and the
-        others from this client's cache. ``commit`` stores what arrived: a refused message changes nothing."""
-        c = meta.cache
-        if c is None:
-            return self._hidden(msg), lambda: None
-        cache = member.cache
-        if cache is None:
-            raise ProtocolError("the message uses the activation cache, but this session has none (cache.max_bytes is 0, "
-                                "or the server allows none)", "FAILED_PRECONDITION")
-        dtype, where = self.party.dtype, f"step {msg.step}, micro-batch {msg.micro}"
-        sent, seq = cached_in(msg.tensors, c, self.width, dtype, where)
-        carried = set(c.sent)
-        lacking = [i for i, k in enumerate(c.keys) if i not in carried and (c.reset or k not in cache)]
-        if lacking:
-            raise ProtocolError(f"activation cache miss: this server holds no activations for rows {lacking[:8]} of {where}; "
-                                "send them again", CACHE_MISS)
-        full = torch.empty((len(c.keys), seq, self.width), dtype=dtype, device=self.party.device)
-        for i, key in enumerate(c.keys):
-            if i not in carried:
-                row = cache.row(key)
-                if tuple(row.shape) != (seq, self.width):
-                    raise ProtocolError(f"meta field 'cache.keys': key {key} names activations of {row.shape[0]} positions; "
-                                        f"this micro-batch has {seq}")
-                full[i] = row
-        if sent is not None:
-            full[c.sent] = sent
-
-        def commit() -> None:
-            if c.reset:
-                cache.clear()
-            rows = None if sent is None else [r.clone() for r in sent.detach()]
-            cache.take(c.keys, c.sent, entry_bytes(seq, self.width, dtype), rows)
-
-        return full, commit
-
     # -- stages 3 and 5 -------------------------------------------------------------------------------------
     def _activations(self, member: Member, msg: Message, meta) -> Message:
         self._needs_party(msg)
         if meta.train:
             self._turn(member, msg)
-        hidden, commit = self._arrived(member, msg, meta)
+        hidden, commit = arrived(msg, meta, member.cache, self.width, self.party.dtype, self.party.device) if meta.cache \
+            else (self._hidden(msg), lambda: None)
         mask = mask_in(msg.tensors, hidden.shape)
         labels = labels_in(msg.tensors, hidden.shape, self.vocab) if member.head else None
         scores = scores_in(meta, hidden.shape, self.vocab)
@@ -397,7 +307,7 @@ class Server:
         commit()
         engine, group = self.engine, self.group
         if meta.train and group.batched:
-            item = (hidden, mask, labels, meta.num_items, meta.want_grad, sums)
+            item = Rows(hidden, mask, labels, meta.num_items, meta.want_grad, sums)
             kind, tensors, extra = group.meet.meet(
                 ("forward", msg.step, msg.micro), member.index, item, group.active,
                 lambda items: engine.run(engine.forward_together, msg.step, msg.micro, items, group.members, self.vocab), group.drop)
@@ -422,11 +332,10 @@ class Server:
             batch = engine.batch_of(msg.step, msg.micro, member.index)
             if batch is None:
                 raise missing
-            _, hidden_out, idx, rows, sums = batch
-            expected = (rows[idx.index(member.index)], *hidden_out.shape[1:])
+            expected = (batch.rows[batch.clients.index(member.index)], *batch.hidden_out.shape[1:])
             if tuple(grad.shape) != expected:
                 raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {expected}")
-            item = (grad, self._router_sums(msg, expected[0], sent=sums is not None))
+            item = (grad, self._router_sums(msg, expected[0], sent=batch.router is not None))
             grads = group.meet.meet(("backward", msg.step, msg.micro), member.index, item, group.active,
                                     lambda items: engine.run(engine.backward_together, msg.step, msg.micro, items), group.drop)
             return self._reply(msg, "gradients", {"grad": grads} if meta.want_grad else {})
@@ -434,9 +343,9 @@ class Server:
         pending = engine.pending.get(key)
         if pending is None:
             raise missing
-        if grad.shape != pending[1].shape:
-            raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {tuple(pending[1].shape)}")
-        sums_grad = self._router_sums(msg, grad.shape[0], sent=pending[2] is not None)
+        if grad.shape != pending.hidden_out.shape:
+            raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {tuple(pending.hidden_out.shape)}")
+        sums_grad = self._router_sums(msg, grad.shape[0], sent=pending.router is not None)
         grad_in = engine.run(engine.backward, key, grad, sums_grad)
         return self._reply(msg, "gradients", {"grad": grad_in} if meta.want_grad else {})
 
@@ -470,7 +379,7 @@ class Server:
     def _global(self, member: Member, msg: Message, meta) -> Message:
         group = self.group
         tensors = dict(group.global_state)
-        tensors.update({f"fold::{k}": v for k, v in group.folded.items()})
+        tensors.update(tag(FOLD, group.folded))
         return self._reply(msg, "state", tensors)
 
     def _aggregate(self, member: Member, msg: Message, meta) -> Message:

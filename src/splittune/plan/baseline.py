@@ -1,5 +1,5 @@
 """What an empty party process holds, measured in a fresh process (not the caller's: a test session, a
-notebook): it imports what a party process imports (the CLI, the runner, gRPC) and, given a config on stdin,
+notebook): it imports what a party process imports (the CLI, the run package, gRPC) and, given a config on stdin,
 builds the run's data as a client does (its tokenizer and examples). Building the data peaks above what
 stays resident after it, so a client's peak is the larger of that high-water mark and what stays plus its
 weights and work."""
@@ -35,7 +35,8 @@ def runtime_bytes(config_yaml: str | None = None) -> dict[str, int]:
     """``server``: a party process's resident bytes before any weights load; ``client``: the same once the
     client's data is built (when ``config_yaml``, a dumped RunConfig, is given), and ``client_peak``: the
     high-water mark of building it."""
-    command = [sys.executable, "-c", "from splittune.plan.baseline import main; main()"]
+    # a party process is the CLI's: the child imports it first (this package sits below the CLI and never imports it)
+    command = [sys.executable, "-c", "import splittune.cli; from splittune.plan.baseline import main; main()"]
     out = subprocess.run(command, input=config_yaml or "", capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"measuring a party process's baseline failed: {out.stderr[-400:]}")
@@ -56,9 +57,8 @@ def _warm_up() -> None:
 
 def main() -> None:
     import splittune.channels.grpc  # noqa: F401
-    import splittune.cli  # noqa: F401
     import splittune.deploy.service  # noqa: F401
-    import splittune.runner  # noqa: F401
+    import splittune.run  # noqa: F401
 
     import gc
 
@@ -71,7 +71,7 @@ def main() -> None:
 
         from splittune.config import validate
         from splittune.models.zoo import resolve_model
-        from splittune.runner import client_tasks
+        from splittune.run import client_tasks
 
         cfg = validate(yaml.safe_load(text))
         tasks = client_tasks(cfg, resolve_model(cfg.model).tokenizer())  # noqa: F841  (held, as a client holds them)

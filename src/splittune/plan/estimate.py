@@ -13,7 +13,7 @@ import torch
 
 from ..config import RunConfig
 from ..models.partition import DTYPES
-from .profile import Fit, Profile
+from .fit import Fit, Profile
 from .sizes import ITEMSIZE
 
 OPS_FWD, OPS_BWD = 40, 80  # small operations a block runs forward and backward, each paying the dispatch overhead

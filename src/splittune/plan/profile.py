@@ -15,7 +15,6 @@ import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -24,76 +23,11 @@ from ..config import RunConfig, validate
 from ..models.arch import detect_arch
 from ..models.partition import PlanError
 from ..models.zoo import resolve_model
-from .batches import Batch, data_batches
+from .batches import data_batches
 from .baseline import runtime_bytes
-from .sizes import ModelSizes, model_sizes
-
-
-@dataclass(frozen=True)
-class Fit:
-    """A cost that grows with a micro-batch's tokens: ``fixed + per_token · tokens`` (seconds or bytes)."""
-
-    fixed: float = 0.0
-    per_token: float = 0.0
-
-    def __call__(self, tokens: float) -> float:
-        return self.fixed + self.per_token * tokens
-
-    @classmethod
-    def through(cls, lo: tuple[float, float], hi: tuple[float, float]) -> "Fit":
-        (x0, y0), (x1, y1) = lo, hi
-        if x1 <= x0:
-            return cls(0.0, max(y1, 0.0) / x1)
-        slope = max((y1 - y0) / (x1 - x0), 0.0)
-        return cls(max(y1 - slope * x1, 0.0), slope)
-
-
-@dataclass
-class Profile:
-    model: str
-    sizes: ModelSizes
-    batch: int
-    seq_len: int
-    dtype: str
-    device: str
-    threads: int
-    modes: tuple[str, ...]  # block train modes measured (frozen blocks are costed as lora ones)
-    block_fwd: dict[str, Fit]
-    block_bwd: dict[str, Fit]
-    segment_fwd: Fit  # one segment run beyond its blocks: the model's prologue (embeddings, masks, positions)
-    head_fwd: Fit  # final norm, head and loss
-    head_bwd: Fit
-    optimizer_s: float  # seconds per trainable parameter: the gradient norm and AdamW
-    block_saved: dict[str, Fit]  # bytes autograd keeps per block until its backward
-    shared_saved: Fit  # bytes every block of a segment run shares (masks, position tables)
-    head_peak: Fit  # the head's forward and backward, high-water mark above its start
-    block_peak: Fit  # a block's backward, high-water mark above its start
-    trainable_itemsize: int  # bytes per trainable (LoRA) parameter
-    runtime_server: int  # resident bytes of a party process before its weights
-    runtime_client: int  # the same with the client's data
-    runtime_client_peak: int = 0  # the high-water mark of building that data
-    eval_tokens: int = 0  # the largest evaluation batch (rows × width)
-    eval_peak: Fit = Fit()  # a no-grad head (evaluation): high-water mark above its start
-    lazy_embeddings: bool = False  # a party reads only the embedding rows it looks up (see ``_lazy_embeddings``)
-    engine_factor: float = 1.0  # how much slower the same work runs on a server engine's worker thread
-    batches: list[Batch] = field(default_factory=list)  # the batches a run draws, in order (none: packed rows)
-    estimated: bool = False
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def act_itemsize(self) -> int:
-        from .sizes import ITEMSIZE
-
-        return ITEMSIZE[self.dtype]
-
-    def mode(self, mode: str) -> str:
-        """The measured mode that stands for ``mode``."""
-        if mode in self.block_fwd:
-            return mode
-        return "lora" if "lora" in self.block_fwd else next(iter(self.block_fwd))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .estimate import estimate_profile
+from .fit import Fit, Profile
+from .sizes import model_sizes
 
 
 def base_config(model: str, batch: int, seq_len: int, dtype: str, device: str, data: str | None,
@@ -153,8 +87,6 @@ def profile_model(model: str, batch: int = 4, seq_len: int = 128, dtype: str = "
                   runtime_server=runtime["server"], runtime_client=runtime["client"], runtime_client_peak=runtime["client_peak"],
                   batches=batches, eval_tokens=eval_tokens, lazy_embeddings=_lazy_embeddings(source, spec, dtype, dev), notes=notes)
     if estimate:
-        from .estimate import estimate_profile
-
         say("calibrating this machine's matrix throughput")
         return estimate_profile(run, dev, **common)
     modes = tuple(sorted({"full" if m == "full" else "lora" for m in run.segments.model_dump().values()}))

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import yaml
 
 from ..config import ConfigError, RunConfig, dump_config, validate
-from .attacks.base import make_attack
+from .attacks.catalog import make_attack
 from .job import attack_run
 
 OVERLAY_KEYS = ("defense", "dp_sgd", "secure_aggregation", "defense_seed")
@@ -161,7 +161,7 @@ def dcs(privacy: float, utility: float) -> float:
 def run_grid(base: RunConfig, settings: list[Setting], out: Path, attacks: list[str] | None = None, aux: str | None = None,
              options: dict[str, dict] | None = None, budget: float = 0.10, progress: Progress | None = None) -> dict[str, Any]:
     """Train, attack and judge every setting (resumable); write privacy.json and its report; return the result."""
-    from ..runner import train
+    from ..run import train
 
     if not any(s.name == "none" for s in settings):
         settings = [Setting("none", {}), *settings]  # the baseline every score is measured against

@@ -15,12 +15,13 @@ from typing import Any
 
 import yaml
 
-from .attacks.base import Progress, make_attack, run_attack
+from .attacks.base import Progress, run_attack
+from .attacks.catalog import make_attack
 from .judge import score, unscored
 from .knowledge import PublicKnowledge
-from .recording import TAP_DIR
+from ..taps.recording import TAP_DIR
 from .report import write_page
-from .tap import TRUTH, Tap, TapError, Truth
+from ..taps.tap import TRUTH, Tap, TapError, Truth
 
 BUILTIN_TEXT = ("builtin:shakespeare", "builtin:sentiment")
 

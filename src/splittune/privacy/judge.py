@@ -1,6 +1,6 @@
 """The judge: a recovery scored against what the client really sent (its ``tap/truth`` record).
 
-Only the judge sees the private data, after the attack has finished; the metrics are ``privacy/metrics.py``'s,
+Only the judge sees the private data, after the attack has finished; the metrics are ``dpmath/metrics.py``'s,
 so every attack and report measures success the same way. A result holds the headline figures, the same per
 training step (how success changes as the client's adapters drift from the pretrained weights), and a few
 examples of original and recovered text for the report.
@@ -14,14 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import SplittuneError
 from .attacks.base import Recovery
-from .metrics import leak_auc, mean_rouge_l_f1, set_scores, token_accuracy
-from .tap import Truth
+from ..dpmath.metrics import leak_auc, mean_rouge_l_f1, set_scores, token_accuracy
+from ..taps.tap import Truth
 
 IGNORE = -100
 
 
-class JudgeError(ValueError):
+class JudgeError(SplittuneError, ValueError):
     """A recovery that cannot be scored (no truth recorded for what it claims)."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..errors import SplittuneError
 from ..config import DataConfig
 from ..data import load_records
 from ..models.arch import detect_arch
@@ -26,7 +27,7 @@ DEFAULT_AUX = "builtin:shakespeare"
 RUN_MARKERS = ("config.yaml", "adapters", "tap", "summary.json")  # what makes a folder a run directory, not a base model
 
 
-class ThreatModelError(ValueError):
+class ThreatModelError(SplittuneError, ValueError):
     """An attack handed something outside its threat model (a party, private data, trained adapters)."""
 
 

@@ -29,7 +29,7 @@ def cell_config(model: str, cut: int, codec: str, data: str, sets: tuple[str, ..
 def sweep(model: str, cuts: list[int], attacks: list[str], out: Path, aux: str | None = None, data: str = "builtin:sentiment",
           codecs: list[str] = ("raw",), sets: tuple[str, ...] = (), options: dict[str, dict] | None = None,
           progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    from ..runner import train
+    from ..run import train
 
     out.mkdir(parents=True, exist_ok=True)
     points: list[dict[str, Any]] = []

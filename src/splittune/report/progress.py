@@ -4,8 +4,8 @@ On a terminal a rich bar per run, whose phase says what is happening (loading, e
 batches, training); elsewhere (CI logs, ``| tee``) plain lines, which a cut-off bar would garble: about
 twenty step lines per run (every step of a short one) and one line per evaluation.
 
-The runner calls ``progress(done, total, row)``: ``row`` is a step's metrics row, or an event with
-``row["phase"]`` (``start``, ``eval``, ``evaluated``; see ``runner.Session.event``).
+The training loop calls ``progress(done, total, row)``: ``row`` is a step's metrics row, or an event with
+``row["phase"]`` (``start``, ``eval``, ``evaluated``; see ``run.Loop.event``).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Schedules: how clients take turns with the server, as policy objects the runner and the server both read."""
+"""Schedules: how clients take turns with the server, as policy objects the training loop and the server both read."""

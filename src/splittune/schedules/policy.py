@@ -1,12 +1,12 @@
-"""Schedule policies: how clients take turns with the server, written once and read by the runner and the server.
+"""Schedule policies: how clients take turns with the server, written once and read by the training loop and the server.
 
 A policy answers every question a schedule raises: in which order the server serves (client, step)
 turns, when a client's turn ends, how many optimizer steps each party's LR schedule spans, whether the
 server batches the clients' rows through one base (sfl-v1), whether adapters are averaged or relayed,
-and in which rounds the runner drives its clients. Nothing else in the code compares schedule names.
+and in which rounds the loop drives its clients. Nothing else in the code compares schedule names.
 
 The server party cannot import this layer (imports point down: ``schedules`` → ``parties``), so the
-runner and ``splittune serve`` hand it :data:`POLICIES`; the server looks a session's policy up by name.
+run's assembly and ``splittune serve`` hand it :data:`POLICIES`; the server looks a session's policy up by name.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Round:
-    """One unit of the runner's loop: ``turns`` are (client, steps) run in order (a sequential relay) or at
+    """One unit of the training loop: ``turns`` are (client, steps) run in order (a sequential relay) or at
     once (every other schedule: each client runs its step concurrently); ``sync`` follows the round."""
 
     turns: list[tuple[int, list[int]]]
@@ -56,7 +56,7 @@ class SchedulePolicy:
         return clients > 1
 
     def rounds(self, clients: int, steps: int, every: int, start: int = 0) -> list[Round]:
-        """The runner's rounds after the completed step ``start`` (a resumed run skips what it did)."""
+        """The loop's rounds after the completed step ``start`` (a resumed run skips what it did)."""
         sync = "aggregate" if self.averages(clients) else None
         return [Round([(c, [t]) for c in range(clients)], True, sync if t % every == 0 or t == steps else None)
                 for t in range(start + 1, steps + 1)]

@@ -41,8 +41,8 @@ from ...models.adapters import apply_training, lora_layers, trainable_state
 from ...models.partition import Segment
 from ...parties.party import SessionSpec
 from ..knowledge import PretrainedSegment, PublicKnowledge
-from ..secagg import DEFAULT_FRAC_BITS
-from ..tap import Tap
+from ...dpmath.secagg import DEFAULT_FRAC_BITS
+from ...taps.tap import Tap
 from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register
 
 
@@ -57,7 +57,7 @@ class AggregatorOptions(Options):
 
 def as_values(t: torch.Tensor) -> torch.Tensor:
     """A recorded adapter tensor as numbers. Under secure aggregation the aggregator holds masked ring words (int64);
-    read as the fixed point they claim to be (``privacy/secagg.py``) they are uniform noise, which is the point."""
+    read as the fixed point they claim to be (``dpmath/secagg.py``) they are uniform noise, which is the point."""
     return t.float() if t.is_floating_point() else (t.double() / 2.0**DEFAULT_FRAC_BITS).float()
 
 

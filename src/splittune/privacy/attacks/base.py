@@ -23,19 +23,20 @@ from typing import Any, Callable, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ...errors import SplittuneError
 from ...cut.defenses import Defense
 from ...cut.transforms import Crossing, End, build_transform
 from ...models.partition import DTYPES
 from ...wire import Message
 from ...wire.codecs import make_codec_with_feedback
 from ..knowledge import PublicKnowledge, ThreatModelError
-from ..tap import Tap
+from ...taps.tap import Tap
 
 TARGETS = ("inputs", "labels", "class", "bag")
 Progress = Callable[[int, int, str], None]  # (done, total, what): training or optimising steps
 
 
-class AttackError(ValueError):
+class AttackError(SplittuneError, ValueError):
     """An attack that cannot run on this tap or with these options; the text names what is missing."""
 
 
@@ -119,20 +120,12 @@ def register(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-def make_attack(name: str, options: dict[str, Any] | None = None) -> Attack:
-    from .catalog import NAMES  # importing the catalog registers the attacks
-
-    if name not in REGISTRY:
-        raise AttackError(f"unknown attack {name!r}; attacks: {', '.join(NAMES)}")
-    return REGISTRY[name](options)
-
-
 def run_attack(attack: Attack, tap: Tap, public: PublicKnowledge, progress: Progress | None = None) -> Recovery:
     """``attack`` on ``tap`` with ``public`` knowledge, and nothing else."""
     if not isinstance(attack, Attack):
         raise ThreatModelError(f"run_attack runs an Attack, got {type(attack).__name__}")
     if type(tap) is not Tap:
-        raise ThreatModelError(f"an attack reads a recorded tap (privacy.tap.Tap), not a {type(tap).__name__}: "
+        raise ThreatModelError(f"an attack reads a recorded tap (taps.tap.Tap), not a {type(tap).__name__}: "
                                "never a party, a run's data or its adapters")
     if type(public) is not PublicKnowledge:
         raise ThreatModelError(f"an attack's knowledge is PublicKnowledge (pretrained weights, public text), not a "

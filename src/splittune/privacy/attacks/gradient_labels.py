@@ -32,7 +32,7 @@ from pydantic import Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..knowledge import PublicKnowledge
-from ..tap import Tap
+from ...taps.tap import Tap
 from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register, wire_transform
 
 

@@ -32,8 +32,8 @@ from torch.nn import functional as F
 from pydantic import Field
 
 from ..knowledge import PublicKnowledge
-from ..mechanisms import dx_release
-from ..tap import Tap
+from ...dpmath.mechanisms import dx_release
+from ...taps.tap import Tap
 from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register, rows_of, wire_transform
 
 

@@ -26,7 +26,7 @@ from pydantic import Field
 from ...data.builtin import SENTIMENT_LABELS
 from ...data.instruction import InstructionFormat
 from ..knowledge import PublicKnowledge
-from ..tap import Tap
+from ...taps.tap import Tap
 from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register, rows_of
 
 

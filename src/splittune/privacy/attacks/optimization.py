@@ -22,7 +22,7 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from ..knowledge import PublicKnowledge
-from ..tap import Tap
+from ...taps.tap import Tap
 from .base import Attack, Options, Progress, Recovered, Recovery, register
 from .inversion import Inversion, activation_records, record_batch
 

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import SplittuneError
 from ..wire import Message
 
 OBSERVERS = ("server", "aggregator", "eavesdropper")
@@ -42,7 +43,7 @@ AGGREGATOR_KINDS = ("aggregate",)
 TRUTH_KINDS = ("batch",)
 
 
-class TapError(ValueError):
+class TapError(SplittuneError, ValueError):
     """A tap that cannot be read or written as asked; the text names the folder and what is wrong."""
 
 

@@ -1,0 +1,7 @@
+"""``python -m splittune.cli``."""
+
+import sys
+
+from . import app
+
+sys.exit(app())

@@ -1,0 +1,134 @@
+"""The ``splittune`` command's app: the typer application, library quieting, and the one way every command
+reports a user-facing error (one ``error:`` line) or a warning (one ``warning:`` line)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import warnings
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split-learning fine-tuning of large language models.")
+
+console = Console()
+
+err_console = Console(stderr=True)
+
+
+def quiet_libraries() -> None:
+    """Library chatter (hub warnings, peft notices) hides what the user asked for; errors still surface."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core prints connection notices (GOAWAY) at INFO
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="peft")
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+_debug = False  # --debug (or SPLITTUNE_DEBUG=1): an error line is followed by its traceback
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="after an error, print its Python traceback (also SPLITTUNE_DEBUG=1)"),
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def fail(message: str) -> None:
+    # brackets in messages are text (pip install 'splittune[datasets]'); one line the terminal wraps, so paths copy whole
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    _explain(sys.exc_info()[1], message)
+    raise typer.Exit(2)
+
+
+def _explain(err: BaseException | None, message: str) -> None:
+    """Under --debug the traceback of the error being reported (for a failure inside the model, of its cause);
+    without, a hint where the failure came from inside the model, whose traceback a developer needs."""
+    stages = sys.modules.get("splittune.models.stages")  # not imported: no model ran, no failure inside one
+    trace = stages.traceback_for(err, message) if stages is not None else None
+    if _debug or os.environ.get("SPLITTUNE_DEBUG", "") not in ("", "0"):
+        import traceback
+
+        text = trace or ("".join(traceback.format_exception(err)) if err is not None else "")
+        if text:
+            sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    elif trace is not None:
+        err_console.print("(run `splittune --debug …` or set SPLITTUNE_DEBUG=1 for the traceback)",
+                          highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _warnings_shown():
+    """splittune's warnings as one ``warning:`` line each (others as Python prints them), for one command."""
+    from ..config import SplittuneWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", SplittuneWarning)
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, SplittuneWarning):
+                err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def shows_warnings(command):
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with _warnings_shown():
+            return command(*args, **kwargs)
+
+    return run
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What the CLI reports as one ``error:`` line: every user-facing error derives from one base."""
+    from ..errors import SplittuneError
+
+    return (SplittuneError,)
+
+
+def human_bytes(n: float) -> str:
+    from ..report.progress import human_bytes
+
+    return human_bytes(n)
+
+
+def size_option(value: str | None) -> int | None:
+    """``--max-cache-bytes``: a byte count or a size like 512MB (config.parse_size)."""
+    from ..config import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value if not value.isdigit() else int(value))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def threads_option(value: str) -> str | int:
+    """``--threads``: auto or a count >= 1 (a lone party's auto: every core)."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise typer.BadParameter(f"must be auto or an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+

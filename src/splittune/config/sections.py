@@ -1,0 +1,306 @@
+"""The sections of a run's config: data, training, LoRA, segments, per-client overrides, codecs, link emulation, the
+activation cache, defenses and DP-SGD. Each validates its own keys and says what is allowed."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..device import check_name
+from .base import ConfigError, Section, SplittuneDeprecationWarning, warn
+
+
+SegmentName = Literal["bottom", "trunk", "top"]
+
+TrainMode = Literal["lora", "frozen", "full"]
+
+class DataConfig(Section):
+    """Where the examples come from and how many; a plain string is ``data.source``."""
+
+    shorthand: ClassVar[str | None] = "source"
+
+    source: str = Field(
+        "builtin:shakespeare",
+        description="builtin:shakespeare | builtin:sentiment | a local .txt/.jsonl/.csv file | hf:NAME (a hub dataset)",
+    )
+    task: Literal["auto", "causal_lm", "instruction"] = Field(
+        "auto", description="auto: instruction for prompt/response, chat or labelled data, causal_lm for raw text"
+    )
+    eval_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="share of documents held out for evaluation")
+    max_train_examples: int | None = Field(None, ge=1, description="cap on training examples (after packing)")
+    max_eval_examples: int | None = Field(64, ge=1, description="cap on evaluation examples")
+    max_documents: int | None = Field(None, ge=1, description="read at most this many documents from the source")
+    text_field: str = Field("text", description="field of a .jsonl/.csv record holding raw text")
+    hf_split: str = Field("train", description="split of a hub dataset")
+
+class TrainConfig(Section):
+    """How the run trains: steps, batches, optimizer, evaluations, checkpoints, where and with how many threads."""
+
+    steps: int = Field(40, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    seq_len: int = Field(128, ge=8, description="tokens per example (packed text) or maximum length (instructions)")
+    lr: float = Field(2e-4, gt=0.0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_steps: int = Field(2, ge=0, description="steps of linear warmup (should be fewer than steps)")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule after warmup")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="global clipping across parties; null disables it")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
+    eval_batches: int | None = Field(None, ge=1, description="cap on evaluation batches")
+    checkpoint_every: int = Field(
+        0, ge=0, description="both parties checkpoint every N steps (0: only at the end); the same command resumes"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the model weights and activations")
+    device: str = Field("auto", description="where this process computes: auto (a GPU when there is one) | cpu | cuda | cuda:N | mps",
+                        json_schema_extra={"allowed": "`auto`, `cpu`, `cuda`, `cuda:N`, `mps`"})
+    model_dropout: bool = Field(
+        False, description="keep the model's own dropout (off by default: each party has its own RNG)"
+    )
+    micro_batches: int = Field(
+        1, ge=1, description="each batch is cut into this many micro-batches that cross the cut concurrently (pipelining); "
+        "unlike grad_accum, which runs whole batches one after another, it changes no result"
+    )
+    max_in_flight: int | None = Field(
+        None, ge=1, description="micro-batches in flight at once (back-pressure on activation memory); null: all of a step's"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="the client's blocks (bottom and top; the whole model in mode: centralized) keep only their inputs "
+        "for backward and run again in it: less activation memory for one more forward per block, same results"
+    )
+    server_gradient_checkpointing: bool = Field(
+        False, description="the same for the server's blocks (proposed to the server in the hello; every client must agree)"
+    )
+    threads: int | str = Field(
+        "auto",
+        description="CPU compute threads of this process (torch.set_num_threads); auto: half the cores (at most 8) when parties "
+        "compute at once in this process (several clients, or pipelined micro-batches); every core when they take turns "
+        "(one client) or for a lone party (centralized, a client of a remote server, serve)",
+        json_schema_extra={"allowed": "auto | an integer >= 1"},
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        return check_name(name)
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be auto or an integer >= 1, got {value!r}")
+
+class LoraConfig(Section):
+    """LoRA adapters of the segments that train with ``lora``."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scale numerator (the update is scaled by alpha / rank)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: list[str] | str | None = Field(
+        None, description="module names to adapt; null: the architecture's default; 'all-linear' for every linear layer",
+        json_schema_extra={"allowed": "a list of module names, `all-linear`, or null"},
+    )
+    experts: bool = Field(False, description="also adapt a mixture-of-experts block's stacked expert weights (one LoRA per "
+                          "expert, peft's target_parameters); by default only attention and other linear layers adapt")
+
+class SegmentsConfig(Section):
+    """How each segment trains: LoRA adapters, frozen, or all its weights."""
+
+    bottom: TrainMode = Field("lora", description="embeddings and the blocks before the first cut (client)")
+    trunk: TrainMode = Field("lora", description="the blocks between the cuts (server)")
+    top: TrainMode = Field("lora", description="the blocks after the second cut, final norm and head (client, U-shaped)")
+
+class ClientLora(Section):
+    """A client's own LoRA settings: only the rank may differ from client to client."""
+
+    rank: int | None = Field(None, ge=1, description="LoRA rank of this client's own segments (null: lora.rank)")
+
+class ClientData(Section):
+    """A client's own data; a plain string is ``source``."""
+
+    shorthand: ClassVar[str | None] = "source"
+
+    source: str | None = Field(None, description="this client's data source (partition: by_source; null: data.source)")
+
+class ClientOverride(Section):
+    """What one client does differently: a weak client keeps fewer blocks and a smaller LoRA rank.
+
+    The keys have the top level's shapes (``cuts``, ``lora: {rank: N}``, ``data: {source: S}`` or ``data: S``);
+    the older ``lora_rank`` and ``source`` still work, with a deprecation warning.
+    """
+
+    cuts: list[int] | None = Field(None, description="this client's cuts (same split shape as the run's cuts)")
+    lora: ClientLora = Field(default_factory=ClientLora)
+    data: ClientData = Field(default_factory=ClientData)
+    lora_rank: int | None = Field(None, ge=1, exclude=True, description="deprecated: lora: {rank: N}")
+    source: str | None = Field(None, exclude=True, description="deprecated: data: {source: S}")
+
+    @model_validator(mode="after")
+    def _old_spellings(self) -> "ClientOverride":
+        for old, section, key in (("lora_rank", "lora", "rank"), ("source", "data", "source")):
+            value = self.__dict__[old]
+            if value is None:
+                continue
+            new = getattr(self.__dict__[section], key)
+            if new is not None and new != value:
+                raise ValueError(f"{old}={value!r} and {section}.{key}={new!r} disagree; write only {section}: {{{key}: ...}}")
+            warn(f"client_overrides: {old}: {value!r} is deprecated; write {section}: {{{key}: {value!r}}}",
+                 SplittuneDeprecationWarning)
+            # the canonical spelling holds the value (and is what config.yaml records); no re-validation loop
+            self.__dict__[section] = self.__dict__[section].model_copy(update={key: value})
+            self.__dict__[old] = None
+        return self
+
+    @property
+    def rank(self) -> int | None:
+        return self.lora.rank
+
+    @property
+    def data_source(self) -> str | None:
+        return self.data.source
+
+Schedule = Literal["sequential", "sfl-v1", "sfl-v2"]
+
+Partition = Literal["iid", "dirichlet", "by_source"]
+
+def default_cuts(n_blocks: int) -> list[int]:
+    """``cuts: auto``: U-shaped, two blocks on each side of the server, fewer on small models ([1, 3] for 4 blocks)."""
+    if n_blocks < 2:
+        raise ConfigError(
+            f"cuts: auto makes a U-shaped split, which needs at least 2 blocks; this model has {n_blocks}: "
+            "set cuts=[0] for a two-part split (the labels then go to the server)"
+        )
+    if n_blocks == 2:
+        return [0, 1]
+    k = min(2, max(1, (n_blocks - 1) // 2))
+    return [k, n_blocks - k]
+
+CodecSpec = str | dict[str, Any]
+
+ALLOWED_CODECS = ("`raw`, `fp16`, `bf16`, `int8`, `int4`, `topk`, or a map `{name: int8, stochastic: true}` "
+                  "(int8: `stochastic`, `scales`; int4: `group` 32 or 64; topk: `fraction`; any lossy codec: `error_feedback`)")
+
+class CodecConfig(Section):
+    """What each direction's activations and gradients are encoded with on the wire (docs/efficiency.md)."""
+
+    up: CodecSpec = Field("raw", description="client → server: one codec for every tensor role, or {hidden: codec, grad: codec} "
+                          "(docs/efficiency.md)", json_schema_extra={"allowed": ALLOWED_CODECS})
+    down: CodecSpec = Field("raw", description="server → client: as up", json_schema_extra={"allowed": ALLOWED_CODECS})
+
+    @field_validator("up", "down")
+    @classmethod
+    def _known(cls, spec: CodecSpec) -> CodecSpec:
+        from ..wire.codecs import make_codec_with_feedback
+
+        roles = spec if isinstance(spec, dict) and "name" not in spec else {"hidden": spec}
+        for role, codec in roles.items():
+            if role not in ("hidden", "grad"):
+                raise ValueError(f"unknown tensor role {role!r}; roles: hidden, grad (or a codec for both)")
+            make_codec_with_feedback(codec)
+        return spec
+
+class LinkConfig(Section):
+    """An emulated link between the parties (any channel): each frame arrives after the latency plus its
+    bytes over the bandwidth, queued behind the frames before it in its direction."""
+
+    bandwidth_mbps: float | None = Field(None, gt=0.0, description="megabits per second each way; null: no emulation")
+    latency_ms: float = Field(0.0, ge=0.0, description="one-way latency")
+    up_mbps: float | None = Field(None, gt=0.0, description="client → server bandwidth (overrides bandwidth_mbps)")
+    down_mbps: float | None = Field(None, gt=0.0, description="server → client bandwidth (overrides bandwidth_mbps)")
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.bandwidth_mbps, self.up_mbps, self.down_mbps)) or self.latency_ms > 0
+
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+def parse_size(value: Any) -> int:
+    """A byte count: an integer, or a number and a unit (``512MB``, ``1.5GiB``; kB/MB/GB are powers of 1000,
+    KiB/MiB/GiB powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "").lower()
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):] or "b"
+        try:
+            size = float(number)
+        except ValueError:
+            size = -1.0
+        if unit in SIZE_UNITS and size >= 0 and size * SIZE_UNITS[unit] < 2**63:
+            return int(size * SIZE_UNITS[unit])
+    raise ValueError(f"must be a byte count: a non-negative integer or a size like 512MB or 1GiB, got {value!r}")
+
+class CacheConfig(Section):
+    """The activation cache (docs/efficiency.md): with a frozen, deterministic bottom, each training sample's
+    activations cross the cut once and the server reuses them in later epochs."""
+
+    max_bytes: int = Field(
+        2**30, description="what the server may hold for each client (least recently used evicted); 0 turns the cache off and "
+        "forbids the server to keep activations. It switches itself off when the bottom trains or what crosses is not "
+        "the same every time", json_schema_extra={"allowed": "a byte count: an integer or a size like `512MB`, `1GiB`", "default": "1GiB"},
+    )
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+class DxDefense(Section):
+    """dχ-privacy (metric local DP, Feyisetan et al. 2020) on the client's token embeddings: each token's embedding
+    gets noise of density ∝ exp(−ε‖z‖), so two tokens at distance d are ε·d-indistinguishable (docs/privacy.md)."""
+
+    name: Literal["dx"]
+    epsilon: float = Field(..., gt=0.0, description="privacy per unit of embedding distance (smaller: more noise)")
+    snap: bool = Field(False, description="replace each noised embedding by its nearest token embedding (a token substitution)")
+
+class GaussianDefense(Section):
+    """Clipped Gaussian noise on the smashed activations the client sends: each token's row clipped to L2 norm
+    ``clip``, then N(0, (sigma·clip)²) per value; an RDP accountant composes it over every release."""
+
+    name: Literal["gaussian"]
+    sigma: float = Field(..., ge=0.0, description="noise multiplier: the noise std over the clip norm (0: clip only, no guarantee)")
+    clip: float = Field(..., gt=0.0, description="L2 norm each token's activation row is clipped to")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="the δ of the reported (ε, δ)")
+
+class NoPeekDefense(Section):
+    """NoPeek (Vepakomma et al. 2020): the client's loss adds alpha × the distance correlation between its inputs
+    (token embeddings) and the smashed activations it sends, so training makes them less alike."""
+
+    name: Literal["nopeek"]
+    alpha: float = Field(..., ge=0.0, description="weight of the distance-correlation term")
+
+class LabelNoiseDefense(Section):
+    """Noise on the gradient a U-shaped client's top sends the server, which otherwise tells each example's class
+    (Li et al., ICLR'22): ``marvell`` draws per-class Gaussian noise shaped to minimise the KL bound on what the server
+    can infer within a power budget; ``max-norm`` lifts every example's gradient to the batch's largest norm."""
+
+    name: Literal["label-noise"]
+    method: Literal["marvell", "max-norm"] = Field(
+        "marvell", description="marvell (optimised per-class noise) | max-norm (the heuristic baseline: each example's "
+        "expected squared norm raised to the batch's largest)")
+    power: float = Field(
+        4.0, ge=0.0, description="marvell's noise budget: the expected squared noise norm per example, averaged over the "
+        "two classes, in units of the squared distance between their mean gradients (0: no noise, the max-norm fallback "
+        "included; max-norm ignores it)")
+
+Defense = Annotated[DxDefense | GaussianDefense | NoPeekDefense | LabelNoiseDefense, Field(discriminator="name")]
+
+DEFENSE_NAMES = ("dx", "gaussian", "nopeek", "label-noise")
+
+class DpSgdConfig(Section):
+    """DP-SGD on the client's adapters (Abadi et al. 2016): each example's gradient clipped to ``max_grad_norm``, summed,
+    plus N(0, (noise_multiplier·max_grad_norm)²); it protects the adapters, not what crosses the cut."""
+
+    noise_multiplier: float | None = Field(None, ge=0.0, description="noise std over max_grad_norm (give this or target_epsilon)")
+    target_epsilon: float | None = Field(None, gt=0.0, description="the ε the run must stay within: the noise multiplier "
+                                         "is found for the run's steps and sampling rate (opacus)")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="L2 norm each example's gradient of the client's adapters is clipped to")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="the δ of the reported (ε, δ)")
+
+    @model_validator(mode="after")
+    def _one_noise(self) -> "DpSgdConfig":
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("dp_sgd takes either noise_multiplier or target_epsilon (exactly one)")
+        return self

@@ -1,0 +1,199 @@
+"""Stage 0 in one place: the parties of a run, the cut links between them and the channels under those links.
+
+In-process, every client is built here with a local channel to a server built here too; a client process
+builds its own client with a gRPC channel to the server process. The defenses' private seeds and DP-SGD's noise
+are derived here, from the run's config, so every way of running a config builds the same parties.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..channels import Channel, LocalChannel
+from ..channels.emulated import EmulatedChannel, LinkModel
+from ..config import RunConfig
+from ..cut import CutLink, ServerLink, terms_from
+from ..data import TaskData, build_client_tasks, merge_tasks
+from ..device import resolve_device
+from ..models.arch import ArchSpec, check_seq_len, detect_arch
+from ..models.partition import PlanError
+from ..models.zoo import ModelSource, resolve_model
+from ..parties import Client, Party, Server, SessionSpec
+from ..parties.defenses import PARTY_DEFENSES, ClientDefenses
+from ..parties.dp_sgd import DPSGD
+from ..dpmath.accounting import most_releases, noise_for_epsilon
+from ..taps.recording import Recording, SentLog
+from ..schedules.policy import POLICIES, policy_for
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Fleet:
+    """Everything a run trains with: its clients, the server they share, each client's end of the cut."""
+
+    clients: list[Client]
+    server: Server | None  # None when the server is another process
+    links: list[CutLink | None]
+    source: ModelSource
+    indices: list[int]  # each local client's index in the run (all of them in-process)
+
+    def abort(self, err: BaseException) -> None:
+        """A client failed: the server stops waiting for it, so the other clients fail fast instead of timing out."""
+        if self.server is not None:
+            self.server.cancel(f"a client failed: {err}")
+
+    def close(self) -> None:
+        for link in self.links:
+            if link is not None:
+                link.close()
+        if self.server is not None:
+            self.server.close()
+
+
+def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None] | None = None) -> list:
+    """``fn`` over ``items`` at once (clients of one round run concurrently, like separate machines).
+
+    When one fails, ``on_error`` runs at once (to release the others waiting for it), then the first error is raised.
+    """
+    if len(items) == 1:
+        return [fn(items[0])]
+    with ThreadPoolExecutor(len(items)) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        failed = None
+        for future in as_completed(futures):
+            if future.exception() is not None and failed is None:
+                failed = future.exception()
+                if on_error is not None:
+                    on_error(failed)
+    if failed is not None:
+        raise failed
+    return [f.result() for f in futures]
+
+
+def server_for(source: ModelSource, spec: ArchSpec | None = None, config=None, **options) -> Server:
+    """The server party of ``source``, serving every schedule: the one way a run, ``serve``, generation and ``verify``
+    build one (``options``: ``Server``'s, e.g. ``state_dir``, ``device``, ``wait_s``, ``inference``)."""
+    config = config if config is not None else source.config()
+    return Server(source, spec or detect_arch(config), config, policies=POLICIES, **options)
+
+
+def in_process(server: Server, through: Callable | None = None) -> Callable[[], LocalChannel]:
+    """A maker of channels to ``server`` in this process, through its end of the cut (``through(server, link)``: the
+    serve function to use instead, e.g. a recording's, which taps what crosses)."""
+    link = ServerLink(server.handle)
+    serve = through(server, link) if through is not None else link.serve
+    return lambda: LocalChannel(serve)
+
+
+def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: list[int] | None = None,
+            channel_for: Callable[[int], Channel] | None = None, resume: int | None = None, state_dir: Path | None = None,
+            link_states: dict[int, dict] | None = None, recording: Recording | None = None,
+            ledger: SentLog | None = None, run_id: str = "") -> Fleet:
+    """Stage 0: plan the split, build the parties, and say hello (the server forms the group).
+
+    In-process, every client is built here with a local channel to a server built here too; a client
+    process passes its own ``indices`` and ``channel_for`` (a gRPC channel to the server process).
+    ``recording`` taps the in-process server for its observers and keeps each client's truth; ``ledger`` notes
+    every message the clients send (``sent.jsonl``).
+    """
+    config = source.config()
+    spec = detect_arch(config)
+    cfg = cfg.resolve(spec.n_blocks)  # cuts: auto → the cuts that fit this model
+    check_seq_len(spec, cfg.train.seq_len, model=cfg.model)
+    fingerprint = source.fingerprint()
+    n = len(samples) if indices is None else (cfg.clients if cfg.mode != "centralized" else 1)
+    indices = list(range(len(samples))) if indices is None else indices
+    device = resolve_device(cfg.train.device)
+    policy = policy_for(cfg.mode, cfg.schedule)
+    server = None
+    if channel_for is None and cfg.mode != "centralized":
+        server = server_for(source, spec, config, state_dir=state_dir, device=device)
+        local = in_process(server, recording.attach if recording is not None else None)
+        channel_for = lambda i: local()  # noqa: E731
+    terms = terms_from(cfg.codec.model_dump(), cfg.padding_removal, wire_defenses(cfg))
+    clients, links = [], []
+    fleet = Fleet(clients, server, links, source, indices)  # filled as parties are built, so a failure closes them
+    try:
+        for i, count in zip(indices, samples, strict=True):
+            session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe(),
+                                           run_id=run_id)
+            try:
+                party = Party("client", source, spec, session, config, device=device, total_steps=policy.client_steps(cfg.train.steps, n),
+                              recompute=cfg.train.gradient_checkpointing)
+            except (PlanError, ValueError) as err:
+                raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
+            link = None
+            if channel_for is not None and cfg.mode != "centralized":
+                channel = channel_for(i)
+                if cfg.link.active:
+                    channel = EmulatedChannel(channel, LinkModel.of(cfg.link))
+                link = CutLink(channel, uuid.uuid4().hex[:12], terms, secret=client_secret(cfg, i))
+                link.sent_log = ledger
+            links.append(link)
+            client = Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight)
+            own = [d.model_dump() for d in cfg.defense if d.name in PARTY_DEFENSES]
+            if own:
+                client.defenses = ClientDefenses(own, party, client_secret(cfg, i))
+            if cfg.dp_sgd is not None:
+                steps = policy.client_steps(cfg.train.steps, n)
+                client.dp = DPSGD(party, dp_noise(cfg, count, steps), cfg.dp_sgd.max_grad_norm, client_secret(cfg, i))
+            if recording is not None:
+                client.recorder = recording.truth
+            clients.append(client)
+        states = link_states or {}
+        parallel(lambda pair: pair[1].connect(resume, states.get(pair[0])), list(zip(indices, clients)), fleet.abort)
+    except BaseException:  # a refused hello, a failed party: close what was opened, never leave it to the collector
+        fleet.close()
+        raise
+    return fleet
+
+
+def build(cfg: RunConfig) -> tuple[Client, Server | None, CutLink | None, ModelSource]:
+    """A single-client run's parties and the client's end of the cut (what tests and ``verify`` drive step by step)."""
+    fleet = connect(cfg, resolve_model(cfg.model), [1])
+    return fleet.clients[0], fleet.server, fleet.links[0], fleet.source
+
+
+def client_tasks(cfg: RunConfig, tokenizer) -> list[TaskData]:
+    """Each client's data; the centralized baseline trains on all of it pooled."""
+    tasks = build_client_tasks(cfg, tokenizer)
+    return [merge_tasks(tasks)] if cfg.mode == "centralized" and len(tasks) > 1 else tasks
+
+
+def wire_defenses(cfg: RunConfig) -> tuple[dict, ...]:
+    """The defenses that run in the chain's defense slot (on what crosses); the others act inside the client."""
+    return tuple(d.model_dump() for d in cfg.defense if d.name not in PARTY_DEFENSES)
+
+
+def dp_noise(cfg: RunConfig, examples: int, steps: int) -> float:
+    """DP-SGD's noise multiplier: as given, or the smallest that keeps both of the run's ε (``dpmath/budget.py``: at
+    this client's sampling rate over ``steps``, and unamplified over the steps an example is in) within
+    ``target_epsilon`` (opacus' RDP search)."""
+    dp = cfg.dp_sgd
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    releases = most_releases(examples, cfg.train.batch_size * cfg.train.grad_accum, steps)
+    return max(noise_for_epsilon(dp.target_epsilon, steps, dp.delta, sample_rate=dp_sample_rate(cfg, examples)),
+               noise_for_epsilon(dp.target_epsilon, releases, dp.delta))  # both bounds of dpmath/budget.py within it
+
+
+def dp_sample_rate(cfg: RunConfig, examples: int) -> float:
+    return min(1.0, cfg.train.batch_size * cfg.train.grad_accum / max(examples, 1))
+
+
+def client_secret(cfg: RunConfig, client: int) -> int | None:
+    """Client ``client``'s private seed for its defenses' noise, from ``defense_seed`` (never sent to the server)."""
+    if cfg.defense_seed is None:
+        return None
+    digest = hashlib.blake2b(f"splittune-defense:{cfg.defense_seed}:{client}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

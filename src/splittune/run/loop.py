@@ -1,0 +1,373 @@
+"""One run: ``train`` (every party in this process) and ``train_remote`` (one client process of a deployed run)
+build the run (``assemble``), resume it (``resume``) and drive the ``Loop``: every stage of DESIGN.md's pipeline
+in the order the schedule gives, with evaluations, checkpoints and the run directory's outputs.
+
+``mode: split`` builds the clients and a server joined by local channels; ``mode: centralized`` runs the same
+client code with the whole model and no channel (the baseline shares everything else); ``mode: federated`` gives
+every client the whole model and uses the server only to average. Clients run in threads, as they would run in
+processes: the server orders their requests (schedules/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..channels import Channel
+from ..config import ConfigError, RunConfig, warn
+from ..data import TaskData, merge_tasks
+from ..device import rng_state, set_rng_state
+from ..eval import evaluate
+from ..models.arch import detect_arch
+from ..models.zoo import ModelSource, resolve_model
+from ..parties import Client
+from ..parties.group import personal_names
+from ..taps.recording import SENT, TAP_DIR, Recording, SentLog
+from ..report.plots import plot_loss
+from ..schedules.policy import policy_for
+from .. import checkpoint
+from .adapters import ADAPTERS, save_adapters
+from .assemble import Fleet, client_tasks, connect, parallel, set_seed
+from .resume import (CHECKPOINTS, STOP, Interrupted, owns_run_dir, prepare_run_dir, rejoin_from, restore_loop, run_identity,
+                     save_loop, saved_link_states, with_defense_seed)
+from .summary import summarize, time_breakdown, title
+
+
+@contextlib.contextmanager
+def global_view(client: Client, global_state: dict[str, torch.Tensor], personal: set[str]):
+    """Client 0 with its personal segments replaced by their average: the global model, for evaluation."""
+    arch = client.party.spec
+    own = client.party.state()
+    keep = personal_names(own, client.plan, personal, arch) & set(global_state)
+    if not keep:
+        yield client
+        return
+    client.party.load_state({k: global_state[k] for k in keep})
+    try:
+        yield client
+    finally:
+        client.party.load_state({k: own[k] for k in keep})
+
+
+def computes_concurrently(cfg: RunConfig) -> bool:
+    """Whether parties of an in-process run compute at the same time (and so must share the cores): several
+    clients run their steps at once, and pipelined micro-batches overlap the client with the server. One
+    client without pipelining takes turns with the server, and one pool of every core serves both."""
+    return cfg.mode != "centralized" and (cfg.clients > 1 or cfg.train.micro_batches > 1)
+
+
+def resolved(cfg: RunConfig, source: ModelSource) -> RunConfig:
+    """The run's config for this model (``cuts: auto`` resolved): what config.yaml records and resume compares."""
+    return cfg.resolve(detect_arch(source.config()).n_blocks)
+
+
+@owns_run_dir(shared=lambda cfg: computes_concurrently(cfg))
+def train(cfg: RunConfig, out: Path, progress: Callable | None = None, record_tap: tuple[str, ...] = (),
+          tap_max_bytes: int = 1 << 30) -> dict[str, Any]:
+    """Run ``cfg`` and write its run directory; returns the summary.
+
+    ``progress(done, total, row)`` is called after every client step with its metrics row (the CLI draws a
+    progress bar with it), and with ``row["phase"]`` set for what is not a step (see ``Loop.event``).
+    ``record_tap`` names the observers whose taps the run records in ``out/tap`` (each at most ``tap_max_bytes``).
+    """
+    started = time.perf_counter()
+    set_seed(cfg.seed)
+    source = resolve_model(cfg.model)
+    cfg = with_defense_seed(resolved(cfg, source), out)
+    resume = prepare_run_dir(cfg, out)
+    recording = _recording(cfg, out, record_tap, tap_max_bytes, resume)
+    tasks = client_tasks(cfg, source.tokenizer())
+    pooled = merge_tasks(tasks) if len(tasks) > 1 else tasks[0]
+    ledger = SentLog(out / SENT, append=resume is not None) if cfg.mode != "centralized" else None
+    try:
+        fleet = connect(cfg, source, [len(task.train) for task in tasks], resume=resume, state_dir=out / CHECKPOINTS / "server",
+                        run_id=run_identity(out),
+                        link_states=saved_link_states(out, resume), recording=recording, ledger=ledger)
+        # the fleet stays usable after the run (tests and tools read its parties); nobody holding it stops its threads
+        return Loop(cfg, fleet, tasks, pooled, out, progress, started, resume).run()
+    finally:
+        for record in (recording, ledger):
+            if record is not None:
+                record.close()
+
+
+def _recording(cfg: RunConfig, out: Path, observers: tuple[str, ...], max_bytes: int, resume: int | None) -> Recording | None:
+    """The taps a run records, or a ConfigError saying why this run cannot record them."""
+    if not observers:
+        return None
+    if cfg.mode == "centralized":
+        raise ConfigError("--record-tap records what crosses a cut, and mode: centralized has no cut")
+    if resume is not None:
+        raise ConfigError(f"--record-tap records a whole run, and {out} resumes one from step {resume}; record into a new --out")
+    if (out / TAP_DIR).exists():
+        raise ConfigError(f"{out / TAP_DIR} already holds a tap; record into a new --out")
+    return Recording(out / TAP_DIR, observers, max_bytes)
+
+
+@owns_run_dir(shared=lambda cfg: False)  # one client process; its server is elsewhere
+def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Callable[[int], Channel],
+                 progress: Callable | None = None) -> dict[str, Any]:
+    """One client of a deployed run: this process's data and segments, the server over ``channel_for``.
+
+    Everything else is the in-process code path; with the same config the losses, adapters and byte
+    counts equal the in-process run's. Evaluations use this client's held-out data. When a restarted peer
+    rejoins the run, this client goes back to the step it rejoined at and goes on from there.
+    """
+    from ..channels.base import RemoteError
+
+    if cfg.mode == "centralized":
+        raise ConfigError("mode: centralized trains without a server; drop --server")
+    if not 0 <= client_index < cfg.clients:
+        raise ConfigError(f"--client-index {client_index} is outside this run's clients 0..{cfg.clients - 1}")
+    started = time.perf_counter()
+    set_seed(cfg.seed)
+    source = resolve_model(cfg.model)
+    cfg = with_defense_seed(resolved(cfg, source), out)
+    resume = prepare_run_dir(cfg, out)
+    task = client_tasks(cfg, source.tokenizer())[client_index]
+    fresh = rng_state()  # a run rolled back to its start begins as this one did
+    while True:
+        set_rng_state(fresh)  # (a resumed run restores its checkpoint's)
+        try:
+            return _train_remote(cfg, out, source, task, client_index, channel_for, progress, started, resume)
+        except RemoteError as err:
+            if err.rejoin is None:
+                raise
+            resume = rejoin_from(out, err.rejoin, str(err))
+
+
+def _train_remote(cfg: RunConfig, out: Path, source: ModelSource, task: TaskData, client_index: int,
+                  channel_for: Callable[[int], Channel], progress: Callable | None, started: float, resume: int | None):
+    from ..channels.base import ConnectionLost, RemoteError
+
+    ledger = SentLog(out / SENT, append=resume is not None)
+    loop = fleet = None
+    try:
+        fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume, run_id=run_identity(out),
+                        link_states=saved_link_states(out, resume), ledger=ledger)
+        loop = Loop(cfg, fleet, [task], task, out, progress, started, resume)
+        return loop.run()
+    except RemoteError as err:
+        if err.code not in LOST or isinstance(err, ConnectionLost):
+            raise
+        if fleet is None:
+            raise
+        raise _connection_lost(err, cfg, out, fleet, loop) from None
+    finally:
+        if fleet is not None:
+            fleet.close()
+        ledger.close()
+
+
+# the statuses of a connection that broke (the server process died, the network went away), not of a refusal
+LOST = ("UNAVAILABLE", "CANCELLED", "DATA_LOSS", "UNKNOWN")
+
+
+def _connection_lost(err, cfg: RunConfig, out: Path, fleet: Fleet, loop: "Loop | None"):
+    """What a client whose server vanished says (a ``ConnectionLost``): where it stopped, and where the same
+    command resumes."""
+    from ..channels.base import ConnectionLost
+
+    done = max((row["step"] for row in loop.metrics), default=loop.start) if loop is not None else 0
+    at = f"after step {done} (in the final evaluation)" if done >= cfg.train.steps else f"at step {done + 1}"
+    saved = checkpoint.latest(out / CHECKPOINTS / "client")
+    if saved is not None:
+        then = f"rerunning the same command (once the server is back) resumes from the checkpoint at step {saved}"
+    elif not fleet.clients[0].server_info.get("checkpoints"):
+        then = ("no checkpoint yet: the server needs --state DIR (and train.checkpoint_every) to resume; "
+                "rerunning the same command starts from the start")
+    elif not cfg.train.checkpoint_every:
+        then = "no checkpoint yet: set train.checkpoint_every to resume mid-run; rerunning the same command starts from the start"
+    else:
+        then = f"no checkpoint yet (the first is at step {cfg.train.checkpoint_every}); rerunning the same command starts from the start"
+    return ConnectionLost(f"the connection to the server was lost {at} ({err}); {then}", err.code)
+
+
+def train_batch(task: TaskData, indices: list[int]) -> dict[str, torch.Tensor]:
+    """A training batch of ``task``'s examples ``indices``, with their ``sample_id``: a row's identity for the
+    activation cache (``parties/cache.py``)."""
+    batch = task.collate([task.train[k] for k in indices])
+    batch["sample_id"] = torch.tensor(indices, dtype=torch.int64)
+    return batch
+
+
+class Loop:
+    """The training loop of one run: client steps in schedule order, averages, evaluations, outputs."""
+
+    def __init__(self, cfg, fleet: Fleet, tasks: list[TaskData], pooled: TaskData, out: Path, progress, started: float,
+                 resume: int | None = None):
+        self.cfg, self.fleet, self.tasks, self.pooled, self.out, self.progress, self.started = cfg, fleet, tasks, pooled, out, progress, started
+        self.n = len(tasks)  # clients in this process
+        self.index = fleet.indices  # their indices in the run
+        self.total = cfg.clients if cfg.mode != "centralized" else 1  # clients in the run
+        self.policy = policy_for(cfg.mode, cfg.schedule)
+        self.schedule = self.policy.name
+        self.samplers = [iter(task.sampler(cfg.train.batch_size, cfg.seed)) for task in tasks]
+        self.metrics: list[dict] = []
+        self.evals: list[dict] = []
+        self.train_bytes = [[0, 0] for _ in tasks]
+        self.sync_bytes = [[0, 0] for _ in tasks]
+        self.done = 0
+        self.holder = 0  # the client holding the latest model (the sequential relay moves it)
+        self.start = 0  # the last completed step (a resumed run continues after it)
+        self.own_before: list[dict] = []
+        self._check_settings()
+        if resume is not None:
+            restore_loop(self, resume)
+
+    def _check_settings(self) -> None:
+        """Settings that run but hardly as meant: a warning each (the CLI prints a ``warning:`` line)."""
+        t = self.cfg.train
+        smallest = min(len(task.train) for task in self.tasks)
+        if t.batch_size > smallest:
+            whose = " of the smallest client" if self.n > 1 else ""
+            warn(f"train.batch_size={t.batch_size} is larger than the training set ({smallest} examples{whose}): "
+                 "every batch repeats examples; lower train.batch_size or use more data")
+        if t.warmup_steps >= t.steps:
+            warn(f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate is still warming up "
+                 "when training ends (the first step has rate 0); lower train.warmup_steps")
+        off = self.fleet.clients[0].cache_off
+        asked = self.cfg.cache.max_bytes not in (0, type(self.cfg.cache).model_fields["max_bytes"].default)  # not merely a dumped default
+        if asked and off and self.fleet.clients[0].split:
+            warn(f"cache.max_bytes is set, but the activation cache is off: {off}")
+
+    def event(self, phase: str, done: int = 0, total: int = 0, **info) -> None:
+        """Tell ``progress`` what happens besides steps: ``start`` (the plan: cuts, shape, threads, ``resume``: the
+        step a resumed run continues after), ``eval`` (batch ``done`` of ``total`` of the evaluation ``label``) and
+        ``evaluated`` (its ``loss`` and ``ppl``)."""
+        if self.progress:
+            self.progress(done, total, {"phase": phase, **info})
+
+    # -- one client step ----------------------------------------------------------------------------------
+    def _step(self, job: tuple[int, int]) -> dict:
+        """One client step, as its metrics row: what the client's report says it did."""
+        i, step = job
+        t = self.cfg.train
+        task, client = self.tasks[i], self.fleet.clients[i]
+        report = client.train_step(step, [train_batch(task, next(self.samplers[i])) for _ in range(t.grad_accum)])
+        self.train_bytes[i][0] += report.bytes_up
+        self.train_bytes[i][1] += report.bytes_down
+        row = {"step": step, "client": self.index[i], "loss": report.loss, "lr": report.lr, "tokens": report.tokens,
+               "bytes_up": report.bytes_up, "bytes_down": report.bytes_down, "step_s": round(report.step_s, 6)}
+        if report.link is not None:
+            row.update(time_breakdown(report.step_s, report.link))
+            row["bottom_s"] = round(report.bottom_s, 6)
+        nopeek = next((d.alpha for d in self.cfg.defense if d.name == "nopeek" and d.alpha > 0), None)
+        if nopeek is not None:  # the step's mean distance correlation between embeddings and activations
+            row["nopeek_dcor"] = round(report.penalty / nopeek, 6)
+        if report.cache_hits is not None:
+            row.update(cache_hits=report.cache_hits, cache_misses=report.cache_misses)
+        return row
+
+    def _round(self, jobs: list[tuple[int, int]], log) -> None:
+        for row in parallel(self._step, jobs, self.fleet.abort):
+            self.metrics.append(row)
+            log.write(json.dumps(row) + "\n")
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.n * self.cfg.train.steps, row)
+        log.flush()
+
+    def _sync(self, i: int, call: Callable[[Client], None]) -> None:
+        """An average or a relay: traffic counted apart from the steps' (and in the totals)."""
+        client = self.fleet.clients[i]
+        with client.traffic() as sent:
+            call(client)
+        self.sync_bytes[i][0] += sent.up
+        self.sync_bytes[i][1] += sent.down
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def _evaluate(self, client_index: int, task: TaskData, view=contextlib.nullcontext, label: str = "evaluation") -> dict:
+        t = self.cfg.train
+        i = client_index
+        on_batch = (lambda done, total: self.event("eval", done, total, label=label)) if self.progress else None
+        client = self.fleet.clients[i]
+        with view(), client.traffic() as sent:
+            result = evaluate(client, task, t.batch_size, t.eval_batches, on_batch=on_batch)
+        if self.fleet.links[i] is not None:  # evaluation traffic is reported, kept out of the training counts
+            result["bytes_up"], result["bytes_down"] = sent.up, sent.down
+        self.event("evaluated", label=label, loss=result["loss"], ppl=result["ppl"])
+        return result
+
+    def _label(self, step: int, client: int | None = None) -> str:
+        when = "before training" if step == 0 else "after training" if step == self.cfg.train.steps else f"at step {step}"
+        return when if client is None else f"client {client} {when} (own model, own data)"
+
+    def _global_eval(self, step: int) -> dict:
+        """The global model on the held-out data of this process's clients (all of them in-process)."""
+        personal = set(self.cfg.personal)
+        if personal and step > 0:
+            state = self.fleet.clients[0].global_state()
+            view = lambda: global_view(self.fleet.clients[0], state, personal)  # noqa: E731
+            result = self._evaluate(0, self.pooled, view, self._label(step))
+        else:
+            result = self._evaluate(self.holder, self.pooled, label=self._label(step))
+        row = {"step": step, **result, "train_bytes": sum(u + d for u, d in self.train_bytes) + sum(u + d for u, d in self.sync_bytes)}
+        self.evals.append(row)
+        return row
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every) and step % every == 0 and step != self.cfg.train.steps
+
+    # -- the schedules -----------------------------------------------------------------------------------
+    def _train(self, log) -> None:
+        """The policy's rounds: every client of this process takes its turns; the server orders them."""
+        for rnd in self.policy.rounds(self.total, self.cfg.train.steps, self.cfg.aggregate_every, self.start):
+            mine = [(self.index.index(c), steps) for c, steps in rnd.turns if c in self.index]
+            if rnd.concurrent:
+                last = rnd.turns[0][1][-1]
+                self._round([(i, last) for i, _ in mine], log)
+                if rnd.sync == "aggregate":
+                    parallel(lambda i: self._sync(i, lambda c: c.aggregate(last)), [i for i, _ in mine], self.fleet.abort)
+            else:  # a relay: one client after another, each handing its model on
+                for i, span in mine:
+                    last = span[-1]
+                    if span[0] > 1 or self.index[i]:
+                        self._sync(i, lambda c: c.take_over(span[0]))
+                    for step in span:
+                        self._round([(i, step)], log)
+                    self._sync(i, lambda c: c.hand_on(last))
+                    self.holder = i
+                last = rnd.turns[0][1][-1]
+            if self._eval_due(last):
+                self._global_eval(last)
+            self._maybe_stop(last)  # a relay checkpoints at the end of a round: every client is between turns
+        if self.policy.relays and self.total > 1:
+            for i in range(self.n):  # everyone ends with the final model
+                self._sync(i, lambda c: c.take_over(0))
+
+    def _maybe_stop(self, step: int) -> None:
+        """Checkpoint when due (every ``checkpoint_every`` steps, at the end, on a stop request); stop if asked."""
+        keep, steps = self.cfg.train.checkpoint_every, self.cfg.train.steps
+        if (keep and step % keep == 0) or step == steps or STOP.is_set():
+            save_loop(self, step)
+        if STOP.is_set() and step < steps:
+            raise Interrupted(step)
+
+    def run(self) -> dict[str, Any]:
+        self.event("start", self.done, self.n * self.cfg.train.steps, resume=self.start or None, cuts=self.cfg.cuts,
+                   shape=self.fleet.clients[0].plan.shape, threads=torch.get_num_threads())
+        if self.start == 0:
+            before = self._global_eval(0)
+            self.own_before = ([self._evaluate(i, task, label=self._label(0, self.index[i])) for i, task in enumerate(self.tasks)]
+                               if self.total > 1 else [before])
+        before, own_before = self.evals[0], self.own_before
+        with open(self.out / "metrics.jsonl", "w") as log:
+            log.writelines(json.dumps(row) + "\n" for row in self.metrics)  # a resumed run keeps the steps it had
+            self._train(log)
+        after = self._global_eval(self.cfg.train.steps)
+        own_after = ([self._evaluate(i, task, label=self._label(self.cfg.train.steps, self.index[i])) for i, task in enumerate(self.tasks)]
+                     if self.total > 1 else [after])
+        with open(self.out / "evals.jsonl", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in self.evals)
+        save_adapters(self.out / ADAPTERS, self.fleet, self.cfg)
+        plot_loss(self.metrics, self.evals, self.out / "loss.png", title(self))
+        summary = summarize(self, before, after, own_before, own_after)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
