@@ -16,7 +16,7 @@ INTERNAL = {
     "splittune.channels.transport.ChunkError": "a stream's broken framing: the server ends the stream with a status",
     "splittune.cut.transforms.ChainError": "a chain the server cannot run: an error reply (RemoteError on the client)",
     "splittune.parties.protocol.ProtocolError": "a refused message: an error reply with a status (RemoteError on the client)",
-    "splittune.parties.meet.WaitTimeout": "a round that waited too long: an error reply (DEADLINE_EXCEEDED)",
+    "splittune.parties.protocol.WaitTimeout": "a round that waited too long: an error reply (DEADLINE_EXCEEDED)",
     "splittune.dpmath.masking.SecAggError": "secure aggregation's protocol refusals: error replies to the clients",
     "splittune.run.resume.Interrupted": "a stop on request: the CLI prints it and exits 130, the run resumes",
     "splittune.models.arch._Stop": "control flow of the architecture probe",

@@ -36,9 +36,9 @@ from .models.adapters import load_trainable_state, lora_layers, trainable
 from .models.arch import detect_arch
 from .models.zoo import resolve_model
 from .parties import Party, Server, SessionSpec
-from .parties.defenses import ClientDefenses
-from .parties.generator import GenerationError, SplitGenerator
-from .parties.inference import InferenceLimits
+from .parties.client.defenses import ClientDefenses
+from .parties.client.generator import GenerationError, SplitGenerator
+from .parties.server.inference import InferenceLimits
 from .wire.names import FOLD, split
 from .averaging import add_delta
 from .run.assemble import in_process, server_for, wire_defenses

@@ -65,7 +65,7 @@ def wait_until_ready(channel, url: str, ca: Path | None = None, cert: Path | Non
 
     import grpc
 
-    from ..channels.base import RemoteError
+    from .base import RemoteError
 
     started = time.monotonic()
     seen: dict[str, bool] = {}

@@ -55,7 +55,7 @@ def serve(
     from ..channels.transport import parse_listen
     from ..device import resolve_device
     from ..models.zoo import resolve_model
-    from ..parties.inference import InferenceLimits
+    from ..parties.server.inference import InferenceLimits
     from ..wire import FrameLimits
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # before the run package loads opacus, which configures it

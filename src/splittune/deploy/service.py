@@ -1,4 +1,4 @@
-"""The server process: the party code of ``parties/server.py`` behind gRPC, with authentication, session
+"""The server process: the party code of ``parties/server/handler.py`` behind gRPC, with authentication, session
 ownership, size limits, gRPC statuses and structured logs. Tokens are never logged.
 
 Transport-level faults end the stream with a gRPC status (a wrong token: UNAUTHENTICATED; another
@@ -26,7 +26,7 @@ import yaml
 from ..device import peak_memory
 from ..parties.party import SessionSpec
 from ..parties.protocol import bounded
-from ..parties.server import Server
+from ..parties.server.handler import Server
 from ..cut.link import ServerLink
 from ..cut.transforms import ChainError
 from ..wire import FrameError, FrameLimits, Message, Parsed

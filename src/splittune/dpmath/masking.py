@@ -1,6 +1,6 @@
 """The pieces secure aggregation (``secagg.py``) is built from: Shamir secret sharing over GF(2^127 - 1), fixed point
 in the ring Z/2^64, the PRG that expands a seed into a mask, key derivation and agreement, the checks on what a party
-is given, and the sizes of its messages. Each is small, pure and tested on its own (tests/test_secagg.py)."""
+is given, and the sizes of its messages. Each is small, pure and tested on its own (tests/dpmath/test_secagg.py)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Architecture families and what splittune knows about each (``splittune models``, docs/models-and-data.md).
 
 - ``exact``: split training equals unsplit training on the family's tiny model, two-part and U-shaped, with
-  padding; tests/test_exactness.py runs every family listed so (``TESTED_ARCHITECTURES``).
+  padding; tests/models/test_exactness.py runs every family listed so (``TESTED_ARCHITECTURES``).
 - ``refused``: ``detect_arch`` stops it before any weight is loaded, with the reason listed here
-  (tests/test_catalog.py checks that the refusal says so).
+  (tests/models/test_catalog.py checks that the refusal says so).
 
 Any other model_type is detected automatically: ``splittune verify`` says whether it splits exactly.
 Adding a family is one ``Family`` line; an exact one then runs in the exactness suite.

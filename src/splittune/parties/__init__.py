@@ -1,7 +1,7 @@
 """Parties: the client (data, bottom and top segments) and the server (trunk)."""
 
-from .client import Client
+from .client.pipeline import Client
 from .party import Party, SessionSpec
-from .server import Server
+from .server.handler import Server
 
 __all__ = ["Client", "Party", "SessionSpec", "Server"]

@@ -15,13 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..models.stages import StageError
 from .cache import KEY
-from .meet import WaitTimeout
 
 
 def bounded(text: str, limit: int = 1000) -> str:
     """``text`` cut to ``limit`` characters, saying how much was left out: a reply or a log line quoting what a client
     sent (an id, a proposal) stays small however large that was."""
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+class WaitTimeout(RuntimeError):
+    """A round waited too long for clients that did not come (or the run was called off): DEADLINE_EXCEEDED."""
 
 
 class ProtocolError(ValueError):
@@ -122,7 +125,7 @@ class Empty(Meta):
 
 
 class GenerateMeta(Meta):
-    """One forward of split generation (``parties/inference.py``): the new positions of every row."""
+    """One forward of split generation (``parties/server/inference.py``): the new positions of every row."""
 
     start: int = Field(ge=0, description="positions this session's KV cache already holds (0: a new sequence)")
     keep: int | None = Field(None, ge=0, description="two-part: logits of only the last ``keep`` positions (0: all)")

@@ -1,4 +1,4 @@
-"""One step's timeline, as the client drives it (``parties/client.py``: ``_pipeline``): micro-batch forwards
+"""One step's timeline, as the client drives it (``parties/client/pipeline.py``: ``_pipeline``): micro-batch forwards
 go out in index order; when ``max_in_flight`` are out, the oldest takes its next stage; then every
 remaining stage in index order; then the ``step`` round trip. The server is one engine that takes jobs in
 arrival order; each direction of the link is a queue (``channels/emulated.py``'s ``LinkModel``: a frame

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import RunConfig
-from ..parties.group import personal_names
+from ..parties.server.group import personal_names
 from ..schedules.policy import policy_for
 from ..wire.names import FOLD, split, tag
 from .assemble import Fleet

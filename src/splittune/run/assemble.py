@@ -26,8 +26,8 @@ from ..models.arch import ArchSpec, check_seq_len, detect_arch
 from ..models.partition import PlanError
 from ..models.zoo import ModelSource, resolve_model
 from ..parties import Client, Party, Server, SessionSpec
-from ..parties.defenses import PARTY_DEFENSES, ClientDefenses
-from ..parties.dp_sgd import DPSGD
+from ..parties.client.defenses import PARTY_DEFENSES, ClientDefenses
+from ..parties.client.dp_sgd import DPSGD
 from ..dpmath.accounting import most_releases, noise_for_epsilon
 from ..taps.recording import Recording, SentLog
 from ..schedules.policy import POLICIES, policy_for

@@ -26,7 +26,7 @@ from ..eval import evaluate
 from ..models.arch import detect_arch
 from ..models.zoo import ModelSource, resolve_model
 from ..parties import Client
-from ..parties.group import personal_names
+from ..parties.server.group import personal_names
 from ..taps.recording import SENT, TAP_DIR, Recording, SentLog
 from ..report.plots import plot_loss
 from ..schedules.policy import policy_for

@@ -1,0 +1,98 @@
+"""DP-SGD on the client's adapters (Abadi et al. 2016): every training example's gradient of the client's LoRA
+factors is clipped to ``max_grad_norm``, the clipped gradients are summed, Gaussian noise of std
+``noise_multiplier × max_grad_norm`` is added, and the client's optimizer steps on that.
+
+Per-example gradients come from hooks on the LoRA factors (plain ``nn.Linear`` layers): each forward of a factor
+keeps its input and puts a hook on its output, and that output's gradient with the kept input gives every
+example's weight gradient (``einsum``), so the pairing holds even when pipelined micro-batches interleave their
+forwards and backwards. opacus' ``GradSampleModule`` pairs a module's activations and gradients in stack order
+(the last forward with the first backward), which the pipelined split backward breaks; splittune therefore
+computes per-example gradients itself and takes opacus' accountant for ε.
+
+It protects the client's adapters: what the client exports or sends to an average. It does not touch the
+activations that cross the cut, nor the server's adapters (docs/privacy.md shows the inversion attack unchanged).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...errors import SplittuneError
+from ...cut.defenses import NoiseStream
+from ...models.adapters import trainable
+from ..party import Party
+
+
+class DPError(SplittuneError, ValueError):
+    """DP-SGD that cannot run on this client (names what trains that it cannot clip per example)."""
+
+
+class DPSGD:
+    def __init__(self, party: Party, noise_multiplier: float, max_grad_norm: float, secret: int):
+        if party.router is not None:
+            raise DPError("dp_sgd clips each example's gradient, and this model's router loss ties the examples of a batch "
+                          "together (its load balancing is a product of sums over every row); set output_router_logits "
+                          "to false in the model's config.json to use dp_sgd")
+        self.sigma, self.clip = float(noise_multiplier), float(max_grad_norm)
+        self.noise = NoiseStream(secret, "dp_sgd")
+        self.steps = 0  # optimizer steps taken: the key of each step's noise, as many in-process as deployed
+        named = dict(trainable(party.model, party.adapter))
+        owners = {id(m.weight): m for m in party.model.modules() if isinstance(m, nn.Linear) and m.bias is None}
+        self.params: list[tuple[str, nn.Parameter]] = []
+        for name, p in named.items():
+            if id(p) not in owners:
+                raise DPError(f"dp_sgd clips per-example gradients of LoRA factors, and {name} is another trained weight "
+                              "(a segment with full training); set every client segment to lora or frozen")
+            self.params.append((name, p))
+        self.modules = [owners[id(p)] for _, p in self.params]
+        self.offset = 0  # the first example of the micro-batch whose forward runs now
+        self.samples = 0
+        self.grads: dict[int, torch.Tensor] = {}  # id(param) -> [examples, *shape] for this step
+        self._handles = [m.register_forward_hook(self._forward) for m in self.modules]
+
+    def begin(self, samples: int) -> None:
+        """A new step of ``samples`` examples."""
+        self.samples, self.grads = samples, {}
+
+    def _forward(self, module: nn.Linear, args, output: torch.Tensor) -> None:
+        if not output.requires_grad:
+            return
+        x, offset = args[0].detach(), self.offset
+
+        def backward(g: torch.Tensor) -> None:
+            rows = torch.einsum("b...o,b...i->boi", g.detach().float(), x.float())  # per-example dW
+            held = self.grads.setdefault(id(module.weight), torch.zeros((self.samples, *module.weight.shape)))
+            held[offset:offset + rows.shape[0]] += rows.cpu()
+
+        output.register_hook(backward)
+
+    def privatise(self) -> dict[str, float]:
+        """Replace the step's gradients by their clipped per-example sum plus noise, over the examples (each
+        example's gradient taken as ``examples ×`` its share, so that the mean of them is the step's gradient)."""
+        per = [self.grads.get(id(p), torch.zeros((self.samples, *p.shape))) * self.samples for _, p in self.params]
+        norms = torch.sqrt(sum((g.flatten(1).double() ** 2).sum(1) for g in per))
+        scale = torch.clamp(self.clip / norms.clamp_min(1e-12), max=1.0)
+        self.steps += 1
+        generator = self.noise.draw(self.steps)
+        for (_, p), g in zip(self.params, per):
+            clipped = (g.double() * scale.view(-1, *[1] * (g.dim() - 1))).sum(0)
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64) * (self.sigma * self.clip)
+            p.grad = ((clipped + noise) / self.samples).to(p.dtype).to(p.device)
+        self.grads = {}
+        return {"clipped": float((norms > self.clip).double().mean()), "grad_norm_median": float(norms.median())}
+
+    def per_example(self) -> dict[str, torch.Tensor]:
+        """This step's per-example gradients by name (before ``privatise``), for checks."""
+        return {name: self.grads.get(id(p), torch.zeros((self.samples, *p.shape))) for name, p in self.params}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"steps": torch.tensor([self.steps], dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "steps" in state:
+            self.steps = int(state["steps"][0])
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
