@@ -28,6 +28,7 @@ from ...wire.names import FOLD, OPT, split, tag
 from ..cache import CACHE_MISS, Mirror, entry_bytes, row_keys, why_off
 from .defenses import ClientDefenses
 from .dp_sgd import DPSGD
+from .report import StepReport, Traffic
 from ..party import Party
 from ..secure import client_round
 
@@ -42,33 +43,6 @@ def _leaf(sums: torch.Tensor | None) -> torch.Tensor | None:
 def count_items(labels: torch.Tensor) -> int:
     """Tokens that carry loss: labels after the causal shift that are not ignored."""
     return int((labels[:, 1:] != -100).sum())
-
-
-@dataclass
-class Traffic:
-    """The bytes a client's link carried each way during a block (``Client.traffic``)."""
-
-    up: int = 0
-    down: int = 0
-
-
-@dataclass
-class StepReport:
-    """What one client step did, reported by the client itself: the loss over its ``tokens``, the learning rate, the
-    bytes each way, its wall time; split runs add where the time went (``link``: ``LinkStats.take()``), the bottom's
-    forward time and the defense penalty summed into its loss; with the activation cache, its hits and misses."""
-
-    loss: float
-    tokens: int
-    lr: float
-    bytes_up: int = 0
-    bytes_down: int = 0
-    step_s: float = 0.0
-    link: dict | None = None
-    bottom_s: float = 0.0
-    penalty: float = 0.0
-    cache_hits: int | None = None
-    cache_misses: int | None = None
 
 
 def split_rows(batch: Batch, parts: int) -> list[Batch]:
