@@ -124,6 +124,7 @@ class Parsed:
     plans: list
     view: memoryview
     decoded_bytes: int  # what the tensors take once decoded
+    received_at: float = 0.0  # when the server took it off the wire (its time on a message runs from here)
 
     def decode(self, codecs: Mapping[str, Codec] | None = None) -> Message:
         """The message. With ``codecs`` (the receiver's codecs by name, with the options its session agreed), each
