@@ -31,9 +31,7 @@ def save(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    pointer = root / f".latest.tmp-{os.getpid()}"
-    pointer.write_text(str(step))
-    os.replace(pointer, root / "latest")
+    _point_latest(root, step)
     steps = sorted(int(p.name.removeprefix("step-")) for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit())
     for old in steps[:-keep]:
         shutil.rmtree(root / f"step-{old}", ignore_errors=True)
@@ -48,11 +46,16 @@ def discard_after(root: Path, step: int) -> None:
         if name.isdigit() and int(name) > step:
             shutil.rmtree(folder, ignore_errors=True)
     if step and (root / f"step-{step}").is_dir():
-        pointer = root / f".latest.tmp-{os.getpid()}"
-        pointer.write_text(str(step))
-        os.replace(pointer, root / "latest")
+        _point_latest(root, step)
     else:
         (root / "latest").unlink(missing_ok=True)
+
+
+def _point_latest(root: Path, step: int) -> None:
+    """``latest`` names ``step``, replaced atomically (written under a temporary name, then renamed)."""
+    pointer = root / f".latest.tmp-{os.getpid()}"
+    pointer.write_text(str(step))
+    os.replace(pointer, root / "latest")
 
 
 def latest(root: Path, warn: Callable[[str], None] | None = None) -> int | None:

@@ -104,9 +104,10 @@ def rejoin_from(out: Path, step: int, why: str) -> int | None:
     """A restarted peer rejoined the run at ``step``: this client goes back to its own checkpoint of that step (the
     later ones belong to a timeline the run left) and says so. Returns the step to resume from (None: the start)."""
     root = out / CHECKPOINTS / "client"
-    if step and checkpoint.damage(root / f"step-{step}") is not None:
+    problem = checkpoint.damage(root / f"step-{step}") if step else None
+    if problem is not None:
         raise ConfigError(f"a peer rejoined the run from step {step}, but {out} holds no intact checkpoint of that step "
-                          f"({checkpoint.damage(root / f'step-{step}')}); restart every client of the run")
+                          f"({problem}); restart every client of the run")
     checkpoint.discard_after(root, step)
     warn(f"{why}: resuming from " + (f"the checkpoint at step {step}" if step else "the start"))
     return step or None

@@ -171,7 +171,7 @@ class Server:
             stale = self.rejoining(session)
             if stale is not None and self.group.formed:
                 self._roll_back(session, resume)
-            elif self.starts_new_run(session):
+            elif stale is None and self._fresh_run(session):
                 self.group = Group(session, self.wait_s, self.policies)
                 self._end_sessions(self.sessions, "a new run started on this server (a newer hello, from this client id "
                                                   "or another, replaced it)")
@@ -208,8 +208,9 @@ class Server:
     def starts_new_run(self, session: SessionSpec) -> bool:
         """Whether this hello starts a new run (the server serves one run at a time) rather than joining one (or
         rejoining it: a restarted client of the run being served)."""
-        if self.rejoining(session) is not None:
-            return False
+        return self.rejoining(session) is None and self._fresh_run(session)
+
+    def _fresh_run(self, session: SessionSpec) -> bool:
         return self.group is None or session.clients == 1 or len(self.group.members) == self.group.n
 
     def rejoining(self, session: SessionSpec) -> Member | None:

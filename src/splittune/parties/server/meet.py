@@ -117,10 +117,11 @@ class Rendezvous(_Waits):
         mine = object()
         with self._cond:
             rnd = self._rounds.setdefault(key, _Round())
-            if client in rnd.items and not (replace and not rnd.computing):
-                raise ValueError(f"client {client} already sent its part for {key}")
+            if client in rnd.items:
+                if not replace or rnd.computing:
+                    raise ValueError(f"client {client} already sent its part for {key}")
+                self._cond.notify_all()  # the call whose item this replaces stops waiting
             rnd.items[client], rnd.holders[client] = item, mine
-            self._cond.notify_all()  # a call whose item this replaced stops waiting
             last = set(rnd.items) >= expected and not rnd.computing
             if last:
                 rnd.computing = True
