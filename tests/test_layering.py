@@ -20,12 +20,13 @@ STOREYS = [
     {"run", "deploy"},  # a run (assemble, loop, resume, summary); the served process
     {"schedules", "eval"},
     {"parties"},
+    # the leaves: anything above may use them
+    {"models", "data", "taps", "report", "averaging", "checkpoint", "rundir", "assets", "config_reference"},
+    {"config", "device"},  # the config's defense entries are the defenses' own settings
+    {"defenses"},
     {"cut"},
     {"channels"},
-    # the leaves: anything above may use them
-    {"models", "data", "dpmath", "taps", "report", "averaging", "checkpoint", "rundir", "threads", "workers", "assets",
-     "config_reference"},
-    {"config", "device"},
+    {"dpmath", "threads", "workers"},  # the privacy math and the worker threads
     {"wire", "errors", "__init__"},
 ]
 

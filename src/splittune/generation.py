@@ -14,9 +14,7 @@ for instruction runs, unless ``raw``), and reports the bytes each way and the ti
 
 from __future__ import annotations
 
-import contextlib
 import json
-import secrets
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -36,12 +34,12 @@ from .models.adapters import load_trainable_state, lora_layers, trainable
 from .models.arch import detect_arch
 from .models.zoo import resolve_model
 from .parties import Party, Server, SessionSpec
-from .parties.client.defenses import ClientDefenses
 from .parties.client.generator import GenerationError, SplitGenerator
 from .parties.server.inference import InferenceLimits
 from .wire.names import FOLD, split
 from .averaging import add_delta
-from .run.assemble import in_process, server_for, wire_defenses
+from .defenses import ClientDefenses, Placement, chain_entries
+from .run.assemble import in_process, server_for
 
 __all__ = ["Completion", "GenerationError", "SplitModel", "load_split"]
 
@@ -114,9 +112,8 @@ class SplitModel:
             channel = in_process(self.server, serve_through)()
         # the run's noise defenses apply to generation's crossings, drawn from a fresh secret (noise repeated across
         # sessions would cancel out in their difference); no padding removal: see docs/generation.md
-        dx = [d.model_dump() for d in cfg.defense if d.name == "dx"]
-        self.defenses = ClientDefenses(dx, self.party, secrets.randbits(63)) if dx else None
-        terms = terms_from(cfg.codec.model_dump(), False, wire_defenses(cfg))
+        self.defenses = ClientDefenses.build(cfg, Placement(self.party, None), keys=("defense",))
+        terms = terms_from(cfg.codec.model_dump(), False, chain_entries(cfg))
         self.link = CutLink(channel, uuid.uuid4().hex[:12], terms)  # no secret: the chain's defenses draw a fresh one
         try:
             self.generator = SplitGenerator(self.party, self.link, theirs)
@@ -131,7 +128,7 @@ class SplitModel:
         kwargs.setdefault("pad_token_id", self.pad_id)
         if kwargs.get("stop_strings") is not None:
             kwargs.setdefault("tokenizer", self.tokenizer)
-        with self.defenses.bottom() if self.defenses is not None else contextlib.nullcontext():
+        with self.defenses.bottom():
             return self.generator.generate(input_ids, attention_mask, **kwargs)
 
     # -- text in, text out ------------------------------------------------------------------------------------
@@ -180,14 +177,15 @@ class SplitModel:
         for group in groups:
             input_ids, mask = self.left_padded([ids[i] for i in group])
             width = input_ids.shape[1]
-            before = (self.link.bytes_up, self.link.bytes_down, self.generator.crossings.messages)
+            before = self.generator.crossings.messages
             t0 = time.perf_counter()
-            out = self.generate(input_ids, mask, streamer=streamer if len(group) == 1 else None, **options)
+            with self.link.channel.metered() as sent:
+                out = self.generate(input_ids, mask, streamer=streamer if len(group) == 1 else None, **options)
             seconds = time.perf_counter() - t0
             times = self.generator.last_times["tokens"]
             ttft = times[0] - self.generator.last_times["started"] if times else None
-            up, down = self.link.bytes_up - before[0], self.link.bytes_down - before[1]
-            messages = self.generator.crossings.messages - before[2]
+            up, down = sent.up, sent.down
+            messages = self.generator.crossings.messages - before
             for j, i in enumerate(group):
                 new = out[j, width:].tolist()
                 new = _until_end(new, self.tokenizer, self.pad_id)

@@ -10,15 +10,16 @@ from splittune.channels import LocalChannel, RemoteError
 from splittune.channels.base import Channel
 from splittune.channels.emulated import LinkModel
 from splittune.config import load_config
-from splittune.cut import ChainError, CutLink, ServerLink, terms_from
+from splittune.cut import ChainError, ServerLink, terms_from
 from splittune.cut.chain import Chain
 from splittune.models.zoo import resolve_model
 from splittune.parties import SessionSpec
 from splittune.run import build, train
 from splittune.wire import Message, encode_frame
+from configs import tiny
 
-TINY = ["model=tiny:llama", "cuts=[1,3]", "train.seq_len=16", "train.batch_size=4", "data.max_documents=6",
-        "train.eval_batches=1", "train.steps=3", "train.lr=0.01", "train.warmup_steps=0"]
+TINY = tiny("cuts=[1,3]", "train.seq_len=16", "train.batch_size=4", "data.max_documents=6", "train.steps=3",
+            "train.lr=0.01", "train.warmup_steps=0")
 WIDTH = 64
 
 

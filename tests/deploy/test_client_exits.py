@@ -14,9 +14,9 @@ import time
 import pytest
 
 from served import CLI, Served, sets
+from configs import tiny
 
-RUN = ["model=tiny:llama", "cuts=[1,3]", "train.seq_len=32", "train.batch_size=2", "data.max_documents=6",
-       "train.eval_every=0", "train.eval_batches=1", "train.warmup_steps=0"]
+RUN = tiny("cuts=[1,3]", "data.max_documents=6", "train.eval_every=0", "train.warmup_steps=0")
 EXIT_S = 10.0  # from the last line to the exit: closing channels takes well under a second
 
 

@@ -30,9 +30,9 @@ from splittune.run import train
 from splittune.wire import FrameLimits, Message, encode_frame
 
 from served import CLI, Served, free_port, serve_here, sets
+from configs import tiny
 
-RUN = ["model=tiny:llama", "cuts=[1,3]", "train.steps=3", "train.seq_len=32", "train.batch_size=2",
-       "data.max_documents=6", "train.eval_batches=1", "train.lr=0.01", "train.warmup_steps=0"]
+RUN = tiny("cuts=[1,3]", "train.steps=3", "data.max_documents=6", "train.lr=0.01", "train.warmup_steps=0")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ in one line, within seconds; and each check's twin shows that the right setup st
 import socket
 import time
 
-import grpc
 import pytest
 import yaml
 from typer.testing import CliRunner

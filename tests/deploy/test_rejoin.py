@@ -7,16 +7,16 @@ import subprocess
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from splittune.config import load_config
 from splittune.run import CHECKPOINTS, train
 
 from served import CLI, Served, sets
+from configs import tiny
 
-RUN = ["model=tiny:llama", "cuts=[1,3]", "train.steps=4", "train.seq_len=32", "train.batch_size=2", "data.max_documents=8",
-       "train.eval_batches=1", "train.eval_every=0", "train.lr=0.01", "train.warmup_steps=0", "train.checkpoint_every=1"]
+RUN = tiny("cuts=[1,3]", "train.steps=4", "data.max_documents=8", "train.eval_every=0", "train.lr=0.01",
+           "train.warmup_steps=0", "train.checkpoint_every=1")
 CASES = {
     "sfl-v1-secure": ["clients=3", "schedule=sfl-v1", "aggregate_every=1", "secure_aggregation=true"],
     "sfl-v2": ["clients=2", "schedule=sfl-v2", "aggregate_every=2"],

@@ -23,10 +23,10 @@ from splittune.wire import Message
 
 from hostile import topk_frame
 from served import serve_here
+from configs import tiny
 
-RUN = ["model=tiny:llama", "cuts=[1,3]", "train.seq_len=32", "train.batch_size=2", "data.max_documents=6",
-       "train.eval_every=0", "train.eval_batches=1", "train.lr=0.01", "train.warmup_steps=0", "train.steps=4",
-       "train.checkpoint_every=1"]
+RUN = tiny("cuts=[1,3]", "data.max_documents=6", "train.eval_every=0", "train.lr=0.01", "train.warmup_steps=0",
+           "train.steps=4", "train.checkpoint_every=1")
 
 
 class Killed(Exception):
@@ -384,7 +384,6 @@ def test_a_few_bytes_cannot_name_a_huge_tensor_the_bound_is_the_sessions_codec()
     assert decode_frame(hostile).tensors["hidden"].shape[0] == 4096  # the twin: without a session's bound it would be built
 
     # through the server's end of the cut: the session's chain sets the bound, and the session stays usable
-    from splittune.cut.link import ServerLink
     from splittune.wire import encode_frame
 
     source = resolve_model("tiny:llama")

@@ -23,10 +23,10 @@ from splittune.wire import Message, encode_frame
 
 from hostile import topk_frame
 from served import CLI, Served, sets
+from configs import tiny
 
-RUN = ["model=tiny:llama", "cuts=[1,3]", "clients=4", "schedule=sfl-v1", "aggregate_every=2", "train.steps=2",
-       "train.seq_len=32", "train.batch_size=2", "data.max_documents=8", "train.eval_batches=1", "train.eval_every=0",
-       "train.lr=0.01", "train.warmup_steps=0"]
+RUN = tiny("cuts=[1,3]", "clients=4", "schedule=sfl-v1", "aggregate_every=2", "train.steps=2", "data.max_documents=8",
+           "train.eval_every=0", "train.lr=0.01", "train.warmup_steps=0")
 BOMB_ROWS = 32768  # a top-k hidden state of [32768, 32, 64] float32: 256 MiB decoded, a few hundred bytes sent
 MEMORY_BOUND = 160 << 20  # the server's peak may grow this much over its size at start (one bomb decoded is 256 MiB)
 

@@ -11,9 +11,9 @@ from splittune.config import load_config
 from splittune.models.recompute import saved_bytes
 from splittune.run import build, train
 from splittune.verify import verify
+from configs import tiny
 
-TINY = ["model=tiny:llama", "train.steps=3", "train.seq_len=32", "train.batch_size=2", "data.max_documents=4",
-        "train.lr=0.01", "train.eval_batches=1", "train.micro_batches=2"]
+TINY = tiny("train.steps=3", "data.max_documents=4", "train.lr=0.01", "train.micro_batches=2")
 CLIENT, SERVER = "train.gradient_checkpointing=true", "train.server_gradient_checkpointing=true"
 
 

@@ -189,7 +189,7 @@ def test_expert_lora_on_a_dense_model_names_the_problem():
 
 
 def test_dp_sgd_refuses_a_router_loss_that_ties_the_examples(with_router_loss, tmp_path):
-    from splittune.parties.client.dp_sgd import DPError
+    from splittune.defenses.dp_sgd import DPError
 
     with pytest.raises(DPError, match="router loss ties the examples"):
         train(load_config(None, [f"model={with_router_loss}", "cuts=[1,3]", *SHORT, "dp_sgd={noise_multiplier: 1.0}"]), tmp_path / "dp")

@@ -15,10 +15,11 @@ from splittune.parties import Server
 from splittune.parties.cache import CACHE_MISS, ActivationCache
 from splittune.parties.client.pipeline import Client
 from splittune.run import build, train
+from configs import tiny
 
 # 4 training examples, 2 a batch: an epoch is 2 steps, so steps 3-6 see every sample again
-RUN = ["model=tiny:llama", "train.steps=6", "train.seq_len=32", "train.batch_size=2", "data.max_train_examples=4",
-       "train.lr=0.01", "train.warmup_steps=1", "train.eval_batches=1", "segments.bottom=frozen"]
+RUN = tiny("train.steps=6", "data.max_train_examples=4", "train.lr=0.01", "train.warmup_steps=1",
+           "segments.bottom=frozen")
 ROW = 32 * 64 * 4  # one cached row of tiny:llama: seq 32, width 64, fp32
 
 

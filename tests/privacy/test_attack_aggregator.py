@@ -18,12 +18,11 @@ from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge
 from splittune.taps.tap import Tap, TapWriter, Truth
 from splittune.run import train
+from configs import SMALL, small
 
-MODEL = "tiny:llama,layers=4,hidden=64"
-SETS = [f"model={MODEL}", "cuts=[1,3]", "clients=2", "schedule=sfl-v2", "aggregate_every=1", "segments.bottom=lora",
-        "data.source=builtin:shakespeare", "train.steps=4", "train.batch_size=2", "train.seq_len=16",
-        "train.warmup_steps=0", "train.lr=0.01", "data.max_train_examples=32", "data.max_eval_examples=2",
-        "train.eval_batches=1"]
+MODEL = SMALL
+SETS = small("clients=2", "schedule=sfl-v2", "aggregate_every=1", "segments.bottom=lora", "train.steps=4",
+             "train.seq_len=16", "train.lr=0.01", "data.max_train_examples=32")
 
 
 @pytest.fixture(scope="module")

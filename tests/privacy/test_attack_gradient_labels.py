@@ -13,10 +13,10 @@ from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge
 from splittune.taps.tap import Tap, TapWriter, Truth
 from splittune.run import train
+from configs import SMALL, small
 
-MODEL = "tiny:llama,layers=4,hidden=64"
-BASE = [f"model={MODEL}", "cuts=[1,3]", "train.steps=2", "train.batch_size=2", "train.seq_len=32", "train.warmup_steps=0",
-        "data.source=builtin:shakespeare", "data.max_train_examples=8", "data.max_eval_examples=2", "train.eval_batches=1"]
+MODEL = SMALL
+BASE = small("train.steps=2", "train.seq_len=32", "data.max_train_examples=8")
 CHANCE = 1 / 259  # the byte-level tokenizer's vocabulary
 
 

@@ -14,12 +14,11 @@ from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge, ThreatModelError
 from splittune.taps.tap import Tap, TapWriter, Truth
 from splittune.run import train
+from configs import SMALL, small
 
-MODEL = "tiny:llama,layers=4,hidden=64"
+MODEL = SMALL
 OTHER = "tiny:llama,layers=3,hidden=32,heads=2,kv_heads=1,ffn=64"
-RUN = [f"model={MODEL}", "cuts=[1,3]", "codec.up=int8", "train.steps=3", "train.batch_size=2", "train.seq_len=32",
-       "train.warmup_steps=0", "data.source=builtin:shakespeare", "data.max_train_examples=16",
-       "data.max_eval_examples=2", "train.eval_batches=1"]
+RUN = small("codec.up=int8", "train.steps=3", "train.seq_len=32", "data.max_train_examples=16")
 FAST = {"aux_rows": 24, "random_rows": 8, "epochs": 2}
 
 

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from splittune.cli import app
 from splittune.config import load_config
 from splittune.privacy.grid import Setting, dcs, default_grid, success
+from configs import small
 
 runner = CliRunner()
-SETS = ["model=tiny:llama,layers=4,hidden=64", "train.steps=2", "train.batch_size=2", "train.seq_len=32", "train.warmup_steps=0",
-        "data.source=builtin:shakespeare", "data.max_train_examples=16", "data.max_eval_examples=2", "train.eval_batches=1"]
+SETS = small("train.steps=2", "train.seq_len=32", "data.max_train_examples=16", "cuts=null")
 FAST = ["--attack-set", "inversion.aux_rows=24", "--attack-set", "inversion.random_rows=8"]
 
 

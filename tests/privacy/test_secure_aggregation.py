@@ -19,11 +19,11 @@ from splittune.privacy.knowledge import PublicKnowledge
 from splittune.taps.tap import Tap, Truth
 from splittune.run import connect, train
 from splittune.parties.secure import client_round
+from configs import SMALL, small
 
-MODEL = "tiny:llama,layers=4,hidden=64"
-SETS = [f"model={MODEL}", "cuts=[1,3]", "clients=3", "schedule=sfl-v2", "aggregate_every=1", "data.source=builtin:shakespeare",
-        "train.steps=3", "train.batch_size=2", "train.seq_len=16", "train.warmup_steps=0", "train.lr=0.01",
-        "data.max_train_examples=24", "data.max_eval_examples=2", "train.eval_batches=1"]
+MODEL = SMALL
+SETS = small("clients=3", "schedule=sfl-v2", "aggregate_every=1", "train.steps=3", "train.seq_len=16", "train.lr=0.01",
+             "data.max_train_examples=24")
 
 
 @pytest.fixture(scope="module")

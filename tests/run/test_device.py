@@ -12,9 +12,10 @@ from splittune.cli import app
 from splittune.config import ConfigError, load_config
 from splittune.device import DeviceError, resolve_device, rng_state, set_rng_state
 from splittune.run import train
+from configs import tiny
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-TINY = ["model=tiny:llama", "cuts=[1,3]", "train.steps=2", "train.seq_len=32", "data.max_documents=4", "train.eval_batches=1"]
+TINY = tiny("cuts=[1,3]", "train.steps=2", "data.max_documents=4", "train.batch_size=4")
 
 
 def test_names_are_checked_by_the_config():

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from splittune.config import ConfigError, load_config
 from splittune.parties.client.pipeline import Client
 from splittune.run import train
+from configs import tiny
 
-RUN = ["model=tiny:llama", "cuts=[1,3]", "train.steps=6", "train.seq_len=32", "train.batch_size=2", "data.max_documents=6",
-       "train.eval_batches=1", "train.lr=0.01", "train.warmup_steps=1", "train.checkpoint_every=2", "train.eval_every=2"]
+RUN = tiny("cuts=[1,3]", "train.steps=6", "data.max_documents=6", "train.lr=0.01", "train.warmup_steps=1",
+           "train.checkpoint_every=2", "train.eval_every=2")
 
 
 def rows(out):

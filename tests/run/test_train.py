@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from splittune.config import load_config
 from splittune.run import build, train
 from splittune.wire import encode_frame
+from configs import tiny
 
-TINY = ["model=tiny:llama", "train.steps=4", "train.seq_len=32", "train.batch_size=2", "data.max_documents=4",
-        "train.lr=0.01", "train.eval_batches=2"]
+TINY = tiny("train.steps=4", "data.max_documents=4", "train.lr=0.01", "train.eval_batches=2")
 
 
 def run(tmp_path, name, *overrides):

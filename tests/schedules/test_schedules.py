@@ -12,9 +12,10 @@ from splittune.data import build_client_tasks
 from splittune.models.adapters import lora_layers
 from splittune.models.zoo import resolve_model
 from splittune.run import build, connect, parallel, train
+from configs import tiny
 
-TINY = ["model=tiny:llama", "cuts=[1,3]", "train.steps=4", "train.seq_len=32", "train.batch_size=2", "data.max_documents=8",
-        "train.lr=0.01", "train.eval_batches=1", "train.warmup_steps=1", "train.max_grad_norm=0.5"]
+TINY = tiny("cuts=[1,3]", "train.steps=4", "data.max_documents=8", "train.lr=0.01", "train.warmup_steps=1",
+            "train.max_grad_norm=0.5")
 
 
 def losses(out, client=None):

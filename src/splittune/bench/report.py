@@ -96,7 +96,7 @@ def markdown(results: dict[str, Any], plots: dict[str, list[tuple[str, Path]]]) 
 def page(results: dict[str, Any], plots: dict[str, list[tuple[str, Path]]]) -> str:
     """One HTML file with everything inlined (the plots as data URIs): it can be mailed or archived alone."""
     esc = html.escape
-    body = [f"<h1>splittune bench</h1>", *(f"<p>{esc(p)}</p>" for p in _intro(results) if p)]
+    body = ["<h1>splittune bench</h1>", *(f"<p>{esc(p)}</p>" for p in _intro(results) if p)]
     for part in results["parts"]:
         body.append(f"<h2>{esc(part['name'])}: <code>{esc(part['model'])}</code></h2>")
         body.append(f"<p>{part['reps']} measured rounds per entry after {part['warmup']} warm-up.</p>")

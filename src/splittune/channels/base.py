@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from ..errors import SplittuneError
 from ..wire import Message, decode_frame, encode_frame
@@ -37,6 +39,14 @@ class ConnectionLost(RemoteError):
     """The connection to the server broke in the middle of a run; the text says how to resume."""
 
 
+@dataclass
+class Traffic:
+    """The bytes a channel carried each way during a block (``Channel.metered``)."""
+
+    up: int = 0
+    down: int = 0
+
+
 class Channel(ABC):
     """Carries frames to the server and their replies back, many in flight at once; counts every frame's
     bytes once, when it is handed over. What a frame means is the cut link's business (``cut/``)."""
@@ -47,12 +57,28 @@ class Channel(ABC):
         self.messages_up = 0
         self.messages_down = 0
         self._count = threading.Lock()
+        self._meters: list[Traffic] = []  # the blocks being measured (``metered``): each counts its own bytes
+
+    @contextlib.contextmanager
+    def metered(self) -> Iterator[Traffic]:
+        """The bytes this channel carries while the block runs, counted into a ``Traffic`` of the block's own (no
+        before/after difference of shared counters: two blocks measured at once each get theirs)."""
+        meter = Traffic()
+        with self._count:
+            self._meters.append(meter)
+        try:
+            yield meter
+        finally:
+            with self._count:
+                self._meters = [m for m in self._meters if m is not meter]  # this one: meters of equal counts are others
 
     def request(self, frame: bytes) -> Future:
         """Send ``frame``; the future's result is the reply frame (its ``arrived_at`` the time it came)."""
         with self._count:
             self.bytes_up += len(frame)
             self.messages_up += 1
+            for meter in self._meters:
+                meter.up += len(frame)
         future = self._submit(frame)
         future.add_done_callback(self._count_reply)
         return future
@@ -63,6 +89,8 @@ class Channel(ABC):
         with self._count:
             self.bytes_down += len(future.result())
             self.messages_down += 1
+            for meter in self._meters:
+                meter.down += len(future.result())
 
     @abstractmethod
     def _submit(self, frame: bytes) -> Future:

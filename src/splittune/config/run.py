@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+
+from ..defenses import configured
 from .base import Section, warn
 from .sections import CacheConfig, ClientOverride, CodecConfig, DataConfig, Defense, DpSgdConfig, LinkConfig, LoraConfig, Partition, Schedule, SegmentName, SegmentsConfig, TrainConfig, default_cuts
 
@@ -158,16 +160,8 @@ class RunConfig(Section):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"defense: {', '.join(twice)} is listed more than once; each defense takes one entry")
-        if "label-noise" in names and self.mode == "split" and self.cuts is not None and len(self.cuts) == 1:
-            raise ValueError(f"defense: label-noise hides the class in the gradient a U-shaped split's client sends; "
-                             f"cuts={self.cuts} make a two-part split, where the server holds the labels themselves "
-                             "(label-noise needs cuts: [a, b] or auto)")
-        if self.dp_sgd is not None and self.mode == "centralized":
-            raise ValueError("dp_sgd protects the client's adapters from the server and the other clients; mode: "
-                             "centralized shares nothing (use mode: split or federated)")
-        if self.dp_sgd is not None and self.train.gradient_checkpointing:
-            raise ValueError("dp_sgd takes per-example gradients from the forward it saw, and train.gradient_checkpointing "
-                             "runs the blocks again in backward; turn one of them off")
+        for cls, settings in configured(self):  # what each defense needs of the run (``Defense.check``)
+            cls.check(settings, self)
         if self.secure_aggregation:
             averages = n > 1 and (self.mode == "federated" or (self.mode == "split" and self.schedule != "sequential"))
             if not averages:

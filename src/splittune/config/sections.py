@@ -3,10 +3,11 @@ activation cache, defenses and DP-SGD. Each validates its own keys and says what
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from ..defenses import defense, under
 from ..device import check_name
 from .base import ConfigError, Section, SplittuneDeprecationWarning, warn
 
@@ -247,60 +248,9 @@ class CacheConfig(Section):
     def _size(cls, value: Any) -> int:
         return parse_size(value)
 
-class DxDefense(Section):
-    """dχ-privacy (metric local DP, Feyisetan et al. 2020) on the client's token embeddings: each token's embedding
-    gets noise of density ∝ exp(−ε‖z‖), so two tokens at distance d are ε·d-indistinguishable (docs/privacy.md)."""
-
-    name: Literal["dx"]
-    epsilon: float = Field(..., gt=0.0, description="privacy per unit of embedding distance (smaller: more noise)")
-    snap: bool = Field(False, description="replace each noised embedding by its nearest token embedding (a token substitution)")
-
-class GaussianDefense(Section):
-    """Clipped Gaussian noise on the smashed activations the client sends: each token's row clipped to L2 norm
-    ``clip``, then N(0, (sigma·clip)²) per value; an RDP accountant composes it over every release."""
-
-    name: Literal["gaussian"]
-    sigma: float = Field(..., ge=0.0, description="noise multiplier: the noise std over the clip norm (0: clip only, no guarantee)")
-    clip: float = Field(..., gt=0.0, description="L2 norm each token's activation row is clipped to")
-    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="the δ of the reported (ε, δ)")
-
-class NoPeekDefense(Section):
-    """NoPeek (Vepakomma et al. 2020): the client's loss adds alpha × the distance correlation between its inputs
-    (token embeddings) and the smashed activations it sends, so training makes them less alike."""
-
-    name: Literal["nopeek"]
-    alpha: float = Field(..., ge=0.0, description="weight of the distance-correlation term")
-
-class LabelNoiseDefense(Section):
-    """Noise on the gradient a U-shaped client's top sends the server, which otherwise tells each example's class
-    (Li et al., ICLR'22): ``marvell`` draws per-class Gaussian noise shaped to minimise the KL bound on what the server
-    can infer within a power budget; ``max-norm`` lifts every example's gradient to the batch's largest norm."""
-
-    name: Literal["label-noise"]
-    method: Literal["marvell", "max-norm"] = Field(
-        "marvell", description="marvell (optimised per-class noise) | max-norm (the heuristic baseline: each example's "
-        "expected squared norm raised to the batch's largest)")
-    power: float = Field(
-        4.0, ge=0.0, description="marvell's noise budget: the expected squared noise norm per example, averaged over the "
-        "two classes, in units of the squared distance between their mean gradients (0: no noise, the max-norm fallback "
-        "included; max-norm ignores it)")
-
-Defense = Annotated[DxDefense | GaussianDefense | NoPeekDefense | LabelNoiseDefense, Field(discriminator="name")]
-
-DEFENSE_NAMES = ("dx", "gaussian", "nopeek", "label-noise")
-
-class DpSgdConfig(Section):
-    """DP-SGD on the client's adapters (Abadi et al. 2016): each example's gradient clipped to ``max_grad_norm``, summed,
-    plus N(0, (noise_multiplier·max_grad_norm)²); it protects the adapters, not what crosses the cut."""
-
-    noise_multiplier: float | None = Field(None, ge=0.0, description="noise std over max_grad_norm (give this or target_epsilon)")
-    target_epsilon: float | None = Field(None, gt=0.0, description="the ε the run must stay within: the noise multiplier "
-                                         "is found for the run's steps and sampling rate (opacus)")
-    max_grad_norm: float = Field(1.0, gt=0.0, description="L2 norm each example's gradient of the client's adapters is clipped to")
-    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="the δ of the reported (ε, δ)")
-
-    @model_validator(mode="after")
-    def _one_noise(self) -> "DpSgdConfig":
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("dp_sgd takes either noise_multiplier or target_epsilon (exactly one)")
-        return self
+# each defense's entry is the ``Settings`` of its class in ``defenses/`` (one file per defense): the union of those
+# under the ``defense`` key, told apart by name, and DP-SGD's own key
+DEFENSE_ENTRIES = tuple(cls.Settings for cls in under("defense"))
+Defense = Annotated[Union[DEFENSE_ENTRIES], Field(discriminator="name")]
+DEFENSE_NAMES = tuple(cls.name for cls in under("defense"))
+DpSgdConfig = defense("dp_sgd").Settings

@@ -16,7 +16,6 @@ import torch
 
 from ..wire import FrameLimits, Message, decode_frame, encode_frame
 from ..wire.codecs import Codec, make_codec
-from .defenses import Defense
 from .transforms import ROLES, ChainError, CodecStage, Crossing, End, Transform, build_transform
 
 DIRECTIONS = ("up", "down")
@@ -50,7 +49,7 @@ class Chain:
     """Both directions' transforms at one end (``side`` is ``client`` or ``server``) of one session."""
 
     def __init__(self, terms: dict[str, list], side: str, limits: FrameLimits = FrameLimits(), secret: int | None = None):
-        """``secret``: the sending end's private seed for its defenses' noise (``cut/defenses.py``); it never travels."""
+        """``secret``: the sending end's private seed for its defenses' noise (``defenses/noise.py``); it never travels."""
         self.terms = terms
         self.side = side
         self.limits = limits
@@ -58,8 +57,7 @@ class Chain:
         self.end = End()
         self.sending, self.receiving = ("up", "down") if side == "client" else ("down", "up")
         for i, t in enumerate(self.transforms[self.sending]):
-            if isinstance(t, Defense):
-                t.bind(secret, f"{self.sending}.{i}.{t.name}")
+            t.bind(secret, f"{self.sending}.{i}.{t.name}")
 
     def encode(self, msg: Message) -> bytes:
         """``msg`` through this end's sending transforms into a frame (``msg`` itself is left as it was)."""

@@ -12,9 +12,10 @@ chain delivers it (what the server sees, what the client sees) and the frame's s
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -27,25 +28,31 @@ STATE = "chain/"  # tensors carrying one end's chain state (a checkpoint reply, 
 
 
 class LinkStats:
-    """What the client's crossings cost since the last ``take``: its codec time and waits, the server's
-    reported time, round trips, and the codec's squared error and norm per direction."""
+    """What the client's crossings cost during one measured block (``CutLink.measured``): its codec time and waits,
+    the server's reported time, round trips, and the codec's squared error and norm per direction."""
 
     def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
         self.codec_s = 0.0
         self.wait_s = 0.0  # time the client spent blocked on replies
         self.server_s = 0.0  # the server's own time on these messages, as its replies report it
         self.round_trip_s = 0.0
         self.error = {"up": [0.0, 0.0], "down": [0.0, 0.0]}
 
-    def take(self) -> dict[str, Any]:
-        out = {"codec_s": self.codec_s, "wait_s": self.wait_s, "server_s": self.server_s,
-               "wire_s": max(self.round_trip_s - self.server_s, 0.0),
-               "error": {d: (e[0] / e[1]) ** 0.5 if e[1] > 0 else None for d, e in self.error.items()}}
-        self.reset()
-        return out
+    def add(self, codec_s: float = 0.0, wait_s: float = 0.0, server_s: float = 0.0, round_trip_s: float = 0.0,
+            error: tuple[str, float, float] | None = None) -> None:
+        self.codec_s += codec_s
+        self.wait_s += wait_s
+        self.server_s += server_s
+        self.round_trip_s += round_trip_s
+        if error is not None:
+            direction, sq_err, sq_ref = error
+            self.error[direction][0] += sq_err
+            self.error[direction][1] += sq_ref
+
+    def figures(self) -> dict[str, Any]:
+        return {"codec_s": self.codec_s, "wait_s": self.wait_s, "server_s": self.server_s,
+                "wire_s": max(self.round_trip_s - self.server_s, 0.0),
+                "error": {d: (e[0] / e[1]) ** 0.5 if e[1] > 0 else None for d, e in self.error.items()}}
 
 
 class Pending:
@@ -62,17 +69,14 @@ class Pending:
             try:
                 frame = self.link.channel.wait(self.future, self.msg)
             finally:
-                link.stats.wait_s += time.perf_counter() - t0
+                link.note(wait_s=time.perf_counter() - t0)
             arrived = getattr(self.future, "arrived_at", None) or time.perf_counter()
             with Stopwatch() as watch:
                 reply = link.chain.decode(frame) if link.chain is not None else decode_frame(frame)
-            link.stats.codec_s += watch.total
             cut = reply.meta.pop("link", {}) if isinstance(reply.meta.get("link"), dict) else {}
-            link.stats.round_trip_s += arrived - self.sent_at
-            link.stats.server_s += float(cut.get("server_s", 0.0))
-            if "down_err" in cut:
-                for i, v in enumerate(cut["down_err"][:2]):
-                    link.stats.error["down"][i] += float(v)
+            err = cut.get("down_err")
+            link.note(codec_s=watch.total, round_trip_s=arrived - self.sent_at, server_s=float(cut.get("server_s", 0.0)),
+                      error=("down", float(err[0]), float(err[1])) if err else None)
             link._observe("down", reply, len(frame))
             with link._lock:
                 link.in_flight.pop((self.msg.step, self.msg.micro, self.msg.kind), None)
@@ -94,9 +98,27 @@ class CutLink:
         self.in_flight: dict[tuple[int, int, str], Pending] = {}
         self.taps: list[Tap] = []
         self.sent_log: Callable[[Message, int], None] | None = None  # the client's ledger: each message as sent, its frame size
-        self.stats = LinkStats()
+        self._measuring: list[LinkStats] = []  # the blocks being measured (``measured``)
         self._server_state: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def measured(self) -> Iterator[LinkStats]:
+        """What the crossings of the block cost, noted into a ``LinkStats`` of the block's own."""
+        stats = LinkStats()
+        with self._lock:
+            self._measuring.append(stats)
+        try:
+            yield stats
+        finally:
+            with self._lock:
+                self._measuring = [s for s in self._measuring if s is not stats]
+
+    def note(self, **amounts) -> None:
+        """Add a crossing's costs (``LinkStats.add``) to every block being measured."""
+        with self._lock:
+            for stats in self._measuring:
+                stats.add(**amounts)
 
     @property
     def bytes_up(self) -> int:
@@ -149,7 +171,7 @@ class CutLink:
                 raise RuntimeError(f"a {msg.kind} message for step {msg.step} micro-batch {msg.micro} is already in flight")
         with Stopwatch() as watch:
             frame = self.chain.encode(msg)
-        self.stats.codec_s += watch.total
+        self.note(codec_s=watch.total)
         if self.sent_log is not None:
             self.sent_log(msg, len(frame))
         if self.taps:  # what the server's chain will hand the server
@@ -159,8 +181,7 @@ class CutLink:
             self.in_flight[key] = pending
         if self.chain.lossy:
             err = self.chain.codec_error()
-            self.stats.error["up"][0] += err["sq_err"]
-            self.stats.error["up"][1] += err["sq_ref"]
+            self.note(error=("up", err["sq_err"], err["sq_ref"]))
         return pending
 
     def call(self, msg: Message) -> Message:

@@ -70,6 +70,9 @@ class Transform:
         """Undo this transform on an incoming message."""
         return msg
 
+    def bind(self, secret: int | None, label: str) -> None:
+        """On the sending end: the client's private secret (never sent) and a label for this transform's noise."""
+
     def varies(self, role: str, width: int) -> str | None:
         """Why a ``role`` tensor's token (``width`` values) may arrive otherwise when sent again, or beside other
         tokens; None when it always arrives the same (the activation cache needs it). A transform varies until

@@ -12,9 +12,6 @@ from __future__ import annotations
 import math
 import warnings
 
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 
 def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float, sample_rate: float = 1.0) -> float:
     """ε after ``releases`` compositions of the Gaussian mechanism with noise std = ``noise_multiplier`` × sensitivity
@@ -23,6 +20,8 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float, sampl
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    from opacus.accountants import RDPAccountant  # here: opacus configures the root logger when it loads
+
     accountant = RDPAccountant()
     accountant.history = [(float(noise_multiplier), float(sample_rate), int(releases))]
     with warnings.catch_warnings():  # "optimal order at the edge of the range": the bound is valid, only not the tightest
@@ -32,6 +31,8 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float, sampl
 
 def noise_for_epsilon(target_epsilon: float, releases: int, delta: float, sample_rate: float = 1.0) -> float:
     """The smallest noise multiplier whose ``releases`` compositions stay within ``target_epsilon`` (opacus' search)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=max(int(releases), 1), accountant="rdp"))
 

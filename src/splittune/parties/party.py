@@ -246,6 +246,10 @@ class Party:
         modules = [self.blocks[i] for i in segment.blocks] + [base.get_submodule(n) for n in names]
         return any(p.requires_grad for m in modules for p in m.parameters())
 
+    def trained(self, adapter: str | None = None) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters one adapter trains (and fully trained weights) under canonical names, in a fixed order."""
+        return trainable(self.model, adapter or self.adapter)
+
     def sq_grad_norm(self, adapter: str | None = None) -> float:
         return self.trainers[adapter or self.adapter].sq_grad_norm()
 

@@ -71,7 +71,6 @@ def _trip(client: Chain, server: Chain, request: Message, reply) -> Trip:
     received = server.decode(frame)
     answer = reply(received)
     answer.meta["link"] = dict(LINK)
-    t2 = time.perf_counter()
     back = server.encode(answer)
     t3 = time.perf_counter()
     client.decode(back)

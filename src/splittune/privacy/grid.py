@@ -28,6 +28,7 @@ from typing import Any, Callable
 import yaml
 
 from ..config import ConfigError, RunConfig, dump_config, validate
+from ..defenses import DEFENSES
 from .attacks.catalog import make_attack
 from .job import attack_run
 
@@ -74,20 +75,13 @@ def scales(cfg: RunConfig, aux: str) -> dict[str, float]:
 
 
 def default_grid(cfg: RunConfig, scale: dict[str, float]) -> list[Setting]:
-    """The undefended run; Gaussian noise with the clip at the median row norm and its std ½, 1 and 2 times the
-    per-value signal (σ = k/√width: ``gaussian-<k>x``); dχ noise whose expected norm is ½, 1 and 2 embedding norms
-    (``dx-<k>x``); NoPeek when the bottom trains; label noise in a labelled U-shape."""
-    clip, width = round(scale["row_norm"], 4), scale["width"]
-    grid = [Setting("none", {})]
-    grid += [Setting(f"gaussian-{k:g}x", {"defense": [{"name": "gaussian", "sigma": round(k / math.sqrt(width), 5), "clip": clip}]})
-             for k in (0.5, 1.0, 2.0)]
-    grid += [Setting(f"dx-{k:g}x", {"defense": [{"name": "dx", "epsilon": round(width / (k * scale["embedding_norm"]), 4)}]})
-             for k in (0.5, 1.0, 2.0)]
-    if cfg.segments.bottom != "frozen" and (cfg.cuts or [0])[0] > 0 and cfg.train.batch_size // cfg.train.micro_batches >= 3:
-        grid += [Setting(f"nopeek-{a:g}", {"defense": [{"name": "nopeek", "alpha": a}]}) for a in (0.5, 2.0)]
-    if cfg.cuts is not None and len(cfg.cuts) == 2 and "sentiment" in str(cfg.data.source):
-        grid += [Setting(f"label-noise-{p:g}", {"defense": [{"name": "label-noise", "method": "marvell", "power": p}]}) for p in (4.0, 16.0)]
-    return grid
+    """The undefended run, then what each defense's ``sweep`` tries for this run (``defenses/``): Gaussian noise with
+    the clip at the median row norm and its std ½, 1 and 2 times the per-value signal (``gaussian-<k>x``); dχ noise
+    whose expected norm is ½, 1 and 2 embedding norms (``dx-<k>x``); NoPeek when the bottom trains; label noise in a
+    labelled U-shape."""
+    order = ["gaussian", "dx", "nopeek", "label-noise"]  # the report's order; a defense not named here comes after
+    kinds = sorted(DEFENSES.values(), key=lambda c: order.index(c.name) if c.name in order else len(order))
+    return [Setting("none", {})] + [Setting(name, overlay) for cls in kinds for name, overlay in cls.sweep(cfg, scale)]
 
 
 def load_grid(path: Path, scale: dict[str, float]) -> list[Setting]:

@@ -3,11 +3,11 @@ written (``adapters``). ``train`` runs every party in this process; ``train_remo
 deployed run."""
 
 from .adapters import ADAPTERS, save_adapters
-from .assemble import Fleet, build, client_secret, client_tasks, connect, parallel, wire_defenses
+from .assemble import Fleet, build, client_secret, client_tasks, connect, parallel
 from .loop import Loop, resolved, train, train_batch, train_remote
 from .resume import CHECKPOINTS, STOP, Interrupted
 from .summary import BREAKDOWN, time_breakdown
 
 __all__ = ["ADAPTERS", "BREAKDOWN", "CHECKPOINTS", "STOP", "Fleet", "Interrupted", "Loop", "build", "client_secret",
            "client_tasks", "connect", "parallel", "resolved", "save_adapters", "time_breakdown", "train", "train_batch",
-           "train_remote", "wire_defenses"]
+           "train_remote"]

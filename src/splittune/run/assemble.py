@@ -26,9 +26,7 @@ from ..models.arch import ArchSpec, check_seq_len, detect_arch
 from ..models.partition import PlanError
 from ..models.zoo import ModelSource, resolve_model
 from ..parties import Client, Party, Server, SessionSpec
-from ..parties.client.defenses import PARTY_DEFENSES, ClientDefenses
-from ..parties.client.dp_sgd import DPSGD
-from ..dpmath.accounting import most_releases, noise_for_epsilon
+from ..defenses import ClientDefenses, Placement, chain_entries
 from ..taps.recording import Recording, SentLog
 from ..schedules.policy import POLICIES, policy_for
 
@@ -120,7 +118,7 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
         server = server_for(source, spec, config, state_dir=state_dir, device=device)
         local = in_process(server, recording.attach if recording is not None else None)
         channel_for = lambda i: local()  # noqa: E731
-    terms = terms_from(cfg.codec.model_dump(), cfg.padding_removal, wire_defenses(cfg))
+    terms = terms_from(cfg.codec.model_dump(), cfg.padding_removal, chain_entries(cfg))
     clients, links = [], []
     fleet = Fleet(clients, server, links, source, indices)  # filled as parties are built, so a failure closes them
     try:
@@ -140,13 +138,9 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
                 link = CutLink(channel, uuid.uuid4().hex[:12], terms, secret=client_secret(cfg, i))
                 link.sent_log = ledger
             links.append(link)
-            client = Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight)
-            own = [d.model_dump() for d in cfg.defense if d.name in PARTY_DEFENSES]
-            if own:
-                client.defenses = ClientDefenses(own, party, client_secret(cfg, i))
-            if cfg.dp_sgd is not None:
-                steps = policy.client_steps(cfg.train.steps, n)
-                client.dp = DPSGD(party, dp_noise(cfg, count, steps), cfg.dp_sgd.max_grad_norm, client_secret(cfg, i))
+            at = Placement(party, client_secret(cfg, i), count, policy.client_steps(cfg.train.steps, n),
+                           cfg.train.batch_size * cfg.train.grad_accum)
+            client = Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight, ClientDefenses.build(cfg, at))
             if recording is not None:
                 client.recorder = recording.truth
             clients.append(client)
@@ -168,27 +162,6 @@ def client_tasks(cfg: RunConfig, tokenizer) -> list[TaskData]:
     """Each client's data; the centralized baseline trains on all of it pooled."""
     tasks = build_client_tasks(cfg, tokenizer)
     return [merge_tasks(tasks)] if cfg.mode == "centralized" and len(tasks) > 1 else tasks
-
-
-def wire_defenses(cfg: RunConfig) -> tuple[dict, ...]:
-    """The defenses that run in the chain's defense slot (on what crosses); the others act inside the client."""
-    return tuple(d.model_dump() for d in cfg.defense if d.name not in PARTY_DEFENSES)
-
-
-def dp_noise(cfg: RunConfig, examples: int, steps: int) -> float:
-    """DP-SGD's noise multiplier: as given, or the smallest that keeps both of the run's ε (``dpmath/budget.py``: at
-    this client's sampling rate over ``steps``, and unamplified over the steps an example is in) within
-    ``target_epsilon`` (opacus' RDP search)."""
-    dp = cfg.dp_sgd
-    if dp.noise_multiplier is not None:
-        return dp.noise_multiplier
-    releases = most_releases(examples, cfg.train.batch_size * cfg.train.grad_accum, steps)
-    return max(noise_for_epsilon(dp.target_epsilon, steps, dp.delta, sample_rate=dp_sample_rate(cfg, examples)),
-               noise_for_epsilon(dp.target_epsilon, releases, dp.delta))  # both bounds of dpmath/budget.py within it
-
-
-def dp_sample_rate(cfg: RunConfig, examples: int) -> float:
-    return min(1.0, cfg.train.batch_size * cfg.train.grad_accum / max(examples, 1))
 
 
 def client_secret(cfg: RunConfig, client: int) -> int | None:

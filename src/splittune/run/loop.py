@@ -257,9 +257,7 @@ class Loop:
         if report.link is not None:
             row.update(time_breakdown(report.step_s, report.link))
             row["bottom_s"] = round(report.bottom_s, 6)
-        nopeek = next((d.alpha for d in self.cfg.defense if d.name == "nopeek" and d.alpha > 0), None)
-        if nopeek is not None:  # the step's mean distance correlation between embeddings and activations
-            row["nopeek_dcor"] = round(report.penalty / nopeek, 6)
+        row.update(report.figures)  # the defenses' own (NoPeek's distance correlation)
         if report.cache_hits is not None:
             row.update(cache_hits=report.cache_hits, cache_misses=report.cache_misses)
         return row

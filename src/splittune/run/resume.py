@@ -127,10 +127,8 @@ def save_loop(loop: "Loop", step: int) -> None:
         groups.update({f"c{index}.{name}": t for name, t in parts.items()})
         if client.link is not None:
             groups[f"c{index}.link"] = client.link.state()
-        if client.defenses is not None:
+        if client.defenses:
             groups[f"c{index}.defense"] = client.defenses.state_dict()
-        if client.dp is not None:
-            groups[f"c{index}.dp"] = client.dp.state_dict()
     groups["rng"] = rng_state()
     meta = {"step": step, "samplers": [s.state_dict() for s in loop.samplers], "metrics": loop.metrics,
             "evals": loop.evals, "own_before": loop.own_before, "train_bytes": loop.train_bytes,
@@ -146,10 +144,8 @@ def restore_loop(loop: "Loop", step: int) -> None:
     for index, client in zip(loop.index, loop.fleet.clients):
         prefix = f"c{index}."
         client.party.restore({k.removeprefix(prefix): v for k, v in groups.items() if k.startswith(prefix)}, meta["parties"][str(index)])
-        if client.defenses is not None:
+        if client.defenses:
             client.defenses.load_state_dict(groups.get(f"{prefix}defense", {}))
-        if client.dp is not None:
-            client.dp.load_state_dict(groups.get(f"{prefix}dp", {}))
         if client.cache is not None and str(index) in meta.get("caches", {}):
             client.cache.load_state(meta["caches"][str(index)])
     for sampler, state in zip(loop.samplers, meta["samplers"], strict=True):

@@ -11,8 +11,9 @@ import torch
 from .. import __version__
 from ..device import peak_memory
 from ..parties.cache import MIRROR_COUNTS
-from ..dpmath.budget import defense_summary
-from .assemble import dp_sample_rate
+from ..defenses import Usage, guarantees
+from ..defenses.dp_sgd import sample_rate
+from ..dpmath.accounting import most_releases
 
 if TYPE_CHECKING:
     from .loop import Loop
@@ -105,18 +106,22 @@ def summarize(loop: "Loop", before: dict, after: dict, own_before: list[dict], o
         summary["eval_accuracy_before"] = before["accuracy"]
         summary["eval_accuracy_after"] = after["accuracy"]
     summary.update(step_breakdown(loop.metrics))
-    dp = None
-    if cfg.dp_sgd is not None:
-        sizes = [len(task.train) for task in loop.tasks]
-        dp = {**cfg.dp_sgd.model_dump(), "noise_multiplier": clients[0].dp.sigma,
-              "sample_rate": max(dp_sample_rate(cfg, n) for n in sizes)}
-    summary.update(defense_summary([d.model_dump() for d in cfg.defense], t.seq_len, t.batch_size * t.grad_accum,
-                                   loop.metrics, [len(task.train) for task in loop.tasks], loop.index,
-                                   len(loop.evals) + (2 * loop.n if loop.total > 1 else 0), dp))
+    summary.update(guarantees(cfg, usage(loop), clients[0].defenses))
     if clients[0].split:
         summary["cache"] = cache_summary(loop)
     summary["per_client"] = [client_entry(loop, i, own_before[i], own_after[i]) for i in range(loop.n)]
     return summary
+
+
+def usage(loop: "Loop") -> Usage:
+    """What this run did that its defenses' guarantees depend on: its clients' steps and the batches an example was
+    in (releases), the evaluation passes, the largest sampling rate."""
+    t = loop.cfg.train
+    per_step, sizes = t.batch_size * t.grad_accum, [len(task.train) for task in loop.tasks]
+    steps = [sum(1 for m in loop.metrics if m["client"] == c) for c in loop.index]
+    return Usage(t.seq_len, per_step, max(most_releases(n, per_step, k) for n, k in zip(sizes, steps)), max(steps),
+                 len(loop.evals) + (2 * loop.n if loop.total > 1 else 0), loop.metrics,
+                 max(sample_rate(per_step, n) for n in sizes))
 
 
 def cache_summary(loop: "Loop") -> dict[str, Any]:

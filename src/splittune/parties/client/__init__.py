@@ -1,6 +1,5 @@
 """The client's end: its pipeline (``pipeline``: stages 1-6 for its micro-batches, averages, relays) and what a step
-reports (``report``), the defenses inside its bottom (``defenses``), DP-SGD on its adapters (``dp_sgd``) and split
-generation (``generator``)."""
+reports (``report``) and split generation (``generator``). The defenses it runs are given to it (``defenses/``)."""
 
 from .pipeline import Client
 from .report import StepReport, Traffic

@@ -170,12 +170,12 @@ class SplitGenerator:
             if not isinstance(keep, int):
                 raise GenerationError("logits_to_keep must be an integer for split generation")
             meta["keep"] = keep
-        up, down = self.link.bytes_up, self.link.bytes_down
-        reply = self.link.call(Message("generate", self.session, 0, 0, tensors, meta))
+        with self.link.channel.metered() as sent:
+            reply = self.link.call(Message("generate", self.session, 0, 0, tensors, meta))
         c = self.crossings
         c.positions.append(new)
-        c.up.append(self.link.bytes_up - up)
-        c.down.append(self.link.bytes_down - down)
+        c.up.append(sent.up)
+        c.down.append(sent.down)
         self._positions = start + new
         out = to_device(reply.tensors, hidden.device)
         if self.two_part:

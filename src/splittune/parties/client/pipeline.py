@@ -19,6 +19,7 @@ from ...channels import RemoteError
 from ...cut.link import CutLink, Pending
 from ...cut.transforms import needed_positions
 from ...data.choices import candidate_scores
+from ...defenses import ClientDefenses
 from ...device import to_device
 from ...models.routing import ROUTER
 from ...models.stages import segment_failures
@@ -26,8 +27,6 @@ from ...wire import Message
 from ...averaging import fold_delta
 from ...wire.names import FOLD, OPT, split, tag
 from ..cache import CACHE_MISS, Mirror, entry_bytes, row_keys, why_off
-from .defenses import ClientDefenses
-from .dp_sgd import DPSGD
 from .report import StepReport, Traffic
 from ..party import Party
 from ..secure import client_round
@@ -71,7 +70,7 @@ class _Micro:
     want_grad: bool = False  # the bottom trains: its activations' gradient comes back
     share: float = 1.0  # this micro-batch's rows over the step's (weights a defense's term on the bottom)
     offset: int = 0  # the step's index of this micro-batch's first example (DP-SGD's per-example gradients)
-    penalty: torch.Tensor | None = None  # a defense's term on the bottom's loss (NoPeek), back-propagated with it
+    penalty: dict[str, torch.Tensor] | None = None  # the defenses' terms on the bottom's loss (NoPeek), back-propagated with it
     router: torch.Tensor | None = None  # the bottom's router sums (MoE auxiliary loss), back-propagated with it
     router_grad: torch.Tensor | None = None  # their gradient, from whichever party ends the model
 
@@ -83,7 +82,8 @@ class Client:
     at most ``max_in_flight`` at once (back-pressure bounds the activations both parties hold).
     """
 
-    def __init__(self, party: Party, link: CutLink | None = None, micro_batches: int = 1, max_in_flight: int | None = None):
+    def __init__(self, party: Party, link: CutLink | None = None, micro_batches: int = 1, max_in_flight: int | None = None,
+                 defenses: ClientDefenses | None = None):
         self.party = party
         self.plan = party.plan
         self.link = link
@@ -99,9 +99,10 @@ class Client:
         self._bottom_s = 0.0  # time in the bottom's training forwards this step
         # called with (session, step, micro, batch) as each training micro-batch is first sent (a run recording its taps)
         self.recorder: Callable[[str, int, int, Batch], None] | None = None
-        self.defenses: ClientDefenses | None = None  # dχ noise and NoPeek inside the bottom (parties/client/defenses.py)
-        self.dp: DPSGD | None = None  # DP-SGD on this client's adapters (parties/client/dp_sgd.py)
-        self._penalty = 0.0  # the defense terms added to the bottom's loss this step
+        # the defenses that act inside this client (its bottom, its loss, its gradients: ``defenses/``); the chain's own
+        # defense slot is its link's
+        self.defenses = defenses if defenses is not None else ClientDefenses([])
+        self._penalties: dict[str, float] = {}  # each defense's terms added to the bottom's loss this step
 
     def connect(self, resume: int | None = None, link_state: dict | None = None) -> dict:
         """Stage 0: propose the session and the chain; the server builds its part from it (restored to step
@@ -113,7 +114,7 @@ class Client:
             self.server_info = dict(self.link.hello(meta, link_state).meta)
             if self.split:
                 budget = int(self.server_info.get("cache_bytes", 0))
-                noisy = self.defenses.varies() if self.defenses is not None else None
+                noisy = self.defenses.varies()
                 self.cache_off = why_off(self.party, self.link.chain, budget, self.party.session.cache_bytes) or noisy
                 self.cache = Mirror(budget) if self.cache_off is None else None
         return self.server_info
@@ -144,8 +145,7 @@ class Client:
         m.hidden = None
         if rows is None or rows:
             ids, mask = (batch["input_ids"], batch["attention_mask"]) if rows is None else (batch["input_ids"][rows], batch["attention_mask"][rows])
-            if self.dp is not None:
-                self.dp.offset = m.offset
+            self.defenses.at(m.offset)
             with torch.set_grad_enabled(self.party.trains(bottom)):
                 m.hidden, m.penalty, m.router = self._bottom(ids, mask, m.share, (step, m.index))
             tensors["hidden"] = m.hidden.detach()
@@ -187,12 +187,12 @@ class Client:
         return (None if len(sent) == len(keys) else sent), {"cache": meta}
 
     def _bottom(self, ids: torch.Tensor, mask: torch.Tensor, share: float = 1.0,
-                key: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                key: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
         """The bottom's activations at the first cut, through the client's own defenses; their term on the
         bottom's loss (None without one; evaluations never train); the bottom's router sums (None without a router
         loss). ``key``: the training (step, micro-batch); (0, 0) for an evaluation."""
         end = self.plan.segment("bottom").end
-        if self.defenses is None or not self.defenses.active:
+        if not self.defenses.active:
             out = self.party.run(0, end, input_ids=ids, attention_mask=mask)
             return out.hidden, None, out.router
         with self.defenses.bottom(*key) as box:
@@ -215,8 +215,7 @@ class Client:
         if m.stage == 1 and self.plan.shape == "u-shape":
             top = self.plan.segment("top")
             m.top = reply.tensors["hidden"].requires_grad_(True)
-            if self.dp is not None:
-                self.dp.offset = m.offset
+            self.defenses.at(m.offset)
             out = self.party.run(top.start, top.end, hidden=m.top, attention_mask=m.batch["attention_mask"],
                                  labels=m.batch["labels"], num_items_in_batch=num_items)
             bottom_sums, trunk_sums = (_leaf(m.router), _leaf(reply.tensors.get(ROUTER)))
@@ -236,10 +235,10 @@ class Client:
             m.router_grad = reply.tensors.get(ROUTER)
         if m.want_grad:
             outputs, grads = [m.hidden], [reply.tensors["grad"]]
-            if m.penalty is not None:
-                outputs.append(m.penalty)
-                grads.append(torch.ones_like(m.penalty))
-                self._penalty += float(m.penalty.detach())
+            for name, term in (m.penalty or {}).items():
+                outputs.append(term)
+                grads.append(torch.ones_like(term))
+                self._penalties[name] = self._penalties.get(name, 0.0) + float(term.detach())
             if m.router is not None and m.router_grad is not None and m.router.requires_grad:
                 outputs.append(m.router)
                 grads.append(m.router_grad)
@@ -276,35 +275,27 @@ class Client:
         Each micro-batch's loss is its token sum divided by the tokens of the *whole* step, so the
         accumulated gradient is that of one big batch, whatever the micro-batch split.
         """
-        if self.link is not None:
-            self.link.stats.take()  # the step's crossings start afresh
-        self._bottom_s = self._penalty = 0.0
+        self._bottom_s, self._penalties = 0.0, {}
         counts = self.cache_counts()
         started = time.perf_counter()
-        with self.traffic() as sent:
+        measured = self.link.measured() if self.link is not None else contextlib.nullcontext()
+        with self.traffic() as sent, measured as stats:
             loss, num_items = self.backward(step, batches)
-            if self.dp is not None:  # the client's gradients, clipped per example and noised, before the global norm
-                self.dp.privatise()
+            self.defenses.before_optimizer()  # DP-SGD: the client's gradients clipped per example and noised, before the global norm
             lr = self.party.lr
             self.optimizer_step(step)
-        report = StepReport(loss, num_items, lr, sent.up, sent.down, time.perf_counter() - started, penalty=self._penalty)
-        if self.link is not None:
-            report.link, report.bottom_s = self.link.stats.take(), self._bottom_s
+        report = StepReport(loss, num_items, lr, sent.up, sent.down, time.perf_counter() - started, penalty=sum(self._penalties.values()),
+                            figures=self.defenses.figures(self._penalties))
+        if stats is not None:
+            report.link, report.bottom_s = stats.figures(), self._bottom_s
         if counts:
             now = self.cache_counts()
             report.cache_hits, report.cache_misses = now["hits"] - counts["hits"], now["misses"] - counts["misses"]
         return report
 
-    @contextlib.contextmanager
-    def traffic(self):
-        """The bytes this client's link carries during the block: a ``Traffic`` filled in when it ends."""
-        out = Traffic()
-        up, down = (self.link.bytes_up, self.link.bytes_down) if self.link is not None else (0, 0)
-        try:
-            yield out
-        finally:
-            if self.link is not None:
-                out.up, out.down = self.link.bytes_up - up, self.link.bytes_down - down
+    def traffic(self) -> contextlib.AbstractContextManager[Traffic]:
+        """The bytes this client's link carries during the block (its channel's meter; nothing without a link)."""
+        return self.link.channel.metered() if self.link is not None else contextlib.nullcontext(Traffic())
 
     def backward(self, step: int, batches: list[Batch]) -> tuple[float, int]:
         """Stages 1–5 for every micro-batch (each of ``batches`` cut into ``micro_batches``): gradients
@@ -313,8 +304,7 @@ class Client:
         if num_items == 0:
             raise ValueError(f"step {step}: no label carries loss (every label is -100)")
         micros = [m for b in batches for m in split_rows(b, self.micro_batches)]
-        if self.dp is not None:
-            self.dp.begin(sum(m["input_ids"].shape[0] for m in micros))
+        self.defenses.begin(sum(m["input_ids"].shape[0] for m in micros))
         if self.plan.shape != "centralized":
             return self._pipeline(step, micros, num_items), num_items
         loss = 0.0
@@ -322,8 +312,7 @@ class Client:
             if self.recorder is not None:  # a federated client's batches: what its adapter updates are computed from
                 self.recorder(self.session, step, i, b)
             b = to_device(b, self.party.device)
-            if self.dp is not None:
-                self.dp.offset = sum(x["input_ids"].shape[0] for x in micros[:i])
+            self.defenses.at(sum(x["input_ids"].shape[0] for x in micros[:i]))
             out = self.party.run(0, self.plan.n_blocks, input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                  labels=b["labels"], num_items_in_batch=num_items)
             total = self.party.add_aux(out.loss, out.router)
@@ -360,7 +349,7 @@ class Client:
         if plan.shape == "centralized":
             out = party.run(0, plan.n_blocks, input_ids=ids, **ending)
         else:
-            bottom, top = plan.segment("bottom"), plan.segment("top")
+            top = plan.segment("top")
             h, _, _ = self._bottom(ids, mask)
             keep = needed_positions(mask, batch["labels"])
             reply = self._call("activations", 0, 0, {"hidden": h, "attention_mask": mask, "cut.keep": keep}, train=False)

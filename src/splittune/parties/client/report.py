@@ -1,23 +1,19 @@
-"""What a client step reports (``StepReport``), and the bytes a block of its work sent (``Traffic``): the loop and the
-bench aggregate reports rather than reading or resetting the client's counters."""
+"""What a client step reports (``StepReport``); the bytes a block of its work sent are its channel's ``Traffic``. The
+loop and the bench aggregate reports rather than reading or resetting the client's counters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ...channels import Traffic
 
-@dataclass
-class Traffic:
-    """The bytes a client's link carried each way during a block (``Client.traffic``)."""
-
-    up: int = 0
-    down: int = 0
+__all__ = ["StepReport", "Traffic"]
 
 
 @dataclass
 class StepReport:
     """What one client step did, reported by the client itself: the loss over its ``tokens``, the learning rate, the
-    bytes each way, its wall time; split runs add where the time went (``link``: ``LinkStats.take()``), the bottom's
+    bytes each way, its wall time; split runs add where the time went (``link``: the step's ``LinkStats.figures()``), the bottom's
     forward time and the defense penalty summed into its loss; with the activation cache, its hits and misses."""
 
     loss: float
@@ -29,5 +25,6 @@ class StepReport:
     link: dict | None = None
     bottom_s: float = 0.0
     penalty: float = 0.0
+    figures: dict[str, float] = field(default_factory=dict)  # the defenses' own figures for the step's row (nopeek_dcor)
     cache_hits: int | None = None
     cache_misses: int | None = None

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ...errors import SplittuneError
-from ...cut.defenses import Defense
+from ...defenses import Defense
 from ...cut.transforms import Crossing, End, build_transform
 from ...models.partition import DTYPES
 from ...wire import Message
@@ -175,7 +175,7 @@ def wire_transform(tap: Tap, direction: str, defenses: bool = False, seed: int =
     spec = next((s["hidden"] for s in terms if s.get("name") == "codec" and "hidden" in s), "raw")
     codec, _ = make_codec_with_feedback(spec)
     generator = torch.Generator().manual_seed(seed)
-    slot = [t for t in (build_transform(s) for s in terms) if isinstance(t, Defense)] if defenses else []
+    slot = [t for t in (build_transform(s) for s in terms) if isinstance(t, Defense) and t.crosses] if defenses else []
     for i, t in enumerate(slot):
         t.bind(seed, f"attacker.{i}.{t.name}")
 

@@ -15,21 +15,50 @@ activations that cross the cut, nor the server's adapters (docs/privacy.md shows
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from ...errors import SplittuneError
-from ...cut.defenses import NoiseStream
-from ...models.adapters import trainable
-from ..party import Party
+from ..dpmath.accounting import gaussian_epsilon, most_releases, noise_for_epsilon
+from ..errors import SplittuneError
+from .base import Defense, Guarantee, Settings, finite, register
+from .noise import NoiseStream
 
 
 class DPError(SplittuneError, ValueError):
     """DP-SGD that cannot run on this client (names what trains that it cannot clip per example)."""
 
 
-class DPSGD:
-    def __init__(self, party: Party, noise_multiplier: float, max_grad_norm: float, secret: int):
+class DpSgdConfig(Settings):
+    """DP-SGD on the client's adapters (Abadi et al. 2016): each example's gradient clipped to ``max_grad_norm``, summed,
+    plus N(0, (noise_multiplier·max_grad_norm)²); it protects the adapters, not what crosses the cut."""
+
+    noise_multiplier: float | None = Field(None, ge=0.0, description="noise std over max_grad_norm (give this or target_epsilon)")
+    target_epsilon: float | None = Field(None, gt=0.0, description="the ε the run must stay within: the noise multiplier "
+                                         "is found for the run's steps and sampling rate (opacus)")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="L2 norm each example's gradient of the client's adapters is clipped to")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="the δ of the reported (ε, δ)")
+
+    @model_validator(mode="after")
+    def _one_noise(self) -> "DpSgdConfig":
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("dp_sgd takes either noise_multiplier or target_epsilon (exactly one)")
+        return self
+
+
+def sample_rate(per_step: int, examples: int) -> float:
+    return min(1.0, per_step / max(examples, 1))
+
+
+@register
+class DPSGD(Defense):
+    name = "dp_sgd"
+    Settings = DpSgdConfig
+    key = "dp_sgd"
+
+    def __init__(self, party, noise_multiplier: float, max_grad_norm: float, secret: int):
         if party.router is not None:
             raise DPError("dp_sgd clips each example's gradient, and this model's router loss ties the examples of a batch "
                           "together (its load balancing is a product of sums over every row); set output_router_logits "
@@ -37,10 +66,9 @@ class DPSGD:
         self.sigma, self.clip = float(noise_multiplier), float(max_grad_norm)
         self.noise = NoiseStream(secret, "dp_sgd")
         self.steps = 0  # optimizer steps taken: the key of each step's noise, as many in-process as deployed
-        named = dict(trainable(party.model, party.adapter))
         owners = {id(m.weight): m for m in party.model.modules() if isinstance(m, nn.Linear) and m.bias is None}
         self.params: list[tuple[str, nn.Parameter]] = []
-        for name, p in named.items():
+        for name, p in party.trained():
             if id(p) not in owners:
                 raise DPError(f"dp_sgd clips per-example gradients of LoRA factors, and {name} is another trained weight "
                               "(a segment with full training); set every client segment to lora or frozen")
@@ -51,9 +79,55 @@ class DPSGD:
         self.grads: dict[int, torch.Tensor] = {}  # id(param) -> [examples, *shape] for this step
         self._handles = [m.register_forward_hook(self._forward) for m in self.modules]
 
+    @classmethod
+    def check(cls, settings, run):
+        if run.mode == "centralized":
+            raise ValueError("dp_sgd protects the client's adapters from the server and the other clients; mode: "
+                             "centralized shares nothing (use mode: split or federated)")
+        if run.train.gradient_checkpointing:
+            raise ValueError("dp_sgd takes per-example gradients from the forward it saw, and train.gradient_checkpointing "
+                             "runs the blocks again in backward; turn one of them off")
+
+    @classmethod
+    def create(cls, settings, at):
+        return cls(at.party, cls.noise(settings, at.examples, at.steps, at.per_step), settings.max_grad_norm, at.secret)
+
+    @staticmethod
+    def noise(settings: DpSgdConfig, examples: int, steps: int, per_step: int) -> float:
+        """The noise multiplier: as given, or the smallest that keeps both of the run's ε (``guarantee``: at this
+        client's sampling rate over ``steps``, and unamplified over the steps an example is in) within
+        ``target_epsilon`` (opacus' RDP search)."""
+        if settings.noise_multiplier is not None:
+            return settings.noise_multiplier
+        eps, delta = settings.target_epsilon, settings.delta
+        releases = most_releases(examples, per_step, steps)
+        return max(noise_for_epsilon(eps, steps, delta, sample_rate=sample_rate(per_step, examples)),
+                   noise_for_epsilon(eps, releases, delta))
+
+    def resolved(self):
+        return {"noise_multiplier": self.sigma}
+
+    @classmethod
+    def guarantee(cls, entry: dict[str, Any], usage):
+        """Each step is a subsampled Gaussian mechanism on the clipped per-example gradients of the client's adapters;
+        ``epsilon`` uses the sampling rate (opacus' convention, which assumes Poisson sampling) and
+        ``epsilon_without_amplification`` composes only the steps an example was in, which holds for shuffled epochs;
+        the headline is the larger: it holds whichever sampling applies."""
+        sigma, delta = entry["noise_multiplier"], entry["delta"]
+        figures = {**entry, "sample_rate": usage.sample_rate, "steps": usage.steps,
+                   "epsilon": finite(gaussian_epsilon(sigma, usage.steps, delta, sample_rate=usage.sample_rate)),
+                   "epsilon_without_amplification": finite(gaussian_epsilon(sigma, usage.releases, delta)),
+                   "accountant": "opacus RDP at the sampling rate (it assumes Poisson sampling; batches here are shuffled "
+                                 "epochs, for which epsilon_without_amplification is the bound that holds)"}
+        bounds = [figures["epsilon"], figures["epsilon_without_amplification"]]
+        return Guarantee(figures, None if None in bounds else max(bounds))
+
+    # -- the client's step --
     def begin(self, samples: int) -> None:
-        """A new step of ``samples`` examples."""
         self.samples, self.grads = samples, {}
+
+    def at(self, offset: int) -> None:
+        self.offset = offset
 
     def _forward(self, module: nn.Linear, args, output: torch.Tensor) -> None:
         if not output.requires_grad:
@@ -66,6 +140,9 @@ class DPSGD:
             held[offset:offset + rows.shape[0]] += rows.cpu()
 
         output.register_hook(backward)
+
+    def before_optimizer(self) -> None:
+        self.privatise()
 
     def privatise(self) -> dict[str, float]:
         """Replace the step's gradients by their clipped per-example sum plus noise, over the examples (each

@@ -10,17 +10,17 @@ from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
 from splittune.config import ConfigError, load_config
-from splittune.parties.client.dp_sgd import DPSGD, DPError
+from splittune.defenses.dp_sgd import DPSGD, DPError
 from splittune.privacy.attacks.base import run_attack
 from splittune.privacy.attacks.inversion import Inversion
 from splittune.privacy.judge import score
 from splittune.privacy.knowledge import PublicKnowledge
 from splittune.taps.tap import Tap, Truth
 from splittune.run import build, train
+from configs import SMALL, small
 
-MODEL = "tiny:llama,layers=4,hidden=64"
-BASE = [f"model={MODEL}", "cuts=[1,3]", "train.steps=3", "train.batch_size=4", "train.seq_len=16", "train.warmup_steps=0",
-        "data.source=builtin:shakespeare", "data.max_train_examples=16", "data.max_eval_examples=2", "train.eval_batches=1"]
+MODEL = SMALL
+BASE = small("train.steps=3", "train.batch_size=4", "train.seq_len=16", "data.max_train_examples=16")
 
 
 def _batch(seed: int, rows: int = 4, seq: int = 16) -> dict[str, torch.Tensor]:
@@ -33,30 +33,30 @@ def _batch(seed: int, rows: int = 4, seq: int = 16) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def dp_client():
-    cfg = load_config(None, [*BASE, "train.micro_batches=2", "train.max_in_flight=2"])  # pipelined: forwards interleave
+    cfg = load_config(None, [*BASE, "train.micro_batches=2", "train.max_in_flight=2",  # pipelined: forwards interleave
+                             "dp_sgd={noise_multiplier: 0.0, max_grad_norm: 1e9}", "defense_seed=7"])
     client, _, _, _ = build(cfg)
     generator = torch.Generator().manual_seed(1)
     client.party.load_state({k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in client.party.state().items()})
-    client.dp = DPSGD(client.party, 0.0, 1e9, secret=7)
     return client
 
 
 def test_per_example_gradients_sum_to_the_steps_gradient(dp_client):
     dp_client.backward(1, [_batch(0)])
-    per = dp_client.dp.per_example()
-    grads = {name: p.grad.clone() for name, p in dp_client.dp.params}
+    per = dp_client.defenses.find(DPSGD).per_example()
+    grads = {name: p.grad.clone() for name, p in dp_client.defenses.find(DPSGD).params}
     assert len(per) == 8 and all(v.shape[0] == 4 for v in per.values())
     for name, g in grads.items():
         assert torch.allclose(per[name].sum(0), g, atol=1e-6 * float(g.abs().max()) + 1e-9), name
     name = next(iter(per))
     assert not torch.allclose(per[name][1], grads[name])  # the twin: one example is not the whole step
-    dp_client.dp.privatise()  # no noise, a clip nothing reaches: the gradient is the step's own
-    for name, p in dp_client.dp.params:
+    dp_client.defenses.find(DPSGD).privatise()  # no noise, a clip nothing reaches: the gradient is the step's own
+    for name, p in dp_client.defenses.find(DPSGD).params:
         assert torch.allclose(p.grad, grads[name], atol=1e-6 * float(grads[name].abs().max()) + 1e-9)
 
 
 def test_each_example_is_clipped_and_the_noise_has_its_scale(dp_client):
-    dp = dp_client.dp
+    dp = dp_client.defenses.find(DPSGD)
     dp.clip = 1e-4
     dp_client.backward(1, [_batch(0)])
     info = dp.privatise()
@@ -73,7 +73,7 @@ def test_each_example_is_clipped_and_the_noise_has_its_scale(dp_client):
 def test_without_noise_or_clipping_the_run_is_unchanged_and_with_noise_it_is_not(tmp_path):
     plain = train(load_config(None, BASE), tmp_path / "plain")
     off = train(load_config(None, [*BASE, "dp_sgd={noise_multiplier: 0.0, max_grad_norm: 1e9}"]), tmp_path / "off")
-    noisy = train(load_config(None, [*BASE, "dp_sgd={noise_multiplier: 1.0, max_grad_norm: 0.1}"]), tmp_path / "noisy")
+    train(load_config(None, [*BASE, "dp_sgd={noise_multiplier: 1.0, max_grad_norm: 0.1}"]), tmp_path / "noisy")
     assert off["eval_loss_after"] == pytest.approx(plain["eval_loss_after"], abs=1e-5)
 
     def client_adapters(name):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from splittune.config import ConfigError, load_config
-from splittune.cut.defenses import LabelNoiseDefense, loss_positions
+from splittune.defenses.label_noise import LabelNoise, loss_positions
 from splittune.dpmath.mechanisms import answer_classes, marvell_variances
 from splittune.cut.transforms import ChainError, Crossing, End
 from splittune.privacy import judge
@@ -154,7 +154,7 @@ def _batch(gen, rows=8, seq=12, width=6):
 def test_marvell_noise_is_centred_and_has_the_covariance_it_solved_for():
     gen = torch.Generator().manual_seed(0)
     grad, labels = _batch(gen)
-    defense = LabelNoiseDefense(power=2.0)
+    defense = LabelNoise(power=2.0)
     defense.bind(5, "up.0.label-noise")
     draws = []
     for i in range(800):  # a training crossing's noise is keyed by its step: 800 steps, 800 draws
@@ -209,7 +209,7 @@ def test_classes_come_from_the_answers():
     gen = torch.Generator().manual_seed(1)
     grad, labels = _batch(gen)
     labels[:, 10] = 112
-    defense = LabelNoiseDefense(power=2.0)
+    defense = LabelNoise(power=2.0)
     defense.bind(5, "x")
     sq = []
     for i in range(400):
@@ -225,7 +225,7 @@ def test_classes_come_from_the_answers():
 def test_it_acts_on_training_gradients_only_and_needs_the_labels():
     gen = torch.Generator().manual_seed(2)
     grad, labels = _batch(gen)
-    defense = LabelNoiseDefense()
+    defense = LabelNoise()
     defense.bind(5, "x")
     for msg in (Message("gradients", "s", 0, 0, {"grad": grad.clone()}, {}),  # an evaluation
                 Message("activations", "s", 1, 0, {"hidden": grad.clone()}, {})):
@@ -236,7 +236,7 @@ def test_it_acts_on_training_gradients_only_and_needs_the_labels():
         defense.send(Crossing(Message("gradients", "s", 1, 0, {"grad": grad.clone()}, {})), End())
     assert defense.varies("grad", 6) and defense.varies("hidden", 6) is None
     with pytest.raises(ChainError, match="method"):
-        LabelNoiseDefense(method="dp")
+        LabelNoise(method="dp")
 
 
 @pytest.mark.parametrize("sets, fragment", [

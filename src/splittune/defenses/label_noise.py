@@ -1,112 +1,16 @@
-"""The chain's defense slot: transforms that change what leaves the client before padding removal and the codec.
-
-A defense runs on the client's sending end only; the server's end builds the same transform from the agreed
-terms (so it knows what it receives, as an attacker would) and undoes nothing. Its noise comes from a secret
-that never leaves the client (``Chain(secret=...)``): the terms carry the defense's parameters, never a seed.
-A training crossing draws from (secret, step, micro-batch), so its noise does not depend on how many evaluations
-came before (in-process and deployed runs route evaluations differently) and a resumed run draws the same;
-evaluation crossings, which have no such key, draw from (secret, evaluation crossing number), a count kept in
-the transform's checkpointed state.
-"""
+"""Label noise on the gradient a U-shaped client's top sends the server (Marvell, or the max-norm heuristic)."""
 
 from __future__ import annotations
 
-import hashlib
-import secrets
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from ..dpmath.mechanisms import answer_classes, clip_pullback, clip_rows, gaussian_noise, marvell_variances
-from .transforms import ChainError, Crossing, End, Transform, _activation_like, register
-
-
-def noise_generator(secret: int, label: str, count: int) -> torch.Generator:
-    """A generator for crossing ``count`` of the stream ``label``, seeded by a hash of the client's secret."""
-    digest = hashlib.blake2b(f"{secret}:{label}:{count}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-
-
-class NoiseStream:
-    """One defense's noise on one client: training draws keyed by (step, micro-batch), evaluation draws by a count
-    (their only state, checkpointed). Every defense draws through one, in the chain or inside the client."""
-
-    def __init__(self, secret: int, label: str):
-        self.secret, self.label, self.count = int(secret), label, 0
-
-    def draw(self, step: int, micro: int = 0) -> torch.Generator:
-        """The generator of training ``step`` and ``micro``-batch (step 0: the next evaluation draw)."""
-        if step > 0:
-            return noise_generator(self.secret, f"{self.label}:train:{step}", micro)
-        self.count += 1
-        return noise_generator(self.secret, f"{self.label}:eval", self.count)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"count": torch.tensor([self.count], dtype=torch.int64)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if "count" in state:
-            self.count = int(state["count"][0])
-
-
-class Defense(Transform):
-    """A transform of the defense slot: draws its noise from the stream of the bound secret."""
-
-    def __init__(self):
-        self.stream: NoiseStream | None = None
-
-    def bind(self, secret: int | None, label: str) -> None:
-        """The sending end's secret (None: a fresh random one, for tools that never resume) and stream label."""
-        self.stream = NoiseStream(secrets.randbits(63) if secret is None else secret, label)
-
-    def generator(self, step: int, micro: int) -> torch.Generator:
-        if self.stream is None:
-            raise ChainError(f"the {self.name!r} defense draws noise only on the client's end, which binds its secret")
-        return self.stream.draw(step, micro)
-
-    def state_dict(self):
-        return self.stream.state_dict() if self.stream is not None else {}
-
-    def load_state_dict(self, state):
-        if self.stream is not None:
-            self.stream.load_state_dict(state)
-
-
-@register
-class GaussianDefense(Defense):
-    """Each token's activation row clipped to L2 norm ``clip``, plus N(0, (sigma·clip)²) per value, on every crossing
-    of the smashed activations (training and evaluation: each is a release). The client's own backward goes
-    through the clipping: the gradient that comes back for a micro-batch is pulled back through the clip's
-    Jacobian (``End.pullbacks``), so training follows the function that was actually released."""
-
-    name = "gaussian"
-
-    def __init__(self, sigma: float, clip: float, delta: float = 1e-5, **rest):
-        super().__init__()
-        if rest:
-            raise ChainError(f"transform 'gaussian' takes sigma, clip and delta, got {sorted(rest)}")
-        if not (float(sigma) >= 0 and float(clip) > 0 and 0 < float(delta) < 1):
-            raise ChainError(f"gaussian: needs sigma >= 0, clip > 0 and 0 < delta < 1, got sigma={sigma}, clip={clip}, delta={delta}")
-        self.sigma, self.clip, self.delta = float(sigma), float(clip), float(delta)
-
-    def spec(self):
-        return {"name": self.name, "sigma": self.sigma, "clip": self.clip, "delta": self.delta}
-
-    def varies(self, role, width):
-        return "the gaussian defense draws new noise at every crossing" if role == "hidden" else None
-
-    def send(self, crossing: Crossing, end: End) -> None:
-        msg = crossing.msg
-        x = msg.tensors.get("hidden")
-        if x is None or not _activation_like("hidden", x):
-            return
-        clipped, scale = clip_rows(x, self.clip)
-        noise = gaussian_noise(tuple(x.shape), self.sigma * self.clip, self.generator(msg.step, msg.micro)) if self.sigma > 0 else None
-        msg.tensors["hidden"] = clipped if noise is None else (clipped.float() + noise.to(x.device)).to(x.dtype)
-        if msg.step > 0:
-            for key in [k for k in end.pullbacks if 0 < k[0] < msg.step]:  # replies that never came (a frozen bottom)
-                del end.pullbacks[key]
-            if bool((scale < 1).any()):
-                end.pullbacks[(msg.step, msg.micro)] = lambda g, x=x, scale=scale: clip_pullback(x, scale.to(g.device), g)
+from ..cut.transforms import ChainError, Crossing, End, _activation_like
+from ..dpmath.mechanisms import answer_classes, marvell_variances
+from .base import Defense, Settings, register
+from .noise import NoisyTransform
 
 
 IGNORE_INDEX = -100
@@ -119,8 +23,23 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return at
 
 
+class LabelNoiseDefense(Settings):
+    """Noise on the gradient a U-shaped client's top sends the server, which otherwise tells each example's class
+    (Li et al., ICLR'22): ``marvell`` draws per-class Gaussian noise shaped to minimise the KL bound on what the server
+    can infer within a power budget; ``max-norm`` lifts every example's gradient to the batch's largest norm."""
+
+    name: Literal["label-noise"]
+    method: Literal["marvell", "max-norm"] = Field(
+        "marvell", description="marvell (optimised per-class noise) | max-norm (the heuristic baseline: each example's "
+        "expected squared norm raised to the batch's largest)")
+    power: float = Field(
+        4.0, ge=0.0, description="marvell's noise budget: the expected squared noise norm per example, averaged over the "
+        "two classes, in units of the squared distance between their mean gradients (0: no noise, the max-norm fallback "
+        "included; max-norm ignores it)")
+
+
 @register
-class LabelNoiseDefense(Defense):
+class LabelNoise(NoisyTransform, Defense):
     """Noise on the gradient a U-shaped client's top sends the server at the top cut (training "gradients" messages),
     which otherwise tells each example's class (Li et al., ICLR'22, "Label Leakage and Protection in Two-party Split
     Learning"). An example's gradient is its row at every position the loss reaches: the positions that carry
@@ -139,6 +58,22 @@ class LabelNoiseDefense(Defense):
     """
 
     name = "label-noise"
+    Settings = LabelNoiseDefense
+    crosses = True
+
+    @classmethod
+    def check(cls, settings, run):
+        if run.mode == "split" and run.cuts is not None and len(run.cuts) == 1:
+            raise ValueError(f"defense: label-noise hides the class in the gradient a U-shaped split's client sends; "
+                             f"cuts={run.cuts} make a two-part split, where the server holds the labels themselves "
+                             "(label-noise needs cuts: [a, b] or auto)")
+
+    @classmethod
+    def sweep(cls, run, scale):
+        """Two budgets, in a labelled U-shape (the builtin sentiment data: the label attack's own ground)."""
+        if run.cuts is None or len(run.cuts) != 2 or "sentiment" not in str(run.data.source):
+            return []
+        return [(f"label-noise-{p:g}", {"defense": [{"name": "label-noise", "method": "marvell", "power": p}]}) for p in (4.0, 16.0)]
 
     def __init__(self, method: str = "marvell", power: float = 4.0, **rest):
         super().__init__()

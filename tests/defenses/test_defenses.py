@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from splittune.config import ConfigError, load_config
-from splittune.parties.client.defenses import DefenseError
+from splittune.defenses import DefenseError
 from splittune.dpmath.accounting import gaussian_epsilon, most_releases, noise_for_epsilon
 from splittune.privacy.attacks.base import run_attack
 from splittune.privacy.attacks.inversion import Inversion
@@ -21,10 +21,10 @@ from splittune.privacy.knowledge import PublicKnowledge
 from splittune.dpmath.mechanisms import clip_pullback, clip_rows, distance_correlation, dx_noise
 from splittune.taps.tap import Tap, Truth
 from splittune.run import train
+from configs import SMALL, small
 
-MODEL = "tiny:llama,layers=4,hidden=64"
-BASE = [f"model={MODEL}", "cuts=[1,3]", "train.steps=2", "train.batch_size=2", "train.seq_len=16", "train.warmup_steps=0",
-        "data.source=builtin:shakespeare", "data.max_train_examples=8", "data.max_eval_examples=2", "train.eval_batches=1"]
+MODEL = SMALL
+BASE = small("train.steps=2", "train.seq_len=16", "data.max_train_examples=8")
 GAUSS = "defense=[{name: gaussian, sigma: 0.5, clip: 1.0}]"
 
 
@@ -160,7 +160,7 @@ def test_an_attacker_who_knows_the_noise_trains_against_it(tmp_path):
 @pytest.mark.parametrize("sets, fragment", [
     (["defense=[{name: dx, epsilon: 0}]"], "defense.0.dx.epsilon"),
     (["defense=[{name: gaussian, sigma: 1}]"], "defense.0.gaussian.clip"),
-    (["defense=[{name: blur}]"], "'dx', 'gaussian', 'nopeek'"),
+    (["defense=[{name: blur}]"], "'dx', 'gaussian', 'label-noise', 'nopeek'"),
     (["mode=centralized", GAUSS], "defenses need mode: split"),
     ([GAUSS, "defense=[{name: nopeek, alpha: 1}, {name: nopeek, alpha: 2}]"], "listed more than once"),
 ])
@@ -172,14 +172,12 @@ def test_config_errors_name_the_defense_and_what_is_allowed(sets, fragment):
 def test_nopeek_refuses_a_bottom_that_cannot_train(tmp_path):
     with pytest.raises(DefenseError, match="trains nothing"):
         train(load_config(None, [*BASE, "cuts=[0,3]", "defense=[{name: nopeek, alpha: 1}]"]), tmp_path / "x")
-    from splittune.parties.client.defenses import ClientDefenses
-    from splittune.run import build
+    from splittune.defenses.nopeek import NoPeek
 
-    client = build(load_config(None, BASE))[0]
-    defenses = ClientDefenses([{"name": "nopeek", "alpha": 1.0}], client.party, secret=1)
     hidden = torch.randn(2, 4, 64, requires_grad=True)
     with pytest.raises(DefenseError, match="at least 3"):  # two rows are always perfectly distance-correlated
-        defenses.penalty({"embeds": torch.randn(2, 4, 64)}, hidden, torch.ones(2, 4), 1.0)
+        NoPeek(1.0).penalty(torch.randn(2, 4, 64), hidden, torch.ones(2, 4), 1.0)
+    assert NoPeek(1.0).penalty(torch.randn(3, 4, 64), torch.randn(3, 4, 64, requires_grad=True), torch.ones(3, 4), 1.0) > 0
 
 
 def test_defenses_compose_with_codecs_pipelining_and_several_clients(tmp_path):
@@ -201,7 +199,7 @@ def test_training_noise_does_not_depend_on_the_evaluations_before_it():
     """In-process runs evaluate the pooled data through client 0; deployed clients each evaluate their own. A training
     crossing's noise is keyed by (step, micro-batch), so the two draw the same training noise; evaluations draw from
     their own count, never twice the same."""
-    from splittune.cut.defenses import GaussianDefense
+    from splittune.defenses.gaussian import Gaussian
     from splittune.cut.transforms import Crossing, End
     from splittune.wire import Message
 
@@ -210,7 +208,7 @@ def test_training_noise_does_not_depend_on_the_evaluations_before_it():
         defense.send(crossing, End())
         return crossing.msg.tensors["hidden"]
 
-    a, b = GaussianDefense(1.0, 1.0), GaussianDefense(1.0, 1.0)
+    a, b = Gaussian(1.0, 1.0), Gaussian(1.0, 1.0)
     a.bind(9, "up.0.gaussian")
     b.bind(9, "up.0.gaussian")
     first, second = sent(a, 0), sent(a, 0)  # two evaluations on one end only
