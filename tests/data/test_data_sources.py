@@ -211,7 +211,7 @@ def test_missing_unsupported_and_empty_files(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load("data/missing.csv")  # a file name, not a hub id
     (tmp_path / "notes.md").write_text("# hi")
-    with pytest.raises(DataError, match=r"unsupported file type '\.md'; supported: \.txt, \.jsonl, \.csv"):
+    with pytest.raises(DataError, match=r"unsupported file type '\.md'; supported: \.txt, \.json, \.jsonl, \.csv"):
         load(tmp_path / "notes.md")
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match="has no records"):

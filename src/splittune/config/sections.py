@@ -23,7 +23,8 @@ class DataConfig(Section):
 
     source: str = Field(
         "builtin:shakespeare",
-        description="builtin:shakespeare | builtin:sentiment | a local .txt/.jsonl/.csv file | hf:NAME (a hub dataset)",
+        description="builtin:shakespeare | builtin:sentiment | a local .txt/.json/.jsonl/.csv file | a dataset directory | "
+        "hf:NAME (a hub dataset)",
     )
     task: Literal["auto", "causal_lm", "instruction"] = Field(
         "auto", description="auto: instruction for prompt/response, chat or labelled data, causal_lm for raw text"
@@ -32,7 +33,24 @@ class DataConfig(Section):
     max_train_examples: int | None = Field(None, ge=1, description="cap on training examples (after packing)")
     max_eval_examples: int | None = Field(64, ge=1, description="cap on evaluation examples")
     max_documents: int | None = Field(None, ge=1, description="read at most this many documents from the source")
-    text_field: str = Field("text", description="field of a .jsonl/.csv record holding raw text")
+    text_field: str = Field("text", description="field of a .json/.jsonl/.csv record holding raw text")
+    format: Literal["auto", "text", "pairs", "messages", "alpaca", "sharegpt"] = Field(
+        "auto", description="the rows' layout (docs/models-and-data.md): auto detects it per row; text ({text, label?}), "
+        "pairs ({prompt, response}, {question, answer}), messages (OpenAI chat), alpaca ({instruction, input?, output}), "
+        "sharegpt ({conversations: [{from, value}]})")
+    fields: dict[Literal["text", "label", "prompt", "response", "system", "messages"], str] = Field(
+        default_factory=dict, description="your field names for ours, e.g. {prompt: question, response: answer, system: sys}",
+        json_schema_extra={"default": "{}"})
+    encoding: str = Field("utf-8", description="the text encoding of a local file (utf-8, cp1252, latin-1, …); a UTF-8 "
+                          "byte-order mark is skipped")
+    document_split: Literal["blank", "line", "file"] = Field(
+        "blank", description="where a .txt file's documents part: at blank lines (grouped to about 2,000 characters), "
+        "at every line (grouped the same way), or nowhere (the file is one document)")
+    truncation: Literal["cut", "refuse"] = Field(
+        "cut", description="instruction rows longer than train.seq_len: cut at the end with a warning that counts them, "
+        "or refuse to train")
+    skip_bad_lines: bool = Field(False, description="skip rows that cannot be read (bad JSON, missing fields) and count "
+                                 "them in a warning, instead of stopping at the first")
     hf_split: str = Field("train", description="split of a hub dataset")
 
 class TrainConfig(Section):

@@ -9,7 +9,9 @@ import itertools
 from typing import Any
 
 from .errors import DataError
+from .files import Reading
 from .records import Record, normalize_record
+from .shapes import reshape
 
 _INSTALL_HINT = "pip install 'splittune[datasets]'"
 
@@ -35,9 +37,7 @@ def _is_unreachable(err: BaseException) -> bool:
     return False
 
 
-def load_hub(
-    name: str, split: str = "train", text_field: str = "text", max_documents: int | None = None
-) -> list[Record]:
+def load_hub(name: str, split: str = "train", reading: Reading = Reading()) -> list[Record]:
     try:
         import datasets
     except ImportError:
@@ -54,11 +54,12 @@ def load_hub(
             ) from err
         raise DataError(f"could not load dataset {name!r} (split {split!r}): {type(err).__name__}: {err}") from err
     label_names = _label_names(dataset)
-    rows = dataset if max_documents is None else itertools.islice(dataset, max_documents)
+    rows = dataset if reading.max_documents is None else itertools.islice(dataset, reading.max_documents)
     records = []
     for i, row in enumerate(rows):
         try:
-            records.append(normalize_record(row, text_field, label_names))
+            records.append(normalize_record(reshape(row, reading.format, reading.fields, reading.text_field),
+                                            reading.text_field, label_names))
         except ValueError as err:
             raise DataError(f"dataset {name!r} row {i}: {err}") from None
     return records

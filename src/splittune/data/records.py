@@ -94,4 +94,5 @@ def normalize_record(raw: Any, text_field: str = "text", label_names: list[str] 
             record["label"] = _label(label)
         return record
     found = ", ".join(repr(k) for k in raw) or "none"
-    raise ValueError(f"no usable fields (found {found}); expected {allowed_fields(text_field)}")
+    raise ValueError(f"no usable fields (found {found}); expected {allowed_fields(text_field)}; name yours with data.fields "
+                     "(e.g. {prompt: question, response: answer}) or the layout with data.format")

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..config import DataConfig
 from .builtin import BUILTIN_SOURCES, load_builtin
 from .errors import DataError
-from .files import FILE_SUFFIXES, read_file
+from .files import FILE_SUFFIXES, Reading, read_file
 from .hub import load_hub
 from .records import Record
 
@@ -23,13 +23,13 @@ def load_records(cfg: DataConfig) -> list[Record]:
     if source.startswith("builtin:"):
         records = load_builtin(source)[: cfg.max_documents]
     elif source.startswith("hf:"):
-        records = load_hub(source.removeprefix("hf:"), cfg.hf_split, cfg.text_field, cfg.max_documents)
+        records = load_hub(source.removeprefix("hf:"), cfg.hf_split, Reading.of(cfg))
     elif Path(source).expanduser().is_dir():  # a local dataset directory: datasets reads its files
-        records = load_hub(str(Path(source).expanduser()), cfg.hf_split, cfg.text_field, cfg.max_documents)
+        records = load_hub(str(Path(source).expanduser()), cfg.hf_split, Reading.of(cfg))
     elif Path(source).expanduser().is_file() or _looks_like_path(source):
-        records = read_file(Path(source).expanduser(), cfg.text_field, cfg.max_documents)
+        records = read_file(Path(source).expanduser(), Reading.of(cfg))
     else:  # a hub id without the hf: prefix
-        records = load_hub(source, cfg.hf_split, cfg.text_field, cfg.max_documents)
+        records = load_hub(source, cfg.hf_split, Reading.of(cfg))
     if not records:
         raise DataError(
             f"data source {cfg.source!r} has no records; a source is one of {', '.join(BUILTIN_SOURCES)}, "

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..config import DataConfig
+from ..config import DataConfig, warn
 from .builtin import SENTIMENT_LABELS
 from .causal_lm import pack, require_blocks
 from .choices import ChoiceEval, build_choice_eval
@@ -99,6 +99,22 @@ def _causal_lm(
     return TaskData("causal_lm", train, eval_, pad_token_id(tokenizer), None, stats)
 
 
+def _report_truncation(cfg: DataConfig, encoded, examples, truncated: int, seq_len: int) -> None:
+    """Rows longer than ``seq_len`` are cut at the end (their responses lose their ends) and rows whose prompt
+    leaves no room are dropped: a warning counts them, or ``data.truncation: refuse`` stops."""
+    dropped = sum(e is None for e in examples)
+    if not truncated and not dropped:
+        return
+    first = next(i for i, (p, f) in enumerate(encoded) if len(f) > seq_len)
+    longest = max(len(f) for _, f in encoded)
+    what = (f"{truncated + dropped} of {len(encoded)} instruction rows are longer than train.seq_len={seq_len} tokens (the longest "
+            f"{longest}, the first row {first})" + (f"; {dropped} of them leave no room after the prompt" if dropped else ""))
+    if cfg.truncation == "refuse":
+        raise DataError(f"{what}; raise train.seq_len, shorten the rows, or set data.truncation: cut")
+    warn(f"{what}: they are cut at the end{' and the ones without room dropped' if dropped else ''} (raise train.seq_len "
+         "to keep them whole; data.truncation: refuse stops instead)")
+
+
 def _instruction(
     records: Sequence[Record], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int
 ) -> TaskData:
@@ -109,6 +125,7 @@ def _instruction(
     else:
         encoded = fmt.encode(records)
     examples, truncated = build_examples(encoded, seq_len)
+    _report_truncation(cfg, encoded, examples, truncated, seq_len)
     train = cap([examples[i] for i in train_idx if examples[i] is not None], cfg.max_train_examples, "train", seed)
     held_out = cap([i for i in eval_idx if examples[i] is not None], cfg.max_eval_examples, "eval", seed)
     for part, kept in (("training", train), ("held-out", held_out)):
