@@ -31,7 +31,7 @@ setup: $(BIN)/splittune
 
 demo: setup
 	$(BIN)/splittune train --out runs/demo
-	$(BIN)/splittune generate runs/demo --prompt "ROMEO. O, she doth teach the torches" --max-new-tokens 40
+	$(BIN)/splittune generate runs/demo --prompt "ROMEO. O, she doth teach the torches" --max-new-tokens 40 --compare-base
 
 test: setup
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)

@@ -55,10 +55,16 @@ def read_run_adapters(run_dir: Path, client: int | None = None) -> tuple[dict[st
     return state, manifest
 
 
-def export_run(run_dir: Path, out: Path, merge: bool = False, client: int | None = None) -> dict:
+def export_run(run_dir: Path, out: Path, merge: bool = False, client: int | None = None, force: bool = False) -> dict:
+    """Write the run's adapter as one PEFT adapter directory with the tokenizer beside it, naming as its base the
+    model the user gave (a hub id when there is one), so it loads on another machine; an existing non-empty
+    ``out`` is refused unless ``force``."""
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; export writes a directory (adapter_config.json, adapter_model.safetensors)")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out} already holds files ({', '.join(sorted(p.name for p in out.iterdir())[:4])}); "
+                          "choose another directory, or --force to overwrite")
     state, manifest = read_run_adapters(run_dir, client)
     cfg = load_config(run_dir / "config.yaml")
     source = resolve_model(cfg.model)
@@ -78,13 +84,15 @@ def export_run(run_dir: Path, out: Path, merge: bool = False, client: int | None
             "export with --merge to write full weights"
         )
     out.mkdir(parents=True, exist_ok=True)
-    info = {"run": str(run_dir), "out": str(out), "lora_tensors": len(lora), "full_tensors": len(full)}
+    info = {"run": str(run_dir), "out": str(out), "lora_tensors": len(lora), "full_tensors": len(full),
+            "base_model": base_reference(cfg.model, source)}
     if client is not None:
         info["client"] = client
     if lora:
         peft_config = _adapter_config(lora, spec, cfg, source, fan_in_fan_out, ranks, alphas, names)
         peft_config.save_pretrained(str(out))
         save_file({PEFT_PREFIX + k: v.contiguous() for k, v in lora.items()}, str(out / "adapter_model.safetensors"))
+        source.tokenizer().save_pretrained(str(out))  # the adapter's own tokenizer: AutoTokenizer.from_pretrained(out)
         info.update(target_modules=sorted(peft_config.target_modules), layers=peft_config.layers_to_transform,
                     ranks=sorted(set(ranks.values())))
     if merge:
@@ -128,7 +136,6 @@ def _adapter_config(lora: dict[str, torch.Tensor], spec, cfg, source, fan_in_fan
         if f"{spec.blocks_path}.{m.group(1)}.{module}" not in wrapped:
             modules.add(module.rsplit(".", 1)[-1])
     rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank; others by pattern
-    base = str(source.path) if source.path else source.repo_id
     return PeftLoraConfig(
         r=rank,
         lora_alpha=cfg.lora.alpha,
@@ -142,9 +149,22 @@ def _adapter_config(lora: dict[str, torch.Tensor], spec, cfg, source, fan_in_fan
         layers_pattern=spec.blocks_attr,
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
-        base_model_name_or_path=cfg.model if not cfg.model.startswith(("builtin:", "tiny:")) else base,
+        base_model_name_or_path=base_reference(cfg.model, source),
         task_type="CAUSAL_LM",
     )
+
+
+def base_reference(model: str, source) -> str:
+    """What the adapter names as its base: the reference the user gave (a hub id, or their own directory as they
+    wrote it); a builtin model's hub id (its weights here are the GGUF release's, dequantized: the hub's full
+    precision weights differ by that rounding); a tiny test model's directory (it exists nowhere else)."""
+    if model.startswith("builtin:"):
+        from .models.builtin import BUILTIN_MODELS
+
+        return BUILTIN_MODELS[model.removeprefix("builtin:")].hub_id
+    if model.startswith("tiny:"):
+        return str(source.path)
+    return model
 
 
 def _expert_parameters(source, spec) -> tuple[list[str], int]:

@@ -227,8 +227,10 @@ def run_task(run_dir: Path) -> str:
 
 
 def load_split(run_dir: Path | str, *, channel: Channel | None = None, client: int | None = None,
-               device: torch.device | None = None, limits: InferenceLimits | None = None, **kwargs) -> SplitModel:
-    """A finished run's split model (``client``: that client's own model in a run of several; default the global one)."""
+               device: torch.device | None = None, limits: InferenceLimits | None = None, base: bool = False,
+               **kwargs) -> SplitModel:
+    """A finished run's split model (``client``: that client's own model in a run of several; default the global one;
+    ``base``: the run's base model through the same split, its adapters as initialised, for comparison)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise GenerationError(f"{run_dir} is not a run directory (no config.yaml); train one with splittune train --out DIR")
@@ -238,4 +240,5 @@ def load_split(run_dir: Path | str, *, channel: Channel | None = None, client: i
         raise GenerationError(f"{err}; a run that did not finish has no adapters to generate with "
                               "(finish it: run the same train command again to resume)") from None
     cfg = load_config(run_dir / "config.yaml")
-    return SplitModel(cfg, state, client=client or 0, channel=channel, device=device, task=run_task(run_dir), limits=limits, **kwargs)
+    return SplitModel(cfg, None if base else state, client=client or 0, channel=channel, device=device, task=run_task(run_dir),
+                      limits=limits, **kwargs)

@@ -115,7 +115,7 @@ def test_a_plain_string_for_data_is_its_source(tmp_path):
     # the twins: what is not a string or a mapping, and unknown keys, are still clear errors
     with pytest.raises(ConfigError, match=r"^data: Input should be a valid dictionary"):
         load_config(None, ["data=3"])
-    with pytest.raises(ConfigError, match=r"unknown config key 'data.sourc': 'sourc' is not one of source, task"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.sourc' \(did you mean 'data.source'\?\): 'sourc' is not one of source, task"):
         load_config(None, ["data.sourc=x"])
     result = runner.invoke(app, ["train", *TINY, "--set", f"data={tmp_path / 'missing.jsonl'}", "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "missing.jsonl" in result.output and "dictionary" not in result.output

@@ -130,6 +130,36 @@ def test_seq_len_beyond_learned_positions_is_refused(tmp_path):
     assert "--seq=513" in out and "512" in out
 
 
+def test_a_model_directory_without_a_tokenizer_says_so(tmp_path):
+    import shutil
+
+    from splittune.models.tiny import tiny_model_dir
+    from splittune.models.zoo import TOKENIZER_FILES
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir("tiny:llama"), bare)
+    kept = [p.name for p in bare.iterdir()]
+    assert any(name in TOKENIZER_FILES for name in kept)  # the twin: the original directory has one
+    for p in bare.iterdir():
+        if p.name in TOKENIZER_FILES or p.name.startswith(("tokenizer", "special_tokens")):
+            p.unlink()
+    out = refused(["train", "--set", f"model={bare}", *SMALL, "--out", str(tmp_path / "r")])
+    assert f"{bare} holds no tokenizer" in out and "save_pretrained" in out
+
+
+def test_seq_len_beyond_a_rotary_models_trained_context_is_refused_before_it_runs(tmp_path):
+    from transformers import LlamaConfig
+
+    from splittune.models.arch import trained_context
+
+    out = refused(["train", "--set", "model=tiny:llama", *SMALL, "--set", "train.seq_len=99999", "--out", str(tmp_path / "r")])
+    assert "train.seq_len=99999 is longer than tiny:llama was trained for: 512 tokens (max_position_embeddings" in out
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    assert trained_context(LlamaConfig(max_position_embeddings=512)) == (512, "max_position_embeddings")
+    scaled = LlamaConfig(max_position_embeddings=512, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    assert trained_context(scaled)[0] == 2048  # the twin: a context extended with rope scaling is allowed its length
+
+
 @pytest.mark.parametrize("ref, key", [("tiny:gpt2", "n_positions"), ("tiny:opt", "max_position_embeddings")])
 def test_the_limit_is_exactly_what_the_model_indexes(ref, key):
     from transformers import AutoModelForCausalLM
@@ -145,10 +175,14 @@ def test_the_limit_is_exactly_what_the_model_indexes(ref, key):
             model(input_ids=torch.randint(3, 300, (1, 513)))
 
 
-def test_rotary_models_have_no_hard_limit():
+def test_rotary_models_have_no_table_but_a_trained_context():
     spec = detect_arch(resolve_model("tiny:llama").config())
-    assert spec.max_positions is None
-    check_seq_len(spec, 100_000)
+    assert spec.max_positions is None and spec.context == 512
+    check_seq_len(spec, 512)  # the twin: at the trained context, accepted
+    from splittune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="was trained for: 512 tokens"):
+        check_seq_len(spec, 513)
 
 
 # 3. YAML config files
@@ -255,3 +289,18 @@ def test_export_onto_a_file_is_refused(tmp_path):
     (tmp_path / "taken").write_text("")
     out = refused(["export", str(tmp_path), "--out", str(tmp_path / "taken")])
     assert str(tmp_path / "taken") in out and "is a file" in out
+
+
+def test_usage_errors_are_one_error_line_naming_the_help_to_read():
+    for args, text in [(["export", "runs/x"], "error: Missing option '--out' / '-o'. (see `splittune export --help`)"),
+                       (["generate", "runs/x", "--stream", "true"], "error: Got unexpected extra argument(s) (true)"),
+                       (["trian"], "error: No such command 'trian'. Did you mean 'train'?")]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and result.output.strip().splitlines()[0].startswith(text), result.output
+        assert "╭" not in result.output and "Usage:" not in result.output  # the twin of typer's box
+
+
+def test_a_config_key_in_the_wrong_place_gets_a_suggestion():
+    assert "unknown config key 'steps' (did you mean 'train.steps'?)" in refused(["train", "--set", "steps=3"])
+    assert "unknown config key 'train.stpes' (did you mean 'train.steps'?)" in refused(["train", "--set", "train.stpes=3"])
+    assert "did you mean" not in refused(["train", "--set", "banana=3"])  # the twin: nothing close, no guess

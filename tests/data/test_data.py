@@ -182,7 +182,7 @@ def test_bos_is_in_the_prompt_part(make_tok):
     assert example["labels"].tolist() == [IGNORE_INDEX] * 3 + [*ids(" A"), EOS]
 
 
-def test_chat_template_trains_only_the_last_assistant_turn(chat_tok):
+def test_chat_turns_last_trains_only_the_last_assistant_turn(chat_tok):
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -190,7 +190,7 @@ def test_chat_template_trains_only_the_last_assistant_turn(chat_tok):
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "4, of course"},
     ]
-    (example,), _ = examples_of(chat_tok, [{"messages": messages}], seq_len=256)
+    (example,), _ = build_examples(InstructionFormat(chat_tok, all_turns=False).encode([{"messages": messages}]), 256)
     full = chat_tok.apply_chat_template(messages, tokenize=False)
     prompt = chat_tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     assert chat_tok.decode(example["input_ids"]) == full
@@ -360,3 +360,24 @@ def test_task_auto_and_explicit():
         resolve_kind("instruction", texts)
     with pytest.raises(DataError, match="use task: instruction"):
         resolve_kind("causal_lm", pairs)
+
+
+CHAT = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                     {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]}
+
+
+def test_a_multi_turn_chat_trains_every_assistant_turn(chat_tok):
+    fmt = InstructionFormat(chat_tok)
+    (example,), _ = build_examples(fmt.encode([CHAT]), 256)
+    trained = example["labels"] != IGNORE_INDEX
+    assert chat_tok.decode(example["input_ids"][trained]) == "4<|im_end|>\n6<|im_end|>\n"  # both turns, nothing the user said
+    assert torch.equal(example["labels"][trained], example["input_ids"][trained])
+    (last,), _ = build_examples(InstructionFormat(chat_tok, all_turns=False).encode([CHAT]), 256)
+    assert chat_tok.decode(last["input_ids"][last["labels"] != IGNORE_INDEX]) == "6<|im_end|>\n"  # the twin: last only
+
+
+def test_a_multi_turn_chat_without_a_template_trains_every_assistant_turn(byte_tok):
+    (example,), _ = build_examples(InstructionFormat(byte_tok).encode([CHAT]), 256)
+    assert example["input_ids"].tolist() == ids("User: 2+2?\nAssistant: 4\nUser: and 3+3?\nAssistant: 6") + [EOS]
+    labelled = example["labels"] != IGNORE_INDEX
+    assert byte_tok.decode(example["input_ids"][labelled]) == " 4 6<|endoftext|>"

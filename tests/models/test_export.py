@@ -94,3 +94,24 @@ def test_full_segments_need_merge(tmp_path):
     assert (tmp_path / "merged" / "merged" / "config.json").exists()
     with pytest.raises(ExportError, match="not a finished run directory"):
         export_run(tmp_path, tmp_path / "x")
+
+
+def test_an_export_loads_elsewhere_with_its_tokenizer_and_is_not_overwritten_by_accident(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from splittune.export import base_reference
+
+    train(load_config(None, ["model=tiny:llama", "cuts=[1,3]", *BASE]), tmp_path / "run")
+    info = export_run(tmp_path / "run", tmp_path / "adapter")
+    assert info["base_model"] == str(resolve_model("tiny:llama").path)  # a tiny model exists only where it was built
+    model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))  # the base found from the adapter alone
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "adapter"))
+    assert tokenizer.get_vocab() == resolve_model("tiny:llama").tokenizer().get_vocab()
+    assert model(**tokenizer("To be", return_tensors="pt")).logits.shape[-1] == model.config.vocab_size
+    with pytest.raises(ExportError, match=r"already holds files \(adapter_config.json.*--force to overwrite"):
+        export_run(tmp_path / "run", tmp_path / "adapter")
+    assert export_run(tmp_path / "run", tmp_path / "adapter", force=True)["lora_tensors"] == info["lora_tensors"]
+    # the reference the user gave, a hub id for a builtin model (its GGUF release's weights, dequantized)
+    assert base_reference("builtin:smollm2-135m", None) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_reference("./models/mine", None) == "./models/mine" and base_reference("org/model", None) == "org/model"

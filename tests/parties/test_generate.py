@@ -524,3 +524,16 @@ def test_generate_command_prints_json_and_refuses_bad_input(trained, tmp_path):
     assert streamed.returncode == 0 and streamed.stdout.startswith("To be\n")
     empty = cli(tmp_path / "nowhere", "--prompt", "x")
     assert empty.returncode == 2 and "is not a run directory" in empty.stderr
+
+
+def test_compare_base_shows_the_base_models_completion_beside_the_fine_tuned_one(trained):
+    """The base completion is the unsplit base model's own greedy continuation; the fine-tuned one is the run's."""
+    run = trained("tiny:llama", "[1,3]")
+    rows = [json.loads(line) for line in cli(run, "--prompt", "To be", "-n", "6", "--json", "--compare-base").stdout.splitlines()]
+    with load_split(run, base=True) as base, load_split(run) as tuned:
+        ids = base.tokenizer("To be", return_tensors="pt")["input_ids"]
+        want = unsplit("tiny:llama").generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert base.tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True) == rows[0]["base_completion"]
+        assert tuned.complete(["To be"], max_new_tokens=6)[0].completion == rows[0]["completion"]
+    plain = cli(run, "--prompt", "To be", "-n", "6", "--compare-base").stdout  # not a terminal: labelled lines
+    assert f"base model: {rows[0]['base_completion']}" in plain and f"fine-tuned: {rows[0]['completion']}" in plain

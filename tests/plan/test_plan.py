@@ -41,7 +41,7 @@ def test_bad_cuts(cuts, fragment):
 
 
 def test_config_errors_name_the_key_and_allowed_values():
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz': 'stepz' is not one of steps, batch_size"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz' \(did you mean 'train.steps'\?\): 'stepz' is not one of steps, batch_size"):
         load_config(None, ["train.stepz=5"])
     with pytest.raises(ConfigError, match=r"cuts must be increasing"):
         load_config(None, ["cuts=[3,1]"])
@@ -62,7 +62,7 @@ def test_config_errors_name_the_key_and_allowed_values():
 def test_config_file_with_unknown_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: tiny:llama\ntrain:\n  stpes: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.stpes': 'stpes' is not one of steps, batch_size"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stpes' \(did you mean 'train.steps'\?\): 'stpes' is not one of steps, batch_size"):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

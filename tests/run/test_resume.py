@@ -80,8 +80,22 @@ def test_resume_refuses_another_config(tmp_path, monkeypatch):
         crash_at(m, 3)
         with pytest.raises(KeyboardInterrupt):
             train(load_config(None, RUN), tmp_path / "run")
-    with pytest.raises(ConfigError, match="holds a checkpoint of another config"):
+    with pytest.raises(ConfigError, match=r"holds a checkpoint \(step 2\) of another config \(train.lr: 0.01 there, 0.02 now\)"):
         train(load_config(None, [*RUN, "train.lr=0.02"]), tmp_path / "run")
+
+
+def test_a_finished_run_continues_with_more_steps_and_only_that(tmp_path):
+    from splittune.config import SplittuneWarning
+
+    short = [*RUN, "train.steps=4", "train.checkpoint_every=0", "train.eval_every=0"]
+    train(load_config(None, short), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"train.steps: 4 there, 6 now; train.lr: 0.01 there, 0.02 now"):
+        train(load_config(None, [*short, "train.steps=6", "train.lr=0.02"]), tmp_path / "run")  # the twin: more than steps
+    with pytest.warns(SplittuneWarning, match=r"continuing .* from step 4 to step 6 \(it was set to 4\)"):
+        summary = train(load_config(None, [*short, "train.steps=6"]), tmp_path / "run")
+    assert summary["steps"] == 6 and [r["step"] for r in rows(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ConfigError, match=r"train.steps: 6 there, 5 now"):  # fewer steps than it took: nothing to continue
+        train(load_config(None, [*short, "train.steps=5"]), tmp_path / "run")
 
 
 CLI = [sys.executable, "-m", "splittune.cli"]

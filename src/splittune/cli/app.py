@@ -11,6 +11,7 @@ import warnings
 
 import typer
 from rich.console import Console
+from typer import rich_utils
 from rich.markup import escape
 
 
@@ -19,6 +20,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split-learni
 console = Console()
 
 err_console = Console(stderr=True)
+
+
+def _usage_error(err) -> None:
+    """A usage error (a missing option, a value of the wrong type, an unknown command) as the one ``error:`` line
+    every other error is, naming the command whose ``--help`` lists what it takes. typer draws these as a box
+    (``rich_utils.rich_format_error``); splittune replaces that one function and keeps the rest of typer's output."""
+    ctx = getattr(err, "ctx", None)
+    path = " ".join(["splittune", *ctx.command_path.split()[1:]]) if ctx is not None and ctx.command_path else ""
+    see = f" (see `{path} --help`)" if path else ""  # the program's name, however it was started
+    err_console.print(f"[bold red]error:[/] {escape(err.format_message())}{escape(see)}", soft_wrap=True)
+
+
+rich_utils.rich_format_error = _usage_error
 
 
 def quiet_libraries() -> None:

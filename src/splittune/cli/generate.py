@@ -18,17 +18,19 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="where to write the PEFT adapter"),
     merge: bool = typer.Option(False, "--merge", help="also write full weights with the adapters merged (out/merged)"),
     client: Optional[int] = typer.Option(None, "--client", min=0, help="export this client's personalised model instead of the global one"),
+    force: bool = typer.Option(False, "--force", help="write into --out even when it already holds files"),
 ) -> None:
-    """Write one standard PEFT adapter for the whole model (loadable with PeftModel.from_pretrained)."""
+    """Write one standard PEFT adapter for the whole model, with its tokenizer (AutoPeftModelForCausalLM loads it)."""
     quiet_libraries()
     from ..export import export_run
 
     try:
-        info = export_run(run_dir, out, merge=merge, client=client)
+        info = export_run(run_dir, out, merge=merge, client=client, force=force)
     except user_errors() as err:
         fail(str(err))
     console.print(f"wrote a PEFT adapter to [bold green]{out}[/]: {info['lora_tensors']} LoRA tensors"
-                  + (f" on {info['target_modules']} in blocks {info['layers']}" if info.get("lora_tensors") else ""))
+                  + (f" on {info['target_modules']} in blocks {info['layers']}" if info.get("lora_tensors") else "")
+                  + f", with its tokenizer; its base: {escape(info['base_model'])}")
     if merge:
         console.print(f"merged full weights in [bold green]{out / 'merged'}[/]")
 
@@ -52,6 +54,8 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="one JSON object per prompt: prompt, completion, token ids, bytes each "
                                  "way, time to first token"),
     client: Optional[int] = typer.Option(None, "--client", min=0, help="generate with this client's personalised model"),
+    compare_base: bool = typer.Option(False, "--compare-base", help="also generate with the base model (before fine-tuning) "
+                                      "through the same split, and show both completions side by side"),
     server: Server = None,
     client_id: ClientId = "anonymous",
     token_file: TokenFile = None,
@@ -78,8 +82,9 @@ def generate(
             raise _usage_error("give a prompt: --prompt TEXT or --prompt-file FILE")
         if max_new_tokens < 1:
             raise _usage_error(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        if stream and (batch or as_json):
-            raise _usage_error("--stream prints one prompt's tokens as they come; it does not combine with --batch or --json")
+        if stream and (batch or as_json or compare_base):
+            raise _usage_error("--stream prints one prompt's tokens as they come; it does not combine with --batch, --json "
+                               "or --compare-base")
         if record_tap is not None and server is not None:
             raise _usage_error("--record-tap records the in-process server; a deployed server's operator records with "
                                "`splittune serve --record-tap DIR`")
@@ -110,20 +115,45 @@ def generate(
                                    **options)
                 return
             results = split.complete(prompts, **options)
+        bases = None
+        if compare_base:
+            base_channel = grpc_client(server, client_id, token_file, tls_ca, tls_cert, tls_key, reply_timeout)() if server else None
+            with load_split(run_dir, channel=base_channel, client=client, base=True) as base_split:
+                bases = base_split.complete(prompts, **options)
     except user_errors() as err:
         fail(str(err))
     finally:
         if recording is not None:
             recording.close()
-    for r in results:
+    if bases is not None and not as_json:
+        return _side_by_side(results, bases)
+    for i, r in enumerate(results):
         if as_json:
-            print(_json.dumps(r.to_json()), flush=True)
+            print(_json.dumps({**r.to_json(), **({"base_completion": bases[i].completion} if bases else {})}), flush=True)
         else:
             console.print(f"[bold]{escape(r.prompt)}[/]", highlight=False)
             console.print(escape(r.completion), highlight=False)
             ttft = f", first token after {r.time_to_first_token_s * 1000:.0f} ms" if r.time_to_first_token_s is not None else ""
             console.print(f"[dim]{len(r.token_ids)} tokens in {r.seconds:.2f} s{ttft}; {human_bytes(r.bytes_up)} up, "
                           f"{human_bytes(r.bytes_down)} down in {r.messages} crossings[/]", highlight=False)
+
+
+def _side_by_side(results, bases) -> None:
+    """Each prompt with the base model's and the fine-tuned model's completions: two columns on a terminal wide
+    enough, labelled lines otherwise (a pipe, a log)."""
+    from rich.table import Table
+
+    for r, b in zip(results, bases):
+        console.print(f"[bold]{escape(r.prompt)}[/]", highlight=False)
+        if console.is_terminal and console.width >= 80:
+            table = Table(show_header=True, header_style="bold", expand=True)
+            table.add_column("base model")
+            table.add_column("fine-tuned")
+            table.add_row(escape(b.completion), escape(r.completion))
+            console.print(table)
+        else:
+            console.print(f"base model: {escape(b.completion)}", highlight=False, soft_wrap=True)
+            console.print(f"fine-tuned: {escape(r.completion)}", highlight=False, soft_wrap=True)
 
 
 def _usage_error(message: str) -> Exception:

@@ -3,6 +3,7 @@ config dumped back (what a run directory records and a resume compares)."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, get_args
 
@@ -32,7 +33,8 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         fields = model.model_fields
         if key not in fields:
             where = ".".join(keys[:depth]) or "the top level"
-            raise ConfigError(f"unknown config key {path!r}: {key!r} is not one of {', '.join(public_fields(model))} (at {where})")
+            raise ConfigError(f"unknown config key {path!r}{did_you_mean(keys[:depth + 1])}: {key!r} is not one of "
+                              f"{', '.join(public_fields(model))} (at {where})")
         annotation = fields[key].annotation
         section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         if depth == len(keys) - 1:
@@ -57,6 +59,28 @@ def _subtree(node: dict[str, Any], key: str, shorthand: str | None) -> dict[str,
         value = {}
     node[key] = value
     return value
+
+def key_paths(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (sections walked, values listed), for suggestions."""
+    out = []
+    for name in public_fields(model):
+        annotation = model.model_fields[name].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += key_paths(annotation, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def did_you_mean(keys: list[str]) -> str:
+    """`` (did you mean 'train.steps'?)`` for a key that is a known key's last part, or close to a known key; ``""``."""
+    wrong, paths = ".".join(keys), key_paths()
+    if len(keys) > 1:  # inside a section: its own keys only (``lora.rank`` is no answer to ``client_overrides.1.rank``)
+        paths = [p for p in paths if p.startswith(f"{keys[0]}.")]
+    same_end = [p for p in paths if p.rsplit(".", 1)[-1] == keys[-1] and p != wrong]
+    close = same_end or difflib.get_close_matches(wrong, paths, n=1, cutoff=0.8)
+    return f" (did you mean {' or '.join(repr(p) for p in close[:2])}?)" if close else ""
+
 
 def public_fields(model: type[BaseModel]) -> list[str]:
     """The keys a section offers (deprecated spellings still accepted are left out)."""
@@ -98,7 +122,7 @@ def _format_errors(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             section = _section_at(loc[:-1])
             allowed = f": {str(loc[-1])!r} is not one of {', '.join(public_fields(section))}" if section else ""
-            lines.append(f"unknown config key {key!r}{allowed}")
+            lines.append(f"unknown config key {key!r}{did_you_mean([str(p) for p in loc if not isinstance(p, int)])}{allowed}")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {msg}" if loc else msg)

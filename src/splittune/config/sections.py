@@ -46,6 +46,9 @@ class DataConfig(Section):
     document_split: Literal["blank", "line", "file"] = Field(
         "blank", description="where a .txt file's documents part: at blank lines (grouped to about 2,000 characters), "
         "at every line (grouped the same way), or nowhere (the file is one document)")
+    chat_turns: Literal["all", "last"] = Field(
+        "all", description="which assistant turns of a multi-turn chat train: all of them (TRL's assistant-only loss) "
+        "or only the last")
     truncation: Literal["cut", "refuse"] = Field(
         "cut", description="instruction rows longer than train.seq_len: cut at the end with a warning that counts them, "
         "or refuse to train")

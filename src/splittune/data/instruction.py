@@ -21,7 +21,8 @@ from .errors import DataError
 from .records import Record, record_kind
 from .tokens import cached, encode, special_prefix
 
-Encoded = tuple[Sequence[int], Sequence[int]]  # (prompt ids, full ids)
+# (prompt ids, full ids) and, for a chat with earlier assistant turns, their (start, end) spans, trained as well
+Encoded = tuple[Sequence[int], Sequence[int]] | tuple[Sequence[int], Sequence[int], Sequence[tuple[int, int]]]
 
 IGNORE_INDEX = -100
 DEFAULT_LABEL_PROMPT = "Text: {text}\nLabel:"
@@ -36,8 +37,11 @@ class InstructionFormat:
     word the response (after a space in the plain form, where the space belongs to the word's token).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, label_prompt: str = DEFAULT_LABEL_PROMPT):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, label_prompt: str = DEFAULT_LABEL_PROMPT, all_turns: bool = True):
+        """``all_turns``: a chat trains every assistant turn (TRL's assistant-only loss), not only its last."""
         self.tokenizer = tokenizer
+        self.all_turns = all_turns
+        self.last_only = 0  # chats whose earlier turns the template renders otherwise: only their last turn trains
         self.label_prompt = label_prompt
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.prefix: list[int] = []
@@ -108,8 +112,42 @@ class InstructionFormat:
                     "end the prompt with a separator the response does not continue (e.g. move trailing whitespace "
                     "from the prompt to the response)"
                 )
-            out.append((self.prefix + p, self.prefix + f + self.suffix))
+            spans = self._earlier_turns(records[i], fulls[i], f) if self.all_turns else []
+            n = len(self.prefix)
+            if spans:
+                out.append((self.prefix + p, self.prefix + f + self.suffix, [(a + n, b + n) for a, b in spans]))
+            else:
+                out.append((self.prefix + p, self.prefix + f + self.suffix))
         return out
+
+    def _earlier_turns(self, record: Record, full: str, full_ids: Sequence[int]) -> list[tuple[int, int]]:
+        """The token spans of a chat's assistant turns before its last, each rendered as the text before it plus the
+        generation prompt (its start) and the text through it (its end), both prefixes of the whole chat's tokens;
+        [] when there are none, or when the template renders an earlier turn otherwise in the whole chat than alone
+        (some drop earlier reasoning): then only the last turn trains, and ``last_only`` counts it."""
+        if record_kind(record) != "chat":
+            return []
+        turns = record["messages"]
+        earlier = [k for k, m in enumerate(turns[:-1]) if m["role"] == "assistant"]
+        if not earlier:
+            return []
+        texts = []
+        for k in earlier:
+            if self.chat:
+                apply = self.tokenizer.apply_chat_template
+                texts += [apply(turns[:k], add_generation_prompt=True, tokenize=False), apply(turns[: k + 1], tokenize=False)]
+            else:
+                before = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in turns[:k]) + "Assistant:"
+                texts += [before, before + " " + turns[k]["content"]]
+        ids = encode(self.tokenizer, texts)
+        spans = []
+        for start_text, end_text, start, end in zip(texts[0::2], texts[1::2], ids[0::2], ids[1::2]):
+            fits = full.startswith(end_text) and end_text.startswith(start_text)
+            if not fits or len(end) <= len(start) or list(full_ids[: len(end)]) != list(end) or list(end[: len(start)]) != list(start):
+                self.last_only += 1
+                return []
+            spans.append((len(start), len(end)))
+        return spans
 
     def encode_cached(self, records: Sequence[Record], name: str) -> list[Encoded]:
         """:meth:`encode` through the token cache; only for public (builtin) records."""
@@ -121,7 +159,7 @@ class InstructionFormat:
             str(self.suffix),
         ]
         key += [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records]
-        flat = cached(name, self.tokenizer, key, lambda: [ids for pair in self.encode(records) for ids in pair])
+        flat = cached(name, self.tokenizer, key, lambda: [ids for pair in self.encode(records) for ids in pair[:2]])
         return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
@@ -134,14 +172,17 @@ def build_examples(encoded: Sequence[Encoded], seq_len: int) -> tuple[list[Examp
     """
     examples: list[Example | None] = []
     truncated = 0
-    for prompt, full in encoded:
-        if len(prompt) >= seq_len:
+    for prompt, full, *more in encoded:
+        spans = list(more[0]) if more else []
+        if (spans[0][0] if spans else len(prompt)) >= seq_len:
             examples.append(None)
             continue
         truncated += len(full) > seq_len
         ids = torch.as_tensor(np.asarray(full[:seq_len], dtype=np.int64))
         labels = ids.clone()
         labels[: len(prompt)] = IGNORE_INDEX
+        for start, end in spans:  # a chat's earlier assistant turns train as well
+            labels[start:end] = ids[start:end]
         examples.append({"input_ids": ids, "labels": labels})
     return examples, truncated
 

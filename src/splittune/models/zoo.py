@@ -24,6 +24,11 @@ class ModelError(SplittuneError, ValueError):
     """A model reference that cannot be resolved or loaded."""
 
 
+# the files a tokenizer is made from (fast, sentencepiece, BPE/WordPiece vocabularies, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken", "vocab.model")
+
+
 @dataclass
 class ModelSource:
     ref: str
@@ -44,6 +49,10 @@ class ModelSource:
             raise ModelError(f"cannot read the model config {where}: {str(err)[:300]}") from None
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.path is not None and not any((self.path / f).exists() for f in TOKENIZER_FILES):
+            raise ModelError(f"{self.path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+                             "files of the model it comes from into it (AutoTokenizer.from_pretrained(NAME)"
+                             ".save_pretrained(DIR))")
         try:
             tok = AutoTokenizer.from_pretrained(str(self.path) if self.path else self.repo_id)
         except Exception as err:  # missing or malformed tokenizer files end here, with the directory named
@@ -51,6 +60,9 @@ class ModelSource:
                 f"cannot load the tokenizer of {self.path or self.repo_id} ({type(err).__name__}: {str(err)[:200]}); "
                 "a model directory needs its tokenizer files (tokenizer.json or tokenizer_config.json and vocabulary)"
             ) from None
+        if len(tok.get_vocab()) == 0:
+            raise ModelError(f"the tokenizer of {self.path or self.repo_id} has an empty vocabulary; its tokenizer files are "
+                             "incomplete (tokenizer.json, or a vocabulary beside tokenizer_config.json)")
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok

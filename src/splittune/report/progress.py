@@ -40,6 +40,33 @@ def start_line(row: dict) -> str:
     return f"{row.get('shape', '')} · {cuts} · {threads} thread{'s' if threads != 1 else ''}"
 
 
+def opening_lines(o: dict) -> list[str]:
+    """A run's opening (``run/opening.py``) in a few plain lines: data, what trains, the wire, the defenses."""
+    cut = o.get("truncated_examples", 0)
+    data = f"{o['task']} · {o['train_examples']} training / {o['eval_examples']} held-out examples"
+    if cut or o.get("dropped_examples"):
+        data += f" · {cut} cut to train.seq_len" + (f", {o['dropped_examples']} dropped" if o.get("dropped_examples") else "")
+    trains = f"{o['dtype']} · trains {o['client_trainable']:,} parameters on the client"
+    if o.get("server_trainable"):
+        trains += f", {o['server_trainable']:,} on the server"
+    lines = [data, trains]
+    if o.get("codec"):
+        lines.append("wire: up " + _codec(o["codec"]["up"]) + " · down " + _codec(o["codec"]["down"]))
+    if o.get("defenses"):
+        lines.append("defenses: " + ", ".join(f"{n} (ε ≤ {e:.3g} by the last step)" if e is not None else f"{n} (no ε)"
+                                              for n, e in o["defenses"].items()))
+    return lines
+
+
+def _codec(spec) -> str:
+    if isinstance(spec, dict):
+        if "name" in spec:
+            params = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+            return f"{spec['name']}({params})" if params else spec["name"]
+        return ", ".join(f"{role} {_codec(s)}" for role, s in spec.items())
+    return str(spec)
+
+
 class RunProgress:
     """Progress of one or several named runs (``compare``'s entries) on one console."""
 
@@ -99,6 +126,8 @@ class RunProgress:
             if task is not None:
                 self.bar.update(task, completed=done, total=total, phase="starting", info="")
             self._line(name, start_line(row))
+            for line in opening_lines(row["opening"]) if row.get("opening") else []:
+                self._line(name, line)
         elif phase == "eval":
             text = f"evaluating {row['label']}: {done}/{total} batches"
             if task is not None:

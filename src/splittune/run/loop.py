@@ -36,6 +36,7 @@ from .assemble import Fleet, client_tasks, connect, parallel, set_seed
 from .resume import (CHECKPOINTS, STOP, Interrupted, owns_run_dir, prepare_run_dir, rejoin_from, restore_loop, run_identity,
                      save_loop, saved_link_states, with_defense_seed)
 from .summary import summarize, time_breakdown, title
+from .opening import opening
 
 
 @contextlib.contextmanager
@@ -349,8 +350,9 @@ class Loop:
             raise Interrupted(step)
 
     def run(self) -> dict[str, Any]:
+        self.opening = opening(self)
         self.event("start", self.done, self.n * self.cfg.train.steps, resume=self.start or None, cuts=self.cfg.cuts,
-                   shape=self.fleet.clients[0].plan.shape, threads=torch.get_num_threads())
+                   shape=self.fleet.clients[0].plan.shape, threads=torch.get_num_threads(), opening=self.opening)
         if self.start == 0:
             before = self._global_eval(0)
             self.own_before = ([self._evaluate(i, task, label=self._label(0, self.index[i])) for i, task in enumerate(self.tasks)]

@@ -8,6 +8,8 @@ import functools
 import secrets
 import threading
 from pathlib import Path
+
+import yaml
 from typing import TYPE_CHECKING, Callable
 
 from .. import checkpoint
@@ -94,10 +96,30 @@ def prepare_run_dir(cfg: RunConfig, out: Path) -> int | None:
     if resume is not None:
         saved = (out / "config.yaml").read_text() if (out / "config.yaml").exists() else ""
         if saved != dump_config(cfg):
-            raise ConfigError(f"{out} holds a checkpoint of another config; resume with the same config, or use another --out")
+            changed = config_changes(yaml.safe_load(saved) or {}, yaml.safe_load(dump_config(cfg)))
+            if set(changed) != {"train.steps"} or changed["train.steps"][1] <= resume:
+                listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+                raise ConfigError(f"{out} holds a checkpoint (step {resume}) of another config ({listed}); resume with the "
+                                  "same config, continue it with only a larger train.steps, or use another --out")
+            before, after = changed["train.steps"]
+            warn(f"continuing {out} from step {resume} to step {after} (it was set to {before}): the learning-rate schedule "
+                 f"now spans {after} steps, so the steps from here follow an {after}-step run's rates")
+            (out / "config.yaml").write_text(dump_config(cfg))
         return resume
     (out / "config.yaml").write_text(dump_config(cfg))
     return None
+
+
+def config_changes(before: dict, after: dict, prefix: str = "") -> dict[str, tuple]:
+    """The dotted keys whose values differ between two dumped configs, with both values."""
+    out: dict[str, tuple] = {}
+    for key in dict.fromkeys([*before, *after]):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = (a, b)
+    return out
 
 
 def rejoin_from(out: Path, step: int, why: str) -> int | None:

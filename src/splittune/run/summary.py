@@ -105,6 +105,7 @@ def summarize(loop: "Loop", before: dict, after: dict, own_before: list[dict], o
     if "accuracy" in before:
         summary["eval_accuracy_before"] = before["accuracy"]
         summary["eval_accuracy_after"] = after["accuracy"]
+    summary["opening"] = loop.opening  # what the console said before the first step (ε as planned for the whole run)
     summary.update(step_breakdown(loop.metrics))
     summary.update(guarantees(cfg, usage(loop), clients[0].defenses))
     if clients[0].split:

@@ -177,11 +177,12 @@ class Group:
     def state_root(self, state_dir: Path | None) -> Path:
         """The run's folder under ``state_dir``, named for its identity: its clients' run ids (each kept in the client's
         run directory) with the shared terms, so two runs of one config, or two data owners with the same settings,
-        never share one."""
+        never share one. The step count is left out: a finished run continued with more steps is the same run."""
         if state_dir is None:
             raise ProtocolError("this server keeps no checkpoints (start it with --state DIR to resume runs)", "FAILED_PRECONDITION")
         runs = sorted((i, m.spec.run_id) for i, m in self.members.items())
-        key = hashlib.sha256(json.dumps([self.terms, runs], sort_keys=True).encode()).hexdigest()[:16]
+        terms = {k: v for k, v in self.terms.items() if k != "steps"}
+        key = hashlib.sha256(json.dumps([terms, runs], sort_keys=True).encode()).hexdigest()[:16]
         return state_dir / f"run-{key}"
 
     def save(self, state_dir: Path | None, step: int) -> None:
