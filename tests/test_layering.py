@@ -15,8 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "splittune"
 
 # top to bottom; a unit imports its own storey and those below it
 STOREYS = [
-    {"cli"},
-    {"bench", "plan", "privacy", "compare", "verify", "generation", "export"},  # the studies and tools
+    {"cli", "__init__"},  # the command; the package's face (the Python API, loaded on first use)
+    {"bench", "plan", "privacy", "compare", "verify", "generation", "export", "api"},  # the studies and tools
     {"run", "deploy"},  # a run (assemble, loop, resume, summary); the served process
     {"schedules", "eval"},
     {"parties"},
@@ -27,7 +27,7 @@ STOREYS = [
     {"cut"},
     {"channels"},
     {"dpmath", "threads", "workers"},  # the privacy math and the worker threads
-    {"wire", "errors", "__init__"},
+    {"wire", "errors", "version"},
 ]
 
 

@@ -77,3 +77,26 @@ def test_leak_sweeps_cuts_and_plots(tmp_path):
     assert again.exit_code == 0, again.output
     assert (out / "cells" / "raw-cut0" / "attacks" / "inversion" / "attack.json").stat().st_mtime == mtime  # a finished cell is kept
     assert "--attack aggregator reads the aggregator's tap" in _error(runner.invoke(app, ["leak", "--model", MODEL, "--attack", "aggregator"]))
+
+
+def test_the_leak_plot_ticks_whole_cuts(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from splittune.privacy.leak import plot
+
+    seen = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append([t for ax in fig.axes for t in ax.get_xticks()]))
+    points = [{"attack": "inversion", "codec": "raw", "cut": c, "rouge_l_f1": 0.9 - 0.1 * c, "token_accuracy": 0.8 - 0.1 * c}
+              for c in (1, 2, 3)]
+    plot({"attacks": ["inversion"], "codecs": ["raw"], "points": points, "model": "m", "data": "d"}, tmp_path / "leak.png")
+    assert seen and all(float(t).is_integer() for t in seen[0])
+
+
+def test_a_run_without_a_tap_is_told_a_command_that_records_one(tmp_path):
+    from splittune.privacy.job import tap_folder
+    from splittune.taps.tap import TapError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: tiny:llama\n")
+    with pytest.raises(TapError, match=r"--config .*run/config.yaml --record-tap server --out .*run-server-tap` \(the same run"):
+        tap_folder(tmp_path / "run", "server")

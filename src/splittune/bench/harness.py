@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..config import ConfigError, RunConfig, load_config
 from ..models.zoo import resolve_model
 from ..run import resolved

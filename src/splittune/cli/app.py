@@ -8,6 +8,7 @@ import functools
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 
 import typer
 from rich.console import Console
@@ -17,9 +18,28 @@ from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Split-learning fine-tuning of large language models.")
 
-console = Console()
+class _Environ(Mapping):
+    """The environment as rich reads it for each line: ``COLUMNS``, or 200 when the output is not a terminal (a pipe,
+    a log), so a table is not cut to rich's 80-column fallback ("centra…")."""
 
-err_console = Console(stderr=True)
+    def __init__(self, stream: str):
+        self.stream = stream
+
+    def __getitem__(self, key: str) -> str:
+        if key == "COLUMNS" and key not in os.environ and not getattr(sys, self.stream).isatty():
+            return "200"
+        return os.environ[key]
+
+    def __iter__(self):
+        return iter(os.environ)
+
+    def __len__(self) -> int:
+        return len(os.environ)
+
+
+console = Console(_environ=_Environ("stdout"))
+
+err_console = Console(stderr=True, _environ=_Environ("stderr"))
 
 
 def _usage_error(err) -> None:

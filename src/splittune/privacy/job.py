@@ -50,8 +50,10 @@ def tap_folder(run_dir: Path, observer: str) -> Path:
     recorded = sorted(p.name for base in (run_dir / TAP_DIR, run_dir) if base.is_dir() for p in base.iterdir()
                       if (p / "tap.json").exists() and p.name != TRUTH)
     has = f"it has the {', '.join(recorded)} tap{'s' if len(recorded) > 1 else ''}" if recorded else "it has no tap"
-    raise TapError(f"{run_dir} holds no {observer} tap ({has}); record one with "
-                   f"`splittune train --record-tap {observer} --out {run_dir}` (or `splittune serve --record-tap DIR`)")
+    config = run_dir / "config.yaml"
+    again = (f"`splittune train --config {config} --record-tap {observer} --out {run_dir}-{observer}-tap` (the same run again, "
+             "recorded)" if config.exists() else f"`splittune train --record-tap {observer} --out DIR`")
+    raise TapError(f"{run_dir} holds no {observer} tap ({has}); record one with {again} (or `splittune serve --record-tap DIR`)")
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:

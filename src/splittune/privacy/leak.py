@@ -59,6 +59,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(6 * len(PLOT_METRICS), 4), squeeze=False)
     for ax, (metric, label) in zip(axes[0], PLOT_METRICS.items()):
@@ -70,6 +71,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", linestyle="-" if codec == "raw" else "--",
                             label=f"{attack} · {codec}")
         ax.set_xlabel("client's first cut (blocks on the client)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # cuts are whole blocks: no 1.2, 1.4 … ticks
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..device import peak_memory
 from ..parties.cache import MIRROR_COUNTS
 from ..defenses import Usage, guarantees

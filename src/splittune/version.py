@@ -1,0 +1,3 @@
+"""The version, a leaf every part may read."""
+
+__version__ = "0.1.0"
