@@ -245,3 +245,16 @@ def test_the_runtime_baseline_is_the_fresh_process_own_not_a_large_parents():
     measured = runtime_bytes.__wrapped__()
     assert float(ballast[-1]) == 1.0
     assert 50 * 2**20 < measured["client_peak"] < 2**30 and measured["server"] < 2**30
+
+
+def test_plan_profiles_with_the_threads_the_run_will_use(measured, monkeypatch):
+    """A pipelined run shares the cores between its parties (auto: half of them): the plan profiles at that count,
+    not at every core, or its step time is a run that never happens."""
+    from splittune.threads import resolve_threads
+
+    seen = []
+    monkeypatch.setattr(plan_pkg, "profile_model", lambda *a, **k: seen.append(k["threads"]) or measured)
+    for sets in (["--set", "train.micro_batches=2"], [], ["--set", "train.threads=3"]):
+        result = runner.invoke(app, [*PLAN, "--client-memory", "2GB", *sets])
+        assert result.exit_code == 0, result.output
+    assert seen == [resolve_threads("auto", True), resolve_threads("auto", False), 3]

@@ -137,3 +137,14 @@ def test_eval_batch_scores_and_loss_equal_the_unsplit_model(shape):
     unlabelled = {**batch, "labels": torch.full_like(ids, -100)}
     assert split.eval_batch(unlabelled, score)[:2] == (0.0, 0)
     assert torch.allclose(split.eval_batch(unlabelled, score)[2], want[2], atol=1e-5)
+
+
+def test_the_median_steps_parts_add_up_to_that_step():
+    from splittune.run.summary import step_breakdown
+
+    rows = [{"step_s": s, "compute_s": c, "codec_s": 0.1, "wait_s": s - c - 0.1, "server_s": 0.2, "wire_s": 0.05}
+            for s, c in [(1.0, 0.2), (3.0, 2.5), (2.0, 0.3), (9.0, 0.4), (1.5, 1.0)]]
+    t = step_breakdown(rows)["time_median_s"]
+    assert t["step_s"] == 2.0 and abs(t["compute_s"] + t["codec_s"] + t["wait_s"] - t["step_s"]) < 1e-9
+    separate = sorted(r["compute_s"] for r in rows)[2] + 0.1 + sorted(r["wait_s"] for r in rows)[2]
+    assert abs(separate - 2.0) > 0.1  # the twin: medians taken part by part do not add up to any step

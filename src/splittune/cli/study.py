@@ -164,10 +164,14 @@ def plan(
                 *([f"train.seq_len={seq_len}"] if seq_len else [])]
         base = load_config(config, sets)
         t = base.train
+        from ..run.loop import computes_concurrently
+        from ..threads import resolve_threads
+
+        threads = resolve_threads(t.threads, computes_concurrently(base))  # the count the run itself will compute with
         shown = err_console if as_json else console
         with shown.status(f"profiling {escape(base.model)}…") as status:
             profile = profile_model(base.model, batch=t.batch_size, seq_len=t.seq_len, dtype=t.dtype, device=t.device,
-                                    cfg=base if (config is not None or set_) else None, estimate=estimate,
+                                    cfg=base if (config is not None or set_) else None, estimate=estimate, threads=threads,
                                     progress=lambda what: status.update(escape(what) + "…"))
             status.update(f"weighing every choice for {escape(base.model)}…")
             result = search(base, profile, client_bytes, server_bytes, mbps, ms, shape, names, server_speed=server_speed)
@@ -179,7 +183,7 @@ def plan(
     if as_json:
         print(json.dumps(plan_json(best, profile, result.considered, result.notes), indent=2))
         return
-    how = "estimated from the config" if profile.estimated else f"profiled on {profile.device} ({profile.threads} threads)"
+    how = "estimated from the config" if profile.estimated else f"profiled on {profile.device} ({profile.threads} threads, as the run will use)"
     console.print(f"[bold]splittune plan[/] · [cyan]{escape(profile.model)}[/] · {how} · batch {profile.batch} × {profile.seq_len} · "
                   f"client {human_bytes(client_bytes)}, server {human_bytes(server_bytes) if server_bytes else 'unbounded'} · "
                   f"{link_words(mbps, ms)}", highlight=False)

@@ -185,8 +185,9 @@ def _print_summary(s: dict, out: Path) -> None:
     if "time_median_s" in s:  # where a median step's time went (docs/efficiency.md)
         t = s["time_median_s"]
         errors = " · ".join(f"codec error {d} {s[f'codec_error_{d}']:.2e}" for d in ("up", "down") if f"codec_error_{d}" in s)
-        console.print(f"median step: client compute {t['compute_s']:.3f} s · codecs {t['codec_s']:.3f} s · waiting {t['wait_s']:.3f} s "
-                      f"(server {t['server_s']:.3f} s, wire {t['wire_s']:.3f} s)" + (f" · {errors}" if errors else ""), highlight=False)
+        console.print(f"median step {t['step_s']:.3f} s = client compute {t['compute_s']:.3f} + codecs {t['codec_s']:.3f} + waiting "
+                      f"{t['wait_s']:.3f} (its round trips: server {t['server_s']:.3f} s, wire {t['wire_s']:.3f} s)"
+                      + (f" · {errors}" if errors else ""), highlight=False)
     cache = s.get("cache")
     if cache and cache["on"]:  # docs/efficiency.md: Activation cache
         console.print(f"activation cache: {cache['hits']} rows reused, {cache['misses']} sent, {cache['evictions']} evicted · "

@@ -33,11 +33,13 @@ def time_breakdown(step_s: float, stats: dict) -> dict[str, Any]:
 
 
 def step_breakdown(rows: list[dict]) -> dict[str, Any]:
-    """The median step's time breakdown and each direction's mean codec error, for the summary."""
+    """The median step's time breakdown (one step's own parts, so the client's compute, codecs and waiting add up to
+    its ``step_s``; medians of each part taken apart would not) and each direction's mean codec error."""
     out: dict[str, Any] = {}
     parts = [k for k in BREAKDOWN if rows and all(k in r for r in rows)]
     if parts:
-        out["time_median_s"] = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in parts}
+        median = sorted(rows, key=lambda r: r["step_s"])[len(rows) // 2]
+        out["time_median_s"] = {"step_s": median["step_s"], **{k: median[k] for k in parts}}
     for direction in ("up", "down"):
         errors = [r[f"codec_error_{direction}"] for r in rows if f"codec_error_{direction}" in r]
         if errors:
