@@ -31,7 +31,7 @@ setup: $(BIN)/splittune
 
 demo: setup
 	$(BIN)/splittune train --out runs/demo
-	$(BIN)/splittune generate runs/demo --prompt "ROMEO. O, she doth teach the torches" --max-new-tokens 40 --compare-base
+	$(BIN)/splittune generate runs/demo --prompt "ROMEO. O, she doth teach the torches" --max-new-tokens 40 --compare-base --temperature 0.8 --top-p 0.95 --seed 1
 
 test: setup
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
