@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sys
 import warnings
@@ -55,12 +56,31 @@ def _usage_error(err) -> None:
 rich_utils.rich_format_error = _usage_error
 
 
+class Output:
+    """How this invocation speaks, from the app's options: ``--quiet`` (errors and warnings only), ``--verbose``
+    (the libraries' own logs too), ``--log-format json`` (errors and warnings as JSON lines on stderr, progress and
+    the result as JSON lines on stdout, for a machine to read)."""
+
+    quiet = False
+    verbose = False
+    json = False
+
+    @classmethod
+    def emit(cls, stream, **fields) -> None:
+        stream.write(json.dumps(fields, default=str) + "\n")
+        stream.flush()
+
+
 def quiet_libraries() -> None:
-    """Library chatter (hub warnings, peft notices) hides what the user asked for; errors still surface."""
+    """Library chatter (hub warnings, peft notices) hides what the user asked for; errors still surface
+    (``--verbose`` keeps it)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core prints connection notices (GOAWAY) at INFO
     import transformers
 
+    if Output.verbose:
+        transformers.utils.logging.set_verbosity_info()
+        return
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core prints connection notices (GOAWAY) at INFO
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="peft")
@@ -73,12 +93,23 @@ _debug = False  # --debug (or SPLITTUNE_DEBUG=1): an error line is followed by i
 @app.callback()
 def _options(
     debug: bool = typer.Option(False, "--debug", help="after an error, print its Python traceback (also SPLITTUNE_DEBUG=1)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors and warnings"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also the libraries' own logs (transformers, gRPC)"),
+    log_format: str = typer.Option("text", "--log-format", help="text | json: errors and warnings as JSON lines on stderr, "
+                                   "progress and results as JSON lines on stdout"),
 ) -> None:
     global _debug
     _debug = debug
+    if log_format not in ("text", "json"):
+        fail(f"--log-format {log_format!r}: the formats are text and json")
+    Output.quiet, Output.verbose, Output.json = quiet, verbose, log_format == "json"
+    console.quiet = quiet or Output.json  # set on every invocation: the console outlives one command in tests
 
 
 def fail(message: str) -> None:
+    if Output.json:
+        Output.emit(sys.stderr, level="error", message=message)
+        raise typer.Exit(2)
     # brackets in messages are text (pip install 'splittune[datasets]'); one line the terminal wraps, so paths copy whole
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     _explain(sys.exc_info()[1], message)
@@ -111,7 +142,9 @@ def _warnings_shown():
         original = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, SplittuneWarning):
+            if issubclass(category, SplittuneWarning) and Output.json:
+                Output.emit(sys.stderr, level="warning", message=str(message))
+            elif issubclass(category, SplittuneWarning):
                 err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
             else:
                 original(message, category, filename, lineno, file, line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import console, err_console, fail, human_bytes, quiet_libraries, shows_warnings, user_errors
+from .app import Output, console, err_console, fail, human_bytes, quiet_libraries, shows_warnings, user_errors
 from .options import ClientId, ReplyTimeout, Server, TapMaxBytes, TlsCa, TlsCert, TlsKey, TokenFile, grpc_client
 
 
@@ -76,6 +77,8 @@ def train(
 
         def progress(done: int, total: int, row: dict) -> None:
             bar.update("train", done, total, row)
+            if Output.json:
+                Output.emit(sys.stdout, event=row.get("phase") or "step", done=done, total=total, **row)
 
         from ..run import STOP, Interrupted
 
@@ -104,6 +107,8 @@ def train(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     _print_summary(summary, out)
+    if Output.json:
+        Output.emit(sys.stdout, event="summary", run=str(out), **summary)
 
 
 @shows_warnings
