@@ -19,6 +19,7 @@ INTERNAL = {
     "splittune.parties.protocol.WaitTimeout": "a round that waited too long: an error reply (DEADLINE_EXCEEDED)",
     "splittune.dpmath.masking.SecAggError": "secure aggregation's protocol refusals: error replies to the clients",
     "splittune.run.resume.Interrupted": "a stop on request: the CLI prints it and exits 130, the run resumes",
+    "splittune.run.resume.EvalStopped": "a stop request during an evaluation: the loop turns it into Interrupted",
     "splittune.models.arch._Stop": "control flow of the architecture probe",
     "splittune.models.segment._SegmentExit": "control flow of a segment's forward",
 }

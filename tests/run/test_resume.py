@@ -186,3 +186,28 @@ def test_error_feedback_state_is_what_makes_a_topk_resume_exact(tmp_path, monkey
     train(cfg, tmp_path / "cut")
     later = [r["loss"] for r in rows(tmp_path / "cut") if r["step"] > 4]
     assert later != [r["loss"] for r in rows(tmp_path / "whole") if r["step"] > 4]
+
+
+def test_a_stop_request_leaves_an_evaluation_at_once(tmp_path):
+    """Evaluations can take minutes: a stop request ends them at the next batch. Before the first step there is
+    nothing to save; during a mid-run evaluation the step's checkpoint is saved and the same call finishes the run."""
+    from splittune.run import STOP, Interrupted
+
+    def stop_at(label):
+        def progress(done, total, row):
+            if row.get("phase") == "eval" and row["label"] == label:
+                STOP.set()
+        return progress
+
+    cfg = load_config(None, [*RUN, "train.steps=4", "train.checkpoint_every=0", "train.eval_every=2", "train.eval_batches=2"])
+    try:
+        with pytest.raises(Interrupted, match="before the first step"):
+            train(cfg, tmp_path / "early", progress=stop_at("before training"))
+        assert not (tmp_path / "early" / "checkpoint" / "client" / "latest").exists()
+        STOP.clear()
+        with pytest.raises(Interrupted, match="stopped after step 2"):
+            train(cfg, tmp_path / "mid", progress=stop_at("at step 2"))
+        assert (tmp_path / "mid" / "checkpoint" / "client" / "latest").read_text() == "2"
+    finally:
+        STOP.clear()
+    assert train(cfg, tmp_path / "mid")["steps"] == 4  # the twin: without a request the same call runs to the end

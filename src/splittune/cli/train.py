@@ -82,9 +82,11 @@ def train(
 
         from ..run import STOP, Interrupted
 
-        def stop(signum, frame):  # finish the step, save a checkpoint, exit; the same command resumes
+        def stop(signum, frame):  # finish the step (or leave an evaluation), save a checkpoint, exit; the same command resumes
+            if STOP.is_set():  # asked twice: stop now, from the last checkpoint
+                raise KeyboardInterrupt
             STOP.set()
-            bar.note("train", "stopping after this step…")
+            bar.note("train", "stopping after this step… (again to stop at once, losing the steps since the last checkpoint)")
 
         STOP.clear()
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -93,6 +95,10 @@ def train(
         except Interrupted as err:
             bar.stop()
             err_console.print(f"[bold yellow]{err}[/]")
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            bar.stop()
+            err_console.print("[bold yellow]stopped at once; run the same command to resume from the last checkpoint[/]")
             raise typer.Exit(130) from None
         except user_errors() as err:
             bar.stop()

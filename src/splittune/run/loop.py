@@ -33,7 +33,7 @@ from ..schedules.policy import policy_for
 from .. import checkpoint
 from .adapters import ADAPTERS, save_adapters
 from .assemble import Fleet, client_tasks, connect, parallel, set_seed
-from .resume import (CHECKPOINTS, STOP, Interrupted, owns_run_dir, prepare_run_dir, rejoin_from, restore_loop, run_identity,
+from .resume import (CHECKPOINTS, STOP, EvalStopped, Interrupted, owns_run_dir, prepare_run_dir, rejoin_from, restore_loop, run_identity,
                      save_loop, saved_link_states, with_defense_seed)
 from .summary import summarize, time_breakdown, title
 from .opening import opening
@@ -284,7 +284,12 @@ class Loop:
     def _evaluate(self, client_index: int, task: TaskData, view=contextlib.nullcontext, label: str = "evaluation") -> dict:
         t = self.cfg.train
         i = client_index
-        on_batch = (lambda done, total: self.event("eval", done, total, label=label)) if self.progress else None
+
+        def on_batch(done: int, total: int) -> None:
+            if STOP.is_set():  # a stop request does not wait for the evaluation to end
+                raise EvalStopped(label)
+            self.event("eval", done, total, label=label)
+
         client = self.fleet.clients[i]
         with view(), client.traffic() as sent:
             result = evaluate(client, task, t.batch_size, t.eval_batches, on_batch=on_batch)
@@ -335,7 +340,8 @@ class Loop:
                     self.holder = i
                 last = rnd.turns[0][1][-1]
             if self._eval_due(last):
-                self._global_eval(last)
+                with contextlib.suppress(EvalStopped):  # stopping: the checkpoint below comes first
+                    self._global_eval(last)
             self._maybe_stop(last)  # a relay checkpoints at the end of a round: every client is between turns
         if self.policy.relays and self.total > 1:
             for i in range(self.n):  # everyone ends with the final model
@@ -353,17 +359,27 @@ class Loop:
         self.opening = opening(self)
         self.event("start", self.done, self.n * self.cfg.train.steps, resume=self.start or None, cuts=self.cfg.cuts,
                    shape=self.fleet.clients[0].plan.shape, threads=torch.get_num_threads(), opening=self.opening)
+        if STOP.is_set():  # asked to stop while the parties loaded
+            raise Interrupted(self.start)
         if self.start == 0:
-            before = self._global_eval(0)
-            self.own_before = ([self._evaluate(i, task, label=self._label(0, self.index[i])) for i, task in enumerate(self.tasks)]
-                               if self.total > 1 else [before])
+            try:
+                before = self._global_eval(0)
+                self.own_before = ([self._evaluate(i, task, label=self._label(0, self.index[i])) for i, task in enumerate(self.tasks)]
+                                   if self.total > 1 else [before])
+            except EvalStopped:
+                raise Interrupted(0) from None
+            if STOP.is_set():  # asked during the evaluation's last batch
+                raise Interrupted(0)
         before, own_before = self.evals[0], self.own_before
         with open(self.out / "metrics.jsonl", "w") as log:
             log.writelines(json.dumps(row) + "\n" for row in self.metrics)  # a resumed run keeps the steps it had
             self._train(log)
-        after = self._global_eval(self.cfg.train.steps)
-        own_after = ([self._evaluate(i, task, label=self._label(self.cfg.train.steps, self.index[i])) for i, task in enumerate(self.tasks)]
-                     if self.total > 1 else [after])
+        try:
+            after = self._global_eval(self.cfg.train.steps)
+            own_after = ([self._evaluate(i, task, label=self._label(self.cfg.train.steps, self.index[i]))
+                          for i, task in enumerate(self.tasks)] if self.total > 1 else [after])
+        except EvalStopped:  # the last step's checkpoint is saved: the same command evaluates and finishes
+            raise Interrupted(self.cfg.train.steps) from None
         with open(self.out / "evals.jsonl", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in self.evals)
         save_adapters(self.out / ADAPTERS, self.fleet, self.cfg)

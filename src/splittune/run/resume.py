@@ -27,11 +27,17 @@ STOP = threading.Event()  # set by a signal handler: finish the step, checkpoint
 
 
 class Interrupted(Exception):
-    """A run stopped on request after ``step``, with a checkpoint to resume from."""
+    """A run stopped on request after ``step``, with a checkpoint to resume from (step 0: before any step, with
+    nothing to resume from)."""
 
     def __init__(self, step: int):
-        super().__init__(f"stopped after step {step}; the checkpoint is saved: run the same command to resume")
+        super().__init__(f"stopped after step {step}; the checkpoint is saved: run the same command to resume" if step
+                         else "stopped before the first step (nothing to resume from): run the same command to start again")
         self.step = step
+
+
+class EvalStopped(Exception):
+    """A stop request during an evaluation: the evaluation is abandoned, not finished (it may take minutes)."""
 
 
 CHECKPOINTS = "checkpoint"
