@@ -19,6 +19,19 @@ import torch
 SHARED_CAP = 8  # beyond this a small model gains little from more intra-op threads
 
 
+@contextlib.contextmanager
+def enrolled(members: list, member, lock) -> Iterator:
+    """``member`` in ``members`` (a list guarded by ``lock``) while the block runs, then taken out by identity (an
+    equal member is another's): how a block measures what passes while it runs without diffing shared counters."""
+    with lock:
+        members.append(member)
+    try:
+        yield member
+    finally:
+        with lock:
+            members[:] = [m for m in members if m is not member]
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0)) or 1

@@ -55,9 +55,9 @@ def test_gaussian_noise_is_what_the_server_sees_and_nothing_when_off(tmp_path, u
     assert abs(float(noise.std()) - 0.5) < 0.05 and abs(float(noise.mean())) < 0.05
     assert float(torch.linalg.vector_norm(clipped, dim=-1).max()) <= 1.0 + 1e-5
     assert summary["train_loss_last"] != clean["train_loss_last"]
-    from test_taps import _frames_as_server_sees  # the eavesdropper's frames through the server's chain: the tap's rows
+    from eavesdrop import frames_as_server_sees  # the eavesdropper's frames through the server's chain: the tap's rows
 
-    seen = _frames_as_server_sees(out)
+    seen = frames_as_server_sees(out)
     tapped = [r for r in Tap.open(out / "tap" / "server").records("activations", "up") if r.meta.get("train")]
     assert tapped and all(torch.equal(r.tensor("hidden"), seen[(r.step, r.micro)].tensors["hidden"]) for r in tapped)
     # the twin: a defense set to do nothing (no noise, a clip no row reaches) changes no bit of the tap or the run

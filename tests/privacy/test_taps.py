@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from splittune.config import load_config
-from splittune.cut.chain import Chain
 from splittune.privacy.attacks.base import Attack, Recovery, run_attack
 from splittune.privacy.knowledge import PublicKnowledge, ThreatModelError
 from splittune.dpmath.metrics import leak_auc, mean_rouge_l_f1, rouge_l_f1, set_scores, token_accuracy
 from splittune.taps.recording import parse_observers
 from splittune.taps.tap import Tap, TapError, TapWriter, Truth
 from splittune.run import train
-from splittune.wire import decode_frame
+from eavesdrop import frames_as_server_sees
 
 MODEL = "tiny:llama,layers=3,hidden=32,heads=2,kv_heads=1,ffn=64"
 BASE = [f"model={MODEL}", "train.steps=2", "train.batch_size=2", "train.seq_len=16", "train.warmup_steps=0", "train.lr=0.01",
@@ -43,19 +42,6 @@ def _training(tap: Tap, kind="activations", direction="up"):
     return [r for r in tap.records(kind, direction) if r.meta.get("train", True) is True]
 
 
-def _frames_as_server_sees(out):
-    """The eavesdropper's up frames through the server's receiving chain, by (step, micro, kind)."""
-    ears = Tap.open(out / "tap" / "eavesdropper")
-    server = Tap.open(out / "tap" / "server")
-    chain = Chain(server.chain(), "server")
-    seen = {}
-    for record in ears.records("frame", "up"):
-        msg = decode_frame(bytes(record.tensor("frame").numpy().tobytes()))
-        if msg.kind == "activations" and msg.meta.get("train") is True:
-            seen[(msg.step, msg.micro)] = chain.receive(msg)
-    return seen
-
-
 def test_the_server_tap_holds_the_bottom_output_and_labels_that_crossed(raw_run):
     out, _ = raw_run
     tap, truth = Tap.open(out / "tap" / "server"), Truth.open(out / "tap" / "truth")
@@ -75,7 +61,7 @@ def test_the_server_tap_holds_the_bottom_output_and_labels_that_crossed(raw_run)
 
 def test_the_server_tap_equals_the_frames_decoded_by_the_servers_chain(raw_run, int8_run):
     for out in (raw_run[0], int8_run[0]):
-        seen = _frames_as_server_sees(out)
+        seen = frames_as_server_sees(out)
         records = _training(Tap.open(out / "tap" / "server"))
         assert len(seen) == len(records) == 2
         for r in records:

@@ -8,9 +8,10 @@ import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import SplittuneError
+from ..threads import enrolled
 from ..wire import Message, decode_frame, encode_frame
 
 # A tap sees exactly what one observer sees: direction ("up": client → server, "down"), the decoded
@@ -59,18 +60,10 @@ class Channel(ABC):
         self._count = threading.Lock()
         self._meters: list[Traffic] = []  # the blocks being measured (``metered``): each counts its own bytes
 
-    @contextlib.contextmanager
-    def metered(self) -> Iterator[Traffic]:
+    def metered(self) -> contextlib.AbstractContextManager[Traffic]:
         """The bytes this channel carries while the block runs, counted into a ``Traffic`` of the block's own (no
         before/after difference of shared counters: two blocks measured at once each get theirs)."""
-        meter = Traffic()
-        with self._count:
-            self._meters.append(meter)
-        try:
-            yield meter
-        finally:
-            with self._count:
-                self._meters = [m for m in self._meters if m is not meter]  # this one: meters of equal counts are others
+        return enrolled(self._meters, Traffic(), self._count)
 
     def request(self, frame: bytes) -> Future:
         """Send ``frame``; the future's result is the reply frame (its ``arrived_at`` the time it came)."""

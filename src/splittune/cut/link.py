@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from ..channels import Channel, RemoteError, Tap
+from ..threads import enrolled
 from ..wire import FrameError, FrameLimits, Message, Parsed, decode_frame, encode_frame, parse_frame
 from .chain import RAW_TERMS, Chain, Stopwatch, check_terms
 from .transforms import ChainError
@@ -102,17 +103,9 @@ class CutLink:
         self._server_state: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    @contextlib.contextmanager
-    def measured(self) -> Iterator[LinkStats]:
+    def measured(self) -> contextlib.AbstractContextManager[LinkStats]:
         """What the crossings of the block cost, noted into a ``LinkStats`` of the block's own."""
-        stats = LinkStats()
-        with self._lock:
-            self._measuring.append(stats)
-        try:
-            yield stats
-        finally:
-            with self._lock:
-                self._measuring = [s for s in self._measuring if s is not stats]
+        return enrolled(self._measuring, LinkStats(), self._lock)
 
     def note(self, **amounts) -> None:
         """Add a crossing's costs (``LinkStats.add``) to every block being measured."""

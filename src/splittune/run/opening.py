@@ -14,14 +14,21 @@ if TYPE_CHECKING:
     from .loop import Loop
 
 
-def planned_usage(loop: "Loop") -> Usage:
-    """The defenses' usage if the run goes to its last step, at most: a client in every step (a turn-taking schedule
-    gives each fewer), the evaluations before and after and every ``eval_every``."""
+def usage_of(loop: "Loop", steps: list[int], eval_passes: int, metrics: list[dict]) -> Usage:
+    """What a run's defenses' guarantees depend on, for ``steps`` taken by each of this process's clients: the most
+    batches one example was in (releases), the evaluation passes, the largest sampling rate."""
     t = loop.cfg.train
-    per_step, sizes, steps = t.batch_size * t.grad_accum, [len(task.train) for task in loop.tasks], t.steps
+    per_step, sizes = t.batch_size * t.grad_accum, [len(task.train) for task in loop.tasks]
+    return Usage(t.seq_len, per_step, max(most_releases(n, per_step, k) for n, k in zip(sizes, steps)), max(steps),
+                 eval_passes, metrics, max(sample_rate(per_step, n) for n in sizes))
+
+
+def planned_usage(loop: "Loop") -> Usage:
+    """The usage if the run goes to its last step, at most: a client in every step (a turn-taking schedule gives each
+    fewer), the evaluations before and after and every ``eval_every``."""
+    t = loop.cfg.train
     evals = 2 + (t.steps // t.eval_every - (t.steps % t.eval_every == 0) if t.eval_every else 0)
-    return Usage(t.seq_len, per_step, max(most_releases(n, per_step, steps) for n in sizes), steps, evals, [],
-                 max(sample_rate(per_step, n) for n in sizes))
+    return usage_of(loop, [t.steps] * len(loop.tasks), evals, [])
 
 
 def opening(loop: "Loop") -> dict[str, Any]:

@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..version import __version__
+from .opening import usage_of
 from ..device import peak_memory
 from ..parties.cache import MIRROR_COUNTS
 from ..defenses import Usage, guarantees
-from ..defenses.dp_sgd import sample_rate
-from ..dpmath.accounting import most_releases
 
 if TYPE_CHECKING:
     from .loop import Loop
@@ -117,14 +116,9 @@ def summarize(loop: "Loop", before: dict, after: dict, own_before: list[dict], o
 
 
 def usage(loop: "Loop") -> Usage:
-    """What this run did that its defenses' guarantees depend on: its clients' steps and the batches an example was
-    in (releases), the evaluation passes, the largest sampling rate."""
-    t = loop.cfg.train
-    per_step, sizes = t.batch_size * t.grad_accum, [len(task.train) for task in loop.tasks]
+    """What this run did that its defenses' guarantees depend on: the steps each client took, the evaluations."""
     steps = [sum(1 for m in loop.metrics if m["client"] == c) for c in loop.index]
-    return Usage(t.seq_len, per_step, max(most_releases(n, per_step, k) for n, k in zip(sizes, steps)), max(steps),
-                 len(loop.evals) + (2 * loop.n if loop.total > 1 else 0), loop.metrics,
-                 max(sample_rate(per_step, n) for n in sizes))
+    return usage_of(loop, steps, len(loop.evals) + (2 * loop.n if loop.total > 1 else 0), loop.metrics)
 
 
 def cache_summary(loop: "Loop") -> dict[str, Any]:
