@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import SplittuneError
 from .config import load_config
-from .models.adapters import PEFT_PREFIX, expert_parameters
+from .models.adapters import PEFT_PREFIX, expert_parameters, quiet_peft
 from .models.arch import detect_arch
 from .models.linears import expert_weights
 from .models.zoo import resolve_model
@@ -188,7 +188,8 @@ def _merge(source, out: Path, lora: dict, full: dict) -> None:
         if missing:
             raise ExportError(f"fully trained tensors not in the base model: {sorted(missing)[:3]}")
         base.load_state_dict(full, strict=False)
-    model = PeftModel.from_pretrained(base, str(out)).merge_and_unload() if lora else base
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, str(out)).merge_and_unload() if lora else base
     merged = out / "merged"
     model.save_pretrained(str(merged))
     source.tokenizer().save_pretrained(str(merged))

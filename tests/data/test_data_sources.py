@@ -235,8 +235,9 @@ def fake_datasets(monkeypatch):
     calls = []
     module = types.ModuleType("datasets")
 
-    def load_dataset(name, split):
-        calls.append((name, split))
+    def load_dataset(path, split, data_files=None):
+        name = data_files or path
+        calls.append((name, split) if data_files is None else (path, name, split))
         if name == "offline/ds":
             raise ConnectionError("Couldn't reach 'offline/ds' on the Hub (LocalEntryNotFoundError)")
         if name == "missing/ds":
@@ -244,6 +245,7 @@ def fake_datasets(monkeypatch):
         return FakeDataset([{"text": f"row {i}", "label": i % 2} for i in range(5)])
 
     module.load_dataset = load_dataset
+    module.disable_progress_bars = lambda: None
     monkeypatch.setitem(sys.modules, "datasets", module)
     return calls
 
@@ -257,8 +259,10 @@ def test_hub_rows_become_records(fake_datasets, tmp_path):
     ]
     assert fake_datasets == [("someone/reviews", "test")]
     load("someone/reviews")  # no prefix: not a file, not a builtin → the hub
-    load(tmp_path)  # a local dataset directory goes to datasets too
-    assert fake_datasets[1:] == [("someone/reviews", "train"), (str(tmp_path), "train")]
+    load(tmp_path)  # a local folder of data files goes to datasets too
+    load("hf:someone/reviews/data/train-00000.parquet")  # one file inside a hub repository
+    assert fake_datasets[1:] == [("someone/reviews", "train"), (str(tmp_path), "train"),
+                                 ("parquet", "hf://datasets/someone/reviews/data/train-00000.parquet", "train")]
 
 
 def test_hub_errors(fake_datasets):

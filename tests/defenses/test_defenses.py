@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from splittune.config import ConfigError, load_config
+from splittune.config import ConfigError, SplittuneWarning, load_config
 from splittune.defenses import DefenseError
 from splittune.dpmath.accounting import gaussian_epsilon, most_releases, noise_for_epsilon
 from splittune.privacy.attacks.base import run_attack
@@ -21,6 +22,7 @@ from splittune.privacy.knowledge import PublicKnowledge
 from splittune.dpmath.mechanisms import clip_pullback, clip_rows, distance_correlation, dx_noise
 from splittune.taps.tap import Tap, Truth
 from splittune.run import train
+from splittune.run.loop import defense_cost
 from configs import SMALL, small
 
 MODEL = SMALL
@@ -45,10 +47,16 @@ def undefended(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("none"), "run")
 
 
-def test_gaussian_noise_is_what_the_server_sees_and_nothing_when_off(tmp_path, undefended):
+def test_gaussian_noise_is_what_the_server_sees_and_nothing_when_off(tmp_path, undefended, monkeypatch):
     clean_out, clean = undefended
     clean_h = _first_activations(clean_out)
-    out, summary = _run(tmp_path, "g", GAUSS, "defense_seed=3", observers=("server", "eavesdropper"))
+    # a random model's perplexity is near uniform with or without noise (either may be lower): the wiring is shown
+    # at a threshold any ratio passes, the 2× decision in test_the_defense_cost_warning
+    monkeypatch.setattr("splittune.run.loop.UNDEFENDED_RATIO", 0.5)
+    with pytest.warns(SplittuneWarning, match=r"the defenses multiply eval perplexity by [\d,.]+ \([\d,.]+ with them"):
+        out, summary = _run(tmp_path, "g", GAUSS, "defense_seed=3", observers=("server", "eavesdropper"))
+    assert summary["eval_ppl_undefended"] != summary["eval_ppl_after"]  # the reference: the adapter on its own
+    assert "eval_ppl_undefended" not in clean  # nothing to compare without a defense
     noised = _first_activations(out)
     clipped, _ = clip_rows(clean_h, 1.0)  # step 1: the pretrained bottom, the same in both runs
     noise = noised - clipped
@@ -61,9 +69,19 @@ def test_gaussian_noise_is_what_the_server_sees_and_nothing_when_off(tmp_path, u
     tapped = [r for r in Tap.open(out / "tap" / "server").records("activations", "up") if r.meta.get("train")]
     assert tapped and all(torch.equal(r.tensor("hidden"), seen[(r.step, r.micro)].tensors["hidden"]) for r in tapped)
     # the twin: a defense set to do nothing (no noise, a clip no row reaches) changes no bit of the tap or the run
-    off_out, off = _run(tmp_path, "off", "defense=[{name: gaussian, sigma: 0.0, clip: 1e9}]")
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SplittuneWarning)
+        off_out, off = _run(tmp_path, "off", "defense=[{name: gaussian, sigma: 0.0, clip: 1e9}]")
     assert torch.equal(_first_activations(off_out), clean_h)
     assert off["train_loss_last"] == clean["train_loss_last"] and off["eval_loss_after"] == clean["eval_loss_after"]
+    assert off["eval_loss_undefended"] == off["eval_loss_after"]  # the reference evaluation is the same model
+
+
+def test_the_defense_cost_warning():
+    """The README's old example: perplexity 380,908 with gaussian σ 0.5 clip 10, 123.7 without."""
+    assert defense_cost(380908.0, 123.7, 2.0).startswith("the defenses multiply eval perplexity by 3,079.3 (380,908.0 with")
+    assert defense_cost(240.0, 123.7, 2.0) is None and defense_cost(247.4, 123.7, 2.0) is None  # at most 2×: quiet
 
 
 def test_the_noise_comes_from_a_secret_the_server_never_sees(tmp_path):

@@ -8,6 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from served import CLI
 from splittune.cli import app
 
 runner = CliRunner()
@@ -100,3 +101,28 @@ def test_a_run_without_a_tap_is_told_a_command_that_records_one(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text("model: tiny:llama\n")
     with pytest.raises(TapError, match=r"--config .*run/config.yaml --record-tap server --out .*run-server-tap` \(the same run"):
         tap_folder(tmp_path / "run", "server")
+
+
+def test_ctrl_c_and_sigterm_stop_an_attack_at_once_with_one_line(two_part, tmp_path):
+    """A long attack (many epochs) stops within seconds of SIGINT or SIGTERM: exit 130, one line, no traceback, and
+    no half-written report."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / sig.name
+        proc = subprocess.Popen([*CLI, "attack", str(two_part), "--attack", "inversion",
+                                 "--set", "epochs=100000", "--out", str(out)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+        for line in proc.stdout:  # the first progress line: the attack is training its inverter
+            if "training the inverter" in line:
+                break
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=60) == 130
+        assert time.monotonic() - sent < 20, f"{sig.name}: took {time.monotonic() - sent:.0f} s to stop"
+        assert "stopped: the attack was interrupted; nothing was written" in rest and "Traceback" not in rest
+        assert not (out / "attack.json").exists()

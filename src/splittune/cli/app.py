@@ -162,6 +162,31 @@ def shows_warnings(command):
     return run
 
 
+def stops_cleanly(what: str):
+    """Ctrl-C or SIGTERM stops a job that keeps no checkpoint (an attack, a sweep) at once, with one line saying what
+    was kept, never a traceback (``train`` has its own: it finishes the step and checkpoints)."""
+    def wrap(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            import signal
+
+            def interrupt(signum, frame):
+                raise KeyboardInterrupt
+
+            previous = signal.signal(signal.SIGTERM, interrupt)
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                err_console.print(f"[bold yellow]stopped: {what}[/]", highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+        return run
+
+    return wrap
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """What the CLI reports as one ``error:`` line: every user-facing error derives from one base."""
     from ..errors import SplittuneError

@@ -9,10 +9,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import console, fail, quiet_libraries, shows_warnings, user_errors
+from .app import console, fail, quiet_libraries, shows_warnings, stops_cleanly, user_errors
 
 
 @shows_warnings
+@stops_cleanly("the attack was interrupted; nothing was written (run it again to score it)")
 def attack(
     run_dir: Path = typer.Argument(..., help="a run directory with a recorded tap (train --record-tap), or a serve --record-tap DIR"),
     attack_name: str = typer.Option(..., "--attack", "-a", help="inversion | optimization | gradient-labels | label-inference | aggregator"),
@@ -45,6 +46,7 @@ def attack(
 
 
 @shows_warnings
+@stops_cleanly("the sweep was interrupted; the runs and attacks that finished are kept in --out and reused by the same command")
 def leak(
     model: str = typer.Option("builtin:smollm2-135m", "--model", "-m", help="the base model"),
     cuts: str = typer.Option("1,2,4,6,8,10,12,15", "--cuts", help="first cuts to try, comma-separated (those past the model are dropped)"),
@@ -98,6 +100,7 @@ def leak(
 
 
 @shows_warnings
+@stops_cleanly("the grid was interrupted; the runs and attacks that finished are kept in --out and reused by the same command")
 def privacy(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="the run to defend (YAML); the builtin default when omitted"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a key of that run, e.g. --set train.steps=20"),

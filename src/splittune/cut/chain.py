@@ -9,8 +9,9 @@ channel carries them (DESIGN.md contract 4).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -74,6 +75,17 @@ class Chain:
         for t in chain:
             t.sent(crossing, decoded or {}, self.end)
         return frame
+
+    @contextlib.contextmanager
+    def undefended(self) -> Iterator[None]:
+        """This end sends without its defenses' transforms for a while: an in-process run's reference evaluation of
+        what the adapter does on its own (never over a network, where the server would see undefended activations)."""
+        kept = self.transforms[self.sending]
+        self.transforms[self.sending] = [t for t in kept if not t.perturbs]
+        try:
+            yield
+        finally:
+            self.transforms[self.sending] = kept
 
     def decode(self, frame: bytes, direction: str | None = None) -> Message:
         """A frame through the receiving transforms (``direction``: another direction's, to see what the other

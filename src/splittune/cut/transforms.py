@@ -52,6 +52,7 @@ class Crossing:
 
 class Transform:
     name: ClassVar[str] = ""
+    perturbs: ClassVar[bool] = False  # a defense's transform that changes what an evaluation sends (``Chain.undefended``)
 
     def __init__(self, **options: Any):
         if options:

@@ -28,6 +28,7 @@ from .records import Record, allowed_fields, normalize_record, record_kind
 from .shapes import reshape
 
 FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")
+TABLE_SUFFIXES = (".parquet", ".arrow")  # read through datasets (hub.py)
 TXT_DOCUMENT_CHARS = 2000
 TXT_MIN_DOCUMENTS = 20
 CSV_CELL_LIMIT = 1 << 30  # csv's own default (131,072 characters) refuses a long document in one cell
@@ -99,8 +100,8 @@ class Rows:
     """The rows of one file on their way to records: reshaped, normalised, one kind per file; bad ones raised, or
     skipped and counted (``skip_bad_lines``)."""
 
-    def __init__(self, path: Path, reading: Reading):
-        self.path, self.reading = path, reading
+    def __init__(self, path: Path | str, reading: Reading, unit: str = "line", label_names: list[str] | None = None):
+        self.path, self.reading, self.unit, self.label_names = path, reading, unit, label_names
         self.records: list[Record] = []
         self.skipped: list[tuple[int, str]] = []  # (line, why)
 
@@ -111,13 +112,13 @@ class Rows:
     def bad(self, line: int, why: str) -> None:
         """Row ``line`` cannot be read: ``why`` continues "line N" ("is not valid JSON…", ": field … is empty")."""
         if not self.reading.skip_bad_lines:
-            raise DataError(f"{self.path}: line {line}{why} (data.skip_bad_lines: true skips such rows and counts them)")
+            raise DataError(f"{self.path}: {self.unit} {line}{why} (data.skip_bad_lines: true skips such rows and counts them)")
         self.skipped.append((line, why.removeprefix(": ").removeprefix(" ")))
 
     def add(self, line: int, raw: object) -> None:
         r = self.reading
         try:
-            record = normalize_record(reshape(raw, r.format, r.fields, r.text_field), r.text_field)
+            record = normalize_record(reshape(raw, r.format, r.fields, r.text_field), r.text_field, self.label_names)
         except ValueError as err:
             return self.bad(line, f": {err}")
         first = self.records[0] if self.records else None
@@ -129,9 +130,10 @@ class Rows:
 
     def done(self) -> list[Record]:
         if self.skipped:
+            many = "s" * (len(self.skipped) > 1)
             lines = ", ".join(str(n) for n, _ in self.skipped[:5]) + (", …" if len(self.skipped) > 5 else "")
-            warn(f"{self.path}: skipped {len(self.skipped)} bad row{'s' * (len(self.skipped) > 1)} (line{'s' * (len(self.skipped) > 1)} "
-                 f"{lines}); the first: {self.skipped[0][1]}")
+            warn(f"{self.path}: skipped {len(self.skipped)} bad row{many} ({self.unit}{many} {lines}); "
+                 f"the first: {self.skipped[0][1]}")
         return self.records
 
 
@@ -233,5 +235,6 @@ def read_file(path: Path, reading: Reading = Reading()) -> list[Record]:
     suffix = path.suffix.lower()
     readers = {".txt": read_txt, ".json": read_json, ".jsonl": read_jsonl, ".csv": read_csv}
     if suffix not in readers:
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; supported: {', '.join(FILE_SUFFIXES)}")
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; supported: {', '.join(FILE_SUFFIXES + TABLE_SUFFIXES)}, "
+                        "or a dataset folder")
     return readers[suffix](path, reading)

@@ -56,6 +56,7 @@ class ClientDefenses:
     def __init__(self, defenses: list[Defense], embedding: torch.nn.Module | None = None):
         self.defenses = defenses
         self.embedding = embedding
+        self.paused = False  # a reference evaluation without them (``Client.undefended``)
 
     @classmethod
     def build(cls, cfg: "RunConfig", at: Placement, keys: tuple[str, ...] | None = None) -> "ClientDefenses":
@@ -86,14 +87,18 @@ class ClientDefenses:
 
     @property
     def active(self) -> bool:
-        return any(d.active for d in self.defenses)
+        return not self.paused and any(d.active for d in self.defenses)
+
+    def perturbs(self) -> bool:
+        """Whether any of them changes what the client computes at evaluation (an embedding-noise defense)."""
+        return any(d.active and d.varies_bottom() is not None for d in self.defenses)
 
     @contextlib.contextmanager
     def bottom(self, step: int = 0, micro: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Around one bottom forward (of training ``step`` and ``micro``-batch; step 0: an evaluation): the embedding
         output through every defense, kept in the yielded box for their terms on the loss."""
         box: dict[str, torch.Tensor] = {}
-        live = [d for d in self.defenses if d.active]
+        live = [d for d in self.defenses if d.active and not self.paused]
 
         def hook(module, args, output):
             for d in live:

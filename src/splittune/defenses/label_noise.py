@@ -58,6 +58,7 @@ class LabelNoise(NoisyTransform, Defense):
     """
 
     name = "label-noise"
+    perturbs = False  # it noises training gradients only: an evaluation crosses unchanged
     Settings = LabelNoiseDefense
     crosses = True
 

@@ -47,6 +47,8 @@ class NoisyTransform(Transform):
     """A transform of the chain's defense slot: the sending end binds its secret (the chain does, ``Chain(secret=)``);
     the receiving end builds the same transform to know what it receives, and draws nothing."""
 
+    perturbs = True
+
     def __init__(self):
         self.stream: NoiseStream | None = None
 

@@ -7,10 +7,12 @@ begin from the same point, which the exactness contract needs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import warnings
 import zlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -26,6 +28,15 @@ from .linears import bypassed, expert_weights, linear_names
 from .partition import Segment
 
 PEFT_PREFIX = "base_model.model."
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model; its FutureWarning
+    is about peft's code, not the user's, so it stays out of their output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 class AdapterError(SplittuneError, ValueError):
@@ -155,7 +166,8 @@ def apply_training(
         scope = nn.ModuleList(all_blocks[i] for i in lora_blocks)
         config = _lora_config(spec, lora, lora_blocks, all_blocks, scope)
         try:
-            model = get_peft_model(model, config, adapter_name=adapters[0])
+            with quiet_peft():
+                model = get_peft_model(model, config, adapter_name=adapters[0])
             for name in adapters[1:]:
                 model.add_adapter(name, config)
         except ValueError as err:

@@ -38,6 +38,8 @@ from .resume import (CHECKPOINTS, STOP, EvalStopped, Interrupted, owns_run_dir, 
 from .summary import summarize, time_breakdown, title
 from .opening import opening
 
+UNDEFENDED_RATIO = 2.0  # eval perplexity with the defenses over without them, past which a run warns
+
 
 @contextlib.contextmanager
 def global_view(client: Client, global_state: dict[str, torch.Tensor], personal: set[str]):
@@ -197,6 +199,16 @@ def train_batch(task: TaskData, indices: list[int]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def defense_cost(defended_ppl: float, undefended_ppl: float, limit: float) -> str | None:
+    """The warning for defenses that multiply eval perplexity by more than ``limit``, or None."""
+    ratio = defended_ppl / max(undefended_ppl, 1e-12)
+    if ratio <= limit:
+        return None
+    return (f"the defenses multiply eval perplexity by {ratio:,.1f} ({defended_ppl:,.1f} with them, {undefended_ppl:,.1f} "
+            "without: the adapter on its own); training followed a much noisier model than the one exported, so weaken "
+            "them (a smaller sigma, a larger epsilon) if that is not intended")
+
+
 class Loop:
     """The training loop of one run: client steps in schedule order, averages, evaluations, outputs."""
 
@@ -217,6 +229,7 @@ class Loop:
         self.holder = 0  # the client holding the latest model (the sequential relay moves it)
         self.start = 0  # the last completed step (a resumed run continues after it)
         self.own_before: list[dict] = []
+        self.undefended: dict | None = None  # the final evaluation without the defenses (in-process, defended runs)
         self._check_settings()
         if resume is not None:
             restore_loop(self, resume)
@@ -296,6 +309,19 @@ class Loop:
         if self.fleet.links[i] is not None:  # evaluation traffic is reported, kept out of the training counts
             result["bytes_up"], result["bytes_down"] = sent.up, sent.down
         self.event("evaluated", label=label, loss=result["loss"], ppl=result["ppl"])
+        return result
+
+    def _undefended_eval(self, after: dict) -> dict | None:
+        """In-process, with a defense that changes what is evaluated: the final model once more without it (what the
+        exported adapter does on its own), and a warning when the defense multiplies perplexity by more than 2.
+        Never in a deployment: the server would see undefended activations."""
+        client = self.fleet.clients[self.holder]
+        if self.fleet.server is None or not client.defended:
+            return None
+        result = self._evaluate(self.holder, self.pooled, client.undefended, "after training, without the defenses")
+        message = defense_cost(after["ppl"], result["ppl"], UNDEFENDED_RATIO)
+        if message is not None:
+            warn(message)
         return result
 
     def _label(self, step: int, client: int | None = None) -> str:
@@ -378,6 +404,7 @@ class Loop:
             after = self._global_eval(self.cfg.train.steps)
             own_after = ([self._evaluate(i, task, label=self._label(self.cfg.train.steps, self.index[i]))
                           for i, task in enumerate(self.tasks)] if self.total > 1 else [after])
+            self.undefended = self._undefended_eval(after)
         except EvalStopped:  # the last step's checkpoint is saved: the same command evaluates and finishes
             raise Interrupted(self.cfg.train.steps) from None
         with open(self.out / "evals.jsonl", "w") as f:

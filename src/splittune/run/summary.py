@@ -103,6 +103,9 @@ def summarize(loop: "Loop", before: dict, after: dict, own_before: list[dict], o
         "server_trainable": server_info.get("trainable", 0),
         "versions": {"splittune": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
+    if loop.undefended is not None:  # in-process runs with a defense that changes what is evaluated
+        summary["eval_ppl_undefended"] = loop.undefended["ppl"]
+        summary["eval_loss_undefended"] = loop.undefended["loss"]
     if "accuracy" in before:
         summary["eval_accuracy_before"] = before["accuracy"]
         summary["eval_accuracy_after"] = after["accuracy"]

@@ -297,6 +297,24 @@ class Client:
         """The bytes this client's link carries during the block (its channel's meter; nothing without a link)."""
         return self.link.channel.metered() if self.link is not None else contextlib.nullcontext(Traffic())
 
+    @property
+    def defended(self) -> bool:
+        """Whether a defense changes what this client evaluates (its embeddings, or what crosses its link)."""
+        chain = self.link.chain if self.link is not None else None
+        return self.defenses.perturbs() or (chain is not None and any(t.perturbs for t in chain.transforms[chain.sending]))
+
+    @contextlib.contextmanager
+    def undefended(self):
+        """Evaluate without this client's defenses: what the adapter does on its own. Only for in-process runs: over a
+        network the server would see undefended activations."""
+        chain = self.link.chain if self.link is not None else None
+        self.defenses.paused = True
+        try:
+            with chain.undefended() if chain is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self.defenses.paused = False
+
     def backward(self, step: int, batches: list[Batch]) -> tuple[float, int]:
         """Stages 1–5 for every micro-batch (each of ``batches`` cut into ``micro_batches``): gradients
         accumulate on both parties."""
