@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import warnings
@@ -84,6 +85,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="peft")
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it tries a hub kernel first on every import
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 

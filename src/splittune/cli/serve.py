@@ -30,6 +30,8 @@ def serve(
     wait_s: float = typer.Option(600.0, "--wait", min=1.0, help="seconds a round waits for a client before giving up"),
     state: Optional[Path] = typer.Option(None, "--state", help="directory for the server's checkpoints (restart with the same command to resume)"),
     device: str = typer.Option("auto", "--device", help="where the server computes: auto (a GPU when there is one) | cpu | cuda | cuda:N | mps"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="store the server's frozen block weights quantized: none | nf4 | fp4 | "
+                                           "int8 (bitsandbytes); every client must propose the same quantize.trunk. Default: each run's own"),
     threads: str = typer.Option("auto", "--threads", callback=lambda v: threads_option(v),
                                 help="CPU compute threads: auto (every core: the server has the process to itself) or N"),
     max_cache_bytes: Optional[str] = typer.Option(None, "--max-cache-bytes", callback=lambda v: size_option(v),
@@ -68,6 +70,10 @@ def serve(
             read(tokens, "--tokens")
         token_map, bindings = load_tokens(tokens) if tokens is not None else (None, None)
         compute = resolve_device(device)
+        if quantize is not None:
+            from ..models.quantize import check as check_quantize
+
+            check_quantize(quantize, compute)
         tls = Tls(tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
         locked = _serve_process(state, threads)  # one server per state directory; its compute threads
         limits = Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions, max_clients, max_pending, hello_timeout,
@@ -78,6 +84,7 @@ def serve(
 
             recording = Recording(record_tap, ("server", "aggregator"), tap_max_bytes, truth=False)
         party_server = server_for(resolve_model(model), wait_s=wait_s, state_dir=state, device=compute, max_cache_bytes=max_cache_bytes,
+                                  quantize=quantize,
                                   inference=InferenceLimits(max_inference_sessions, max_inference_bytes, inference_timeout))
         service = SplitService(party_server, token_map, limits, bindings=bindings)
         if recording is not None:
@@ -90,7 +97,7 @@ def serve(
             locked.release()
         fail(str(err))
     scheme = "grpcs" if tls else "grpc"
-    console.print(f"[bold]splittune serve[/] · model [cyan]{model}[/] on {party_server.device} · listening on {scheme}://{address.target}"
+    console.print(f"[bold]splittune serve[/] · model [cyan]{model}[/]{' ' + quantize if quantize not in (None, 'none') else ''} on {party_server.device} · listening on {scheme}://{address.target}"
                   f"{' · mutual TLS' if tls_client_ca else ''}{' · tokens for ' + str(len(token_map)) + ' clients' if token_map else ''}",
                   highlight=False)
     signal.signal(signal.SIGTERM, lambda *_: grpc_server.stop(grace=5))

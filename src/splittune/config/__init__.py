@@ -9,12 +9,12 @@ from .load import apply_override, dump_config, load_config, public_fields, valid
 from .run import RunConfig
 from .sections import (ALLOWED_CODECS, DEFENSE_NAMES, SIZE_UNITS, CacheConfig, ClientData, ClientLora, ClientOverride,
                        CodecConfig, DataConfig, Defense, DpSgdConfig, LinkConfig, LoraConfig, Partition, Schedule,
-                       SegmentName, SegmentsConfig,
+                       QuantizeConfig, SegmentName, SegmentsConfig,
                        TrainConfig, TrainMode, default_cuts, parse_size)
 
 __all__ = [
     "ALLOWED_CODECS", "DEFENSE_NAMES", "SIZE_UNITS", "CacheConfig", "ClientData", "ClientLora", "ClientOverride",
     "CodecConfig", "ConfigError", "DataConfig", "Defense", "DpSgdConfig", "LinkConfig", "LoraConfig", "Partition", "RunConfig", "Schedule", "Section",
-    "SegmentName", "SegmentsConfig", "SplittuneDeprecationWarning", "SplittuneWarning", "TrainConfig", "TrainMode",
+    "QuantizeConfig", "SegmentName", "SegmentsConfig", "SplittuneDeprecationWarning", "SplittuneWarning", "TrainConfig", "TrainMode",
     "apply_override", "default_cuts", "dump_config", "load_config", "parse_size", "public_fields", "validate", "warn",
 ]

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..defenses import configured
 from .base import Section, warn
-from .sections import CacheConfig, ClientOverride, CodecConfig, DataConfig, Defense, DpSgdConfig, LinkConfig, LoraConfig, Partition, Schedule, SegmentName, SegmentsConfig, TrainConfig, default_cuts
+from .sections import CacheConfig, ClientOverride, CodecConfig, DataConfig, Defense, DpSgdConfig, LinkConfig, LoraConfig, Partition, Schedule, SegmentName, SegmentsConfig, QuantizeConfig, TrainConfig, default_cuts
 
 
 
@@ -49,6 +49,9 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
+    quantize: QuantizeConfig = Field(default_factory=lambda: QuantizeConfig(),
+                                     json_schema_extra={"allowed": "none | nf4 | fp4 | int8, or a map {bottom, trunk, top, "
+                                                        "double_quant}"})
     codec: CodecConfig = Field(default_factory=lambda: CodecConfig())
     padding_removal: bool = Field(True, description="positions the attention mask zeroes never cross the cut (lossless)")
     link: LinkConfig = Field(default_factory=lambda: LinkConfig())
@@ -152,6 +155,12 @@ class RunConfig(Section):
             raise ValueError(
                 "schedule: sequential relays one client-side model from client to client, so every client must keep "
                 "the same cuts and LoRA rank; per-client overrides need sfl-v1 or sfl-v2"
+            )
+        ranks = {self.client_rank(i) for i in range(n)}
+        if self.quantize.active and len(ranks) > 1:
+            raise ValueError(
+                f"quantize: clients with LoRA ranks {sorted(ranks)} are averaged exactly by adding the update into the frozen "
+                "base weights, which a quantized segment stores packed; give every client one rank, or quantize: none"
             )
         if self.defense and self.mode != "split":
             raise ValueError(f"defense: {', '.join(d.name for d in self.defense)} act on what crosses a cut; mode: {self.mode} "

@@ -74,6 +74,8 @@ class TrainConfig(Section):
         0, ge=0, description="both parties checkpoint every N steps (0: only at the end); the same command resumes"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the model weights and activations")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype the quantized layers compute in (QLoRA's bnb_4bit_compute_dtype); null: train.dtype")
     device: str = Field("auto", description="where this process computes: auto (a GPU when there is one) | cpu | cuda | cuda:N | mps",
                         json_schema_extra={"allowed": "`auto`, `cpu`, `cuda`, `cuda:N`, `mps`"})
     model_dropout: bool = Field(
@@ -132,6 +134,30 @@ class SegmentsConfig(Section):
     bottom: TrainMode = Field("lora", description="embeddings and the blocks before the first cut (client)")
     trunk: TrainMode = Field("lora", description="the blocks between the cuts (server)")
     top: TrainMode = Field("lora", description="the blocks after the second cut, final norm and head (client, U-shaped)")
+
+Quantize = Literal["none", "nf4", "fp4", "int8"]
+
+
+class QuantizeConfig(Section):
+    """Frozen base weights of each segment's blocks stored quantized (bitsandbytes, as transformers' BitsAndBytesConfig):
+    nf4 / fp4 4-bit (QLoRA), int8 LLM.int8. LoRA adapters stay float32; embeddings, norms and head stay in the compute
+    dtype. ``quantize: nf4`` sets every segment."""
+
+    bottom: Quantize = Field("none", description="the client's bottom blocks")
+    trunk: Quantize = Field("none", description="the server's blocks (serve --quantize fixes them for every client)")
+    top: Quantize = Field("none", description="the client's top blocks (U-shaped)")
+    double_quant: bool = Field(False, description="4-bit: quantize the quantization constants too (QLoRA's double "
+                               "quantization, about 0.4 bits per weight less)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_for_all(cls, value: Any) -> Any:
+        return {"bottom": value, "trunk": value, "top": value} if isinstance(value, str) else value
+
+    @property
+    def active(self) -> bool:
+        return any(k != "none" for k in (self.bottom, self.trunk, self.top))
+
 
 class ClientLora(Section):
     """A client's own LoRA settings: only the rank may differ from client to client."""

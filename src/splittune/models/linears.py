@@ -22,6 +22,8 @@ from peft.tuners import tuners_utils
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .quantize import is_quantized
+
 # ``self.<child>.weight`` used as a tensor (a matmul, a kernel argument); reading its dtype or device is harmless
 _WEIGHT_READ = re.compile(r"self\.(\w+)\.weight\b(?!\s*\.\s*(?:dtype|device|shape|size|ndim|is_meta|data_ptr)\b)")
 
@@ -61,7 +63,7 @@ def behaves_as_linear(module: nn.Module) -> bool:
     Llama 4's routers return scores and logits), so peft's wrapper would fail on them. Asked once per class, on a row
     of zeros on the weight's device (meta for a party's unloaded blocks)."""
     kind = type(module)
-    if kind in (nn.Linear, Conv1D):
+    if kind in (nn.Linear, Conv1D) or is_quantized(module):  # a quantized layer is a linear one, packed
         return True
     if kind not in _verdicts:
         weight = module.weight

@@ -22,8 +22,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..errors import SplittuneError
 from .absent import AbsentBlock
-from .arch import ArchSpec
+from .arch import ArchSpec, block_of
 from .conversion import Fused, key_plan
+from .quantize import Quantization, quantize_block, tensor_bytes
 from .zoo import ModelError, ModelSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -195,9 +196,14 @@ def load_party_model(
     post: bool,
     dtype: torch.dtype = torch.float32,
     keep_dropout: bool = False,
+    quantize: dict[int, Quantization] | None = None,
 ) -> tuple[nn.Module, PartyWeights]:
-    """Build the model tree and load only blocks ``blocks`` plus the pre/post modules if owned."""
+    """Build the model tree and load only blocks ``blocks`` plus the pre/post modules if owned.
+
+    Blocks load one after another, and a block in ``quantize`` is quantized as soon as its weights are in, so a
+    quantizing party never holds more than one block at full precision."""
     owned_blocks = set(blocks)
+    quantize = quantize or {}
     if not keep_dropout:
         config = without_dropout(config)
     with init_empty_weights(include_buffers=False):
@@ -224,22 +230,24 @@ def load_party_model(
 
     weight_map = source.weight_map()
     names_in_file = key_plan(model, weight_map)
-    by_file: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    fused: dict[int, tuple[Fused, str]] = {}  # parameters made by a conversion of several checkpoint tensors
-    replacement: dict[int, nn.Parameter] = {}
+    # what each block loads (-1: the embeddings, final norm and head): plain tensors, and conversions of several
+    work: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    fused: dict[int, dict[int, tuple[Fused, str]]] = defaultdict(dict)
     missing = []
     for pid, names in aliases.items():
         if any(is_owned(n) for n in names):
             name = next((n for n in names if n in names_in_file), None)
             key = names_in_file.get(name) if name is not None else None
+            owner = block_of(names[0], spec.blocks_path)
+            owner = -1 if owner is None else owner
             if key is None:
                 missing.append(names[0])
             elif isinstance(key, Fused):
-                fused[pid] = (key, name)
+                fused[owner][pid] = (key, name)
             else:
-                by_file[weight_map[key]].append((pid, key))
+                work[owner].append((pid, key))
         else:
-            replacement[pid] = _placeholder(params[pid].shape, dtype)
+            _place(model, aliases[pid], _placeholder(params[pid].shape, dtype))
     if missing:
         raise ModelError(
             f"{source.ref}: the checkpoint lacks {len(missing)} tensor(s) this party needs, e.g. {missing[:3]}"
@@ -250,40 +258,53 @@ def load_party_model(
         expected = params[pid].shape
         if tensor.shape != expected:
             raise ModelError(f"{source.ref}: tensor {what!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
-        replacement[pid] = nn.Parameter(tensor, requires_grad=False)
+        _place(model, aliases[pid], nn.Parameter(tensor, requires_grad=False))
         stats.params += tensor.numel()
-        stats.bytes += tensor.numel() * tensor.element_size()
 
-    for filename, entries in by_file.items():
-        with _open_weights(source, filename) as f:
-            for pid, key in entries:
-                take(pid, f.get_tensor(key).to(dtype), key)
-                stats.tensors += 1
     with contextlib.ExitStack() as files:
         opened: dict[str, object] = {}
 
-        def read(key: str) -> torch.Tensor:  # each shard opened once for all the conversions that need it
+        def read(key: str) -> torch.Tensor:  # each shard opened once (memory-mapped), whichever blocks it holds
             filename = weight_map[key]
             if filename not in opened:
                 opened[filename] = files.enter_context(_open_weights(source, filename))
             return opened[filename].get_tensor(key)
 
-        for conversion in {id(c): c for c, _ in fused.values()}.values():
-            stats.tensors += len(conversion.keys)
-            made = conversion.convert(model, read)
-            for pid, (c, name) in fused.items():
-                if c is conversion:
-                    take(pid, made[name].to(dtype), f"{name} (made from {len(c.keys)} checkpoint tensors)")
-    for pid, names in aliases.items():
-        for name in names:
-            module_name, _, leaf = name.rpartition(".")
-            model.get_submodule(module_name)._parameters[leaf] = replacement[pid]
+        for owner in sorted(set(work) | set(fused)):
+            for pid, key in sorted(work[owner], key=lambda e: (weight_map[e[1]], e[1])):
+                take(pid, read(key).to(dtype), key)
+                stats.tensors += 1
+            for conversion in {id(c): c for c, _ in fused[owner].values()}.values():
+                made = conversion.convert(model, read)
+                stats.tensors += len(conversion.keys)
+                for pid, (c, name) in fused[owner].items():
+                    if c is conversion:
+                        take(pid, made[name].to(dtype), f"{name} (made from {len(c.keys)} checkpoint tensors)")
+            if owner in quantize:
+                quantize_block(block_list[owner], quantize[owner])
     _load_owned_buffers(model, source, is_owned, weight_map, names_in_file)
     if not keep_dropout:
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
+    stats.bytes = _stored_bytes(model, spec, owned_blocks, owned_modules)
     return model, stats
+
+
+def _place(model: nn.Module, names: list[str], param: nn.Parameter) -> None:
+    """``param`` under every name it has in ``model`` (a tied embedding and head share one)."""
+    for name in names:
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = param
+
+
+def _stored_bytes(model: nn.Module, spec: ArchSpec, blocks: set[int], modules: tuple[str, ...]) -> int:
+    """Bytes of the weights a party holds as stored (quantized ones packed), each tensor once (a tied head is the
+    embedding)."""
+    block_list = model.get_submodule(spec.blocks_path)
+    roots = [block_list[i] for i in sorted(blocks)] + [model.get_submodule(m) for m in modules]
+    unique = {id(p): p for root in roots for p in root.parameters() if not is_placeholder(p)}
+    return sum(tensor_bytes(p) for p in unique.values())
 
 
 def _load_owned_buffers(model, source, is_owned, weight_map, names_in_file) -> None:

@@ -22,6 +22,8 @@ from ..config import LoraConfig, RunConfig
 from ..device import as_float64, to_device
 from ..models.adapters import apply_training, load_trainable_state, lora_layers, mixed_adapters, trainable, trainable_state
 from ..models.arch import ArchSpec
+from ..models.quantize import Quantization, QuantizeError, is_quantized
+from ..models.quantize import check as check_quantize
 from ..models.partition import DTYPES, PlanError, Segment, SplitPlan, check_trainable, load_party_model, move_model, plan_split
 from ..models.recompute import recomputed
 from ..models.routing import RouterAux
@@ -79,6 +81,9 @@ class SessionSpec:
     secure_aggregation: bool = False  # clients' adapters reach the averaging only masked (parties/secure.py)
     # the client's run (a random id kept in its run directory): the server keys what it keeps of a run by it
     run_id: str = ""
+    # how each segment's frozen block weights are stored (quantize:) and the dtype quantized layers compute in
+    quantize: dict[str, Any] = field(default_factory=dict)
+    compute_dtype: str = ""
 
     @classmethod
     def from_run(cls, cfg: RunConfig, fingerprint: str, model_type: str, client: int = 0, samples: int = 0,
@@ -94,6 +99,8 @@ class SessionSpec:
             defenses=[d.model_dump() for d in cfg.defense],
             secure_aggregation=cfg.secure_aggregation,
             run_id=run_id,
+            quantize=cfg.quantize.model_dump() if cfg.quantize.active else {},
+            compute_dtype=t.compute_dtype or t.dtype,
         )
 
     def to_meta(self) -> dict[str, Any]:
@@ -117,6 +124,11 @@ class SessionSpec:
 
     def plan(self, n_blocks: int) -> SplitPlan:
         return plan_split(n_blocks, self.cuts, self.mode if self.mode != "federated" else "centralized")
+
+    def quantization(self, segment: str) -> Quantization:
+        """How ``segment``'s frozen block weights are stored (``none`` unless the run quantizes it)."""
+        return Quantization(self.quantize.get(segment, "none"), DTYPES[self.compute_dtype or self.dtype],
+                            bool(self.quantize.get("double_quant", False)))
 
     @property
     def lora_config(self) -> LoraConfig:
@@ -191,6 +203,12 @@ class Party:
         self.dtype = DTYPES[session.dtype]
         _check_tied(spec, self.plan, session.segments)
         self.arch = arch_name(spec.model_type, source.ref)  # names this model in errors from inside it (models/stages.py)
+        self.device = device if device is not None else torch.device("cpu")
+        quantize = {}
+        for s in self.segments:
+            q = session.quantization(s.name)
+            check_quantize(q.kind, self.device)
+            quantize.update({i: q for i in s.blocks if q.active})
         with stage_errors(self.arch, loading_stage(role, self.plan)):
             model, self.weights = load_party_model(
                 source,
@@ -201,9 +219,9 @@ class Party:
                 post=any(s.head for s in self.segments),
                 dtype=self.dtype,
                 keep_dropout=session.model_dropout,
+                quantize=quantize,
             )
             modes = [(s, session.segments[s.name]) for s in self.segments]
-            self.device = device if device is not None else torch.device("cpu")
             self.model = move_model(apply_training(model, spec, modes, session.lora_config, session.seed, adapters), self.device)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.blocks = base.get_submodule(spec.blocks_path)
@@ -288,6 +306,8 @@ class Party:
         layer = lora_layers(self.model).get(module)
         if layer is None:
             raise ValueError(f"this {self.role} holds no LoRA module {module}")
+        if is_quantized(layer.get_base_layer()):
+            raise QuantizeError(f"cannot fold an averaged update into {module}: its base weight is stored quantized")
         add_delta(layer.get_base_layer().weight, delta, layer.fan_in_fan_out)
         self.folded[module] = self.folded.get(module, 0) + delta
         with torch.no_grad():

@@ -32,6 +32,7 @@ from .engine import Rows, TrunkEngine
 from .group import Group, Member
 from .meet import WaitTimeout
 from ...models.partition import DTYPES
+from ...models.quantize import KINDS as QUANTIZE_KINDS
 from ..party import SessionSpec
 from ..secure import SecureRounds
 from .inference import InferenceLimits, InferenceSessions
@@ -47,12 +48,13 @@ class Server:
     """``policies`` maps schedule names to their policy objects (``schedules.POLICIES``: this layer
     cannot import the policies, which sit above it); ``max_cache_bytes`` caps the activation cache a
     client may ask for (None: what the client asks); ``inference`` bounds the inference sessions served beside
-    training (``parties/server/inference.py``)."""
+    training (``parties/server/inference.py``); ``quantize`` fixes how the trunk's frozen weights are stored."""
 
     def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0, state_dir: Path | None = None,
                  device: torch.device | None = None, *, policies: Mapping, max_cache_bytes: int | None = None,
-                 inference: InferenceLimits | None = None):
+                 inference: InferenceLimits | None = None, quantize: str | None = None):
         self.source = source
+        self.quantize = quantize  # serve --quantize: the trunk's quantization, fixed for every client (None: theirs)
         self.device = device if device is not None else torch.device("cpu")
         self.spec = spec
         self.config = config if config is not None else source.config()
@@ -144,7 +146,20 @@ class Server:
                 f"the server's {self.source.describe()} has {self.fingerprint}; both parties must load the same weights",
                 "FAILED_PRECONDITION",
             )
+        self._check_quantize(session)
         return session
+
+    def _check_quantize(self, session: SessionSpec) -> None:
+        """The proposal's quantization is well formed, and the trunk's is the one this server was started with (if any)."""
+        q = session.quantize
+        if not isinstance(q, dict) or any(q.get(k, "none") not in QUANTIZE_KINDS for k in ("bottom", "trunk", "top")) \
+                or session.compute_dtype not in ("", *DTYPES):
+            raise ProtocolError(f"bad session proposal: quantize {bounded(repr(q), 80)} / compute_dtype "
+                                f"{bounded(repr(session.compute_dtype), 20)}; kinds: {', '.join(QUANTIZE_KINDS)}")
+        trunk = q.get("trunk", "none")
+        if self.quantize is not None and trunk != self.quantize:
+            raise ProtocolError(f"this server holds its blocks quantized {self.quantize} (serve --quantize {self.quantize}); the "
+                                f"client proposed quantize.trunk: {trunk}; set quantize.trunk: {self.quantize}", "FAILED_PRECONDITION")
 
     def _open_inference(self, msg: Message) -> Message:
         """An inference session beside any training run (``parties/server/inference.py``); the hello's tensors are what the

@@ -1,0 +1,148 @@
+"""Contract 1 for quantized frozen weights: a split whose segments are quantized computes what the unsplit model
+loaded by transformers with the same BitsAndBytesConfig computes, with the same peft LoRA (loss and every LoRA
+gradient), for both shapes, with padding; the twin: a trunk quantized where the reference is not is caught."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("bitsandbytes")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from splittune.config import load_config  # noqa: E402
+from splittune.models.adapters import apply_training, trainable  # noqa: E402
+from splittune.models.arch import detect_arch  # noqa: E402
+from splittune.models.partition import plan_split  # noqa: E402
+from splittune.models.quantize import Quantization, is_quantized  # noqa: E402
+from splittune.models.zoo import resolve_model  # noqa: E402
+from splittune.run import build  # noqa: E402
+from splittune.verify import _grads, _max_diff, make_batch  # noqa: E402
+
+TOLERANCE = 1e-5  # float32 compute: the same packed weights, the same kernels; only summation order may differ
+
+
+def unsplit(model: str, cfg, q: Quantization | None):
+    """The reference: transformers loads the whole model (quantized by its own BitsAndBytesConfig when ``q``), and
+    the run's LoRA goes on it the way a party puts it on (peft, the same per-module initialisation)."""
+    source = resolve_model(model)
+    extra = {"quantization_config": q.transformers_config(), "device_map": "cpu"} if q is not None else {}
+    ref = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32, **extra).train()  # a training step
+    for m in ref.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    spec = detect_arch(ref.config)
+    plan = plan_split(spec.n_blocks, cfg.cuts, "centralized")
+    modes = [(s, "lora") for s in plan.party_segments("client")]
+    return apply_training(ref, spec, modes, cfg.lora, cfg.seed)
+
+
+def step(model: str, cuts: list[int], quantize: str, reference: Quantization | None, batch: int = 3, seq: int = 10):
+    cfg = load_config(None, [f"model={model}", f"cuts={cuts}", f"quantize={quantize}", "lora.target_modules=all-linear"])
+    client, server, link, source = build(cfg)
+    try:
+        data = make_batch(source.config().get_text_config().vocab_size, batch, seq, True, 0)
+        loss_split, _ = client.backward(1, [data])
+        split = _grads(client.party, server.party)
+        quantized = [m for m in server.party.model.modules() if is_quantized(m)]
+    finally:
+        link.close()
+        server.close()
+    ref = unsplit(model, cfg, reference)
+    out = ref(**data)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in trainable(ref)}
+    assert set(grads) == set(split) and grads
+    return abs(float(out.loss) - loss_split), _max_diff(grads, split)[0], quantized
+
+
+@pytest.mark.parametrize("cuts", [[2], [1, 3]], ids=["two-part", "u-shape"])
+@pytest.mark.parametrize("model", ["tiny:llama", "tiny:qwen2", "tiny:gpt2", "tiny:mistral", "tiny:mixtral"])
+def test_nf4_split_equals_nf4_unsplit_loaded_by_transformers(model, cuts):
+    loss_diff, grad_diff, quantized = step(model, cuts, "nf4", Quantization("nf4"))
+    assert quantized, "the server's blocks hold no quantized layer"
+    assert loss_diff <= TOLERANCE and grad_diff <= TOLERANCE, (loss_diff, grad_diff)
+
+
+@pytest.mark.parametrize("kind", ["fp4", "int8"])
+def test_fp4_and_int8_are_exact_too(kind):
+    loss_diff, grad_diff, _ = step("tiny:llama", [1, 3], kind, Quantization(kind))
+    assert loss_diff <= TOLERANCE and grad_diff <= TOLERANCE, (loss_diff, grad_diff)
+
+
+def test_a_quantized_trunk_against_a_full_precision_reference_is_caught():
+    """The twin: the comparison above can fail. A run that quantizes the trunk only (the typical deployment) is
+    not the full-precision model, and not the all-nf4 one either."""
+    loss_diff, grad_diff, quantized = step("tiny:llama", [1, 3], "{trunk: nf4}", None)
+    assert quantized and max(loss_diff, grad_diff) > 1e-3
+    loss_diff, grad_diff, _ = step("tiny:llama", [1, 3], "{trunk: nf4}", Quantization("nf4"))
+    assert max(loss_diff, grad_diff) > 1e-3
+
+
+def test_an_evaluation_between_training_steps_changes_no_quantized_weight():
+    """bitsandbytes' CPU eval path repacks 4-bit weights, and repacks them back for training lossily: a party's
+    evaluation must compute as training does and leave the weights as they were."""
+    cfg = load_config(None, ["model=tiny:llama", "cuts=[1,3]", "quantize=nf4"])
+    client, server, link, source = build(cfg)
+    try:
+        data = make_batch(source.config().get_text_config().vocab_size, 2, 8, True, 0)
+        before = {k: v.clone() for k, v in client.party.model.state_dict().items()}
+        client.party.model.eval()  # the client's bottom and top in eval mode, as an evaluation puts a model
+        eval_loss, _, _ = client.eval_batch(data)
+        client.party.model.train()
+        train_loss, _ = client.backward(1, [data])
+        after = client.party.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert abs(eval_loss / int((data["labels"][:, 1:] != -100).sum()) - train_loss) <= TOLERANCE
+    finally:
+        link.close()
+        server.close()
+
+
+def test_a_server_started_quantized_serves_the_same_run_over_grpc(tmp_path):
+    """``serve --quantize nf4``: a client proposing quantize.trunk: nf4 trains as the in-process run does (losses and
+    adapters bit for bit); one proposing another trunk is refused with what to set."""
+    from safetensors.torch import load_file
+
+    from configs import tiny
+    from served import serve_here
+    from splittune.channels import RemoteError
+    from splittune.channels.grpc import GrpcChannel
+    from splittune.deploy.service import SplitService
+    from splittune.parties import Server
+    from splittune.run import train, train_remote
+    from splittune.schedules.policy import POLICIES
+
+    run = tiny("cuts=[1,3]", "train.steps=2", "data.max_documents=6", "train.warmup_steps=0", "quantize.trunk=nf4")
+    source = resolve_model("tiny:llama")
+    service = SplitService(Server(source, detect_arch(source.config()), wait_s=30, policies=POLICIES, quantize="nf4"), None)
+    server, port = serve_here(service)
+    channel = lambda i: GrpcChannel(f"grpc://127.0.0.1:{port}")  # noqa: E731
+    try:
+        remote = train_remote(load_config(None, run), tmp_path / "remote", 0, channel)
+        with pytest.raises(RemoteError, match=r"quantized nf4 \(serve --quantize nf4\); the client proposed quantize.trunk: none; "
+                                              r"set quantize.trunk: nf4"):
+            train_remote(load_config(None, [*run, "quantize.trunk=none"]), tmp_path / "plain", 0, channel)
+    finally:
+        server.stop(None)
+    local = train(load_config(None, run), tmp_path / "local")
+    assert remote["train_loss_last"] == local["train_loss_last"] and remote["server_bytes"] == local["server_bytes"]
+    a, b = load_file(tmp_path / "remote/adapters/server.safetensors"), load_file(tmp_path / "local/adapters/server.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_quantize_settings_get_one_clear_error(monkeypatch):
+    from splittune.models.quantize import QuantizeError, check
+
+    with pytest.raises(QuantizeError, match=r"quantize: nf4 runs on cpu, cuda, xpu \(bitsandbytes\); this party computes on mps"):
+        check("nf4", torch.device("mps"))
+    with pytest.raises(QuantizeError, match="unknown kind 'int4'; kinds: none, nf4, fp4, int8"):
+        check("int4", torch.device("cpu"))
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    with pytest.raises(QuantizeError, match=r"need the bitsandbytes package, which is not installed: pip install 'splittune\[quantize\]'"):
+        check("nf4", torch.device("cpu"))
+    check("none", torch.device("mps"))  # nothing to quantize: nothing needed
+    with pytest.raises(Exception, match=r"LoRA ranks \[4, 8\] are averaged exactly by adding the update into the frozen base"):
+        load_config(None, ["clients=2", "quantize=nf4", "client_overrides={1: {lora: {rank: 4}}}"])
