@@ -24,11 +24,11 @@ from splittune.verify import _grads, _max_diff, make_batch  # noqa: E402
 TOLERANCE = 1e-5  # float32 compute: the same packed weights, the same kernels; only summation order may differ
 
 
-def unsplit(model: str, cfg, q: Quantization | None):
+def unsplit(model: str, cfg, q: Quantization | None, head: bool = False):
     """The reference: transformers loads the whole model (quantized by its own BitsAndBytesConfig when ``q``), and
     the run's LoRA goes on it the way a party puts it on (peft, the same per-module initialisation)."""
     source = resolve_model(model)
-    extra = {"quantization_config": q.transformers_config(), "device_map": "cpu"} if q is not None else {}
+    extra = {"quantization_config": q.transformers_config(head), "device_map": "cpu"} if q is not None else {}
     ref = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32, **extra).train()  # a training step
     for m in ref.modules():
         if isinstance(m, nn.Dropout):
@@ -39,7 +39,8 @@ def unsplit(model: str, cfg, q: Quantization | None):
     return apply_training(ref, spec, modes, cfg.lora, cfg.seed)
 
 
-def step(model: str, cuts: list[int], quantize: str, reference: Quantization | None, batch: int = 3, seq: int = 10):
+def step(model: str, cuts: list[int], quantize: str, reference: Quantization | None, batch: int = 3, seq: int = 10,
+         head: bool = False):
     cfg = load_config(None, [f"model={model}", f"cuts={cuts}", f"quantize={quantize}", "lora.target_modules=all-linear"])
     client, server, link, source = build(cfg)
     try:
@@ -50,7 +51,7 @@ def step(model: str, cuts: list[int], quantize: str, reference: Quantization | N
     finally:
         link.close()
         server.close()
-    ref = unsplit(model, cfg, reference)
+    ref = unsplit(model, cfg, reference, head)
     out = ref(**data)
     out.loss.backward()
     grads = {name: p.grad for name, p in trainable(ref)}
@@ -70,6 +71,22 @@ def test_nf4_split_equals_nf4_unsplit_loaded_by_transformers(model, cuts):
 def test_fp4_and_int8_are_exact_too(kind):
     loss_diff, grad_diff, _ = step("tiny:llama", [1, 3], kind, Quantization(kind))
     assert loss_diff <= TOLERANCE and grad_diff <= TOLERANCE, (loss_diff, grad_diff)
+
+
+@pytest.mark.parametrize("cuts", [[2], [1, 3]], ids=["two-part", "u-shape"])
+def test_the_head_quantized_too_equals_transformers_with_no_module_skipped(cuts):
+    loss_diff, grad_diff, _ = step("tiny:llama", cuts, "{bottom: nf4, trunk: nf4, top: nf4, head: nf4}", Quantization("nf4"),
+                                   head=True)
+    assert loss_diff <= TOLERANCE and grad_diff <= TOLERANCE, (loss_diff, grad_diff)
+    loss_diff, grad_diff, _ = step("tiny:llama", cuts, "nf4", Quantization("nf4"), head=True)
+    assert max(loss_diff, grad_diff) > 1e-4  # the twin: a full-precision head is not the quantized one
+
+
+def test_a_head_tied_to_the_embeddings_cannot_be_quantized():
+    from splittune.models.quantize import QuantizeError
+
+    with pytest.raises(QuantizeError, match="quantize.head: the head of gpt2 is its embedding matrix \\(tied\\)"):
+        build(load_config(None, ["model=tiny:gpt2", "cuts=[1,3]", "quantize.head=nf4"]))
 
 
 def test_a_quantized_trunk_against_a_full_precision_reference_is_caught():
@@ -146,3 +163,63 @@ def test_bad_quantize_settings_get_one_clear_error(monkeypatch):
     check("none", torch.device("mps"))  # nothing to quantize: nothing needed
     with pytest.raises(Exception, match=r"LoRA ranks \[4, 8\] are averaged exactly by adding the update into the frozen base"):
         load_config(None, ["clients=2", "quantize=nf4", "client_overrides={1: {lora: {rank: 4}}}"])
+
+
+def test_export_loads_on_a_full_precision_and_an_nf4_base_and_split_generation_equals_the_nf4_one(tmp_path):
+    """The exported adapter is the standard one: PeftModel.from_pretrained on a full-precision base and on an NF4 base
+    loaded by transformers both generate; greedy generation through the quantized split equals the NF4 one."""
+    from peft import PeftModel
+
+    from splittune.export import export_run
+    from splittune.generation import load_split
+    from splittune.run import train
+
+    out = tmp_path / "run"
+    train(load_config(None, ["model=tiny:llama", "cuts=[1,3]", "quantize=nf4", "train.steps=3", "train.batch_size=2",
+                             "train.seq_len=32", "train.lr=0.01", "train.warmup_steps=0", "train.eval_batches=1",
+                             "data.max_documents=6", "lora.rank=4"]), out)
+    export_run(out, out / "export")
+    path = str(resolve_model("tiny:llama").path)
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with load_split(out) as split:
+        got = split.generate(ids, mask, **greedy)
+    nf4 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu",
+                                               quantization_config=Quantization("nf4").transformers_config())
+    for m in nf4.modules():  # the kernel a party uses in evaluation too (bitsandbytes' CPU eval path computes otherwise)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(nf4, str(out / "export")).eval().generate(input_ids=ids, attention_mask=mask, **greedy)
+        plain = PeftModel.from_pretrained(full, str(out / "export")).eval().generate(input_ids=ids, attention_mask=mask, **greedy)
+    assert torch.equal(got.sequences, want.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(got.scores, want.scores)) < 1e-4
+    assert plain.sequences.shape == want.sequences.shape  # the same adapter on a full-precision base generates too
+    assert max((a - b).abs().max().item() for a, b in zip(plain.scores, want.scores)) > 1e-3  # the twin: nf4 is not fp32
+
+
+@pytest.mark.parametrize("kind,double", [("nf4", False), ("nf4", True), ("fp4", False)])
+def test_chunked_packing_equals_bitsandbytes_own_bit_for_bit(monkeypatch, kind, double):
+    """A layer is packed a chunk at a time from the checkpoint's dtype (no full-precision copy of it): the bytes,
+    scales and nested scales are bitsandbytes' own for the whole weight."""
+    import bitsandbytes as bnb
+
+    from splittune.models import quantize as quantize_mod
+
+    monkeypatch.setattr(quantize_mod, "CHUNK", 256)  # many chunks, and a last one that is short
+    weight = torch.randn(48, 70, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    q = Quantization(kind, double_quant=double)
+    mine = quantize_mod.pack_4bit(weight, q, torch.float32, bnb)
+    theirs = bnb.nn.Params4bit(weight.float(), requires_grad=False, quant_type=kind, compress_statistics=double).to("cpu")
+    assert torch.equal(mine.data, theirs.data)
+    a, b = mine.quant_state, theirs.quant_state
+    assert torch.equal(a.absmax, b.absmax) and a.shape == b.shape and a.dtype == b.dtype == torch.float32
+    if double:
+        assert torch.equal(a.offset, b.offset) and torch.equal(a.state2.absmax, b.state2.absmax)
+    x = torch.randn(3, 70)
+    assert torch.equal(bnb.matmul_4bit(x, mine.t(), quant_state=a), bnb.matmul_4bit(x, theirs.t(), quant_state=b))
+    monkeypatch.setattr(quantize_mod, "CHUNK", 100)  # the twin: chunks that cut blocks of 64 give other scales
+    other = quantize_mod.pack_4bit(weight, q, torch.float32, bnb).quant_state.absmax
+    assert other.shape != a.absmax.shape or not torch.equal(other, a.absmax)

@@ -15,7 +15,9 @@ from .app import console, err_console, fail, human_bytes, quiet_libraries, shows
 
 @shows_warnings
 def bench(
-    suite: str = typer.Option("quick", "--suite", help="quick (a tiny model, then a short builtin run; minutes on a laptop) | full (the builtin model)"),
+    suite: str = typer.Option("quick", "--suite", help="quick (a tiny model, then a short builtin run; minutes on a laptop) | full (the builtin "
+                              "model) | memory (each party's peak at Llama-3.2-1B and Llama-3.1-8B shapes by precision; "
+                              "writes 19 GB of random checkpoints once, needs about 20 GB of memory)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="run every part of the suite on this model instead"),
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="directory for bench.json, report.md, report.html and the plots"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a key in every entry, e.g. --set train.seq_len=256"),
@@ -29,6 +31,8 @@ def bench(
     from ..bench import run_bench, select, suite as get_suite, total_ticks
     from ..rundir import RunLock
 
+    if suite == "memory":
+        return _footprint(out, threads)
     try:
         parts = select(get_suite(suite), only or None, model)
     except user_errors() as err:
@@ -75,6 +79,36 @@ def bench(
     for warning in results.get("warnings", []):
         err_console.print(f"[bold yellow]warning:[/] {escape(warning.splitlines()[0])}", highlight=False)
     console.print(f"written: [bold green]{out / 'bench.json'}[/], [bold green]{out / 'report.md'}[/], [bold green]{out / 'report.html'}[/] and the plots")
+
+
+def _footprint(out: Path, threads: int | None) -> None:
+    """``bench --suite memory``: measured and estimated peaks per party at real models' shapes (``bench/footprint.py``)."""
+    import json
+
+    from ..bench.footprint import plot, run_footprint, table
+    from ..rundir import RunLock
+    from ..threads import available_cores
+
+    def tick(what: str, advance: int, _total: int) -> None:
+        if not advance:
+            console.print(escape(what), highlight=False)
+
+    try:
+        with RunLock(out, "bench"):
+            out.mkdir(parents=True, exist_ok=True)
+            rows = run_footprint(out / "runs", threads or available_cores(), tick=tick)
+    except user_errors() as err:
+        fail(str(err))
+    (out / "footprint.json").write_text(json.dumps(rows, indent=1))
+    (out / "footprint.md").write_text(table(rows) + "\n")
+    plot(rows, out)
+    console.print(table(rows), highlight=False, soft_wrap=True)
+    for r in rows:
+        for why in (r.get("server_skipped"), r.get("error")):
+            if why:
+                err_console.print(f"[bold yellow]warning:[/] {r['shape']} {r['precision']}: {escape(why)}", highlight=False)
+    console.print(f"written: [bold green]{out / 'footprint.json'}[/], [bold green]{out / 'footprint.md'}[/] and "
+                  f"[bold green]{out / 'footprint.png'}[/]")
 
 
 @shows_warnings

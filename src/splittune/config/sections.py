@@ -146,6 +146,8 @@ class QuantizeConfig(Section):
     bottom: Quantize = Field("none", description="the client's bottom blocks")
     trunk: Quantize = Field("none", description="the server's blocks (serve --quantize fixes them for every client)")
     top: Quantize = Field("none", description="the client's top blocks (U-shaped)")
+    head: Quantize = Field("none", description="the LM head (whoever holds it); transformers leaves it unquantized, a head tied "
+                           "to the embeddings cannot be")
     double_quant: bool = Field(False, description="4-bit: quantize the quantization constants too (QLoRA's double "
                                "quantization, about 0.4 bits per weight less)")
 
@@ -156,7 +158,7 @@ class QuantizeConfig(Section):
 
     @property
     def active(self) -> bool:
-        return any(k != "none" for k in (self.bottom, self.trunk, self.top))
+        return any(k != "none" for k in (self.bottom, self.trunk, self.top, self.head))
 
 
 class ClientLora(Section):

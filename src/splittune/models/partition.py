@@ -24,7 +24,8 @@ from ..errors import SplittuneError
 from .absent import AbsentBlock
 from .arch import ArchSpec, block_of
 from .conversion import Fused, key_plan
-from .quantize import Quantization, quantize_block, tensor_bytes
+from .plain_read import PlainReader
+from .quantize import HEAD, Quantization, quantizable, quantize_block, quantize_layer, tensor_bytes
 from .zoo import ModelError, ModelSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -261,18 +262,56 @@ def load_party_model(
         _place(model, aliases[pid], nn.Parameter(tensor, requires_grad=False))
         stats.params += tensor.numel()
 
+    owners = sorted(set(work) | set(fused))
+    last_use: dict[str, int] = {}  # each shard is closed after the last block that reads it: a mapped shard's pages
+    for owner in owners:           # that were read stay resident while it is open, quantized or not
+        for _, key in work[owner]:
+            last_use[weight_map[key]] = owner
+        for conversion, _ in fused[owner].values():
+            last_use.update({weight_map[k]: owner for k in conversion.keys})
     with contextlib.ExitStack() as files:
         opened: dict[str, object] = {}
+        closers: dict[str, contextlib.ExitStack] = {}
 
         def read(key: str) -> torch.Tensor:  # each shard opened once (memory-mapped), whichever blocks it holds
             filename = weight_map[key]
             if filename not in opened:
-                opened[filename] = files.enter_context(_open_weights(source, filename))
+                closers[filename] = files.enter_context(contextlib.ExitStack())
+                opened[filename] = closers[filename].enter_context(_open_weights(source, filename))
             return opened[filename].get_tensor(key)
 
-        for owner in sorted(set(work) | set(fused)):
-            for pid, key in sorted(work[owner], key=lambda e: (weight_map[e[1]], e[1])):
-                take(pid, read(key).to(dtype), key)
+        plain: dict[str, PlainReader] = {}
+
+        def read_plain(key: str) -> torch.Tensor:
+            filename = weight_map[key]
+            path = source.weight_file(filename)
+            if not path.exists():
+                raise ModelError(f"{source.ref}: weight file {path} is missing (the checkpoint's index lists it)")
+            try:
+                if filename not in plain:
+                    plain[filename] = files.enter_context(contextlib.closing(PlainReader(path)))
+                return plain[filename].get_tensor(key)
+            except (OSError, ValueError) as err:
+                raise source.corrupt(path, err) from None
+
+        for owner in owners:
+            q = quantize.get(owner)
+            for pid, key in sorted(work[owner], key=lambda e: (weight_map[e[1]], e[1])):  # a layer's bias before its weight
+                if q is None or (owner == HEAD and not aliases[pid][0].startswith(f"{spec.post[-1]}.")):
+                    take(pid, read(key).to(dtype), key)
+                else:  # read into memory of its own, packed as soon as it arrives
+                    tensor = read_plain(key)
+                    module_name, _, leaf = aliases[pid][0].rpartition(".")
+                    parent, _, child = module_name.rpartition(".")
+                    if leaf == "weight" and quantizable(model.get_submodule(module_name)):
+                        if tensor.shape != params[pid].shape:
+                            raise ModelError(f"{source.ref}: tensor {key!r} has shape {tuple(tensor.shape)}, expected "
+                                             f"{tuple(params[pid].shape)}")
+                        quantize_layer(model.get_submodule(parent), child, q, tensor, dtype)
+                        stats.params += tensor.numel()
+                    else:
+                        take(pid, tensor.to(dtype, copy=True), key)
+                    del tensor
                 stats.tensors += 1
             for conversion in {id(c): c for c, _ in fused[owner].values()}.values():
                 made = conversion.convert(model, read)
@@ -280,8 +319,14 @@ def load_party_model(
                 for pid, (c, name) in fused[owner].items():
                     if c is conversion:
                         take(pid, made[name].to(dtype), f"{name} (made from {len(c.keys)} checkpoint tensors)")
-            if owner in quantize:
-                quantize_block(block_list[owner], quantize[owner])
+            if q is not None and owner != HEAD:  # what is left: layers made by a conversion, and the norms' copies
+                quantize_block(block_list[owner], q)
+            for filename in [f for f, last in last_use.items() if last == owner]:
+                if filename in opened:
+                    closers.pop(filename).close()
+                    del opened[filename]
+                if filename in plain:
+                    plain.pop(filename).close()
     _load_owned_buffers(model, source, is_owned, weight_map, names_in_file)
     if not keep_dropout:
         for module in model.modules():

@@ -22,7 +22,7 @@ from ..config import LoraConfig, RunConfig
 from ..device import as_float64, to_device
 from ..models.adapters import apply_training, load_trainable_state, lora_layers, mixed_adapters, trainable, trainable_state
 from ..models.arch import ArchSpec
-from ..models.quantize import Quantization, QuantizeError, is_quantized
+from ..models.quantize import HEAD, Quantization, QuantizeError, is_quantized
 from ..models.quantize import check as check_quantize
 from ..models.partition import DTYPES, PlanError, Segment, SplitPlan, check_trainable, load_party_model, move_model, plan_split
 from ..models.recompute import recomputed
@@ -209,6 +209,13 @@ class Party:
             q = session.quantization(s.name)
             check_quantize(q.kind, self.device)
             quantize.update({i: q for i in s.blocks if q.active})
+        head = session.quantization("head")
+        if head.active and any(s.head for s in self.segments):
+            check_quantize(head.kind, self.device)
+            if spec.tied:
+                raise QuantizeError(f"quantize.head: the head of {spec.model_type} is its embedding matrix (tied), which the "
+                                    "bottom looks tokens up in; leave quantize.head: none")
+            quantize[HEAD] = head
         with stage_errors(self.arch, loading_stage(role, self.plan)):
             model, self.weights = load_party_model(
                 source,

@@ -10,15 +10,17 @@ work under way (the head's backward, or a block's).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..channels.emulated import LinkModel
 from ..config import LinkConfig, RunConfig
+from ..models.quantize import CHUNK
 from ..models.partition import plan_split
 from ..wire.codecs import make_codec_with_feedback
 from .batches import Micro, full_batches, split
 from .pipeline import Hop, simulate
 from .profile import Profile
+from .sizes import ModelSizes
 from .traffic import codec_key, step_trip, trips
 
 
@@ -208,16 +210,24 @@ def _trainable(modes: dict[str, str], p: Profile, plan, party: str) -> int:
     return sum(p.sizes.trainable(modes[s.name], len(s.blocks), s.embeds, s.head) for s in plan.party_segments(party))
 
 
-def _weights(p: Profile, segments, modes: dict[str, str]) -> int:
-    """The weights a party keeps resident. Embeddings read from the mapped checkpoint (``lazy_embeddings``)
-    stay resident only where they are read: every row when they are the head too, a few rows otherwise."""
-    s = p.sizes
+def _weights(p: Profile, segments, modes: dict[str, str], quantize: dict | None = None) -> int:
+    """The weights a party keeps resident (its blocks packed where ``quantize`` says). Embeddings read from the
+    mapped checkpoint (``lazy_embeddings``) stay resident only where they are read: every row when they are the
+    head too, a few rows otherwise."""
+    s, q = p.sizes, quantize or {}
     pre = any(seg.embeds for seg in segments)
     post = any(seg.head for seg in segments)
     lookup_only = p.lazy_embeddings and not (post and s.tied_params) and modes.get("bottom") != "full"
-    params = sum(len(seg.blocks) for seg in segments) * s.block_params + (s.pre_params if pre and not lookup_only else 0)
-    params += (s.post_params + (0 if pre else s.tied_params)) if post else 0
-    return params * p.act_itemsize
+    outer = (s.pre_params if pre and not lookup_only else 0) + ((s.post_params + (0 if pre else s.tied_params)) if post else 0)
+    blocks = sum(len(seg.blocks) * s.block_bytes(p.act_itemsize, q.get(seg.name, "none"), q.get("double_quant", False))
+                 for seg in segments)
+    head = 0
+    if post and q.get("head", "none") != "none" and not s.tied_params:  # the head packed as a block's linear layers are
+        head = s.vocab * s.width
+        packed = ModelSizes.block_bytes(replace(s, block_params=head, linear_params=head, linear_rows=s.vocab), p.act_itemsize,
+                                        q["head"], q.get("double_quant", False))
+        return blocks + (outer - head) * p.act_itemsize + packed
+    return blocks + outer * p.act_itemsize
 
 
 def _optimizer(modes: dict[str, str], p: Profile, plan, party: str) -> int:
@@ -245,10 +255,11 @@ def _memory(cfg, named: dict[str, str], p: Profile, sp: Profile, plan, micro: Mi
         return prof.block_peak(tok) + (prof.block_saved[prof.mode(mode)](tok) if ckpt else 0.0)
 
     modes = cfg.segments
+    quantized = cfg.quantize.model_dump()
     n = p.sizes.n_blocks
     if plan.shape == "centralized":
         acts = blocks_kept(p, modes.trunk, n, client_ckpt) + max(p.head_peak(tok), working(p, modes.trunk, client_ckpt))
-        client = {"runtime": p.runtime_client, "weights": _weights(p, plan.segments, named),
+        client = {"runtime": p.runtime_client, "weights": _weights(p, plan.segments, named, quantized),
                   "optimizer": _optimizer(named, p, plan, "client"),
                   "activations": int(max(acts, p.eval_peak(p.eval_tokens)))}
         return _floor(client, p), {}
@@ -268,11 +279,28 @@ def _memory(cfg, named: dict[str, str], p: Profile, sp: Profile, plan, micro: Mi
     # an evaluation runs whole batches without gradients: the head's party peaks at its logits
     client_eval = p.eval_peak(p.eval_tokens) if plan.shape == "u-shape" else 0.0
     server_eval = sp.eval_peak(p.eval_tokens) if plan.shape == "two-part" else 0.0
-    client = {"runtime": p.runtime_client, "weights": _weights(p, plan.party_segments("client"), named),
-              "optimizer": _optimizer(named, p, plan, "client"), "activations": int(max(in_flight * held + now, client_eval))}
-    server = {"runtime": sp.runtime_server, "weights": _weights(sp, plan.party_segments("server"), named),
-              "optimizer": _optimizer(named, sp, plan, "server"), "activations": int(max(server_acts, server_eval))}
+    client_acts = _with_quantized(p, plan.party_segments("client"), quantized, max(in_flight * held + now, client_eval))
+    server_acts = _with_quantized(sp, plan.party_segments("server"), quantized, max(server_acts, server_eval))
+    client = {"runtime": p.runtime_client, "weights": _weights(p, plan.party_segments("client"), named, quantized),
+              "optimizer": _optimizer(named, p, plan, "client"), "activations": int(client_acts)}
+    server = {"runtime": sp.runtime_server, "weights": _weights(sp, plan.party_segments("server"), named, quantized),
+              "optimizer": _optimizer(named, sp, plan, "server"), "activations": int(server_acts)}
     return _floor(client, p), server
+
+
+def _with_quantized(p: Profile, segments, quantized: dict, acts: float) -> float:
+    """A party's activation peak, or, when it quantizes, the larger of its loading and its step. Loading packs one
+    layer at a time as it is read: the layer as read plus working copies (measured on the CPU: 4 bytes per weight
+    and bitsandbytes' 14 per weight of one chunk for 4-bit; 18 per weight for LLM.int8, which packs a whole layer at
+    once). A step adds one layer dequantized at a time."""
+    kinds = {quantized.get(seg.name, "none") for seg in segments if seg.blocks} - {"none"}
+    if not kinds:
+        return acts
+    s, item = p.sizes, p.act_itemsize
+    layer = s.ffn * s.width  # the largest linear layer of a block (the MLP's projections)
+    four_bit = layer * (item + 4) + CHUNK * 14
+    loading = max(layer * 18 if k == "int8" else four_bit for k in kinds)
+    return max(acts + layer * item, loading)
 
 
 def _floor(client: dict[str, int], p: Profile) -> dict[str, int]:

@@ -3,13 +3,15 @@
 A choice is the cuts (two-part ``[a]`` and U-shaped ``[a, b]``, the client keeping at least one block),
 the codec each way, the micro-batches a batch is cut into and the client's gradient checkpointing. Top-k
 is left out by default: on residual-stream activations it ruined the model (docs/efficiency.md). Choices
-are ranked by predicted step time; within 1% of each other, the deeper first cut wins (the client's text
+are ranked by how much of the frozen weights they quantize, then by predicted step time; within 1% of each other, the deeper first cut wins (the client's text
 goes through more blocks before anything leaves it), then the less lossy codecs, then the U-shape (labels
 stay with the client), then fewer micro-batches and no recomputation.
 
 A U-shape's top keeps one block (the last), and more only when the server would not fit otherwise: more
 top blocks cost the client memory and time and buy nothing else, so the search walks ``b`` down only as far
 as the server's budget needs (``b`` of every ``a`` would be hundreds of thousands of choices on a 30-block model).
+Frozen block weights are quantized the same way: a party's blocks go to int8, then nf4, only when that party
+would not fit otherwise (quantization changes the model a little and costs time to dequantize).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class BudgetError(ConfigError):
     """No choice fits the memory given; the message names the smallest footprint and what it is made of."""
 
 
+QUANTIZE = ("none", "int8", "nf4")  # in the order the search tries them: each packs more and changes the model more
+PACKED = {"none": 0, "int8": 1, "nf4": 2, "fp4": 2}
+
+
 @dataclass(frozen=True)
 class Choice:
     cuts: tuple[int, ...]
@@ -39,6 +45,9 @@ class Choice:
     down: str
     micro_batches: int
     checkpointing: bool
+    client_quantize: str = "none"  # the client's blocks (bottom and top)
+    server_quantize: str = "none"  # the server's (trunk)
+    head_quantize: str = "none"  # the LM head, when a budget needs more than the blocks packed (an untied head only)
 
     @property
     def shape(self) -> str:
@@ -46,15 +55,26 @@ class Choice:
 
     def describe(self) -> str:
         ckpt = ", gradient checkpointing" if self.checkpointing else ""
+        quant = "".join(f", {party} {kind}" for party, kind in (("client blocks", self.client_quantize),
+                                                                ("server blocks", self.server_quantize), ("head", self.head_quantize))
+                        if kind != "none")
         return (f"cuts {list(self.cuts)} ({self.shape}), codec {self.up}/{self.down}, {self.micro_batches} "
-                f"micro-batch{'es' if self.micro_batches > 1 else ''}{ckpt}")
+                f"micro-batch{'es' if self.micro_batches > 1 else ''}{ckpt}{quant}")
+
+    @property
+    def quantize(self) -> dict[str, str]:
+        return {"bottom": self.client_quantize, "trunk": self.server_quantize, "top": self.client_quantize, "head": self.head_quantize}
 
     def apply(self, base: RunConfig) -> RunConfig:
         """``base`` with this choice (no re-validation: every value here is valid)."""
         train = {"micro_batches": self.micro_batches}
         train["gradient_checkpointing"] = self.checkpointing
+        quantize = base.quantize.model_copy(update=self.quantize) if self.quantize != _NONE else base.quantize
         return base.model_copy(update={"cuts": list(self.cuts), "mode": "split", "codec": CodecConfig(up=self.up, down=self.down),
-                                       "train": base.train.model_copy(update=train)})
+                                       "train": base.train.model_copy(update=train), "quantize": quantize})
+
+
+_NONE = {"bottom": "none", "trunk": "none", "top": "none", "head": "none"}
 
 
 @dataclass
@@ -87,7 +107,7 @@ def choices(n_blocks: int, batch: int, shape: str = "any", codecs: tuple[str, ..
 
 def _rank(r: Ranked) -> tuple:
     c, p = r.choice, r.prediction
-    return (round(math.log(max(p.step_s, 1e-9)) / math.log1p(TIE)), -c.cuts[0], LOSS[c.up] + LOSS[c.down],
+    return (PACKED[c.client_quantize] + PACKED[c.server_quantize] + PACKED[c.head_quantize], round(math.log(max(p.step_s, 1e-9)) / math.log1p(TIE)), -c.cuts[0], LOSS[c.up] + LOSS[c.down],
             c.shape != "u-shape", c.micro_batches, c.checkpointing, c.cuts)
 
 
@@ -100,12 +120,32 @@ def search(base: RunConfig, profile: Profile, client_memory: int, server_memory:
         cfg = c.apply(base)
         return Ranked(c, predict(cfg, profile, bandwidth_mbps, latency_ms, server_speed=server_speed), cfg)
 
+    def over(r: Ranked, party: str) -> bool:
+        if party == "client":
+            return r.prediction.client_peak_bytes > client_memory
+        return server_memory is not None and r.prediction.server_peak_bytes > server_memory
+
     every = []
+    base_q = base.quantize
     for c in choices(profile.sizes.n_blocks, base.train.batch_size, shape, codecs):
+        c = replace(c, client_quantize=base_q.bottom, server_quantize=base_q.trunk, head_quantize=base_q.head)  # the config's own
         r = weigh(c)
-        while (server_memory is not None and c.shape == "u-shape" and r.prediction.server_peak_bytes > server_memory
-               and c.cuts[1] - 1 > c.cuts[0]):  # one more block on the client's top, one less on the server
-            c = replace(c, cuts=(c.cuts[0], c.cuts[1] - 1))
+
+        def pack(party: str) -> None:  # a party's frozen blocks quantized only as far as its budget needs
+            nonlocal c, r
+            name = f"{party}_quantize"
+            while over(r, party) and getattr(c, name) in QUANTIZE[:-1]:
+                c = replace(c, **{name: QUANTIZE[QUANTIZE.index(getattr(c, name)) + 1]})
+                r = weigh(c)
+
+        pack("server")
+        while over(r, "server") and c.shape == "u-shape" and c.cuts[1] - 1 > c.cuts[0]:
+            c = replace(c, cuts=(c.cuts[0], c.cuts[1] - 1))  # one more block on the client's top, one less on the server
+            r = weigh(c)
+        pack("client")
+        holder = "client" if c.shape == "u-shape" else "server"
+        if over(r, holder) and c.head_quantize == "none" and not profile.sizes.tied_params:
+            c = replace(c, head_quantize=QUANTIZE[-1])  # the head is the largest single weight a client holds
             r = weigh(c)
         every.append(r)
     fits_client = [r for r in every if r.prediction.client_peak_bytes <= client_memory]

@@ -33,6 +33,20 @@ class ModelSizes:
     post_params: int  # final norm and head, without a tied head's embedding matrix
     tied_params: int  # the head's weight when it is the embedding matrix
     lora_params: int  # LoRA factors of one block at the configured rank and targets
+    linear_params: int = 0  # weights of one block's linear layers: what quantize: packs
+    linear_rows: int = 0  # their output rows (LLM.int8 keeps one float32 scale per row)
+
+    def block_bytes(self, itemsize: int, quantize: str = "none", double_quant: bool = False) -> int:
+        """One block's weights as a party stores them: packed linear weights with their constants under ``quantize``
+        (bitsandbytes' layouts: 4-bit in blocks of 64 with a float32 absmax, or with double quantization a byte
+        absmax and a float32 one per 256 of those), everything else at ``itemsize``."""
+        lin, rest = self.linear_params, self.block_params - self.linear_params
+        if quantize in ("nf4", "fp4"):
+            constants = lin / 64 * (1 + 4 / 256) if double_quant else lin / 64 * 4
+            return int(rest * itemsize + lin / 2 + constants)
+        if quantize == "int8":
+            return int(rest * itemsize + lin + 4 * self.linear_rows)
+        return self.block_params * itemsize
 
     def trainable(self, mode: str, blocks: int, pre: bool = False, post: bool = False) -> int:
         """Parameters one segment trains: LoRA factors on its blocks, or all its weights (``full``)."""
@@ -82,5 +96,8 @@ def model_sizes(config, spec: ArchSpec, lora: LoraConfig) -> ModelSizes:
     width = int(text.hidden_size)
     heads = int(getattr(text, "num_attention_heads", 1) or 1)
     ffn = int(getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or getattr(text, "n_inner", None) or 4 * width)
+    linears = [m for m in block.modules() if type(m) is nn.Linear or isinstance(m, Conv1D)]  # what bitsandbytes converts
     return ModelSizes(spec.model_type, spec.n_blocks, width, int(text.vocab_size), heads, ffn,
-                      sum(p.numel() for p in block.parameters()), pre, post, tied, lora_params(block, spec.model_type, lora))
+                      sum(p.numel() for p in block.parameters()), pre, post, tied, lora_params(block, spec.model_type, lora),
+                      sum(m.weight.numel() for m in linears),
+                      sum(m.weight.shape[1] if isinstance(m, Conv1D) else m.weight.shape[0] for m in linears))
