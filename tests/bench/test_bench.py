@@ -29,9 +29,13 @@ def test_quick_suite_smoke(tmp_path):
     assert "torch.set_num_threads" in results["threads_how"]
     assert [p["name"] for p in results["parts"]] == ["tiny", "builtin"]
     entries = results["parts"][0]["entries"]
-    assert list(entries) == ["centralized", "split"]
-    central, split = entries["centralized"], entries["split"]
+    assert list(entries) == ["centralized", "peft", "split"]  # the baselines run with whatever --only names
+    central, split, peft = entries["centralized"], entries["split"], entries["peft"]
     assert "ratio_vs_centralized" not in central and central["bytes_up"] == 0
+    # a plain transformers + peft loop on the same batches: its ratio, and every entry's against it
+    assert peft["ratio_vs_centralized"]["median"] > 0 and central["ratio_vs_peft"]["median"] > 0
+    assert split["ratio_vs_peft"]["median"] > 0 and "ratio_vs_peft" not in peft and "predicted" not in peft
+    assert abs(peft["eval"]["loss"] - central["eval"]["loss"]) < 0.5  # the same model, data and steps
     assert split["ratio_vs_centralized"]["median"] > 0 and split["bytes_up"] > 0 and split["bytes_down"] > 0
     assert split["config"]["cuts"] and split["config"]["model"] == "tiny:llama"  # the entry's resolved config
     assert set(split["breakdown"]) >= {"compute_s", "server_s", "wire_s"}
@@ -89,8 +93,9 @@ def test_every_entry_is_a_valid_config_and_suites_name_known_entries():
 
 def test_groups_each_carry_their_own_baseline():
     groups = _groups(tuple(e.name for e in ENTRIES))
-    assert all(g[0] == "centralized" and 1 < len(g) <= 7 for g in groups)
-    assert sorted(n for g in groups for n in g[1:]) == sorted(e.name for e in ENTRIES if e.name != "centralized")
+    assert all(g[:2] == ["centralized", "peft"] and 2 < len(g) <= 8 for g in groups)  # both baselines in every group
+    assert sorted(n for g in groups for n in g[2:]) == sorted(e.name for e in ENTRIES if e.name not in ("centralized", "peft"))
+    assert _groups(("centralized", "split")) == [["centralized", "split"]]  # a suite without the peft entry
 
 
 def test_unknown_suite_and_entry_are_refused():

@@ -223,3 +223,14 @@ def test_chunked_packing_equals_bitsandbytes_own_bit_for_bit(monkeypatch, kind, 
     monkeypatch.setattr(quantize_mod, "CHUNK", 100)  # the twin: chunks that cut blocks of 64 give other scales
     other = quantize_mod.pack_4bit(weight, q, torch.float32, bnb).quant_state.absmax
     assert other.shape != a.absmax.shape or not torch.equal(other, a.absmax)
+
+
+def test_a_block_with_no_layer_to_pack_is_refused_not_left_at_full_precision(monkeypatch):
+    from splittune.channels import RemoteError
+    from splittune.models import partition, quantize
+
+    monkeypatch.setattr(partition, "quantizable", lambda module: False)  # as a block of layers bitsandbytes cannot pack
+    monkeypatch.setattr(quantize, "quantizable", lambda module: False)
+    with pytest.raises(RemoteError, match=r"quantize: nf4 packs linear layers \(nn.Linear, Conv1D\), and block 1 of llama holds "
+                                            r"none \(its weights are in .*Linear.*\); use quantize: none there"):
+        build(load_config(None, ["model=tiny:llama", "cuts=[1,3]", "quantize.trunk=nf4"]))  # the server refuses the hello

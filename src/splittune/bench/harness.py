@@ -59,9 +59,21 @@ def entry_config(part: Part, e: Entry, sets: tuple[str, ...], rounds: int) -> Ru
     return load_config(None, [f"model={part.model}", *part.sets, *e.sets, *sets, f"train.steps={rounds}"])
 
 
+BASELINES = ("centralized", "peft")  # in every group, so each entry's rounds pair with theirs
+
+
 def _groups(names: tuple[str, ...]) -> list[list[str]]:
-    others = [n for n in names if n != "centralized"]
-    return [["centralized", *others[i:i + GROUP]] for i in range(0, max(len(others), 1), GROUP)]
+    bases = [n for n in BASELINES if n in names or n == "centralized"]
+    others = [n for n in names if n not in bases]
+    return [[*bases, *others[i:i + GROUP]] for i in range(0, max(len(others), 1), GROUP)]
+
+
+def _build(e: Entry, cfg: RunConfig, source, threads: int):
+    if e.name == "peft":
+        from .peft_loop import PeftTimed
+
+        return PeftTimed.build(e, cfg, source, threads)
+    return Timed.build(e, cfg, source, threads)
 
 
 def time_part(part: Part, sets: tuple[str, ...], reps: int, threads: int, tick: Progress) -> dict[str, dict]:
@@ -77,7 +89,7 @@ def time_part(part: Part, sets: tuple[str, ...], reps: int, threads: int, tick: 
                 tick(f"{part.name}: building {name}", 0, 0)
                 try:
                     cfg = entry_config(part, e, sets, rounds)
-                    timed.append(Timed.build(e, cfg, source, threads))
+                    timed.append(_build(e, cfg, source, threads))
                 except Exception as err:  # one entry that cannot run (a setting this model refuses) is reported, not fatal
                     if name == "centralized":
                         raise
@@ -88,11 +100,13 @@ def time_part(part: Part, sets: tuple[str, ...], reps: int, threads: int, tick: 
                     t.round()
                     tick(f"{part.name}: round {r + 1}/{rounds} · {t.entry.name}", 1, 0)
             reference = timed[0]
+            peft = next((t for t in timed if t.entry.name == "peft"), None)
             for t in timed:
                 tick(f"{part.name}: evaluating {t.entry.name}", 0, 0)
-                if t.entry.name == "centralized" and "centralized" in results:
-                    continue  # the first group's baseline is the one reported; later groups' only pair their entries
-                figures = summarise(t, part.warmup, None if t is reference else reference)
+                if t.entry.name in BASELINES and t.entry.name in results:
+                    continue  # the first group's baselines are the ones reported; later groups' only pair their entries
+                figures = summarise(t, part.warmup, None if t is reference else reference,
+                                    None if t is peft else peft)
                 figures["eval"] = t.evaluate()
                 figures["config"] = resolved(t.cfg, source).model_dump(mode="json")
                 figures.update(group=t.entry.group, note=t.entry.note, grpc=t.entry.grpc)

@@ -147,9 +147,10 @@ class Timed:
                 self.server.kill()
 
 
-def summarise(timed: Timed, warmup: int, reference: "Timed | None") -> dict[str, Any]:
+def summarise(timed: Timed, warmup: int, reference: "Timed | None", peft: Any = None) -> dict[str, Any]:
     """An entry's figures over its measured rounds (after ``warmup``), with per-round ratios against ``reference``
-    (time per training token, so rounds of several clients compare with one client's step)."""
+    (our centralized mode) and ``peft`` (a plain transformers + peft loop), as time per training token, so rounds of
+    several clients compare with one client's step."""
     rows = timed.rounds[warmup:]
     out: dict[str, Any] = {
         "rounds": len(rows),
@@ -163,10 +164,10 @@ def summarise(timed: Timed, warmup: int, reference: "Timed | None") -> dict[str,
     }
     if rows and "breakdown" in rows[0]:
         out["breakdown"] = {k: statistics.median(r["breakdown"][k] for r in rows) for k in rows[0]["breakdown"]}
-    if reference is not None:
-        ref = reference.rounds[warmup:]
-        ratios = [(r["round_s"] / r["tokens"]) / (c["round_s"] / c["tokens"]) for r, c in zip(rows, ref)]
-        out["ratio_vs_centralized"] = spread(ratios)
+    for key, base in (("ratio_vs_centralized", reference), ("ratio_vs_peft", peft)):
+        if base is not None:
+            ratios = [(r["round_s"] / r["tokens"]) / (c["round_s"] / c["tokens"]) for r, c in zip(rows, base.rounds[warmup:])]
+            out[key] = spread(ratios)
     return out
 
 

@@ -38,7 +38,7 @@ def predict_entries(part: Part, entries: dict[str, dict], tick: Callable[[str, i
     """Add ``predicted`` and ``prediction_error`` to every measured entry of ``part`` (one profile for all)."""
     from ..plan import predict, profile_model
 
-    measured = {name: f for name, f in entries.items() if "error" not in f and f.get("config")}
+    measured = {name: f for name, f in entries.items() if "error" not in f and f.get("config") and name != "peft"}  # not ours
     if not measured:
         return
     tick(f"{part.name}: profiling for the planner's predictions", 0, 0)

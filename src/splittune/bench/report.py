@@ -13,7 +13,7 @@ from ..report.progress import human_bytes
 from .plots import plot_part
 from .predict import TARGETS
 
-COLUMNS = ("entry", "step s (p10–p90)", "× centralized (p10–p90)", "tokens/s", "↑ bytes/step", "↓ bytes/step",
+COLUMNS = ("entry", "step s (p10–p90)", "× centralized (p10–p90)", "× peft (p10–p90)", "tokens/s", "↑ bytes/step", "↓ bytes/step",
            "eval loss", "client peak", "server peak", "planner error (time, ↑, ↓, client mem)")
 
 
@@ -33,6 +33,7 @@ def row(name: str, f: dict[str, Any]) -> list[str]:
         name,
         f"{s['median']:.3f} ({s['p10']:.3f}–{s['p90']:.3f})",
         "1 (baseline)" if ratio is None else f"{ratio['median']:.2f} ({ratio['p10']:.2f}–{ratio['p90']:.2f})",
+        _ratio(f.get("ratio_vs_peft"), name == "peft"),
         f"{f['tokens_per_s']:,.0f}",
         human_bytes(f["bytes_up"]),
         human_bytes(f["bytes_down"]),
@@ -44,7 +45,13 @@ def row(name: str, f: dict[str, Any]) -> list[str]:
     return cells
 
 
-TERSE = ("entry", "step s", "× central", "↑/step", "↓/step", "eval loss", "client", "server")
+def _ratio(r: dict | None, baseline: bool) -> str:
+    if baseline:
+        return "1 (baseline)"
+    return "–" if r is None else f"{r['median']:.2f} ({r['p10']:.2f}–{r['p90']:.2f})"
+
+
+TERSE = ("entry", "step s", "× central", "× peft", "↑/step", "↓/step", "eval loss", "client", "server")
 
 
 def terse_row(name: str, f: dict[str, Any]) -> list[str]:
@@ -54,7 +61,9 @@ def terse_row(name: str, f: dict[str, Any]) -> list[str]:
     ratio = f.get("ratio_vs_centralized")
     mem = f.get("memory", {})
     peak = lambda k: human_bytes(mem[k]) if mem.get(k) else "–"  # noqa: E731
-    return [name, f"{f['step_s']['median']:.3f}", "1" if ratio is None else f"{ratio['median']:.2f}", human_bytes(f["bytes_up"]),
+    peft = f.get("ratio_vs_peft")
+    return [name, f"{f['step_s']['median']:.3f}", "1" if ratio is None else f"{ratio['median']:.2f}",
+            "1" if name == "peft" else "–" if peft is None else f"{peft['median']:.2f}", human_bytes(f["bytes_up"]),
             human_bytes(f["bytes_down"]), f"{f['eval']['loss']:.3f}" if "eval" in f else "–", peak("client_peak_rss"),
             peak("server_peak_rss")]
 

@@ -28,6 +28,7 @@ INT8 = ("codec.up=int8", "codec.down=int8")
 
 ENTRIES: tuple[Entry, ...] = (
     Entry("centralized", ("mode=centralized",), "baseline", memory=True, note="the whole model in one process: plain LoRA fine-tuning"),
+    Entry("peft", ("mode=centralized",), "baseline", note="a plain transformers + peft LoRA loop: no splittune code in its step"),
     Entry("naive split", ("padding_removal=false",), "baseline", memory=True,
           note="what the research frameworks do: fp32, padding sent, no pipelining, in-process"),
     Entry("split", (), "split", memory=True, note="padding removal, raw fp32, in-process"),
@@ -75,7 +76,7 @@ TINY = "tiny:llama,layers=8,hidden=256,heads=8,kv_heads=4,ffn=512"
 SUITES: dict[str, tuple[Part, ...]] = {
     "quick": (
         Part("tiny", TINY, COMMON, EVERY, reps=6),
-        Part("builtin", "builtin:smollm2-135m", COMMON, ("centralized", "split", "int8", "4 micro-batches"), reps=3,
+        Part("builtin", "builtin:smollm2-135m", COMMON, ("centralized", "peft", "split", "int8", "4 micro-batches"), reps=3,
              memory_steps=0),
     ),
     "full": (Part("builtin", "builtin:smollm2-135m", COMMON, EVERY, reps=8),),
@@ -96,14 +97,14 @@ def suite(name: str) -> tuple[Part, ...]:
 
 
 def select(parts: tuple[Part, ...], only: list[str] | None, model: str | None) -> list[Part]:
-    """The suite's parts with ``only`` these entries (centralized always: ratios are against it) and every
+    """The suite's parts with ``only`` these entries (the baselines always: ratios are against them) and every
     part on ``model`` when given."""
     if only:
         for name in only:
             entry(name)  # an unknown name is refused, naming the entries
     chosen = []
     for part in parts:
-        names = tuple(n for n in part.entries if not only or n in only or n == "centralized")
+        names = tuple(n for n in part.entries if not only or n in only or n in ("centralized", "peft"))
         if len(names) > 1 or not only:
             chosen.append(Part(part.name, model or part.model, part.sets, names, part.reps, part.warmup, part.memory_steps))
     return chosen

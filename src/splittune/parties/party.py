@@ -228,6 +228,7 @@ class Party:
                 keep_dropout=session.model_dropout,
                 quantize=quantize,
             )
+            _check_packed(model, spec, quantize)
             modes = [(s, session.segments[s.name]) for s in self.segments]
             self.model = move_model(apply_training(model, spec, modes, session.lora_config, session.seed, adapters), self.device)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -380,6 +381,17 @@ class Party:
         for name in self.trainers:
             load_trainable_state(self.model, groups.get(f"state.{name}", {}), name)
             self.load_optimizer_state(groups.get(f"optimizer.{name}", {}), meta["adapters"][name], name)
+
+
+def _check_packed(model: torch.nn.Module, spec: ArchSpec, quantize: dict) -> None:
+    """A quantized segment whose blocks hold no layer bitsandbytes can pack (a state-space mixer, fused experts only)
+    would silently stay at full precision: refuse it, naming what its blocks hold."""
+    blocks = model.get_submodule(spec.blocks_path)
+    for i in sorted(k for k in quantize if k >= 0):
+        if not any(is_quantized(m) for m in blocks[i].modules()):
+            kinds = sorted({type(m).__name__ for m in blocks[i].modules() if any(True for _ in m.parameters(recurse=False))})
+            raise QuantizeError(f"quantize: {quantize[i].kind} packs linear layers (nn.Linear, Conv1D), and block {i} of "
+                                f"{spec.model_type} holds none (its weights are in {', '.join(kinds)}); use quantize: none there")
 
 
 def _check_tied(spec: ArchSpec, plan: SplitPlan, modes: dict[str, str]) -> None:

@@ -293,10 +293,14 @@ def _with_quantized(p: Profile, segments, quantized: dict, acts: float) -> float
     layer at a time as it is read: the layer as read plus working copies (measured on the CPU: 4 bytes per weight
     and bitsandbytes' 14 per weight of one chunk for 4-bit; 18 per weight for LLM.int8, which packs a whole layer at
     once). A step adds one layer dequantized at a time."""
+    s, item = p.sizes, p.act_itemsize
+    if any(seg.head for seg in segments) and quantized.get("head", "none") != "none" and not s.tied_params:
+        # bitsandbytes dequantizes a whole packed weight for each product: the head, in forward and again in backward
+        # (measured at the 8B shape: 1.4 times the head's bf16 size on top of the step), more than packing it saves
+        acts += 1.5 * s.vocab * s.width * item
     kinds = {quantized.get(seg.name, "none") for seg in segments if seg.blocks} - {"none"}
     if not kinds:
         return acts
-    s, item = p.sizes, p.act_itemsize
     layer = s.ffn * s.width  # the largest linear layer of a block (the MLP's projections)
     four_bit = layer * (item + 4) + CHUNK * 14
     loading = max(layer * 18 if k == "int8" else four_bit for k in kinds)
