@@ -55,7 +55,7 @@ def test_rows_pair_measured_and_estimated_peaks_and_a_party_that_cannot_fit_is_n
     monkeypatch.setattr(footprint, "estimate", lambda cfg: {"client": 1 << 30, "server": (3 << 40) if cfg.quantize.trunk == "none"
                                                             and cfg.train.dtype == "float32" else 1 << 30})
     rows = footprint.run_footprint(tmp_path / "runs", 1, shapes=(small_shape,))
-    assert [r["precision"] for r in rows] == ["fp32", "bf16", "int8", "nf4"]
+    assert [r["precision"] for r in rows] == ["fp32", "bf16", "int8", "nf4", "nf4 + head"]
     assert "does not fit" not in footprint.table(rows[1:]) and rows[1]["server_peak_rss"] == 2 << 30
     assert "exceed this machine's" in rows[0]["server_skipped"] and "server_peak_rss" not in rows[0]
     assert measured[0] == ("float32", "nf4")  # the fp32 client measured against a server that fits
