@@ -74,7 +74,12 @@ def test_fp4_and_int8_are_exact_too(kind):
 
 
 @pytest.mark.parametrize("cuts", [[2], [1, 3]], ids=["two-part", "u-shape"])
-def test_the_head_quantized_too_equals_transformers_with_no_module_skipped(cuts):
+def test_the_head_quantized_too_equals_transformers_with_no_module_skipped(cuts, monkeypatch):
+    """The packed head is computed a slice of the vocabulary at a time (here 50 rows: slices of every size, the last
+    one short), forward and backward, and still equals bitsandbytes' whole-weight products."""
+    from splittune.models import packed_head
+
+    monkeypatch.setattr(packed_head, "ROWS", 50)
     loss_diff, grad_diff, _ = step("tiny:llama", cuts, "{bottom: nf4, trunk: nf4, top: nf4, head: nf4}", Quantization("nf4"),
                                    head=True)
     assert loss_diff <= TOLERANCE and grad_diff <= TOLERANCE, (loss_diff, grad_diff)
@@ -201,7 +206,7 @@ def test_export_loads_on_a_full_precision_and_an_nf4_base_and_split_generation_e
 
 
 @pytest.mark.parametrize("kind,double", [("nf4", False), ("nf4", True), ("fp4", False)])
-def test_chunked_packing_equals_bitsandbytes_own_bit_for_bit(monkeypatch, kind, double):
+def test_chunked_packing_equals_bitsandbytes_own_bit_for_bit(monkeypatch, tmp_path, kind, double):
     """A layer is packed a chunk at a time from the checkpoint's dtype (no full-precision copy of it): the bytes,
     scales and nested scales are bitsandbytes' own for the whole weight."""
     import bitsandbytes as bnb
@@ -220,6 +225,16 @@ def test_chunked_packing_equals_bitsandbytes_own_bit_for_bit(monkeypatch, kind, 
         assert torch.equal(a.offset, b.offset) and torch.equal(a.state2.absmax, b.state2.absmax)
     x = torch.randn(3, 70)
     assert torch.equal(bnb.matmul_4bit(x, mine.t(), quant_state=a), bnb.matmul_4bit(x, theirs.t(), quant_state=b))
+    # read from the checkpoint a chunk at a time (a loading party's path): the same bytes again
+    from safetensors.torch import save_file
+
+    from splittune.models.plain_read import PlainReader
+
+    save_file({"w": weight}, str(tmp_path / "w.safetensors"))
+    reader = PlainReader(tmp_path / "w.safetensors")
+    lazy = quantize_mod.pack_4bit(reader.lazy("w"), q, torch.float32, bnb)
+    reader.close()
+    assert torch.equal(lazy.data, mine.data) and torch.equal(lazy.quant_state.absmax, a.absmax)
     monkeypatch.setattr(quantize_mod, "CHUNK", 100)  # the twin: chunks that cut blocks of 64 give other scales
     other = quantize_mod.pack_4bit(weight, q, torch.float32, bnb).quant_state.absmax
     assert other.shape != a.absmax.shape or not torch.equal(other, a.absmax)

@@ -38,29 +38,27 @@ def test_packed_weights_are_what_bitsandbytes_stores(eight_b):
     assert s.block_bytes(2, "nf4", double_quant=True) < nf4 < s.block_bytes(2, "int8") < s.block_bytes(2) == s.block_params * 2
 
 
-def test_a_small_client_of_an_8b_shape_gets_an_nf4_plan(eight_b):
-    budget = int(2.5 * 2**30)
+def test_a_2gb_client_of_an_8b_shape_gets_an_nf4_plan(eight_b):
+    budget = 2 << 30
     best = search(BASE, eight_b, budget, 6 << 30, bandwidth_mbps=1000, shape="u-shape").ranked[0]
     assert best.choice.client_quantize == "nf4" and best.prediction.client_peak_bytes <= budget
-    assert best.prediction.server_peak_bytes <= 6 << 30 and best.choice.head_quantize == "none"
+    assert best.choice.head_quantize == "nf4"  # its bf16 head alone is 1 GB: packed last, computed in slices
+    assert best.prediction.server_peak_bytes <= 6 << 30
     written = yaml.safe_load(config_yaml(best, eight_b, budget, 6 << 30, 1000, 0.0))
-    assert written["quantize"]["bottom"] == written["quantize"]["top"] == "nf4"  # the plan runs as planned
-    # the twin: the same cuts at full precision are far over the budget, so quantization is what made it fit
-    plain = replace(best.choice, client_quantize="none", server_quantize="none")
+    assert written["quantize"]["bottom"] == written["quantize"]["top"] == written["quantize"]["head"] == "nf4"
+    # the twins: the same cuts at full precision, and with the head unpacked, are over the budget
+    plain = replace(best.choice, client_quantize="none", server_quantize="none", head_quantize="none")
     assert predict(plain.apply(BASE), eight_b).client_peak_bytes > 1.5 * budget
+    assert predict(replace(best.choice, head_quantize="none").apply(BASE), eight_b).client_peak_bytes > budget
+    roomier = search(BASE, eight_b, int(2.5 * 2**30), 6 << 30, bandwidth_mbps=1000, shape="u-shape").ranked[0]
+    assert roomier.choice.client_quantize == "nf4" and roomier.choice.head_quantize == "none"  # only as far as needed
 
 
 def test_a_budget_below_the_smallest_packed_footprint_names_it(eight_b):
-    """2 GB is below what an 8B-shaped client holds even with nf4 blocks: its bf16 head alone is 1 GB, and packing
-    the head would raise the step's peak (bitsandbytes dequantizes it whole), so the search does not."""
     from splittune.plan import BudgetError
 
-    with pytest.raises(BudgetError, match=r"smallest client footprint is 2\.\d GiB, with cuts \[1, 31\] .*client blocks nf4"):
-        search(BASE, eight_b, 2 << 30, 6 << 30, bandwidth_mbps=1000, shape="u-shape")
-    head = BASE.model_copy(update={"quantize": BASE.quantize.model_copy(update={"head": "nf4", "bottom": "nf4", "top": "nf4"})})
-    packed = replace(search(head, eight_b, 8 << 30, bandwidth_mbps=1000, shape="u-shape").ranked[0].choice, cuts=(2, 30))
-    unpacked = replace(packed, head_quantize="none")
-    assert predict(packed.apply(head), eight_b).client_peak_bytes > predict(unpacked.apply(head), eight_b).client_peak_bytes
+    with pytest.raises(BudgetError, match=r"smallest client footprint is 1\.\d GiB, with cuts \[1, 31\] .*client blocks nf4.*head nf4"):
+        search(BASE, eight_b, 1 << 30, 6 << 30, bandwidth_mbps=1000, shape="u-shape")
 
 
 def test_a_budget_that_fits_full_precision_quantizes_nothing(eight_b):

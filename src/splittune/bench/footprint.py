@@ -34,7 +34,7 @@ PRECISIONS = (
     Precision("bf16", ("train.dtype=bfloat16",)),
     Precision("int8", ("train.dtype=bfloat16", "quantize=int8")),
     Precision("nf4", ("train.dtype=bfloat16", "quantize=nf4")),
-    # the (untied) head packed too: bitsandbytes dequantizes it whole for each product, so the step's peak rises
+    # the (untied) head packed too, computed a vocabulary slice at a time: what `plan --client-memory 2GB` picks at 8B
     Precision("nf4 + head", ("train.dtype=bfloat16", "quantize={bottom: nf4, trunk: nf4, top: nf4, head: nf4, double_quant: true}")),
 )
 FALLBACK = "nf4"  # the server a client is measured against when its own precision's server does not fit

@@ -25,7 +25,8 @@ from .absent import AbsentBlock
 from .arch import ArchSpec, block_of
 from .conversion import Fused, key_plan
 from .plain_read import PlainReader
-from .quantize import HEAD, Quantization, quantizable, quantize_block, quantize_layer, tensor_bytes
+from .packed_head import PackedHead
+from .quantize import FOUR_BIT, HEAD, Quantization, is_quantized, quantizable, quantize_block, quantize_layer, tensor_bytes
 from .zoo import ModelError, ModelSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -282,7 +283,7 @@ def load_party_model(
 
         plain: dict[str, PlainReader] = {}
 
-        def read_plain(key: str) -> torch.Tensor:
+        def read_plain(key: str, lazy: bool = False) -> torch.Tensor:
             filename = weight_map[key]
             path = source.weight_file(filename)
             if not path.exists():
@@ -290,7 +291,7 @@ def load_party_model(
             try:
                 if filename not in plain:
                     plain[filename] = files.enter_context(contextlib.closing(PlainReader(path)))
-                return plain[filename].get_tensor(key)
+                return plain[filename].lazy(key) if lazy else plain[filename].get_tensor(key)
             except (OSError, ValueError) as err:
                 raise source.corrupt(path, err) from None
 
@@ -300,10 +301,13 @@ def load_party_model(
                 if q is None or (owner == HEAD and not aliases[pid][0].startswith(f"{spec.post[-1]}.")):
                     take(pid, read(key).to(dtype), key)
                 else:  # read into memory of its own, packed as soon as it arrives
-                    tensor = read_plain(key)
                     module_name, _, leaf = aliases[pid][0].rpartition(".")
                     parent, _, child = module_name.rpartition(".")
-                    if leaf == "weight" and quantizable(model.get_submodule(module_name)):
+                    packs = leaf == "weight" and quantizable(model.get_submodule(module_name))
+                    # a 4-bit nn.Linear is packed a chunk at a time as the chunks are read: never the whole layer
+                    sliced = packs and q.kind in FOUR_BIT and type(model.get_submodule(module_name)) is nn.Linear
+                    tensor = read_plain(key, lazy=sliced)
+                    if packs:
                         if tensor.shape != params[pid].shape:
                             raise ModelError(f"{source.ref}: tensor {key!r} has shape {tuple(tensor.shape)}, expected "
                                              f"{tuple(params[pid].shape)}")
@@ -321,6 +325,11 @@ def load_party_model(
                         take(pid, made[name].to(dtype), f"{name} (made from {len(c.keys)} checkpoint tensors)")
             if q is not None and owner != HEAD:  # what is left: layers made by a conversion, and the norms' copies
                 quantize_block(block_list[owner], q)
+            if owner == HEAD and q is not None and q.kind in FOUR_BIT and post:  # computed a vocabulary slice at a time
+                parent, _, child = spec.post[-1].rpartition(".")
+                if is_quantized(model.get_submodule(spec.post[-1])):
+                    holder = model.get_submodule(parent) if parent else model
+                    setattr(holder, child, PackedHead(getattr(holder, child)))
             for filename in [f for f, last in last_use.items() if last == owner]:
                 if filename in opened:
                     closers.pop(filename).close()

@@ -34,20 +34,58 @@ class PlainReader:
             self.file.close()
             raise ValueError(f"not a safetensors file ({err})") from None
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def _entry(self, key: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
         entry = self.header.get(key)
         if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
             raise ValueError(f"no tensor {key!r} of a known dtype")
         begin, end = entry["data_offsets"]
         dtype, shape = DTYPES[entry["dtype"]], tuple(entry["shape"])
+        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if expected != end - begin:
+            raise ValueError(f"tensor {key!r} holds {end - begin} bytes, its shape {list(shape)} needs {expected}")
+        return dtype, shape, begin, end
+
+    def _read(self, key: str, begin: int, end: int) -> torch.Tensor:
         out = torch.empty(end - begin, dtype=torch.uint8)
         self.file.seek(self.start + begin)
         if self.file.readinto(memoryview(out.numpy())) != end - begin:
             raise ValueError(f"tensor {key!r} is cut short (the file is truncated)")
-        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        if expected != end - begin:
-            raise ValueError(f"tensor {key!r} holds {end - begin} bytes, its shape {list(shape)} needs {expected}")
-        return out.view(dtype).reshape(shape)
+        return out
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._entry(key)
+        return self._read(key, begin, end).view(dtype).reshape(shape)
+
+    def lazy(self, key: str) -> "Lazy":
+        """``key`` as a tensor read only a slice at a time (what ``quantize.pack_4bit`` asks of a weight)."""
+        dtype, shape, begin, _ = self._entry(key)
+        return Lazy(self, key, dtype, torch.Size(shape), begin)
 
     def close(self) -> None:
         self.file.close()
+
+
+class Lazy:
+    """A tensor in a file, read a flat slice at a time: ``shape``, ``dtype``, ``numel()``, ``reshape(-1)[a:b]``."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, reader: PlainReader, key: str, dtype: torch.dtype, shape: torch.Size, begin: int):
+        self.reader, self.key, self.dtype, self.shape, self.begin = reader, key, dtype, shape, begin
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def detach(self) -> "Lazy":
+        return self
+
+    def reshape(self, *shape) -> "Lazy":
+        if tuple(shape) not in ((-1,), ((-1,),)):
+            raise ValueError("a lazily read tensor is only sliced flat")
+        return self
+
+    def __getitem__(self, part: slice) -> torch.Tensor:
+        start, stop, _ = part.indices(self.numel())
+        raw = self.reader._read(self.key, self.begin + start * self.itemsize, self.begin + stop * self.itemsize)
+        return raw.view(self.dtype)

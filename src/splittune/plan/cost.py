@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..channels.emulated import LinkModel
 from ..config import LinkConfig, RunConfig
-from ..models.quantize import CHUNK
+from ..models.packed_head import ROWS
+from ..models.quantize import CHUNK, FOUR_BIT
 from ..models.partition import plan_split
 from ..wire.codecs import make_codec_with_feedback
 from .batches import Micro, full_batches, split
@@ -294,10 +295,11 @@ def _with_quantized(p: Profile, segments, quantized: dict, acts: float) -> float
     and bitsandbytes' 14 per weight of one chunk for 4-bit; 18 per weight for LLM.int8, which packs a whole layer at
     once). A step adds one layer dequantized at a time."""
     s, item = p.sizes, p.act_itemsize
-    if any(seg.head for seg in segments) and quantized.get("head", "none") != "none" and not s.tied_params:
-        # bitsandbytes dequantizes a whole packed weight for each product: the head, in forward and again in backward
-        # (measured at the 8B shape: 1.4 times the head's bf16 size on top of the step), more than packing it saves
-        acts += 1.5 * s.vocab * s.width * item
+    head = quantized.get("head", "none")
+    if any(seg.head for seg in segments) and head != "none" and not s.tied_params:
+        # a 4-bit head is computed a slice of the vocabulary at a time (models/packed_head.py); bitsandbytes' int8
+        # layer dequantizes it whole for each product, in forward and again in backward
+        acts += 2 * ROWS * s.width * item if head in FOUR_BIT else 1.5 * s.vocab * s.width * item
     kinds = {quantized.get(seg.name, "none") for seg in segments if seg.blocks} - {"none"}
     if not kinds:
         return acts

@@ -11,9 +11,8 @@ A U-shape's top keeps one block (the last), and more only when the server would 
 top blocks cost the client memory and time and buy nothing else, so the search walks ``b`` down only as far
 as the server's budget needs (``b`` of every ``a`` would be hundreds of thousands of choices on a 30-block model).
 Frozen block weights are quantized the same way: a party's blocks go to int8, then nf4, only when that party
-would not fit otherwise (quantization changes the model a little and costs time to dequantize). The head is never
-packed by the search: bitsandbytes dequantizes a whole weight for each product, so a packed head raises a step's
-peak by more than it saves.
+would not fit otherwise (quantization changes the model a little and costs time to dequantize), and an untied head
+last (nf4, computed a slice of the vocabulary at a time).
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ class Choice:
     checkpointing: bool
     client_quantize: str = "none"  # the client's blocks (bottom and top)
     server_quantize: str = "none"  # the server's (trunk)
-    head_quantize: str = "none"  # the LM head: only as the base config asks (packing it raises a step's peak)
+    head_quantize: str = "none"  # the LM head (an untied one), packed when the blocks packed are not enough
 
     @property
     def shape(self) -> str:
@@ -145,6 +144,10 @@ def search(base: RunConfig, profile: Profile, client_memory: int, server_memory:
             c = replace(c, cuts=(c.cuts[0], c.cuts[1] - 1))  # one more block on the client's top, one less on the server
             r = weigh(c)
         pack("client")
+        holder = "client" if c.shape == "u-shape" else "server"
+        if over(r, holder) and c.head_quantize == "none" and not profile.sizes.tied_params:
+            c = replace(c, head_quantize=QUANTIZE[-1])  # the head: the largest single weight, packed last
+            r = weigh(c)
         every.append(r)
     fits_client = [r for r in every if r.prediction.client_peak_bytes <= client_memory]
     if not fits_client:
