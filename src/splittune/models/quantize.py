@@ -138,12 +138,13 @@ def _replacement(layer: nn.Module, q: Quantization, bnb: Any, dtype: torch.dtype
     if bias:
         new.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
     new.source_cls = type(layer)
-    return new.to(weight.device)  # bitsandbytes quantizes when a parameter moves to a device
+    return new.to(weight.device)  # int8 is quantized as it moves to a device; a 4-bit weight is packed already
 
 
 def quantize_block(block: nn.Module, q: Quantization) -> None:
-    """Replace every linear layer of ``block`` by its quantized form, in place; each full-precision weight is
-    dropped as soon as its layer is replaced, so a block at full precision is the most this ever holds."""
+    """Replace every linear layer of ``block`` still at full precision by its quantized form, in place (a loading
+    party packs most layers as they arrive; these are the ones a conversion made), and copy the rest (norms) out of
+    the mapped checkpoint."""
     if not q.active:
         return
     backend()
