@@ -62,3 +62,31 @@ def test_rows_pair_measured_and_estimated_peaks_and_a_party_that_cannot_fit_is_n
     table = footprint.table(rows)
     assert "| small | fp32 | 1.00 | 1.00 | does not fit | 3072.00 |" in table
     assert footprint.plot(rows, tmp_path).stat().st_size > 10_000
+
+
+def test_the_gpu_suite_says_it_needs_a_gpu_where_there_is_none(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from splittune.cli import app
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result = CliRunner().invoke(app, ["bench", "--suite", "gpu", "--out", str(tmp_path / "gpu")])
+    assert result.exit_code == 2 and "error: bench --suite gpu needs a CUDA GPU, and torch sees none here" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_gpu_suite_puts_the_server_on_the_gpu_and_the_client_on_each_device(small_shape, tmp_path, monkeypatch):
+    """What would run on a lent GPU, without one: the configs and serve flags each row asks for."""
+    asked = []
+
+    def fake_memory(cfg, steps, threads, workdir, server_args=()):
+        asked.append((cfg.train.device, cfg.train.dtype, cfg.quantize.trunk, server_args))
+        return {"client_peak_rss": 1 << 30, "server_peak_rss": 1 << 30, "client_peak_device": 1 << 29, "step_s": 0.5}
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(footprint, "party_memory", fake_memory)
+    monkeypatch.setattr(footprint, "cache_dir", lambda: tmp_path)
+    rows = footprint.run_gpu(tmp_path / "runs", 1, shapes=(small_shape,))
+    assert asked == [("cpu", "bfloat16", "none", ("--device", "cuda")), ("cuda", "bfloat16", "none", ("--device", "cuda")),
+                     ("cpu", "bfloat16", "nf4", ("--device", "cuda")), ("cuda", "bfloat16", "nf4", ("--device", "cuda"))]
+    assert "| small | nf4 | cuda | 0.500 | 0.50 | 1.00 | - | 1.00 |" in footprint.gpu_table(rows)

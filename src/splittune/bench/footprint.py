@@ -136,3 +136,45 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+GPU_PRECISIONS = tuple(p for p in PRECISIONS if p.name in ("bf16", "nf4"))
+
+
+def run_gpu(out: Path, threads: int, shapes: tuple[str, ...] = tuple(SHAPES),
+            tick: Callable[[str, int, int], None] = lambda *a: None) -> list[dict[str, Any]]:
+    """``bench --suite gpu``: the server on the GPU, the client on the CPU and then on the GPU too, for each shape in
+    bf16 and nf4; each row: the client's step time, both parties' peak GPU memory and resident memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from ..config import ConfigError
+
+        raise ConfigError("bench --suite gpu needs a CUDA GPU, and torch sees none here (torch.cuda.is_available() is "
+                          "False); --suite memory measures the same shapes on the CPU")
+    rows = []
+    for shape in shapes:
+        tick(f"gpu: writing the {shape}-shaped checkpoint (once)", 0, 0)
+        folder = build_checkpoint(shape, cache_dir() / "shapes" / shape)
+        n_blocks = shape_config(shape).num_hidden_layers
+        for p in GPU_PRECISIONS:
+            for client in ("cpu", "cuda"):
+                cfg = load_config(None, [*run_sets(folder, n_blocks), *p.sets, f"train.device={client}"])
+                tick(f"gpu: {shape} {p.name}, client on {client}", 0, 0)
+                row: dict[str, Any] = {"shape": shape, "precision": p.name, "client_device": client, "server_device": "cuda"}
+                try:
+                    row.update(party_memory(cfg, 2, threads, out / f"{shape}-{p.name}-{client}", ("--device", "cuda")))
+                except Exception as err:  # one failed setting must not lose the others
+                    row["error"] = str(err)[-600:]
+                rows.append(row)
+    return rows
+
+
+def gpu_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| shape | precision | client on | step s | client GPU GiB | client RSS GiB | server GPU GiB | server RSS GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        step = f"{r['step_s']:.3f}" if "step_s" in r else "failed"
+        lines.append(f"| {r['shape']} | {r['precision']} | {r['client_device']} | {step} | {gib(r.get('client_peak_device'))} | "
+                     f"{gib(r.get('client_peak_rss'))} | {gib(r.get('server_peak_device'))} | {gib(r.get('server_peak_rss'))} |")
+    return "\n".join(lines)

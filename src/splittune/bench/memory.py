@@ -20,8 +20,9 @@ from ..deploy.service import health
 from .measure import start_server
 
 
-def party_memory(cfg: RunConfig, steps: int, threads: int, workdir: Path) -> dict[str, Any]:
-    """Peak memory of the client and (when the run has one) the server over ``steps`` steps of ``cfg``."""
+def party_memory(cfg: RunConfig, steps: int, threads: int, workdir: Path, server_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Peak memory of the client and (when the run has one) the server over ``steps`` steps of ``cfg``, and the
+    client's median step time (``server_args``: more ``splittune serve`` flags, e.g. ``--device cuda``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     t = cfg.train.model_copy(update={"steps": steps, "eval_batches": 1, "threads": threads, "checkpoint_every": 0})
     quiet_link = cfg.link.model_copy(update={"bandwidth_mbps": None, "up_mbps": None, "down_mbps": None, "latency_ms": 0.0})
@@ -29,7 +30,7 @@ def party_memory(cfg: RunConfig, steps: int, threads: int, workdir: Path) -> dic
     command = [sys.executable, "-m", "splittune.cli", "train", "--config", str(workdir / "config.yaml"), "--out", str(workdir / "run")]
     server = None
     if cfg.mode != "centralized":
-        url, server = start_server(cfg.model, threads)
+        url, server = start_server(cfg.model, threads, server_args)
         command += ["--server", url]
     try:
         with open(workdir / "client.log", "w") as log:
@@ -47,8 +48,10 @@ def party_memory(cfg: RunConfig, steps: int, threads: int, workdir: Path) -> dic
     if code != 0:
         tail = (workdir / "client.log").read_text(errors="replace")[-600:]
         raise RuntimeError(f"the memory run of {cfg.model} failed (exit {code}): {tail}")
-    peak = json.loads((workdir / "run" / "summary.json").read_text())["peak_memory"]
+    summary = json.loads((workdir / "run" / "summary.json").read_text())
+    peak = summary["peak_memory"]
     out["client_peak_rss"] = peak["rss_bytes"]
+    out["step_s"] = summary["step_s_median"]
     if peak.get("device_bytes"):
         out["client_peak_device"] = peak["device_bytes"]
     return out

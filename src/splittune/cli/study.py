@@ -17,7 +17,8 @@ from .app import console, err_console, fail, human_bytes, quiet_libraries, shows
 def bench(
     suite: str = typer.Option("quick", "--suite", help="quick (a tiny model, then a short builtin run; minutes on a laptop) | full (the builtin "
                               "model) | memory (each party's peak at Llama-3.2-1B and Llama-3.1-8B shapes by precision; "
-                              "writes 19 GB of random checkpoints once, needs about 20 GB of memory)"),
+                              "writes 19 GB of random checkpoints once, needs about 20 GB of memory) | gpu (the same shapes "
+                              "in bf16 and nf4, the server on a CUDA GPU, the client on the CPU and on the GPU)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="run every part of the suite on this model instead"),
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="directory for bench.json, report.md, report.html and the plots"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a key in every entry, e.g. --set train.seq_len=256"),
@@ -31,8 +32,8 @@ def bench(
     from ..bench import run_bench, select, suite as get_suite, total_ticks
     from ..rundir import RunLock
 
-    if suite == "memory":
-        return _footprint(out, threads)
+    if suite in ("memory", "gpu"):
+        return _footprint(out, threads, gpu=suite == "gpu")
     try:
         parts = select(get_suite(suite), only or None, model)
     except user_errors() as err:
@@ -81,11 +82,12 @@ def bench(
     console.print(f"written: [bold green]{out / 'bench.json'}[/], [bold green]{out / 'report.md'}[/], [bold green]{out / 'report.html'}[/] and the plots")
 
 
-def _footprint(out: Path, threads: int | None) -> None:
-    """``bench --suite memory``: measured and estimated peaks per party at real models' shapes (``bench/footprint.py``)."""
+def _footprint(out: Path, threads: int | None, gpu: bool = False) -> None:
+    """``bench --suite memory`` (measured and estimated peaks per party at real models' shapes) and ``--suite gpu``
+    (the server on the GPU, the client on either; ``bench/footprint.py``)."""
     import json
 
-    from ..bench.footprint import plot, run_footprint, table
+    from ..bench.footprint import gpu_table, plot, run_footprint, run_gpu, table
     from ..rundir import RunLock
     from ..threads import available_cores
 
@@ -93,22 +95,25 @@ def _footprint(out: Path, threads: int | None) -> None:
         if not advance:
             console.print(escape(what), highlight=False)
 
+    name = "gpu" if gpu else "footprint"
     try:
         with RunLock(out, "bench"):
             out.mkdir(parents=True, exist_ok=True)
-            rows = run_footprint(out / "runs", threads or available_cores(), tick=tick)
+            rows = (run_gpu if gpu else run_footprint)(out / "runs", threads or available_cores(), tick=tick)
     except user_errors() as err:
         fail(str(err))
-    (out / "footprint.json").write_text(json.dumps(rows, indent=1))
-    (out / "footprint.md").write_text(table(rows) + "\n")
-    plot(rows, out)
-    console.print(table(rows), highlight=False, soft_wrap=True)
+    text = gpu_table(rows) if gpu else table(rows)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{name}.md").write_text(text + "\n")
+    if not gpu:
+        plot(rows, out)
+    console.print(text, highlight=False, soft_wrap=True)
     for r in rows:
         for why in (r.get("server_skipped"), r.get("error")):
             if why:
                 err_console.print(f"[bold yellow]warning:[/] {r['shape']} {r['precision']}: {escape(why)}", highlight=False)
-    console.print(f"written: [bold green]{out / 'footprint.json'}[/], [bold green]{out / 'footprint.md'}[/] and "
-                  f"[bold green]{out / 'footprint.png'}[/]")
+    console.print(f"written: [bold green]{out / (name + '.json')}[/] and [bold green]{out / (name + '.md')}[/]"
+                  + ("" if gpu else f" and [bold green]{out / 'footprint.png'}[/]"))
 
 
 @shows_warnings
