@@ -31,11 +31,10 @@ from ..cache import ActivationCache
 from .engine import Rows, TrunkEngine
 from .group import Group, Member
 from .meet import WaitTimeout
-from ...models.partition import DTYPES
-from ...models.quantize import KINDS as QUANTIZE_KINDS
 from ..party import SessionSpec
 from ..secure import SecureRounds
 from .inference import InferenceLimits, InferenceSessions
+from .proposal import read_proposal
 from ..protocol import INFERENCE_SCHEMAS, ProtocolError, bounded, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in, status_of
 
 log = logging.getLogger("splittune.serve")
@@ -131,35 +130,7 @@ class Server:
 
     # -- session --------------------------------------------------------------------------------------
     def _proposal(self, msg: Message) -> SessionSpec:
-        try:
-            session = SessionSpec.from_meta(msg.meta)
-        except (TypeError, ValueError) as err:
-            raise ProtocolError(f"bad session proposal: {err}") from None
-        if session.dtype not in DTYPES:
-            raise ProtocolError(f"bad session proposal: dtype {bounded(repr(session.dtype), 40)}; dtypes: {', '.join(DTYPES)}")
-        if not (isinstance(session.clients, int) and isinstance(session.client, int) and 0 <= session.client < session.clients):
-            raise ProtocolError(f"bad session proposal: client {bounded(repr(session.client), 40)} of "
-                                f"{bounded(repr(session.clients), 40)} clients; a run has clients >= 1 and a client index below it")
-        if session.fingerprint != self.fingerprint:
-            raise ProtocolError(
-                f"model mismatch: the client's base model {session.model or '(not named)'} has fingerprint {session.fingerprint}, "
-                f"the server's {self.source.describe()} has {self.fingerprint}; both parties must load the same weights",
-                "FAILED_PRECONDITION",
-            )
-        self._check_quantize(session)
-        return session
-
-    def _check_quantize(self, session: SessionSpec) -> None:
-        """The proposal's quantization is well formed, and the trunk's is the one this server was started with (if any)."""
-        q = session.quantize
-        if not isinstance(q, dict) or any(q.get(k, "none") not in QUANTIZE_KINDS for k in ("bottom", "trunk", "top")) \
-                or session.compute_dtype not in ("", *DTYPES):
-            raise ProtocolError(f"bad session proposal: quantize {bounded(repr(q), 80)} / compute_dtype "
-                                f"{bounded(repr(session.compute_dtype), 20)}; kinds: {', '.join(QUANTIZE_KINDS)}")
-        trunk = q.get("trunk", "none")
-        if self.quantize is not None and trunk != self.quantize:
-            raise ProtocolError(f"this server holds its blocks quantized {self.quantize} (serve --quantize {self.quantize}); the "
-                                f"client proposed quantize.trunk: {trunk}; set quantize.trunk: {self.quantize}", "FAILED_PRECONDITION")
+        return read_proposal(msg.meta, self.fingerprint, self.source.describe, self.quantize)
 
     def _open_inference(self, msg: Message) -> Message:
         """An inference session beside any training run (``parties/server/inference.py``); the hello's tensors are what the
