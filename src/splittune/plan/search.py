@@ -3,9 +3,10 @@
 A choice is the cuts (two-part ``[a]`` and U-shaped ``[a, b]``, the client keeping at least one block),
 the codec each way, the micro-batches a batch is cut into and the client's gradient checkpointing. Top-k
 is left out by default: on residual-stream activations it ruined the model (docs/efficiency.md). Choices
-are ranked by how much of the frozen weights they quantize, then by predicted step time; within 1% of each other, the deeper first cut wins (the client's text
-goes through more blocks before anything leaves it), then the less lossy codecs, then the U-shape (labels
-stay with the client), then fewer micro-batches and no recomputation.
+are ranked by how much of the frozen weights they quantize, then by predicted step time; within 1% of each
+other, the deeper first cut wins (the client's text goes through more blocks before anything leaves it), then
+the less lossy codecs, then the U-shape (labels stay with the client), then fewer micro-batches and no
+recomputation.
 
 A U-shape's top keeps one block (the last), and more only when the server would not fit otherwise: more
 top blocks cost the client memory and time and buy nothing else, so the search walks ``b`` down only as far
@@ -108,7 +109,8 @@ def choices(n_blocks: int, batch: int, shape: str = "any", codecs: tuple[str, ..
 
 def _rank(r: Ranked) -> tuple:
     c, p = r.choice, r.prediction
-    return (PACKED[c.client_quantize] + PACKED[c.server_quantize] + PACKED[c.head_quantize], round(math.log(max(p.step_s, 1e-9)) / math.log1p(TIE)), -c.cuts[0], LOSS[c.up] + LOSS[c.down],
+    packed = PACKED[c.client_quantize] + PACKED[c.server_quantize] + PACKED[c.head_quantize]
+    return (packed, round(math.log(max(p.step_s, 1e-9)) / math.log1p(TIE)), -c.cuts[0], LOSS[c.up] + LOSS[c.down],
             c.shape != "u-shape", c.micro_batches, c.checkpointing, c.cuts)
 
 
