@@ -249,3 +249,34 @@ def test_a_block_with_no_layer_to_pack_is_refused_not_left_at_full_precision(mon
     with pytest.raises(RemoteError, match=r"quantize: nf4 packs linear layers \(nn.Linear, Conv1D\), and block 1 of llama holds "
                                             r"none \(its weights are in .*Linear.*\); use quantize: none there"):
         build(load_config(None, ["model=tiny:llama", "cuts=[1,3]", "quantize.trunk=nf4"]))  # the server refuses the hello
+
+
+def test_a_truncated_shard_read_by_a_quantizing_party_names_the_file(tmp_path):
+    """A quantizing party reads its blocks without mapping the shard: a cut-short file is still one clear error
+    naming it (whichever reader meets it first)."""
+    import shutil
+
+    from splittune.models.zoo import ModelError
+
+    folder = tmp_path / "model"
+    shutil.copytree(resolve_model("tiny:llama").path, folder)
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelError, match=r"model\.safetensors is corrupt or truncated \(.*\); download or save the model again"):
+        build(load_config(None, [f"model={folder}", "cuts=[1,3]", "mode=centralized", "quantize=nf4"]))
+
+
+def test_the_plain_reader_refuses_a_cut_short_tensor_and_a_file_that_is_not_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from splittune.models.plain_read import PlainReader
+
+    save_file({"w": torch.ones(4, 4)}, str(tmp_path / "a.safetensors"))
+    whole = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[:-8])
+    assert torch.equal(PlainReader(tmp_path / "a.safetensors").get_tensor("w"), torch.ones(4, 4))  # the twin: whole reads
+    with pytest.raises(ValueError, match="tensor 'w' is cut short"):
+        PlainReader(tmp_path / "cut.safetensors").get_tensor("w")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        PlainReader(tmp_path / "junk.safetensors")

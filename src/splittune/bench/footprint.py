@@ -61,15 +61,19 @@ def estimate(cfg) -> dict[str, int]:
     return {"client": p.client_peak_bytes, "server": p.server_peak_bytes}
 
 
+def shaped(shape: str, tick: Callable[[str, int, int], None]) -> tuple[Path, int]:
+    """The ``shape``-shaped checkpoint in the cache (written the first time) and its block count."""
+    tick(f"writing the {shape}-shaped checkpoint (once)", 0, 0)
+    return build_checkpoint(shape, cache_dir() / "shapes" / shape), shape_config(shape).num_hidden_layers
+
+
 def run_footprint(out: Path, threads: int, shapes: tuple[str, ...] = tuple(SHAPES), precisions=PRECISIONS,
                   tick: Callable[[str, int, int], None] = lambda *a: None) -> list[dict[str, Any]]:
     """Measure every (shape, precision); each row: measured and estimated peaks of both parties, or why not."""
     rows = []
     budget = physical_memory() * 0.9  # what a party may take while the other runs beside it
     for shape in shapes:
-        tick(f"memory: writing the {shape}-shaped checkpoint (once)", 0, 0)
-        folder = build_checkpoint(shape, cache_dir() / "shapes" / shape)
-        n_blocks = shape_config(shape).num_hidden_layers
+        folder, n_blocks = shaped(shape, tick)
         for p in precisions:
             cfg = load_config(None, [*run_sets(folder, n_blocks), *p.sets])
             predicted = estimate(cfg)
@@ -154,9 +158,7 @@ def run_gpu(out: Path, threads: int, shapes: tuple[str, ...] = tuple(SHAPES),
                           "False); --suite memory measures the same shapes on the CPU")
     rows = []
     for shape in shapes:
-        tick(f"gpu: writing the {shape}-shaped checkpoint (once)", 0, 0)
-        folder = build_checkpoint(shape, cache_dir() / "shapes" / shape)
-        n_blocks = shape_config(shape).num_hidden_layers
+        folder, n_blocks = shaped(shape, tick)
         for p in GPU_PRECISIONS:
             for client in ("cpu", "cuda"):
                 cfg = load_config(None, [*run_sets(folder, n_blocks), *p.sets, f"train.device={client}"])

@@ -286,12 +286,14 @@ def load_party_model(
         def read_plain(key: str, lazy: bool = False) -> torch.Tensor:
             filename = weight_map[key]
             path = source.weight_file(filename)
-            if not path.exists():
-                raise ModelError(f"{source.ref}: weight file {path} is missing (the checkpoint's index lists it)")
             try:
-                if filename not in plain:
+                if filename not in plain:  # each shard opened once, checked once
+                    if not path.exists():
+                        raise ModelError(f"{source.ref}: weight file {path} is missing (the checkpoint's index lists it)")
                     plain[filename] = files.enter_context(contextlib.closing(PlainReader(path)))
                 return plain[filename].lazy(key) if lazy else plain[filename].get_tensor(key)
+            except ModelError:
+                raise
             except (OSError, ValueError) as err:
                 raise source.corrupt(path, err) from None
 
