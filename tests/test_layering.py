@@ -26,7 +26,7 @@ STOREYS = [
     {"defenses"},
     {"cut"},
     {"channels"},
-    {"dpmath", "threads", "workers"},  # the privacy math and the worker threads
+    {"dpmath", "threads", "workers", "allocator"},  # the privacy math, the worker threads, the C allocator's settings
     {"wire", "errors", "version"},
 ]
 

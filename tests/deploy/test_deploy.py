@@ -54,6 +54,19 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def launch_clients(tmp_path, url, run, n):
+    """``n`` client processes of ``run`` against the server at ``url``, each with its own --out."""
+    return [subprocess.Popen([*CLI, "train", *sets(run), "--server", url, "--client-index", str(i), "--client-id", f"c{i}",
+                              "--out", str(tmp_path / f"c{i}")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(n)]
+
+
+def finish(procs):
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+
+
 def test_grpc_processes_equal_the_in_process_run(tmp_path, serve_process):
     url = serve_process("--record-tap", str(tmp_path / "audit"))
     remote = subprocess.run([*CLI, "train", *sets(RUN), "--server", url, "--out", str(tmp_path / "remote")],
@@ -91,12 +104,7 @@ def test_two_client_processes_under_sfl_v1(tmp_path, serve_process, extra):
     the same noise, the masked sum is the same sum)."""
     url = serve_process()
     run = [*RUN, "clients=2", "schedule=sfl-v1", "aggregate_every=2", *extra]
-    procs = [subprocess.Popen([*CLI, "train", *sets(run), "--server", url, "--client-index", str(i), "--client-id", f"c{i}",
-                               "--out", str(tmp_path / f"c{i}")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out
+    finish(launch_clients(tmp_path, url, run, 2))
     train(load_config(None, run), tmp_path / "local")
     local = rows(tmp_path / "local")
     for i in range(2):
@@ -105,6 +113,25 @@ def test_two_client_processes_under_sfl_v1(tmp_path, serve_process, extra):
     a = load_file(tmp_path / "c0/adapters/global.safetensors")
     b = load_file(tmp_path / "local/adapters/global.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-6
+
+
+def test_sampled_client_processes_equal_the_in_process_run(tmp_path, serve_process):
+    """Three processes, two sampled a round (sfl-v2): a process its round left out runs ahead to the next round it is
+    in, and the server makes it wait for the average it missed; the result is the in-process run's."""
+    url = serve_process()
+    run = [*RUN, "train.steps=4", "clients=3", "clients_per_round=2", "aggregate_every=2", "data.max_documents=9"]
+    finish(launch_clients(tmp_path, url, run, 3))
+    summary = train(load_config(None, run), tmp_path / "local")
+    local = rows(tmp_path / "local")
+    for i in range(3):
+        mine = [r for r in local if r["client"] == i]
+        assert [r["step"] for r in rows(tmp_path / f"c{i}")] == [r["step"] for r in mine]
+        assert [r["loss"] for r in rows(tmp_path / f"c{i}")] == pytest.approx([r["loss"] for r in mine], abs=1e-6)
+    assert {r["client"] for r in local if r["step"] <= 2} == set(summary["sampled"][0]) != {0, 1, 2}
+    b = load_file(tmp_path / "local/adapters/global.safetensors")
+    for i in range(3):  # every process ends with the last average
+        a = load_file(tmp_path / f"c{i}/adapters/global.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-6
 
 
 # -- TLS, tokens and refusals (a gRPC server in this process, real sockets) -------------------------------------
@@ -302,9 +329,7 @@ def test_certs_are_private_and_usable(tmp_path):
 def test_a_vanished_client_is_given_up_and_the_round_goes_on(tmp_path, serve_process, schedule):
     url = serve_process("--wait", "2")
     run = [*RUN, "clients=2", f"schedule={schedule}", "train.steps=4"]
-    procs = [subprocess.Popen([*CLI, "train", *sets(run), "--server", url, "--client-index", str(i), "--client-id", f"c{i}",
-                               "--out", str(tmp_path / f"c{i}")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = launch_clients(tmp_path, url, run, 2)
     metrics = tmp_path / "c1" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:

@@ -16,6 +16,7 @@ from splittune.parties.cache import CACHE_MISS, ActivationCache
 from splittune.parties.client.pipeline import Client
 from splittune.run import build, train
 from configs import tiny
+from interrupt import killed_then_resumed
 
 # 4 training examples, 2 a batch: an epoch is 2 steps, so steps 3-6 see every sample again
 RUN = tiny("train.steps=6", "data.max_train_examples=4", "train.lr=0.01", "train.warmup_steps=1",
@@ -193,18 +194,7 @@ def test_resume_with_the_cache_is_exact(tmp_path, monkeypatch):
     """The server's cache is in its checkpoint, the client's mirror (and its secret) in the client's."""
     extra = ["cuts=[1,3]", "train.checkpoint_every=2"]
     whole, _ = run(tmp_path, "whole", *extra)
-    real = Client.train_step
-
-    def crash(self, step, batches):
-        if step == 5:
-            raise KeyboardInterrupt("killed before step 5")
-        return real(self, step, batches)
-
-    with monkeypatch.context() as m:
-        m.setattr(Client, "train_step", crash)
-        with pytest.raises(KeyboardInterrupt):
-            run(tmp_path, "cut", *extra)
-    resumed, _ = run(tmp_path, "cut", *extra)
+    resumed, _ = killed_then_resumed(monkeypatch, 5, lambda: run(tmp_path, "cut", *extra))
     same_run(tmp_path / "whole", tmp_path / "cut")
     assert [(r["bytes_up"], r["cache_hits"]) for r in rows(tmp_path / "whole")] == \
            [(r["bytes_up"], r["cache_hits"]) for r in rows(tmp_path / "cut")]

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from splittune.config import ConfigError, load_config
-from splittune.parties.client.pipeline import Client
 from splittune.run import train
 from configs import tiny
+from interrupt import crash_at
 
 RUN = tiny("cuts=[1,3]", "train.steps=6", "data.max_documents=6", "train.lr=0.01", "train.warmup_steps=1",
            "train.checkpoint_every=2", "train.eval_every=2")
@@ -41,17 +41,6 @@ def same_run(a, b, names=("client", "server")):
     ea, eb = (json.loads((x / "summary.json").read_text()) for x in (a, b))
     for key in ("eval_loss_before", "eval_loss_after", "bytes_up", "bytes_down", "train_loss_last"):
         assert ea[key] == eb[key], key
-
-
-def crash_at(monkeypatch, step):
-    real = Client.train_step
-
-    def train_step(self, s, micro):
-        if s == step:
-            raise KeyboardInterrupt(f"killed before step {s}")
-        return real(self, s, micro)
-
-    monkeypatch.setattr(Client, "train_step", train_step)
 
 
 @pytest.mark.parametrize("extra", [[], ["clients=2", "schedule=sfl-v1"], ["clients=2", "schedule=sfl-v2", "client_overrides={1: {lora: {rank: 2}}}"],

@@ -97,7 +97,8 @@ class Timed:
         else:
             fleet = connect(cfg, source, samples)
         samplers = [iter(t.sampler(cfg.train.batch_size, cfg.seed)) for t in tasks]
-        rounds = iter(policy_for(cfg.mode, cfg.schedule).rounds(len(tasks), cfg.train.steps, cfg.aggregate_every))
+        policy = policy_for(cfg.mode, cfg.schedule)
+        rounds = iter(policy.rounds(policy.roster(len(tasks), None, cfg.seed), cfg.train.steps, cfg.aggregate_every))
         return cls(entry, cfg, fleet, tasks, server, samplers, rounds)
 
     def round(self) -> dict[str, Any]:

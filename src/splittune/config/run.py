@@ -34,6 +34,10 @@ class RunConfig(Section):
     aggregate_every: int = Field(
         1, ge=1, description="local steps between adapter averages (sequential: steps of a client's turn before it relays)"
     )
+    clients_per_round: int | float | None = Field(
+        None, description="client sampling: the clients each round (aggregate_every steps) trains, an integer or a fraction "
+        "of clients, drawn from seed and recorded in the summary; the average weighs the sampled clients' data. null: all",
+        json_schema_extra={"allowed": "null | an integer 1..clients | a fraction in (0, 1]"})
     partition: Partition = Field("iid", description="how one dataset is split across clients")
     partition_alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (partition: dirichlet); small = skewed")
     client_overrides: list[ClientOverride] | dict[int, ClientOverride] = Field(
@@ -110,10 +114,37 @@ class RunConfig(Section):
         return self.model_copy(update={"cuts": default_cuts(n_blocks)}, deep=True)
 
     @property
+    def round_size(self) -> int:
+        """Clients each round samples (every client without ``clients_per_round``)."""
+        k = self.clients_per_round
+        if k is None:
+            return self.clients
+        return k if isinstance(k, int) else max(1, round(k * self.clients))
+
+    @property
+    def samples_clients(self) -> bool:
+        return self.round_size < self.clients
+
+    @field_validator("clients_per_round", mode="before")
+    @classmethod
+    def _per_round(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        if isinstance(value, float) and 0 < value <= 1:
+            return value
+        raise ValueError(f"must be an integer >= 1 or a fraction in (0, 1], got {value!r}")
+
+    @property
     def heterogeneous(self) -> bool:
         """Whether any client holds other blocks or another LoRA rank than the run's defaults."""
         cuts = list(self.cuts or [])
         return any(self.client_cuts(i) != cuts or self.client_rank(i) != self.lora.rank for i in range(self.clients))
+
+    @property
+    def scales_loss(self) -> bool:
+        """Whether anything computes in float16 (the weights, autocast, or quantized layers), so the loss is scaled."""
+        t = self.train
+        return "float16" in (t.dtype, t.autocast) or (self.quantize.active and (t.compute_dtype or t.dtype) == "float16")
 
     @model_validator(mode="after")
     def _clients_fit(self) -> "RunConfig":
@@ -157,6 +188,17 @@ class RunConfig(Section):
                 "the same cuts and LoRA rank; per-client overrides need sfl-v1 or sfl-v2"
             )
         ranks = {self.client_rank(i) for i in range(n)}
+        if isinstance(self.clients_per_round, int) and self.clients_per_round > n:
+            raise ValueError(f"clients_per_round={self.clients_per_round} exceeds clients={n}; sample at most every client")
+        if self.samples_clients:
+            if self.mode == "centralized":
+                raise ValueError("clients_per_round samples data owners, and mode: centralized pools their data in one party")
+            if self.secure_aggregation:
+                raise ValueError("secure_aggregation's pairwise masks are set up for every client of the run, and "
+                                 "clients_per_round leaves some out of each average; use one of them")
+            if len(ranks) > 1:
+                raise ValueError("clients_per_round with clients of other LoRA ranks: their exact average folds updates into "
+                                 "the base weights, which a client left out of a round would miss; give every client one rank")
         if self.quantize.active and len(ranks) > 1:
             raise ValueError(
                 f"quantize: clients with LoRA ranks {sorted(ranks)} are averaged exactly by adding the update into the frozen "

@@ -75,7 +75,15 @@ class TrainConfig(Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the model weights and activations")
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="dtype the quantized layers compute in (QLoRA's bnb_4bit_compute_dtype); null: train.dtype")
+        None, description="dtype the quantized layers compute in (QLoRA's bnb_4bit_compute_dtype); null: train.autocast, "
+        "else train.dtype")
+    autocast: Literal["bfloat16", "float16"] | None = Field(
+        None, description="mixed precision: both parties' matrix products in this dtype over float32 weights (torch.autocast); "
+        "adapters, optimizer state and the loss stay float32. null: compute in train.dtype")
+    loss_scale: float | Literal["dynamic"] = Field(
+        "dynamic", description="when the compute is float16 (train.dtype, autocast or compute_dtype): dynamic (GradScaler's "
+        "rule, shared by both parties; an overflow skips the step on both) or a fixed scale",
+        json_schema_extra={"allowed": "dynamic | a number > 0"})
     device: str = Field("auto", description="where this process computes: auto (a GPU when there is one) | cpu | cuda | cuda:N | mps",
                         json_schema_extra={"allowed": "`auto`, `cpu`, `cuda`, `cuda:N`, `mps`"})
     model_dropout: bool = Field(
@@ -107,6 +115,20 @@ class TrainConfig(Section):
     @classmethod
     def _device_name(cls, name: str) -> str:
         return check_name(name)
+
+    @field_validator("loss_scale", mode="before")
+    @classmethod
+    def _loss_scale(cls, value: Any) -> float | str:
+        if value == "dynamic" or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")):
+            return value
+        raise ValueError(f"must be dynamic or a number > 0, got {value!r}")
+
+    @model_validator(mode="after")
+    def _autocast_over_float32(self) -> "TrainConfig":
+        if self.autocast is not None and self.dtype != "float32":
+            raise ValueError(f"train.autocast computes in {self.autocast} over float32 weights, but train.dtype is {self.dtype}, "
+                             f"which already computes in {self.dtype}: set train.dtype: float32, or drop train.autocast")
+        return self
 
     @field_validator("threads", mode="before")
     @classmethod

@@ -84,6 +84,9 @@ class DPSGD(Defense):
         if run.mode == "centralized":
             raise ValueError("dp_sgd protects the client's adapters from the server and the other clients; mode: "
                              "centralized shares nothing (use mode: split or federated)")
+        if run.scales_loss:
+            raise ValueError("dp_sgd clips each example's gradient, and a float16 run scales every gradient by its loss "
+                             "scale; compute in bfloat16 (train.autocast: bfloat16) or float32 with dp_sgd")
         if run.train.gradient_checkpointing:
             raise ValueError("dp_sgd takes per-example gradients from the forward it saw, and train.gradient_checkpointing "
                              "runs the blocks again in backward; turn one of them off")

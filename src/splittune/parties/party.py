@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
+from ..allocator import return_large_blocks
 from ..averaging import add_delta
 from ..config import LoraConfig, RunConfig
 from ..device import as_float64, to_device
@@ -30,6 +32,7 @@ from ..models.routing import RouterAux
 from ..models.segment import SegmentOutput, run_segment
 from ..models.stages import arch_name, loading_stage, segment_failures, stage_errors
 from ..models.zoo import ModelSource
+from .precision import LossScale, autocast, unscale
 
 
 # What may differ from client to client in one run; every other field of the proposal must agree.
@@ -84,6 +87,9 @@ class SessionSpec:
     # how each segment's frozen block weights are stored (quantize:) and the dtype quantized layers compute in
     quantize: dict[str, Any] = field(default_factory=dict)
     compute_dtype: str = ""
+    autocast: str = ""  # mixed precision: the dtype both parties' segments compute in over float32 weights ("": none)
+    loss_scale: float | str = ""  # float16 compute: "dynamic" or a fixed scale, kept by the client ("": no scaling)
+    per_round: int = 0  # clients each round samples (clients_per_round); 0: every client
 
     @classmethod
     def from_run(cls, cfg: RunConfig, fingerprint: str, model_type: str, client: int = 0, samples: int = 0,
@@ -100,7 +106,10 @@ class SessionSpec:
             secure_aggregation=cfg.secure_aggregation,
             run_id=run_id,
             quantize=cfg.quantize.model_dump() if cfg.quantize.active else {},
-            compute_dtype=t.compute_dtype or t.dtype,
+            compute_dtype=t.compute_dtype or t.autocast or t.dtype,
+            autocast=t.autocast or "",
+            loss_scale=t.loss_scale if cfg.scales_loss else "",
+            per_round=cfg.round_size if cfg.samples_clients else 0,
         )
 
     def to_meta(self) -> dict[str, Any]:
@@ -138,10 +147,12 @@ class SessionSpec:
 class Trainer:
     """One adapter's trainable tensors with its own AdamW and LR schedule (a party may hold several)."""
 
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], session: SessionSpec, total_steps: int):
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], session: SessionSpec, total_steps: int,
+                 scale: LossScale | None = None):
         self.named = params
         self.params = [p for _, p in params]
         self.max_grad_norm = session.max_grad_norm
+        self.scale = scale  # the client's float16 loss scale (``parties/precision.py``); None elsewhere
         self.optimizer = torch.optim.AdamW(self.params, lr=session.lr, weight_decay=session.weight_decay) if self.params else None
         self.scheduler = (
             get_scheduler(session.lr_schedule, self.optimizer, num_warmup_steps=session.warmup_steps, num_training_steps=total_steps)
@@ -157,8 +168,13 @@ class Trainer:
                 total += float(torch.linalg.vector_norm(as_float64(p.grad.detach())) ** 2)
         return total
 
-    def step(self, total_sq_norm: float) -> None:
-        """Clip by the global norm, step, advance the LR schedule, clear gradients."""
+    def step(self, total_sq_norm: float, skip: bool = False) -> None:
+        """Clip by the global norm, step, advance the LR schedule, clear gradients; ``skip`` (a float16 overflow on
+        either party) only clears them."""
+        if skip:
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            return
         if self.max_grad_norm is not None and self.params:
             coef = self.max_grad_norm / (math.sqrt(total_sq_norm) + 1e-6)
             if coef < 1.0:
@@ -173,6 +189,16 @@ class Trainer:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0] if self.scheduler else 0.0
+
+    def catch_up(self, step: int) -> None:
+        """Advance the LR schedule to where step ``step`` begins: a client (or its sfl-v1 server adapter) that rounds
+        did not sample trains at the run's rate of the step, as every sampled client does."""
+        if self.scheduler is None:
+            return
+        with warnings.catch_warnings():  # stepping a schedule without its optimizer is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            while self.scheduler.last_epoch < step - 1:
+                self.scheduler.step()
 
     def forget(self, names: set[str]) -> None:
         """Drop the optimizer's moments of ``names``: their values were replaced, the moments refer to the old ones."""
@@ -216,6 +242,8 @@ class Party:
                 raise QuantizeError(f"quantize.head: the head of {spec.model_type} is its embedding matrix (tied), which the "
                                     "bottom looks tokens up in; leave quantize.head: none")
             quantize[HEAD] = head
+        if quantize:  # a party quantizes because memory is tight: give large freed blocks back at once (``allocator.py``)
+            return_large_blocks()
         with stage_errors(self.arch, loading_stage(role, self.plan)):
             model, self.weights = load_party_model(
                 source,
@@ -238,7 +266,10 @@ class Party:
         self.model.train()
         if total_steps is None:  # one client: every schedule steps each adapter once per step
             total_steps = session.steps
-        self.trainers = {name: Trainer(trainable(self.model, name), session, total_steps) for name in adapters}
+        self.autocast = DTYPES[session.autocast] if session.autocast else None
+        scaled = role == "client" and session.loss_scale != ""
+        self.trainers = {name: Trainer(trainable(self.model, name), session, total_steps,
+                                       LossScale.of(session.loss_scale) if scaled else None) for name in adapters}
         self.params = [p for t in self.trainers.values() for p in t.params]
         self.adapter = adapters[0]
         self.folded: dict[str, torch.Tensor] = {}  # module -> updates added to its base weight (exact averages)
@@ -254,9 +285,12 @@ class Party:
         recompute = self.recompute and torch.is_grad_enabled()
         routing = self.router.collect(kwargs["attention_mask"]) if self.router is not None else contextlib.nullcontext({})
         with segment_failures(self, start, end, head=kwargs.get("head")), route(), routing as box, \
-                recomputed(self.blocks, range(start, end), route) if recompute else contextlib.nullcontext():
+                recomputed(self.blocks, range(start, end), route) if recompute else contextlib.nullcontext(), \
+                autocast(self.device, self.autocast):
             forward = {"output_router_logits": False} if self.router is not None else None  # the split adds it: ``add_aux``
             out = run_segment(self.model, self.blocks, start, end, post=self.post, forward_kwargs=forward, **kwargs)
+        if out.hidden is not None and out.hidden.dtype != self.dtype:  # under autocast: the cut carries the session's dtype
+            out.hidden = out.hidden.to(self.dtype)
         out.router = box.get("sums")
         return out
 
@@ -279,8 +313,18 @@ class Party:
     def sq_grad_norm(self, adapter: str | None = None) -> float:
         return self.trainers[adapter or self.adapter].sq_grad_norm()
 
-    def optimizer_step(self, total_sq_norm: float, adapter: str | None = None) -> None:
-        self.trainers[adapter or self.adapter].step(total_sq_norm)
+    def optimizer_step(self, total_sq_norm: float, adapter: str | None = None, skip: bool = False) -> None:
+        self.trainers[adapter or self.adapter].step(total_sq_norm, skip)
+
+    def catch_up(self, step: int, adapter: str | None = None) -> None:
+        self.trainers[adapter or self.adapter].catch_up(step)
+
+    def unscale(self, scale: float, adapter: str | None = None) -> bool:
+        """Divide one adapter's gradients by the loss scale; whether any overflowed."""
+        return unscale(self.trainers[adapter or self.adapter].params, scale)
+
+    def loss_scale(self, adapter: str | None = None) -> LossScale | None:
+        return self.trainers[adapter or self.adapter].scale
 
     @property
     def lr(self) -> float:
@@ -329,6 +373,8 @@ class Party:
         """One trainer's optimizer and schedule as tensors and plain metadata (a relay, a checkpoint)."""
         trainer = self.trainers[adapter or self.adapter]
         tensors, meta = {}, {"scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None, "steps": {}}
+        if trainer.scale is not None:
+            meta["loss_scale"] = trainer.scale.state()
         if trainer.optimizer is not None:
             for name, p in trainer.named:
                 st = trainer.optimizer.state.get(p)
@@ -340,6 +386,8 @@ class Party:
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], adapter: str | None = None) -> None:
         trainer = self.trainers[adapter or self.adapter]
+        if trainer.scale is not None and meta.get("loss_scale") is not None:
+            trainer.scale.load(meta["loss_scale"])
         if trainer.optimizer is None:
             return
         for name, p in trainer.named:

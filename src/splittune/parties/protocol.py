@@ -69,6 +69,9 @@ class ActivationsMeta(Meta):
     score_positions: list[int] | None = None
     score_tokens: list[int] | None = None
     cache: CacheMeta | None = None
+    loss_scale: float | None = Field(None, description="two-part, float16: the scale the server multiplies the loss by")
+
+    _loss_scale = field_validator("loss_scale", mode="before")(classmethod(lambda cls, v: _scale(v)))
 
     @model_validator(mode="after")
     def _scores_together(self) -> "ActivationsMeta":
@@ -85,8 +88,21 @@ class GradientsMeta(Meta):
     want_grad: bool = True
 
 
+def _scale(v: Any) -> float | None:
+    """A float16 loss scale: a finite number > 0 (None: the run scales nothing)."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
+        raise ValueError(f"must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
 class StepMeta(Meta):
     sq_norm: float = Field(ge=0.0)
+    loss_scale: float | None = Field(None, description="float16: the scale every gradient of this step carries")
+    overflow: bool = Field(False, description="float16: a gradient of the client's overflowed (the step is skipped)")
+
+    _loss_scale = field_validator("loss_scale", mode="before")(classmethod(lambda cls, v: _scale(v)))
 
     @field_validator("sq_norm", mode="before")
     @classmethod
@@ -114,6 +130,7 @@ class AggregateMeta(Meta):
 class OptimizerMeta(Meta):
     scheduler: dict[str, Any] | None = None
     steps: dict[str, float] = Field(default_factory=dict)
+    loss_scale: dict[str, Any] | None = None  # the client's float16 loss scale travels with its optimizer
 
 
 class RelayPutMeta(Meta):

@@ -297,9 +297,10 @@ def _with_quantized(p: Profile, segments, quantized: dict, acts: float) -> float
     s, item = p.sizes, p.act_itemsize
     head = quantized.get("head", "none")
     if any(seg.head for seg in segments) and head != "none" and not s.tied_params:
-        # a 4-bit head is computed a slice of the vocabulary at a time (models/packed_head.py); bitsandbytes' int8
-        # layer dequantizes it whole for each product, in forward and again in backward
-        acts += 2 * ROWS * s.width * item if head in FOUR_BIT else 1.5 * s.vocab * s.width * item
+        # a 4-bit head is computed a slice of the vocabulary at a time (models/packed_head.py): one slice dequantized at
+        # once, freed before the next; bitsandbytes' int8 layer dequantizes it whole for each product, in forward and
+        # again in backward
+        acts += ROWS * s.width * item if head in FOUR_BIT else 1.5 * s.vocab * s.width * item
     kinds = {quantized.get(seg.name, "none") for seg in segments if seg.blocks} - {"none"}
     if not kinds:
         return acts

@@ -63,8 +63,8 @@ def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None
 
     When one fails, ``on_error`` runs at once (to release the others waiting for it), then the first error is raised.
     """
-    if len(items) == 1:
-        return [fn(items[0])]
+    if len(items) <= 1:  # (none: a round that sampled none of this process's clients)
+        return [fn(item) for item in items]
     with ThreadPoolExecutor(len(items)) as pool:
         futures = [pool.submit(fn, item) for item in items]
         failed = None
@@ -113,6 +113,7 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
     indices = list(range(len(samples))) if indices is None else indices
     device = resolve_device(cfg.train.device)
     policy = policy_for(cfg.mode, cfg.schedule)
+    roster = policy.roster(n, cfg.round_size if cfg.samples_clients else None, cfg.seed)
     server = None
     if channel_for is None and cfg.mode != "centralized":
         server = server_for(source, spec, config, state_dir=state_dir, device=device)
@@ -126,7 +127,7 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
             session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe(),
                                            run_id=run_id)
             try:
-                party = Party("client", source, spec, session, config, device=device, total_steps=policy.client_steps(cfg.train.steps, n),
+                party = Party("client", source, spec, session, config, device=device, total_steps=policy.client_steps(cfg.train.steps, roster.size),
                               recompute=cfg.train.gradient_checkpointing)
             except (PlanError, ValueError) as err:
                 raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
@@ -138,7 +139,8 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
                 link = CutLink(channel, uuid.uuid4().hex[:12], terms, secret=client_secret(cfg, i))
                 link.sent_log = ledger
             links.append(link)
-            at = Placement(party, client_secret(cfg, i), count, policy.client_steps(cfg.train.steps, n),
+            taken = sum(1 for t in range(1, cfg.train.steps + 1) if i in roster.at(t, cfg.aggregate_every))  # steps it trains
+            at = Placement(party, client_secret(cfg, i), count, taken if roster.samples else policy.client_steps(cfg.train.steps, n),
                            cfg.train.batch_size * cfg.train.grad_accum)
             client = Client(party, link, cfg.train.micro_batches, cfg.train.max_in_flight, ClientDefenses.build(cfg, at))
             if recording is not None:

@@ -30,6 +30,7 @@ from ..parties.server.group import personal_names
 from ..taps.recording import SENT, TAP_DIR, Recording, SentLog
 from ..report.plots import plot_loss
 from ..schedules.policy import policy_for
+from ..schedules.sampling import round_of
 from .. import checkpoint
 from .adapters import ADAPTERS, save_adapters
 from .assemble import Fleet, client_tasks, connect, parallel, set_seed
@@ -42,11 +43,12 @@ UNDEFENDED_RATIO = 2.0  # eval perplexity with the defenses over without them, p
 
 
 @contextlib.contextmanager
-def global_view(client: Client, global_state: dict[str, torch.Tensor], personal: set[str]):
-    """Client 0 with its personal segments replaced by their average: the global model, for evaluation."""
+def global_view(client: Client, global_state: dict[str, torch.Tensor], personal: set[str], whole: bool = False):
+    """Client 0 with its personal segments replaced by their average (``whole``: everything it holds, when sampled
+    rounds may have left it out of the last averages): the global model, for evaluation."""
     arch = client.party.spec
     own = client.party.state()
-    keep = personal_names(own, client.plan, personal, arch) & set(global_state)
+    keep = (set(own) if whole else personal_names(own, client.plan, personal, arch)) & set(global_state)
     if not keep:
         yield client
         return
@@ -220,6 +222,10 @@ class Loop:
         self.total = cfg.clients if cfg.mode != "centralized" else 1  # clients in the run
         self.policy = policy_for(cfg.mode, cfg.schedule)
         self.schedule = self.policy.name
+        self.roster = self.policy.roster(self.total, cfg.round_size if cfg.samples_clients else None, cfg.seed)
+        # client steps this process takes over the run (rounds sample some clients of the run)
+        self.planned = sum(len(steps) for rnd in self.policy.rounds(self.roster, cfg.train.steps, cfg.aggregate_every)
+                           for c, steps in rnd.turns if c in fleet.indices)
         self.samplers = [iter(task.sampler(cfg.train.batch_size, cfg.seed)) for task in tasks]
         self.metrics: list[dict] = []
         self.evals: list[dict] = []
@@ -274,6 +280,8 @@ class Loop:
         row.update(report.figures)  # the defenses' own (NoPeek's distance correlation)
         if report.cache_hits is not None:
             row.update(cache_hits=report.cache_hits, cache_misses=report.cache_misses)
+        if report.loss_scale is not None:
+            row.update(loss_scale=report.loss_scale, skipped=report.skipped)
         return row
 
     def _round(self, jobs: list[tuple[int, int]], log) -> None:
@@ -282,7 +290,7 @@ class Loop:
             log.write(json.dumps(row) + "\n")
             self.done += 1
             if self.progress:
-                self.progress(self.done, self.n * self.cfg.train.steps, row)
+                self.progress(self.done, self.planned, row)
         log.flush()
 
     def _sync(self, i: int, call: Callable[[Client], None]) -> None:
@@ -331,9 +339,10 @@ class Loop:
     def _global_eval(self, step: int) -> dict:
         """The global model on the held-out data of this process's clients (all of them in-process)."""
         personal = set(self.cfg.personal)
-        if personal and step > 0:
-            state = self.fleet.clients[0].global_state()
-            view = lambda: global_view(self.fleet.clients[0], state, personal)  # noqa: E731
+        sampled = self.roster.samples and self.policy.averages(self.total)
+        if (personal or sampled) and step > 0:
+            state = self.fleet.clients[0].global_state(step + 1 if sampled else 0)  # (the average of this step, once in)
+            view = lambda: global_view(self.fleet.clients[0], state, personal, sampled)  # noqa: E731
             result = self._evaluate(0, self.pooled, view, self._label(step))
         else:
             result = self._evaluate(self.holder, self.pooled, label=self._label(step))
@@ -348,17 +357,20 @@ class Loop:
     # -- the schedules -----------------------------------------------------------------------------------
     def _train(self, log) -> None:
         """The policy's rounds: every client of this process takes its turns; the server orders them."""
-        for rnd in self.policy.rounds(self.total, self.cfg.train.steps, self.cfg.aggregate_every, self.start):
+        every = self.cfg.aggregate_every
+        for rnd in self.policy.rounds(self.roster, self.cfg.train.steps, every, self.start):
             mine = [(self.index.index(c), steps) for c, steps in rnd.turns if c in self.index]
             if rnd.concurrent:
                 last = rnd.turns[0][1][-1]
+                if self.roster.samples:
+                    self._join_round(last, [i for i, _ in mine])
                 self._round([(i, last) for i, _ in mine], log)
                 if rnd.sync == "aggregate":
                     parallel(lambda i: self._sync(i, lambda c: c.aggregate(last)), [i for i, _ in mine], self.fleet.abort)
             else:  # a relay: one client after another, each handing its model on
                 for i, span in mine:
                     last = span[-1]
-                    if span[0] > 1 or self.index[i]:
+                    if span[0] > 1 or self.index[i] != rnd.turns[0][0]:  # (the run's first turn starts it)
                         self._sync(i, lambda c: c.take_over(span[0]))
                     for step in span:
                         self._round([(i, step)], log)
@@ -372,6 +384,37 @@ class Loop:
         if self.policy.relays and self.total > 1:
             for i in range(self.n):  # everyone ends with the final model
                 self._sync(i, lambda c: c.take_over(0))
+        elif self.roster.samples and self.policy.averages(self.total):  # those the last round left out: the final average
+            last = self.roster.at(self.cfg.train.steps, every)
+            for i in range(self.n):
+                if self.index[i] not in last:
+                    self._take_global(i, self.cfg.train.steps + 1)
+
+    # -- client sampling ---------------------------------------------------------------------------------
+    def _join_round(self, step: int, sampled: list[int]) -> None:
+        """Before step ``step`` of a sampled run: a client whose round begins here and that the previous round left out
+        takes the global model (it missed that average); every sampled client's LR schedule is at the run's step."""
+        every = self.cfg.aggregate_every
+        r = round_of(step, every)
+        if (step - 1) % every == 0 and r > 1 and self.policy.averages(self.total):
+            before = self.roster.of(r - 1)
+            for i in sampled:
+                if self.index[i] not in before:
+                    self._take_global(i, step)
+        if self.policy.own_schedules():
+            for i in sampled:
+                self.fleet.clients[i].party.catch_up(step)
+
+    def _take_global(self, i: int, step: int = 0) -> None:
+        """Client ``i`` takes the last average (``step``: the one before that step's round); its personal segments stay
+        its own."""
+        def take(client: Client) -> None:
+            own = set(client.party.state())
+            state = {k: v for k, v in client.global_state(step).items() if k in own}  # (not the server's blocks, nor folds)
+            keep = personal_names(state, client.plan, set(self.cfg.personal), client.party.spec)
+            client.party.load_state({k: v for k, v in state.items() if k not in keep})
+
+        self._sync(i, take)
 
     def _maybe_stop(self, step: int) -> None:
         """Checkpoint when due (every ``checkpoint_every`` steps, at the end, on a stop request); stop if asked."""
@@ -383,7 +426,7 @@ class Loop:
 
     def run(self) -> dict[str, Any]:
         self.opening = opening(self)
-        self.event("start", self.done, self.n * self.cfg.train.steps, resume=self.start or None, cuts=self.cfg.cuts,
+        self.event("start", self.done, self.planned, resume=self.start or None, cuts=self.cfg.cuts,
                    shape=self.fleet.clients[0].plan.shape, threads=torch.get_num_threads(), opening=self.opening)
         if STOP.is_set():  # asked to stop while the parties loaded
             raise Interrupted(self.start)

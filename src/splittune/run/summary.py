@@ -60,8 +60,9 @@ def title(loop: "Loop") -> str:
 def summarize(loop: "Loop", before: dict, after: dict, own_before: list[dict], own_after: list[dict]) -> dict[str, Any]:
     cfg, t = loop.cfg, loop.cfg.train
     clients = loop.fleet.clients
-    first = [m for m in loop.metrics if m["step"] == 1]
-    last = [m for m in loop.metrics if m["step"] == t.steps]
+    steps = [m["step"] for m in loop.metrics]  # (sampled rounds may leave this process's clients out of the first or last)
+    first = [m for m in loop.metrics if m["step"] == min(steps)]
+    last = [m for m in loop.metrics if m["step"] == max(steps)]
     step_times = sorted(m["step_s"] for m in loop.metrics)
     server_info = clients[0].server_info
     summary = {
@@ -109,6 +110,14 @@ def summarize(loop: "Loop", before: dict, after: dict, own_before: list[dict], o
     if "accuracy" in before:
         summary["eval_accuracy_before"] = before["accuracy"]
         summary["eval_accuracy_after"] = after["accuracy"]
+    if loop.roster.samples:  # client sampling: each round's clients, as drawn from the seed
+        rounds = -(-t.steps // cfg.aggregate_every)
+        summary["clients_per_round"] = loop.roster.size
+        summary["sampled"] = [loop.roster.of(r) for r in range(1, rounds + 1)]
+    scaled = [m for m in loop.metrics if "loss_scale" in m]
+    if scaled:  # float16: the loss scale the last step ran at, and the steps an overflow skipped
+        summary["loss_scale_last"] = scaled[-1]["loss_scale"]
+        summary["steps_skipped"] = sum(1 for m in scaled if m["skipped"])
     summary["opening"] = loop.opening  # what the console said before the first step (ε as planned for the whole run)
     summary.update(step_breakdown(loop.metrics))
     summary.update(guarantees(cfg, usage(loop), clients[0].defenses))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .sampling import Roster
+
 
 @dataclass(frozen=True)
 class Round:
@@ -35,7 +37,11 @@ class SchedulePolicy:
         """Whether the server runs the clients' rows of a micro-batch together through one base."""
         return False
 
-    def turn_order(self, clients: int, steps: int, every: int) -> list[tuple[int, int]]:
+    def roster(self, clients: int, per_round: int | None, seed: int) -> Roster:
+        """Which clients each round trains (the server, which cannot import this layer, asks its policy)."""
+        return Roster(clients, per_round, seed)
+
+    def turn_order(self, roster: Roster, steps: int, every: int) -> list[tuple[int, int]]:
         """(client, step) turns in the order the server serves them; empty when clients train in parallel."""
         return []
 
@@ -48,17 +54,23 @@ class SchedulePolicy:
         return steps
 
     def server_steps(self, steps: int, clients: int) -> int:
-        """Optimizer steps a server-side adapter's LR schedule spans."""
+        """Optimizer steps a server-side adapter's LR schedule spans (``clients``: those each step trains)."""
         return steps * clients if self.shared_server_adapter else steps
+
+    def own_schedules(self) -> bool:
+        """Whether each client (and an sfl-v1 server adapter per client) keeps an LR schedule of its own, indexed by the
+        run's step: a client a round did not sample catches its schedule up to the step it trains next."""
+        return not self.relays
 
     def averages(self, clients: int) -> bool:
         """Whether clients' adapters are averaged (stage 7) in this run."""
         return clients > 1
 
-    def rounds(self, clients: int, steps: int, every: int, start: int = 0) -> list[Round]:
-        """The loop's rounds after the completed step ``start`` (a resumed run skips what it did)."""
-        sync = "aggregate" if self.averages(clients) else None
-        return [Round([(c, [t]) for c in range(clients)], True, sync if t % every == 0 or t == steps else None)
+    def rounds(self, roster: Roster, steps: int, every: int, start: int = 0) -> list[Round]:
+        """The loop's rounds after the completed step ``start`` (a resumed run skips what it did): one per step, each
+        of the clients sampled for its round (``Roster``), averaged at the end of the round."""
+        sync = "aggregate" if self.averages(roster.clients) else None
+        return [Round([(c, [t]) for c in roster.at(t, every)], True, sync if t % every == 0 or t == steps else None)
                 for t in range(start + 1, steps + 1)]
 
 
@@ -88,8 +100,8 @@ class SflV2(SchedulePolicy):
     name = "sfl-v2"
     ordered_turns = True
 
-    def turn_order(self, clients, steps, every):
-        return [] if clients == 1 else [(c, t) for t in range(1, steps + 1) for c in range(clients)]
+    def turn_order(self, roster, steps, every):
+        return [] if roster.clients == 1 else [(c, t) for t in range(1, steps + 1) for c in roster.at(t, every)]
 
 
 class Sequential(SchedulePolicy):
@@ -102,10 +114,10 @@ class Sequential(SchedulePolicy):
     def _spans(self, steps: int, every: int) -> list[range]:
         return [range(s, min(s + every, steps + 1)) for s in range(1, steps + 1, every)]
 
-    def turn_order(self, clients, steps, every):
-        if clients == 1:
+    def turn_order(self, roster, steps, every):
+        if roster.clients == 1:
             return []
-        return [(c, t) for span in self._spans(steps, every) for c in range(clients) for t in span]
+        return [(c, t) for span in self._spans(steps, every) for c in roster.at(span[0], every) for t in span]
 
     def turn_ends(self, step, steps, every):
         return step % every == 0 or step == steps
@@ -116,10 +128,10 @@ class Sequential(SchedulePolicy):
     def averages(self, clients):
         return False
 
-    def rounds(self, clients, steps, every, start=0):
-        if clients == 1:
-            return super().rounds(clients, steps, every, start)
-        return [Round([(c, list(span)) for c in range(clients)], False, "relay")
+    def rounds(self, roster, steps, every, start=0):
+        if roster.clients == 1:
+            return super().rounds(roster, steps, every, start)
+        return [Round([(c, list(span)) for c in roster.at(span[0], every)], False, "relay")
                 for span in self._spans(steps, every) if span[-1] > start]
 
 

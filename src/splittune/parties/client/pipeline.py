@@ -27,33 +27,11 @@ from ...wire import Message
 from ...averaging import fold_delta
 from ...wire.names import FOLD, OPT, split, tag
 from ..cache import CACHE_MISS, Mirror, entry_bytes, row_keys, why_off
+from .batches import Batch, count_items, leaf, split_rows
 from .report import StepReport, Traffic
 from ..party import Party
+from ..precision import finite
 from ..secure import client_round
-
-Batch = dict[str, torch.Tensor]
-
-
-def _leaf(sums: torch.Tensor | None) -> torch.Tensor | None:
-    """Router sums from another stage of the model, as a leaf whose gradient goes back to that stage."""
-    return None if sums is None else sums.detach().requires_grad_(True)
-
-
-def count_items(labels: torch.Tensor) -> int:
-    """Tokens that carry loss: labels after the causal shift that are not ignored."""
-    return int((labels[:, 1:] != -100).sum())
-
-
-def split_rows(batch: Batch, parts: int) -> list[Batch]:
-    """``batch`` cut into ``parts`` micro-batches of consecutive rows (as even as the rows allow)."""
-    if parts == 1:
-        return [batch]
-    rows = next(iter(batch.values())).shape[0]
-    if parts > rows:
-        raise ValueError(f"train.micro_batches={parts} exceeds the {rows} rows of a batch (train.batch_size)")
-    sizes = [rows // parts + (1 if i < rows % parts else 0) for i in range(parts)]
-    pieces = {k: v.split(sizes) for k, v in batch.items()}
-    return [{k: pieces[k][i] for k in batch} for i in range(parts)]
 
 
 @dataclass
@@ -103,6 +81,7 @@ class Client:
         # defense slot is its link's
         self.defenses = defenses if defenses is not None else ClientDefenses([])
         self._penalties: dict[str, float] = {}  # each defense's terms added to the bottom's loss this step
+        self._overflow = False  # float16: a gradient this client computed this step overflowed (``parties/precision.py``)
 
     def connect(self, resume: int | None = None, link_state: dict | None = None) -> dict:
         """Stage 0: propose the session and the chain; the server builds its part from it (restored to step
@@ -159,6 +138,9 @@ class Client:
         m.want_grad = m.hidden is not None and m.hidden.requires_grad
         if self.plan.shape == "two-part":
             tensors["labels"] = batch["labels"]
+            scale = self.party.loss_scale()
+            if scale is not None:
+                meta["loss_scale"] = scale.scale
             m.pending = self._send("activations", step, m.index, tensors, train=True, num_items=num_items, want_grad=m.want_grad, **meta)
         else:
             m.pending = self._send("activations", step, m.index, tensors, train=True, **meta)
@@ -218,15 +200,15 @@ class Client:
             self.defenses.at(m.offset)
             out = self.party.run(top.start, top.end, hidden=m.top, attention_mask=m.batch["attention_mask"],
                                  labels=m.batch["labels"], num_items_in_batch=num_items)
-            bottom_sums, trunk_sums = (_leaf(m.router), _leaf(reply.tensors.get(ROUTER)))
+            bottom_sums, trunk_sums = (leaf(m.router), leaf(reply.tensors.get(ROUTER)))
             loss = self.party.add_aux(out.loss, bottom_sums, trunk_sums, out.router)
             with segment_failures(self.party, top.start, top.end, backward=True):
-                loss.backward()
+                self._scaled(loss).backward()
             m.loss = float(loss.detach())
             m.router_grad = bottom_sums.grad if bottom_sums is not None else None
-            grads = {"grad": m.top.grad, "cut.labels": m.batch["labels"]}
+            grads = {"grad": self._finite(m.top.grad), "cut.labels": m.batch["labels"]}
             if trunk_sums is not None:
-                grads[ROUTER] = trunk_sums.grad
+                grads[ROUTER] = self._finite(trunk_sums.grad)
             m.pending = self._send("gradients", step, m.index, grads, want_grad=m.want_grad)
             m.stage = 2
             return
@@ -237,7 +219,7 @@ class Client:
             outputs, grads = [m.hidden], [reply.tensors["grad"]]
             for name, term in (m.penalty or {}).items():
                 outputs.append(term)
-                grads.append(torch.ones_like(term))
+                grads.append(self._scaled(torch.ones_like(term)))
                 self._penalties[name] = self._penalties.get(name, 0.0) + float(term.detach())
             if m.router is not None and m.router_grad is not None and m.router.requires_grad:
                 outputs.append(m.router)
@@ -275,7 +257,7 @@ class Client:
         Each micro-batch's loss is its token sum divided by the tokens of the *whole* step, so the
         accumulated gradient is that of one big batch, whatever the micro-batch split.
         """
-        self._bottom_s, self._penalties = 0.0, {}
+        self._bottom_s, self._penalties, self._overflow = 0.0, {}, False
         counts = self.cache_counts()
         started = time.perf_counter()
         measured = self.link.measured() if self.link is not None else contextlib.nullcontext()
@@ -283,9 +265,11 @@ class Client:
             loss, num_items = self.backward(step, batches)
             self.defenses.before_optimizer()  # DP-SGD: the client's gradients clipped per example and noised, before the global norm
             lr = self.party.lr
-            self.optimizer_step(step)
+            scale = self.party.loss_scale()
+            scale = None if scale is None else scale.scale
+            skipped = self.optimizer_step(step)
         report = StepReport(loss, num_items, lr, sent.up, sent.down, time.perf_counter() - started, penalty=sum(self._penalties.values()),
-                            figures=self.defenses.figures(self._penalties))
+                            figures=self.defenses.figures(self._penalties), loss_scale=scale, skipped=skipped)
         if stats is not None:
             report.link, report.bottom_s = stats.figures(), self._bottom_s
         if counts:
@@ -335,18 +319,38 @@ class Client:
                                  labels=b["labels"], num_items_in_batch=num_items)
             total = self.party.add_aux(out.loss, out.router)
             with segment_failures(self.party, 0, self.plan.n_blocks, backward=True):
-                total.backward()
+                self._scaled(total).backward()
             loss += float(total.detach())
         return loss, num_items
 
-    def optimizer_step(self, step: int) -> None:
-        """Stage 6 on both parties, with the global gradient norm."""
-        own = self.party.sq_grad_norm()
+    def optimizer_step(self, step: int) -> bool:
+        """Stage 6 on both parties, with the global gradient norm. In float16 each party first divides its gradients
+        by the client's loss scale, and an overflow on either skips the step on both (``parties/precision.py``);
+        returns whether it was skipped."""
+        scale = self.party.loss_scale()
+        overflow = self._overflow or (scale is not None and self.party.unscale(scale.scale))
+        own = 0.0 if overflow else self.party.sq_grad_norm()
         server_sq = 0.0
         if self.split:
-            reply = self._call("step", step, 0, {}, sq_norm=own)
+            extra = {} if scale is None else {"loss_scale": scale.scale, "overflow": overflow}
+            reply = self._call("step", step, 0, {}, sq_norm=own, **extra)
             server_sq = float(reply.meta["sq_norm"])
-        self.party.optimizer_step(own + server_sq)
+            overflow = overflow or bool(reply.meta.get("overflow", False))
+        self.party.optimizer_step(own + server_sq, skip=overflow)
+        if scale is not None:
+            scale.update(overflow)
+        return overflow
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss (or a gradient seeded on a term of it) times the float16 loss scale, when there is one."""
+        scale = self.party.loss_scale()
+        return loss if scale is None else loss * scale.scale
+
+    def _finite(self, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """A gradient fit to cross the cut: zeros for one that overflowed, whose step is then skipped."""
+        grad, bad = finite(grad)
+        self._overflow = self._overflow or bad
+        return grad
 
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -393,9 +397,10 @@ class Client:
             return {}
         return dict(self._call("state", 0, 0, {}).tensors)
 
-    def global_state(self) -> dict[str, torch.Tensor]:
-        """The last average (personal segments included) and the updates folded into base weights (``wire.names.FOLD``)."""
-        return dict(self._call("global", 0, 0, {}).tensors)
+    def global_state(self, step: int = 0) -> dict[str, torch.Tensor]:
+        """The last average (personal segments included) and the updates folded into base weights (``wire.names.FOLD``);
+        with ``step``, the average that ends the round before it (the server waits for it)."""
+        return dict(self._call("global", step, 0, {}).tensors)
 
     def checkpoint(self, step: int) -> None:
         """Ask the server to save its part of the run at ``step`` (all clients of the run ask together)."""

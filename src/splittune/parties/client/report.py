@@ -28,3 +28,5 @@ class StepReport:
     figures: dict[str, float] = field(default_factory=dict)  # the defenses' own figures for the step's row (nopeek_dcor)
     cache_hits: int | None = None
     cache_misses: int | None = None
+    loss_scale: float | None = None  # float16: the scale the step's gradients carried
+    skipped: bool = False  # float16: a gradient overflowed on a party, so neither stepped

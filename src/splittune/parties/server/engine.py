@@ -26,6 +26,7 @@ from ...data.choices import candidate_scores
 from ...models.routing import ROUTER
 from ...models.stages import segment_failures
 from ..party import Party
+from ..precision import finite
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Rows:
     num_items: int | None = None
     want_grad: bool = True
     sums: torch.Tensor | None = None
+    scale: float | None = None  # float16: the client's loss scale, for its loss
 
 
 @dataclass
@@ -62,6 +64,7 @@ class TrunkEngine:
         self.party: Party | None = None
         self.batched = False  # sfl-v1 with several clients: rows are routed to their own adapters
         self.pending: dict[tuple, Pending] = {}  # forwards awaiting their gradients
+        self.overflowed: set[str] = set()  # float16: adapters whose step sent zeros for a gradient that overflowed
 
     def run(self, fn: Callable, *args) -> Any:
         """Run ``fn(*args)`` on the engine thread and return its result (inline when already on it)."""
@@ -77,6 +80,14 @@ class TrunkEngine:
     def reset(self, party: Party | None, batched: bool) -> None:
         self.party, self.batched = party, batched
         self.pending.clear()
+        self.overflowed.clear()
+
+    def _finite(self, adapter: str, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """A gradient fit to go back over the cut (zeros for one that overflowed, remembered for ``adapter``'s step)."""
+        grad, bad = finite(grad)
+        if bad:
+            self.overflowed.add(adapter)
+        return grad
 
     # -- what runs on the engine thread ---------------------------------------------------------------
     def _routes(self, adapter: str, rows: int) -> list[str] | None:
@@ -96,10 +107,11 @@ class TrunkEngine:
         return out.hidden.detach(), None if out.router is None else out.router.detach()
 
     def head(self, adapter: str, start: int, end: int, hidden, mask, labels, num_items, train: bool, want_grad: bool,
-             scores: tuple[list[int], list[int]] | None, sums: torch.Tensor | None = None) -> tuple[float, dict, torch.Tensor | None]:
+             scores: tuple[list[int], list[int]] | None, sums: torch.Tensor | None = None,
+             scale: float | None = None) -> tuple[float, dict, torch.Tensor | None]:
         """Two-part split: the server ends the model and computes the loss from the client's labels (and, with a
-        router loss, the bottom's router ``sums``). Returns the loss, the gradients at the cut (training: ``grad``,
-        and ``router`` for the sums) and candidate scores (evaluation)."""
+        router loss, the bottom's router ``sums``; in float16, the client's loss ``scale``). Returns the loss, the gradients
+        at the cut (training: ``grad``, and ``router`` for the sums) and candidate scores (evaluation)."""
         routes = self._routes(adapter, hidden.shape[0])
         with torch.set_grad_enabled(train):
             if not train:
@@ -112,18 +124,18 @@ class TrunkEngine:
             sums = None if sums is None else sums.detach().requires_grad_(want_grad)
             loss = self.party.add_aux(out.loss, sums, out.router)
             with segment_failures(self.party, start, end, backward=True):
-                loss.backward()
-        grads = {"grad": hidden.grad} if want_grad else {}
+                (loss if scale is None else loss * scale).backward()
+        grads = {"grad": self._finite(adapter, hidden.grad)} if want_grad else {}
         if want_grad and sums is not None:
-            grads[ROUTER] = sums.grad
+            grads[ROUTER] = self._finite(adapter, sums.grad)
         return float(loss.detach()), grads, None
 
-    def backward(self, key: tuple, grad: torch.Tensor, sums_grad: torch.Tensor | None = None) -> torch.Tensor | None:
+    def backward(self, key: tuple, adapter: str, grad: torch.Tensor, sums_grad: torch.Tensor | None = None) -> torch.Tensor | None:
         pending = self.pending.pop(key)
         trunk = self.party.segments[0]
         with torch.enable_grad(), segment_failures(self.party, trunk.start, trunk.end, head=False, backward=True):
             _backward(pending.hidden_out, grad, pending.router, sums_grad)
-        return pending.hidden_in.grad
+        return self._finite(adapter, pending.hidden_in.grad)
 
     def forward_together(self, step: int, micro: int, items: dict, members: dict, vocab: int) -> dict:
         """sfl-v1: the clients' activations of one micro-batch (``items``: each client's ``Rows``) go through the shared
@@ -151,12 +163,14 @@ class TrunkEngine:
                                                          num_items_in_batch=items[i].num_items), theirs, mine)
                         for i, logits, theirs, mine in zip(idx, out.logits.split(rows), sent, own)
                     ]
+                    scaled = [x if items[i].scale is None else x * items[i].scale for i, x in zip(idx, losses)]
                     with segment_failures(party, start, end, head=True, backward=True):
-                        torch.stack(losses).sum().backward()
+                        torch.stack(scaled).sum().backward()
                     for i, grad, loss, theirs in zip(idx, hidden.grad.split(rows), losses, sent):
-                        grads = {"grad": grad} if items[i].want_grad else {}
+                        adapter = members[i].adapter
+                        grads = {"grad": self._finite(adapter, grad)} if items[i].want_grad else {}
                         if items[i].want_grad and theirs is not None:
-                            grads[ROUTER] = theirs.grad
+                            grads[ROUTER] = self._finite(adapter, theirs.grad)
                         results[i] = ("gradients", grads, {"loss": float(loss.detach())})
                 else:
                     self.pending[("batch", step, micro, start, end, hidden.shape[1])] = Pending(hidden, out.hidden, out.router, idx, rows)
@@ -169,7 +183,7 @@ class TrunkEngine:
         found = [v for k, v in self.pending.items() if k[:3] == ("batch", step, micro) and client in v.clients]
         return found[0] if found else None
 
-    def backward_together(self, step: int, micro: int, items: dict) -> dict:
+    def backward_together(self, step: int, micro: int, items: dict, members: dict) -> dict:
         """``items``: each client's (gradient, router sums' gradient or None)."""
         results = {}
         with torch.enable_grad():
@@ -185,7 +199,7 @@ class TrunkEngine:
                 sums_grad = None if sums is None else torch.cat([part(i, r, sums, 1) for i, r in zip(idx, rows)])
                 with segment_failures(self.party, key[3], key[4], head=False, backward=True):
                     _backward(hidden_out, torch.cat([part(i, r, hidden_out, 0) for i, r in zip(idx, rows)]), sums, sums_grad)
-                results.update((i, g) for i, g in zip(idx, hidden_in.grad.split(rows)) if i in items)
+                results.update((i, self._finite(members[i].adapter, g)) for i, g in zip(idx, hidden_in.grad.split(rows)) if i in items)
         return results
 
     def waiting(self, client: int) -> list[tuple]:
@@ -196,15 +210,26 @@ class TrunkEngine:
         """A client vanished in its turn: drop its half-done step (pending forwards, gradients it left)."""
         for key in [k for k in self.pending if k[0] == client]:
             del self.pending[key]
+        self.overflowed.discard(adapter)
         trainer = self.party.trainers[adapter] if self.party else None
         if trainer is not None and trainer.optimizer is not None:
             trainer.optimizer.zero_grad(set_to_none=True)
 
-    def step(self, adapter: str, client_sq: float) -> tuple[float, float]:
-        """Stage 6 for one adapter with the global gradient norm; returns this side's squared norm and the LR."""
-        own = self.party.sq_grad_norm(adapter)
-        self.party.optimizer_step(client_sq + own, adapter)
-        return own, self.party.lr_of(adapter)
+    def step(self, adapter: str, client_sq: float, scale: float | None = None, overflow: bool = False,
+             catch_up: int | None = None) -> tuple[float, float, bool]:
+        """Stage 6 for one adapter with the global gradient norm; returns this side's squared norm, the LR and whether
+        this side overflowed. In float16 the gradients are first divided by the client's loss ``scale``; an overflow
+        on either side (the client's ``overflow``) skips the step. ``catch_up``: the step, when rounds that did not
+        sample this adapter's client left its LR schedule behind."""
+        if catch_up is not None:
+            self.party.catch_up(catch_up, adapter)
+        mine = False
+        if scale is not None:
+            mine = self.party.unscale(scale, adapter) or adapter in self.overflowed
+        self.overflowed.discard(adapter)
+        own = 0.0 if mine else self.party.sq_grad_norm(adapter)
+        self.party.optimizer_step(client_sq + own, adapter, skip=mine or overflow)
+        return own, self.party.lr_of(adapter), mine
 
 
 def _backward(hidden_out: torch.Tensor, grad: torch.Tensor, sums: torch.Tensor | None, sums_grad: torch.Tensor | None) -> None:

@@ -89,18 +89,24 @@ class Group:
         self.party: Party | None = None
         self.meet = Rendezvous(wait_s)
         self.secure = SecureRounds(first.clients) if first.secure_aggregation else None
-        order = self.policy.turn_order(self.n, self.steps, self.every)
+        self.roster = self.policy.roster(self.n, first.per_round or None, first.seed)  # which clients each round trains
+        order = self.policy.turn_order(self.roster, self.steps, self.every)
         self.turns = Turnstile(order, wait_s) if order else None
         self.relay: tuple[dict[str, torch.Tensor], dict] | None = None
         self.folded: dict[str, torch.Tensor] = {}  # module -> cumulative update moved into the base weights
         self.global_state: dict[str, torch.Tensor] = {}  # the last average, personal segments included
+        self.averaged = 0  # the step of the last average
         self.blocks_path = ""
         self.arch: ArchSpec | None = None
 
     @property
     def active(self) -> set[int]:
-        """The clients a round waits for: every member but those given up."""
+        """The clients a checkpoint waits for: every member but those given up."""
         return set(self.members) - self.dropped
+
+    def expected(self, step: int) -> set[int]:
+        """The clients a training message or an average of ``step`` waits for: those its round sampled, but those given up."""
+        return self.active & set(self.roster.at(step, self.every))
 
     def drop(self, clients, why: str = "it missed a round") -> None:
         """Give up on clients that vanished: rounds go on with the others; their later requests are refused."""
@@ -155,7 +161,7 @@ class Group:
         adapters = tuple(f"client{m}" for m in sorted(self.members)) if self.batched else ("default",)
         if self.batched and "full" in {first.segments[s.name] for s in spec.plan(arch.n_blocks).party_segments("server")}:
             raise ValueError("sfl-v1 keeps one server-side adapter per client; a segment trained in full would need a copy of it per client (use lora or frozen)")
-        self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=self.policy.server_steps(first.steps, first.clients),
+        self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=self.policy.server_steps(first.steps, self.roster.size),
                            device=device, recompute=spec.server_gradient_checkpointing)
         for m in self.members.values():
             m.adapter = adapters[m.index] if len(adapters) > 1 else adapters[0]
@@ -210,6 +216,7 @@ class Group:
             self.party.restore(groups, meta)
         device = self.party.device if self.party is not None else torch.device("cpu")  # where new averages will be
         self.global_state, self.folded = groups.get("global", {}), to_device(groups.get("group_folded", {}), device)
+        self.averaged = step // self.every * self.every  # (a run averages at the end of each round)
         if meta.get("relay") is not None:
             self.relay = (groups.get("relay", {}), meta["relay"])
         if self.turns is not None:

@@ -254,7 +254,15 @@ class Server:
         if self.party is None:
             raise ProtocolError(f"a {self.group.schedule} run has no server part; {msg.kind} messages are not served")
 
+    def _sampled(self, member: Member, msg: Message) -> None:
+        """Refuse a message of a round that did not sample this client (clients_per_round)."""
+        group = self.group
+        if group.roster.samples and member.index not in group.roster.at(msg.step, group.every):
+            raise ProtocolError(f"client {member.index} sent a {msg.kind} message for step {msg.step}, but its round sampled "
+                                f"clients {group.roster.at(msg.step, group.every)} (clients_per_round)", "FAILED_PRECONDITION")
+
     def _turn(self, member: Member, msg: Message) -> None:
+        self._sampled(member, msg)
         if self.group.turns is not None:
             self.group.turns.enter(member.index, msg.step, self._give_up_turn)
 
@@ -294,14 +302,14 @@ class Server:
         commit()
         engine, group = self.engine, self.group
         if meta.train and group.batched:
-            item = Rows(hidden, mask, labels, meta.num_items, meta.want_grad, sums)
+            item = Rows(hidden, mask, labels, meta.num_items, meta.want_grad, sums, meta.loss_scale)
             kind, tensors, extra = group.meet.meet(
-                ("forward", msg.step, msg.micro), member.index, item, group.active,
+                ("forward", msg.step, msg.micro), member.index, item, group.expected(msg.step),
                 lambda items: engine.run(engine.forward_together, msg.step, msg.micro, items, group.members, self.vocab), group.drop)
             return self._reply(msg, kind, tensors, **extra)
         if member.head:
             loss, grads, scored = engine.run(engine.head, member.adapter, member.start, member.end, hidden, mask, labels,
-                                             meta.num_items, meta.train, meta.want_grad, scores, sums)
+                                             meta.num_items, meta.train, meta.want_grad, scores, sums, meta.loss_scale)
             if not meta.train:
                 return self._reply(msg, "activations", {} if scored is None else {"scores": scored}, loss=loss)
             return self._reply(msg, "gradients", grads, loss=loss)
@@ -323,8 +331,8 @@ class Server:
             if tuple(grad.shape) != expected:
                 raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {expected}")
             item = (grad, self._router_sums(msg, expected[0], sent=batch.router is not None))
-            grads = group.meet.meet(("backward", msg.step, msg.micro), member.index, item, group.active,
-                                    lambda items: engine.run(engine.backward_together, msg.step, msg.micro, items), group.drop)
+            grads = group.meet.meet(("backward", msg.step, msg.micro), member.index, item, group.expected(msg.step),
+                                    lambda items: engine.run(engine.backward_together, msg.step, msg.micro, items, group.members), group.drop)
             return self._reply(msg, "gradients", {"grad": grads} if meta.want_grad else {})
         key = (member.index, msg.step, msg.micro)
         pending = engine.pending.get(key)
@@ -333,7 +341,7 @@ class Server:
         if grad.shape != pending.hidden_out.shape:
             raise ProtocolError(f"gradient of shape {tuple(grad.shape)} for activations of shape {tuple(pending.hidden_out.shape)}")
         sums_grad = self._router_sums(msg, grad.shape[0], sent=pending.router is not None)
-        grad_in = engine.run(engine.backward, key, grad, sums_grad)
+        grad_in = engine.run(engine.backward, key, member.adapter, grad, sums_grad)
         return self._reply(msg, "gradients", {"grad": grad_in} if meta.want_grad else {})
 
     def _step(self, member: Member, msg: Message, meta) -> Message:
@@ -345,12 +353,13 @@ class Server:
         waiting = self.engine.waiting(member.index)
         if waiting:
             raise ProtocolError(f"step {msg.step} arrived with {len(waiting)} forward(s) still awaiting gradients", "FAILED_PRECONDITION")
-        own, lr = self.engine.run(self.engine.step, member.adapter, meta.sq_norm)
-        member.last_step = msg.step
         group = self.group
+        behind = msg.step if group.roster.samples and not group.policy.shared_server_adapter else None
+        own, lr, overflow = self.engine.run(self.engine.step, member.adapter, meta.sq_norm, meta.loss_scale, meta.overflow, behind)
+        member.last_step = msg.step
         if group.turns is not None and not group.turn_ends(msg.step):
             group.turns.advance(member.index, msg.step)
-        return self._reply(msg, "step", sq_norm=own, lr=lr)
+        return self._reply(msg, "step", sq_norm=own, lr=lr, **({"overflow": True} if overflow else {}))
 
     # -- state: saving, stage 7, relays -----------------------------------------------------------------------
     def trained_for(self, session: str) -> dict[str, torch.Tensor]:
@@ -364,23 +373,35 @@ class Server:
         return self._reply(msg, "state", self.engine.run(self.group.on_behalf, member))
 
     def _global(self, member: Member, msg: Message, meta) -> Message:
+        """The last average; asked for at a step (a sampled client that missed the previous round's average), the
+        average that ends the previous round, once every client of that round has sent its part."""
         group = self.group
+        if msg.step and group.roster.samples:
+            # the last average before it: the previous round's end (after the run: its last step)
+            need = group.steps if msg.step > group.steps else (msg.step - 1) // group.every * group.every
+            group.meet.until(lambda: group.averaged >= need, f"the average of step {need} before step {msg.step}")
         tensors = dict(group.global_state)
         tensors.update(tag(FOLD, group.folded))
         return self._reply(msg, "state", tensors)
 
     def _aggregate(self, member: Member, msg: Message, meta) -> Message:
         group = self.group
+        self._sampled(member, msg)
         if (meta.commit is not None) != (group.secure is not None):
             raise ProtocolError("this run aggregates " + ("securely: send masked words with a commit (secure aggregation)"
                                                           if group.secure is not None else "in the clear: send adapters, no commit"))
         if group.secure is not None:  # secure aggregation, round 3: masked words in, survivors out
             told = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), meta.weight, meta.commit),
-                                   group.active, lambda items: group.secure.masked(msg.step, items), group.drop)
+                                   group.expected(msg.step), lambda items: group.secure.masked(msg.step, items), group.drop)
             return self._reply(msg, "state", **told)
         share = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), meta.weight),
-                                group.active, lambda items: self.engine.run(group.aggregate, items), group.drop)
+                                group.expected(msg.step), lambda items: self._averaged(msg.step, self.engine.run(group.aggregate, items)),
+                                group.drop)
         return self._reply(msg, "state", share)
+
+    def _averaged(self, step: int, shares: dict) -> dict:
+        self.group.averaged = max(self.group.averaged, step)
+        return shares
 
     def _secure(self) -> "SecureRounds":
         if self.group.secure is None:

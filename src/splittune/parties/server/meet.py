@@ -105,6 +105,11 @@ class Rendezvous(_Waits):
         super().__init__(wait_s)
         self._rounds: dict[Hashable, _Round] = {}
 
+    def until(self, ready: Callable[[], bool], what: str) -> None:
+        """Wait until ``ready()``, which a meeting's result makes true (a sampled client waits for the average it missed)."""
+        with self._cond:
+            self._wait(ready, what)
+
     def meet(self, key: Hashable, client: int, item: Any, expected: set[int], compute: Callable[[dict[int, Any]], dict[int, Any]],
              give_up: Callable[[set[int]], None] | None = None, replace: bool = False) -> Any:
         """Leave ``item`` at ``key``; when every ``expected`` client has, ``compute(items)`` runs once and

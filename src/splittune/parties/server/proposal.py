@@ -3,6 +3,7 @@ quantization the server was started with (if any). Every refusal is a ``Protocol
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from ...models.partition import DTYPES
@@ -30,6 +31,12 @@ def read_proposal(meta: dict[str, Any], fingerprint: str, describe: Callable[[],
             "FAILED_PRECONDITION",
         )
     _check_quantize(session, quantize)
+    if session.autocast not in ("", "bfloat16", "float16"):
+        raise ProtocolError(f"bad session proposal: autocast {bounded(repr(session.autocast), 20)}; allowed: bfloat16, float16 "
+                            "or none (\"\")")
+    scale = session.loss_scale
+    if not (scale in ("", "dynamic") or (type(scale) in (int, float) and 0 < scale < math.inf)):
+        raise ProtocolError(f"bad session proposal: loss_scale {bounded(repr(scale), 20)}; allowed: dynamic, a number > 0, or \"\"")
     return session
 
 
