@@ -18,6 +18,7 @@ STOREYS = [
     {"cli", "__init__"},  # the command; the package's face (the Python API, loaded on first use)
     {"bench", "plan", "privacy", "compare", "verify", "generation", "export", "api"},  # the studies and tools
     {"run", "deploy"},  # a run (assemble, loop, resume, summary); the served process
+    {"engines"},  # where parties execute: this process, Ray actors
     {"schedules", "eval"},
     {"parties"},
     # the leaves: anything above may use them

@@ -39,7 +39,7 @@ from .parties.server.inference import InferenceLimits
 from .wire.names import FOLD, split
 from .averaging import add_delta
 from .defenses import ClientDefenses, Placement, chain_entries
-from .run.assemble import in_process, server_for
+from .engines.local import in_process, server_for
 
 __all__ = ["Completion", "GenerationError", "SplitModel", "load_split"]
 

@@ -17,7 +17,7 @@ from .device import resolve_device
 from .models.arch import check_seq_len, detect_arch
 from .models.zoo import resolve_model
 from .parties import Client, Party, SessionSpec
-from .run.assemble import in_process, server_for
+from .engines.local import in_process, server_for
 
 
 @dataclass

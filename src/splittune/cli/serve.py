@@ -61,7 +61,7 @@ def serve(
     from ..wire import FrameLimits
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # before the run package loads opacus, which configures it
-    from ..run.assemble import server_for
+    from ..engines.local import server_for
     bound = locked = recording = None
     try:  # every flag, file and the port first: nothing slow (the model) loads before they are known to work
         address = parse_listen(listen)

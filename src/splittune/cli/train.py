@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import signal
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ def train(
     record_tap: Optional[str] = typer.Option(None, "--record-tap", help="record what an observer sees into RUN_DIR/tap for "
                                              "`splittune attack`: server, aggregator, eavesdropper (several with commas; in-process runs)"),
     tap_max_bytes: TapMaxBytes = "1GiB",
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="run on the Ray cluster at this address "
+                                              "(engine: ray; `ray start --head` prints it); engine: ray without it starts a local one"),
 ) -> None:
     """Fine-tune a model split between a client and a server: in one process, or against `splittune serve`."""
     quiet_libraries()
@@ -41,8 +44,11 @@ def train(
     from ..run import train as run_train
 
     try:
-        cfg = load_config(config, set_)
+        cfg = load_config(config, [*set_, *(["engine=ray", f"ray.address={json.dumps(ray_address)}"] if ray_address else [])])
         device = resolve_device(cfg.train.device)
+        if server is not None and cfg.engine == "ray":
+            raise ConfigError("--server joins a server started with `splittune serve`, and engine: ray starts the server in a "
+                              "Ray actor; use one of them")
         if server is not None:
             if record_tap is not None:
                 raise ConfigError("--record-tap records an in-process run's observers; against a deployed server, its operator "

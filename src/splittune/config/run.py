@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..defenses import configured
 from .base import Section, warn
-from .sections import CacheConfig, ClientOverride, CodecConfig, DataConfig, Defense, DpSgdConfig, LinkConfig, LoraConfig, Partition, Schedule, SegmentName, SegmentsConfig, QuantizeConfig, TrainConfig, default_cuts
+from .sections import RayConfig, CacheConfig, ClientOverride, CodecConfig, DataConfig, Defense, DpSgdConfig, LinkConfig, LoraConfig, Partition, Schedule, SegmentName, SegmentsConfig, QuantizeConfig, TrainConfig, default_cuts
 
 
 
@@ -39,6 +39,10 @@ class RunConfig(Section):
         "of clients, drawn from seed and recorded in the summary; the average weighs the sampled clients' data. null: all",
         json_schema_extra={"allowed": "null | an integer 1..clients | a fraction in (0, 1]"})
     partition: Partition = Field("iid", description="how one dataset is split across clients")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="where parties execute: local (this process; a client of `splittune serve` with --server) | ray "
+        "(the server's trunk in a Ray actor: ray.*; pip install 'splittune[ray]')")
+    ray: RayConfig = Field(default_factory=lambda: RayConfig())
     partition_alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (partition: dirichlet); small = skewed")
     client_overrides: list[ClientOverride] | dict[int, ClientOverride] = Field(
         default_factory=dict,
@@ -190,6 +194,9 @@ class RunConfig(Section):
         ranks = {self.client_rank(i) for i in range(n)}
         if isinstance(self.clients_per_round, int) and self.clients_per_round > n:
             raise ValueError(f"clients_per_round={self.clients_per_round} exceeds clients={n}; sample at most every client")
+        if self.engine == "ray" and self.mode == "centralized":
+            raise ValueError("engine: ray runs the server's trunk in a Ray actor, and mode: centralized has no server; "
+                             "use engine: local")
         if self.samples_clients:
             if self.mode == "centralized":
                 raise ValueError("clients_per_round samples data owners, and mode: centralized pools their data in one party")

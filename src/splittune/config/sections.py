@@ -157,6 +157,22 @@ class SegmentsConfig(Section):
     trunk: TrainMode = Field("lora", description="the blocks between the cuts (server)")
     top: TrainMode = Field("lora", description="the blocks after the second cut, final norm and head (client, U-shaped)")
 
+class RayResources(Section):
+    """What a Ray actor asks the cluster for (fractions allowed, as Ray allows)."""
+
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs the actor takes (its torch threads: at least one)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs the actor takes (a fraction shares one)")
+
+
+class RayConfig(Section):
+    """The Ray engine (engine: ray): where the cluster is and what the server's actor asks of it."""
+
+    address: str | None = Field(None, description="a running cluster to join (ray start --head; `ray://HOST:10001` or "
+                                "`HOST:6379`); null: start a local cluster of this machine's CPUs for the run")
+    server_resources: RayResources = Field(default_factory=lambda: RayResources(),
+                                           description="the server's trunk actor: {num_cpus, num_gpus}")
+
+
 Quantize = Literal["none", "nf4", "fp4", "int8"]
 
 

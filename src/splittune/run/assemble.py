@@ -16,19 +16,20 @@ from typing import Callable
 
 import torch
 
-from ..channels import Channel, LocalChannel
+from ..channels import Channel
 from ..channels.emulated import EmulatedChannel, LinkModel
 from ..config import RunConfig
-from ..cut import CutLink, ServerLink, terms_from
+from ..cut import CutLink, terms_from
 from ..data import TaskData, build_client_tasks, merge_tasks
 from ..device import resolve_device
-from ..models.arch import ArchSpec, check_seq_len, detect_arch
+from ..models.arch import check_seq_len, detect_arch
 from ..models.partition import PlanError
 from ..models.zoo import ModelSource, resolve_model
 from ..parties import Client, Party, Server, SessionSpec
 from ..defenses import ClientDefenses, Placement, chain_entries
 from ..taps.recording import Recording, SentLog
-from ..schedules.policy import POLICIES, policy_for
+from ..schedules.policy import policy_for
+from ..engines.local import in_process, server_for
 
 
 def set_seed(seed: int) -> None:
@@ -40,7 +41,7 @@ class Fleet:
     """Everything a run trains with: its clients, the server they share, each client's end of the cut."""
 
     clients: list[Client]
-    server: Server | None  # None when the server is another process
+    server: Server | None  # None when the server is another process; a ``RayServer`` (its actor's handle) on Ray
     links: list[CutLink | None]
     source: ModelSource
     indices: list[int]  # each local client's index in the run (all of them in-process)
@@ -78,19 +79,12 @@ def parallel(fn: Callable, items: list, on_error: Callable[[BaseException], None
     return [f.result() for f in futures]
 
 
-def server_for(source: ModelSource, spec: ArchSpec | None = None, config=None, **options) -> Server:
-    """The server party of ``source``, serving every schedule: the one way a run, ``serve``, generation and ``verify``
-    build one (``options``: ``Server``'s, e.g. ``state_dir``, ``device``, ``wait_s``, ``inference``)."""
-    config = config if config is not None else source.config()
-    return Server(source, spec or detect_arch(config), config, policies=POLICIES, **options)
+def ray_server(cfg: RunConfig, state_dir: Path | None):
+    """The server's trunk in a Ray actor (``engine: ray``), on a cluster joined or started here."""
+    from ..engines.ray import RayServer, start
 
-
-def in_process(server: Server, through: Callable | None = None) -> Callable[[], LocalChannel]:
-    """A maker of channels to ``server`` in this process, through its end of the cut (``through(server, link)``: the
-    serve function to use instead, e.g. a recording's, which taps what crosses)."""
-    link = ServerLink(server.handle)
-    serve = through(server, link) if through is not None else link.serve
-    return lambda: LocalChannel(serve)
+    start(cfg.ray.address)
+    return RayServer(cfg.model, state_dir, cfg.train.device, cfg.ray.server_resources.model_dump())
 
 
 def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: list[int] | None = None,
@@ -115,7 +109,10 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
     policy = policy_for(cfg.mode, cfg.schedule)
     roster = policy.roster(n, cfg.round_size if cfg.samples_clients else None, cfg.seed)
     server = None
-    if channel_for is None and cfg.mode != "centralized":
+    if channel_for is None and cfg.mode != "centralized" and cfg.engine == "ray":
+        server = ray_server(cfg, state_dir)
+        channel_for = lambda i: server.channel()  # noqa: E731
+    elif channel_for is None and cfg.mode != "centralized":
         server = server_for(source, spec, config, state_dir=state_dir, device=device)
         local = in_process(server, recording.attach if recording is not None else None)
         channel_for = lambda i: local()  # noqa: E731

@@ -89,6 +89,7 @@ def train(cfg: RunConfig, out: Path, progress: Callable | None = None, record_ta
     tasks = client_tasks(cfg, source.tokenizer())
     pooled = merge_tasks(tasks) if len(tasks) > 1 else tasks[0]
     ledger = SentLog(out / SENT, append=resume is not None) if cfg.mode != "centralized" else None
+    fleet = None
     try:
         fleet = connect(cfg, source, [len(task.train) for task in tasks], resume=resume, state_dir=out / CHECKPOINTS / "server",
                         run_id=run_identity(out),
@@ -99,6 +100,8 @@ def train(cfg: RunConfig, out: Path, progress: Callable | None = None, record_ta
         for record in (recording, ledger):
             if record is not None:
                 record.close()
+        if fleet is not None and cfg.engine == "ray":  # the trunk's actor holds a model and the cluster's resources
+            fleet.close()
 
 
 def _recording(cfg: RunConfig, out: Path, observers: tuple[str, ...], max_bytes: int, resume: int | None) -> Recording | None:
@@ -107,6 +110,9 @@ def _recording(cfg: RunConfig, out: Path, observers: tuple[str, ...], max_bytes:
         return None
     if cfg.mode == "centralized":
         raise ConfigError("--record-tap records what crosses a cut, and mode: centralized has no cut")
+    if cfg.engine == "ray":
+        raise ConfigError("--record-tap taps the server in this process, and engine: ray runs it in a Ray actor; record "
+                          "with engine: local (the same run, bit for bit)")
     if resume is not None:
         raise ConfigError(f"--record-tap records a whole run, and {out} resumes one from step {resume}; record into a new --out")
     if (out / TAP_DIR).exists():

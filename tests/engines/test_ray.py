@@ -1,0 +1,105 @@
+"""engine: ray: the server's trunk in a Ray actor, reached by Ray channels carrying the very frames of the local and
+gRPC channels: a run on Ray equals the in-process run bit for bit (losses, adapters, bytes), for every schedule."""
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splittune.channels.base import RemoteError
+from splittune.config import ConfigError, load_config
+from splittune.parties.client.pipeline import Client
+from splittune.engines.ray import RayEngineError, RayServer, _reachable, start
+from splittune.run import train
+from configs import tiny
+from interrupt import killed_then_resumed
+
+ray = pytest.importorskip("ray")
+
+RUN = tiny("cuts=[1,3]", "train.steps=2", "data.max_documents=16", "train.lr=0.01", "train.warmup_steps=0")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module (starting one takes seconds)."""
+    started = start(None)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def steady(out):
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")} for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapters(out):
+    return {f.name: load_file(f) for f in sorted((out / "adapters").glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("extra", [["clients=8", "schedule=sfl-v2"], ["clients=3", "schedule=sfl-v1", "aggregate_every=2"],
+                                   ["clients=3", "schedule=sequential"], ["clients=4", "clients_per_round=2", "cuts=[2]"]],
+                         ids=["sfl-v2-8-clients", "sfl-v1", "sequential", "sampled-two-part"])
+def test_a_run_on_ray_equals_the_in_process_run(tmp_path, cluster, extra):
+    local = train(load_config(None, [*RUN, *extra]), tmp_path / "local")
+    on_ray = train(load_config(None, [*RUN, *extra, "engine=ray"]), tmp_path / "ray")
+    assert steady(tmp_path / "ray") == steady(tmp_path / "local")  # losses, learning rates, bytes each way, step by step
+    a, b = adapters(tmp_path / "ray"), adapters(tmp_path / "local")
+    assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    assert (on_ray["bytes_up"], on_ray["bytes_down"], on_ray["eval_loss_after"]) == \
+           (local["bytes_up"], local["bytes_down"], local["eval_loss_after"])
+    assert on_ray["server_params"] == local["server_params"] > 0  # the actor holds the trunk
+
+
+def test_a_run_on_ray_resumes_exactly_from_its_checkpoint(tmp_path, cluster, monkeypatch):
+    """The actor keeps the server's part of each checkpoint where the run directory says (a local cluster shares it)."""
+    cfg = load_config(None, [*RUN, "engine=ray", "clients=2", "train.steps=4", "train.checkpoint_every=2"])
+    train(cfg, tmp_path / "whole")
+    killed_then_resumed(monkeypatch, 3, lambda: train(cfg, tmp_path / "cut"))
+    assert steady(tmp_path / "whole") == steady(tmp_path / "cut")
+
+
+def test_the_actor_is_gone_after_the_run_and_an_impossible_ask_is_refused(tmp_path, cluster):
+    train(load_config(None, [*RUN, "engine=ray"]), tmp_path / "run")
+    deadline = time.monotonic() + 30  # the actor was killed; the cluster takes its CPU back asynchronously
+    while cluster.available_resources().get("CPU", 0) < cluster.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster.available_resources().get("CPU", 0) == cluster.cluster_resources()["CPU"]
+    cfg = load_config(None, [*RUN, "engine=ray", "ray.server_resources={num_cpus: 64}"])
+    with pytest.raises(RayEngineError, match=r"ray.server_resources asks for 64 CPUs and 0 GPUs, and the Ray cluster has \d+ CPUs"):
+        RayServer(cfg.model, None, "cpu", cfg.ray.server_resources.model_dump())
+
+
+def test_a_server_actor_that_dies_mid_run_is_one_clear_error(tmp_path, cluster, monkeypatch):
+    servers, real_init, real_step = [], RayServer.__init__, Client.train_step
+
+    def init(self, *args):
+        real_init(self, *args)
+        servers.append(self)
+
+    def step(self, s, batches):
+        if s == 2:
+            cluster.kill(servers[0].actor)
+        return real_step(self, s, batches)
+
+    monkeypatch.setattr(RayServer, "__init__", init)
+    monkeypatch.setattr(Client, "train_step", step)
+    with pytest.raises(RemoteError, match=r"the server's Ray actor is gone \(\w+Error: ") as caught:
+        train(load_config(None, [*RUN, "engine=ray"]), tmp_path / "run")
+    assert caught.value.code == "UNAVAILABLE"
+
+
+def test_settings_ray_cannot_serve_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="mode: centralized has no server"):
+        load_config(None, tiny("engine=ray", "mode=centralized"))
+    with pytest.raises(ConfigError, match="engine: ray runs it in a Ray actor"):
+        train(load_config(None, [*RUN, "engine=ray"]), tmp_path / "tapped", record_tap=("server",))
+
+
+def test_an_address_nothing_listens_on_is_refused_at_once():
+    """Ray itself would retry for minutes, logging all the while."""
+    with pytest.raises(RayEngineError, match=r"cannot reach the Ray cluster at 127.0.0.1:1 \(.*\); start one with `ray start --head`"):
+        _reachable("127.0.0.1:1")
+    with pytest.raises(RayEngineError, match="is not HOST:PORT"):
+        _reachable("my-cluster")
