@@ -45,6 +45,9 @@ ENTRIES: tuple[Entry, ...] = (
           note="what the techniques buy on a slow link"),
     Entry("2 clients, sfl-v1", ("clients=2", "schedule=sfl-v1"), "clients", note="a step is a round: every client's step"),
     Entry("2 clients, sfl-v2", ("clients=2", "schedule=sfl-v2"), "clients", note="a step is a round: every client's step"),
+    Entry("8 clients, sfl-v2", ("clients=8", "schedule=sfl-v2"), "scale", note="a step is a round: 8 client steps, in-process"),
+    Entry("8 clients, sfl-v2, Ray", ("clients=8", "schedule=sfl-v2", "engine=ray"), "scale",
+          note="the same with the server's trunk in a Ray actor (a local cluster): the Ray engine's overhead"),
     Entry("gradient checkpointing", ("train.gradient_checkpointing=true",), "memory", memory=True,
           note="the client recomputes its blocks' activations in backward"),
     Entry("frozen bottom, activation cache", ("segments.bottom=frozen",), "memory",
@@ -70,7 +73,7 @@ class Part:
 # the bench's batch: 4 rows (at most 128 tokens) of labelled snippets, padded to the longest (padding removal shows)
 COMMON = ("train.batch_size=4", "train.seq_len=128", "train.warmup_steps=0", "train.eval_batches=4",
           "data.source=builtin:sentiment", "data.max_train_examples=16")  # 4 steps an epoch: later epochs show the cache
-EVERY = tuple(e.name for e in ENTRIES)
+EVERY = tuple(e.name for e in ENTRIES if e.group != "scale")  # the scale suite's entries start a Ray cluster
 TINY = "tiny:llama,layers=8,hidden=256,heads=8,kv_heads=4,ffn=512"
 
 SUITES: dict[str, tuple[Part, ...]] = {
@@ -80,6 +83,8 @@ SUITES: dict[str, tuple[Part, ...]] = {
              memory_steps=0),
     ),
     "full": (Part("builtin", "builtin:smollm2-135m", COMMON, EVERY, reps=8),),
+    # the Ray engine against in-process, 8 clients (needs ray: pip install 'splittune[ray]')
+    "scale": (Part("tiny", TINY, COMMON, ("centralized", "8 clients, sfl-v2", "8 clients, sfl-v2, Ray"), reps=6),),
 }
 
 

@@ -18,7 +18,8 @@ def bench(
     suite: str = typer.Option("quick", "--suite", help="quick (a tiny model, then a short builtin run; minutes on a laptop) | full (the builtin "
                               "model) | memory (each party's peak at Llama-3.2-1B and Llama-3.1-8B shapes by precision; "
                               "writes 19 GB of random checkpoints once, needs about 20 GB of memory) | gpu (the same shapes "
-                              "in bf16 and nf4, the server on a CUDA GPU, the client on the CPU and on the GPU)"),
+                              "in bf16 and nf4, the server on a CUDA GPU, the client on the CPU and on the GPU) | scale (8 "
+                              "clients in-process against the server's trunk in a Ray actor; needs ray)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="run every part of the suite on this model instead"),
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="directory for bench.json, report.md, report.html and the plots"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a key in every entry, e.g. --set train.seq_len=256"),

@@ -1,27 +1,20 @@
-"""What every party has: its segments' weights, what they train, its optimizer and LR schedule.
-
-Stage 6 (optimizer steps) lives here. Gradient clipping is *global*: each party contributes the
-squared norm of its own gradients, the sum gives the norm of the whole model's gradient, and both
-parties scale by the same coefficient, exactly as ``clip_grad_norm_`` on the unsplit model would.
-"""
+"""What every party has: its segments' weights, what they train, and a ``Trainer`` per adapter (stage 6, with the
+global gradient norm: ``trainer.py``)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import warnings
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from transformers import get_scheduler
 
 from ..allocator import return_large_blocks
 from ..averaging import add_delta
 from ..config import LoraConfig, RunConfig
-from ..device import as_float64, to_device
+from ..device import to_device
 from ..models.adapters import apply_training, load_trainable_state, lora_layers, mixed_adapters, trainable, trainable_state
 from ..models.arch import ArchSpec
 from ..models.quantize import HEAD, Quantization, QuantizeError, is_quantized
@@ -33,6 +26,7 @@ from ..models.segment import SegmentOutput, run_segment
 from ..models.stages import arch_name, loading_stage, segment_failures, stage_errors
 from ..models.zoo import ModelSource
 from .precision import LossScale, autocast, unscale
+from .trainer import Trainer
 
 
 # What may differ from client to client in one run; every other field of the proposal must agree.
@@ -142,70 +136,6 @@ class SessionSpec:
     @property
     def lora_config(self) -> LoraConfig:
         return LoraConfig(**{**self.lora, "rank": self.lora_rank})
-
-
-class Trainer:
-    """One adapter's trainable tensors with its own AdamW and LR schedule (a party may hold several)."""
-
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], session: SessionSpec, total_steps: int,
-                 scale: LossScale | None = None):
-        self.named = params
-        self.params = [p for _, p in params]
-        self.max_grad_norm = session.max_grad_norm
-        self.scale = scale  # the client's float16 loss scale (``parties/precision.py``); None elsewhere
-        self.optimizer = torch.optim.AdamW(self.params, lr=session.lr, weight_decay=session.weight_decay) if self.params else None
-        self.scheduler = (
-            get_scheduler(session.lr_schedule, self.optimizer, num_warmup_steps=session.warmup_steps, num_training_steps=total_steps)
-            if self.optimizer
-            else None
-        )
-
-    def sq_grad_norm(self) -> float:
-        """Sum of squared gradient norms of these tensors (float64 for a stable sum)."""
-        total = 0.0
-        for p in self.params:
-            if p.grad is not None:
-                total += float(torch.linalg.vector_norm(as_float64(p.grad.detach())) ** 2)
-        return total
-
-    def step(self, total_sq_norm: float, skip: bool = False) -> None:
-        """Clip by the global norm, step, advance the LR schedule, clear gradients; ``skip`` (a float16 overflow on
-        either party) only clears them."""
-        if skip:
-            if self.optimizer is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-            return
-        if self.max_grad_norm is not None and self.params:
-            coef = self.max_grad_norm / (math.sqrt(total_sq_norm) + 1e-6)
-            if coef < 1.0:
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0] if self.scheduler else 0.0
-
-    def catch_up(self, step: int) -> None:
-        """Advance the LR schedule to where step ``step`` begins: a client (or its sfl-v1 server adapter) that rounds
-        did not sample trains at the run's rate of the step, as every sampled client does."""
-        if self.scheduler is None:
-            return
-        with warnings.catch_warnings():  # stepping a schedule without its optimizer is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            while self.scheduler.last_epoch < step - 1:
-                self.scheduler.step()
-
-    def forget(self, names: set[str]) -> None:
-        """Drop the optimizer's moments of ``names``: their values were replaced, the moments refer to the old ones."""
-        if self.optimizer is not None:
-            for name, p in self.named:
-                if name in names:
-                    self.optimizer.state.pop(p, None)
 
 
 class Party:

@@ -4,7 +4,8 @@ deployed run."""
 
 from .adapters import ADAPTERS, save_adapters
 from .assemble import Fleet, build, client_secret, client_tasks, connect, parallel
-from .loop import Loop, resolved, train, train_batch, train_remote
+from .loop import Loop, resolved, train, train_batch
+from .remote import train_remote
 from .resume import CHECKPOINTS, STOP, Interrupted
 from .summary import BREAKDOWN, time_breakdown
 

@@ -1,5 +1,5 @@
-"""One run: ``train`` (every party in this process) and ``train_remote`` (one client process of a deployed run)
-build the run (``assemble``), resume it (``resume``) and drive the ``Loop``: every stage of DESIGN.md's pipeline
+"""One run: ``train`` (every party in this process) and ``train_remote`` (one client process of a deployed run,
+``remote.py``) build the run (``assemble``), resume it (``resume``) and drive the ``Loop``: every stage of DESIGN.md's pipeline
 in the order the schedule gives, with evaluations, checkpoints and the run directory's outputs.
 
 ``mode: split`` builds the clients and a server joined by local channels; ``mode: centralized`` runs the same
@@ -18,10 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..channels import Channel
 from ..config import ConfigError, RunConfig, warn
 from ..data import TaskData, merge_tasks
-from ..device import rng_state, set_rng_state
 from ..eval import evaluate
 from ..models.arch import detect_arch
 from ..models.zoo import ModelSource, resolve_model
@@ -31,10 +29,9 @@ from ..taps.recording import SENT, TAP_DIR, Recording, SentLog
 from ..report.plots import plot_loss
 from ..schedules.policy import policy_for
 from ..schedules.sampling import round_of
-from .. import checkpoint
 from .adapters import ADAPTERS, save_adapters
 from .assemble import Fleet, client_tasks, connect, parallel, set_seed
-from .resume import (CHECKPOINTS, STOP, EvalStopped, Interrupted, owns_run_dir, prepare_run_dir, rejoin_from, restore_loop, run_identity,
+from .resume import (CHECKPOINTS, STOP, EvalStopped, Interrupted, owns_run_dir, prepare_run_dir, restore_loop, run_identity,
                      save_loop, saved_link_states, with_defense_seed)
 from .summary import summarize, time_breakdown, title
 from .opening import opening
@@ -118,85 +115,6 @@ def _recording(cfg: RunConfig, out: Path, observers: tuple[str, ...], max_bytes:
     if (out / TAP_DIR).exists():
         raise ConfigError(f"{out / TAP_DIR} already holds a tap; record into a new --out")
     return Recording(out / TAP_DIR, observers, max_bytes)
-
-
-@owns_run_dir(shared=lambda cfg: False)  # one client process; its server is elsewhere
-def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Callable[[int], Channel],
-                 progress: Callable | None = None) -> dict[str, Any]:
-    """One client of a deployed run: this process's data and segments, the server over ``channel_for``.
-
-    Everything else is the in-process code path; with the same config the losses, adapters and byte
-    counts equal the in-process run's. Evaluations use this client's held-out data. When a restarted peer
-    rejoins the run, this client goes back to the step it rejoined at and goes on from there.
-    """
-    from ..channels.base import RemoteError
-
-    if cfg.mode == "centralized":
-        raise ConfigError("mode: centralized trains without a server; drop --server")
-    if not 0 <= client_index < cfg.clients:
-        raise ConfigError(f"--client-index {client_index} is outside this run's clients 0..{cfg.clients - 1}")
-    started = time.perf_counter()
-    set_seed(cfg.seed)
-    source = resolve_model(cfg.model)
-    cfg = with_defense_seed(resolved(cfg, source), out)
-    resume = prepare_run_dir(cfg, out)
-    task = client_tasks(cfg, source.tokenizer())[client_index]
-    fresh = rng_state()  # a run rolled back to its start begins as this one did
-    while True:
-        set_rng_state(fresh)  # (a resumed run restores its checkpoint's)
-        try:
-            return _train_remote(cfg, out, source, task, client_index, channel_for, progress, started, resume)
-        except RemoteError as err:
-            if err.rejoin is None:
-                raise
-            resume = rejoin_from(out, err.rejoin, str(err))
-
-
-def _train_remote(cfg: RunConfig, out: Path, source: ModelSource, task: TaskData, client_index: int,
-                  channel_for: Callable[[int], Channel], progress: Callable | None, started: float, resume: int | None):
-    from ..channels.base import ConnectionLost, RemoteError
-
-    ledger = SentLog(out / SENT, append=resume is not None)
-    loop = fleet = None
-    try:
-        fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume, run_id=run_identity(out),
-                        link_states=saved_link_states(out, resume), ledger=ledger)
-        loop = Loop(cfg, fleet, [task], task, out, progress, started, resume)
-        return loop.run()
-    except RemoteError as err:
-        if err.code not in LOST or isinstance(err, ConnectionLost):
-            raise
-        if fleet is None:
-            raise
-        raise _connection_lost(err, cfg, out, fleet, loop) from None
-    finally:
-        if fleet is not None:
-            fleet.close()
-        ledger.close()
-
-
-# the statuses of a connection that broke (the server process died, the network went away), not of a refusal
-LOST = ("UNAVAILABLE", "CANCELLED", "DATA_LOSS", "UNKNOWN")
-
-
-def _connection_lost(err, cfg: RunConfig, out: Path, fleet: Fleet, loop: "Loop | None"):
-    """What a client whose server vanished says (a ``ConnectionLost``): where it stopped, and where the same
-    command resumes."""
-    from ..channels.base import ConnectionLost
-
-    done = max((row["step"] for row in loop.metrics), default=loop.start) if loop is not None else 0
-    at = f"after step {done} (in the final evaluation)" if done >= cfg.train.steps else f"at step {done + 1}"
-    saved = checkpoint.latest(out / CHECKPOINTS / "client")
-    if saved is not None:
-        then = f"rerunning the same command (once the server is back) resumes from the checkpoint at step {saved}"
-    elif not fleet.clients[0].server_info.get("checkpoints"):
-        then = ("no checkpoint yet: the server needs --state DIR (and train.checkpoint_every) to resume; "
-                "rerunning the same command starts from the start")
-    elif not cfg.train.checkpoint_every:
-        then = "no checkpoint yet: set train.checkpoint_every to resume mid-run; rerunning the same command starts from the start"
-    else:
-        then = f"no checkpoint yet (the first is at step {cfg.train.checkpoint_every}); rerunning the same command starts from the start"
-    return ConnectionLost(f"the connection to the server was lost {at} ({err}); {then}", err.code)
 
 
 def train_batch(task: TaskData, indices: list[int]) -> dict[str, torch.Tensor]:

@@ -104,6 +104,12 @@ class Group:
         """The clients a checkpoint waits for: every member but those given up."""
         return set(self.members) - self.dropped
 
+    def check_sampled(self, client: int, kind: str, step: int) -> None:
+        """Refuse a message of a round that did not sample ``client`` (clients_per_round)."""
+        if self.roster.samples and client not in self.roster.at(step, self.every):
+            raise ProtocolError(f"client {client} sent a {kind} message for step {step}, but its round sampled clients "
+                                f"{self.roster.at(step, self.every)} (clients_per_round)", "FAILED_PRECONDITION")
+
     def expected(self, step: int) -> set[int]:
         """The clients a training message or an average of ``step`` waits for: those its round sampled, but those given up."""
         return self.active & set(self.roster.at(step, self.every))
@@ -239,8 +245,8 @@ class Group:
         return member.start <= block < member.end
 
     # -- stage 7 ---------------------------------------------------------------------------------------
-    def aggregate(self, items: dict[int, tuple[dict[str, torch.Tensor], float]]) -> dict[int, dict[str, torch.Tensor]]:
-        """Average every client's adapters (its own and those the server trained for it); apply the
+    def aggregate(self, items: dict[int, tuple[dict[str, torch.Tensor], float]], step: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+        """Average every client's adapters (its own and those the server trained for it) at ``step``; apply the
         server's share; return each client's share: new values and folds for the tensors it holds."""
         alpha = float(self.terms["lora"]["alpha"])
         contributions = []
@@ -251,7 +257,9 @@ class Group:
             if overlap:
                 raise ValueError(f"client {index} sent tensors the server holds for it, e.g. {sorted(overlap)[:2]}")
             contributions.append(Contribution(weight, {**own, **self.on_behalf(member)}, alpha))
-        return self._apply(average(contributions), {index: set(tensors) for index, (tensors, _) in items.items()})
+        shares = self._apply(average(contributions), {index: set(tensors) for index, (tensors, _) in items.items()})
+        self.averaged = max(self.averaged, step)  # (once the global state is in: a client may be waiting for it)
+        return shares
 
     def aggregate_sum(self, total, weights: dict[int, float]) -> dict[int, dict[str, torch.Tensor]]:
         """Stage 7 under secure aggregation: the survivors' own tensors arrive only as their weighted sum

@@ -254,15 +254,8 @@ class Server:
         if self.party is None:
             raise ProtocolError(f"a {self.group.schedule} run has no server part; {msg.kind} messages are not served")
 
-    def _sampled(self, member: Member, msg: Message) -> None:
-        """Refuse a message of a round that did not sample this client (clients_per_round)."""
-        group = self.group
-        if group.roster.samples and member.index not in group.roster.at(msg.step, group.every):
-            raise ProtocolError(f"client {member.index} sent a {msg.kind} message for step {msg.step}, but its round sampled "
-                                f"clients {group.roster.at(msg.step, group.every)} (clients_per_round)", "FAILED_PRECONDITION")
-
     def _turn(self, member: Member, msg: Message) -> None:
-        self._sampled(member, msg)
+        self.group.check_sampled(member.index, msg.kind, msg.step)
         if self.group.turns is not None:
             self.group.turns.enter(member.index, msg.step, self._give_up_turn)
 
@@ -386,7 +379,7 @@ class Server:
 
     def _aggregate(self, member: Member, msg: Message, meta) -> Message:
         group = self.group
-        self._sampled(member, msg)
+        group.check_sampled(member.index, msg.kind, msg.step)
         if (meta.commit is not None) != (group.secure is not None):
             raise ProtocolError("this run aggregates " + ("securely: send masked words with a commit (secure aggregation)"
                                                           if group.secure is not None else "in the clear: send adapters, no commit"))
@@ -395,13 +388,9 @@ class Server:
                                    group.expected(msg.step), lambda items: group.secure.masked(msg.step, items), group.drop)
             return self._reply(msg, "state", **told)
         share = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), meta.weight),
-                                group.expected(msg.step), lambda items: self._averaged(msg.step, self.engine.run(group.aggregate, items)),
+                                group.expected(msg.step), lambda items: self.engine.run(group.aggregate, items, msg.step),
                                 group.drop)
         return self._reply(msg, "state", share)
-
-    def _averaged(self, step: int, shares: dict) -> dict:
-        self.group.averaged = max(self.group.averaged, step)
-        return shares
 
     def _secure(self) -> "SecureRounds":
         if self.group.secure is None:
