@@ -107,3 +107,12 @@ def test_unknown_suite_and_entry_are_refused():
     assert result.exit_code == 2 and "error: unknown bench suite 'fast'" in result.output
     result = runner.invoke(app, ["bench", "--reps", "0", "--only", "split"])
     assert result.exit_code == 2 and "--reps" in result.output
+
+
+def test_the_scale_suite_pairs_in_process_with_ray_and_stays_out_of_the_others():
+    from splittune.bench.suites import EVERY, entry
+
+    (part,) = suite("scale")
+    assert part.entries == ("centralized", "8 clients, sfl-v2", "8 clients, sfl-v2, Ray")
+    assert set(entry("8 clients, sfl-v2, Ray").sets) - set(entry("8 clients, sfl-v2").sets) == {"engine=ray"}  # only that
+    assert not any("Ray" in name for name in EVERY)  # quick and full start no cluster
