@@ -22,7 +22,7 @@ STOREYS = [
     {"schedules", "eval"},
     {"parties"},
     # the leaves: anything above may use them
-    {"models", "data", "taps", "report", "averaging", "checkpoint", "rundir", "assets", "config_reference"},
+    {"models", "data", "taps", "report", "averaging", "checkpoint", "rundir", "assets", "config_reference", "track"},
     {"config", "device"},  # the config's defense entries are the defenses' own settings
     {"defenses"},
     {"cut"},

@@ -29,6 +29,7 @@ from ..taps.recording import SENT, TAP_DIR, Recording, SentLog
 from ..report.plots import plot_loss
 from ..schedules.policy import policy_for
 from ..schedules.sampling import round_of
+from ..track import open_trackers
 from .adapters import ADAPTERS, save_adapters
 from .assemble import Fleet, client_tasks, connect, parallel, set_seed
 from .resume import (CHECKPOINTS, STOP, EvalStopped, Interrupted, owns_run_dir, prepare_run_dir, restore_loop, run_identity,
@@ -160,6 +161,7 @@ class Loop:
         self.start = 0  # the last completed step (a resumed run continues after it)
         self.own_before: list[dict] = []
         self.undefended: dict | None = None  # the final evaluation without the defenses (in-process, defended runs)
+        self.trackers: list = []  # report_to: the tracking tools fed as the run goes (opened by ``run``)
         self._check_settings()
         if resume is not None:
             restore_loop(self, resume)
@@ -212,6 +214,8 @@ class Loop:
         for row in parallel(self._step, jobs, self.fleet.abort):
             self.metrics.append(row)
             log.write(json.dumps(row) + "\n")
+            for tracker in self.trackers:
+                tracker.step(row)
             self.done += 1
             if self.progress:
                 self.progress(self.done, self.planned, row)
@@ -272,6 +276,8 @@ class Loop:
             result = self._evaluate(self.holder, self.pooled, label=self._label(step))
         row = {"step": step, **result, "train_bytes": sum(u + d for u, d in self.train_bytes) + sum(u + d for u, d in self.sync_bytes)}
         self.evals.append(row)
+        for tracker in self.trackers:
+            tracker.evaluation(row)
         return row
 
     def _eval_due(self, step: int) -> bool:
@@ -349,6 +355,14 @@ class Loop:
             raise Interrupted(step)
 
     def run(self) -> dict[str, Any]:
+        self.trackers = open_trackers(self.cfg.report_to, self.out, self.total > 1)
+        try:
+            return self._run()
+        finally:
+            for tracker in self.trackers:
+                tracker.close()
+
+    def _run(self) -> dict[str, Any]:
         self.opening = opening(self)
         self.event("start", self.done, self.planned, resume=self.start or None, cuts=self.cfg.cuts,
                    shape=self.fleet.clients[0].plan.shape, threads=torch.get_num_threads(), opening=self.opening)
@@ -380,4 +394,6 @@ class Loop:
         plot_loss(self.metrics, self.evals, self.out / "loss.png", title(self))
         summary = summarize(self, before, after, own_before, own_after)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        for tracker in self.trackers:
+            tracker.finish(self.cfg.model_dump(mode="json"), summary, [self.out / "loss.png"])
         return summary
