@@ -97,13 +97,12 @@ def test_grpc_processes_equal_the_in_process_run(tmp_path, serve_process):
             assert all(torch.equal(x.tensors()[k], y.tensors()[k]) for k in y.entries)
 
 
-@pytest.mark.parametrize("extra", [[], ["defense=[{name: gaussian, sigma: 0.3, clip: 0.5}]", "defense_seed=5", "secure_aggregation=true"]],
-                         ids=["plain", "noised-and-securely-aggregated"])
-def test_two_client_processes_under_sfl_v1(tmp_path, serve_process, extra):
-    """Processes over gRPC equal the in-process run; with a defense and secure aggregation too (the same secret gives
-    the same noise, the masked sum is the same sum)."""
+def test_two_client_processes_under_sfl_v1(tmp_path, serve_process):
+    """Processes over gRPC equal the in-process run, with a defense and secure aggregation too (the same secret gives
+    the same noise, the masked sum is the same sum). Plain processes: the sampled test below."""
     url = serve_process()
-    run = [*RUN, "clients=2", "schedule=sfl-v1", "aggregate_every=2", *extra]
+    run = [*RUN, "clients=2", "schedule=sfl-v1", "aggregate_every=2", "defense=[{name: gaussian, sigma: 0.3, clip: 0.5}]",
+           "defense_seed=5", "secure_aggregation=true"]
     finish(launch_clients(tmp_path, url, run, 2))
     train(load_config(None, run), tmp_path / "local")
     local = rows(tmp_path / "local")
@@ -116,10 +115,11 @@ def test_two_client_processes_under_sfl_v1(tmp_path, serve_process, extra):
 
 
 def test_sampled_client_processes_equal_the_in_process_run(tmp_path, serve_process):
-    """Two processes, one sampled a round (sfl-v2): the process its round left out runs ahead to the next round it is
-    in, and the server makes it wait for the average it missed; the result is the in-process run's."""
+    """Two sfl-v1 processes, one sampled a round: the process its round left out runs ahead to the next round it is in,
+    and the server makes it wait for the average it missed; the result is the in-process run's."""
     url = serve_process()
-    run = [*RUN, "train.steps=4", "clients=2", "clients_per_round=1", "aggregate_every=2", "data.max_documents=8"]
+    run = [*RUN, "train.steps=4", "clients=2", "schedule=sfl-v1", "clients_per_round=1", "aggregate_every=2",
+           "data.max_documents=8"]
     finish(launch_clients(tmp_path, url, run, 2))
     summary = train(load_config(None, run), tmp_path / "local")
     assert summary["sampled"][0] != summary["sampled"][1]  # (seed 0: each process sits one round out)

@@ -161,3 +161,23 @@ def test_float16_resume_is_exact_with_the_loss_scale_in_the_checkpoint(tmp_path,
 def test_mixed_precision_settings_that_cannot_work_are_refused(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, tiny(*sets))
+
+
+@pytest.mark.parametrize("autocast", ["float16", None])
+def test_only_a_float16_run_sends_zeros_for_an_overflowed_gradient(autocast):
+    """In float16 an Inf gradient is an overflow: zeros cross and the step is skipped. Otherwise it is a fault: it
+    crosses as it is, and the receiver refuses it (a NaN or Inf tensor) instead of training on zeros."""
+    client, server, link, _ = build(load_config(None, [*RUN, *([f"train.autocast={autocast}"] if autocast else [])]))
+    try:
+        bad = torch.tensor([1.0, float("inf")])
+        sent = client._finite(bad)
+        engine = server.engine
+        back = engine.run(engine._finite, "default", bad)
+        if autocast:
+            assert torch.equal(sent, torch.zeros(2)) and client._overflow and torch.equal(back, torch.zeros(2))
+            assert engine.overflowed == {"default"}
+        else:
+            assert sent is bad and back is bad and not client._overflow and not engine.overflowed
+    finally:
+        link.close()
+        server.close()

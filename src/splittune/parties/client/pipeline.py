@@ -347,7 +347,9 @@ class Client:
         return loss if scale is None else loss * scale.scale
 
     def _finite(self, grad: torch.Tensor | None) -> torch.Tensor | None:
-        """A gradient fit to cross the cut: zeros for one that overflowed, whose step is then skipped."""
+        """In float16, a gradient fit to cross the cut: zeros for one that overflowed, whose step is then skipped."""
+        if self.party.loss_scale() is None:
+            return grad
         grad, bad = finite(grad)
         self._overflow = self._overflow or bad
         return grad

@@ -83,7 +83,10 @@ class TrunkEngine:
         self.overflowed.clear()
 
     def _finite(self, adapter: str, grad: torch.Tensor | None) -> torch.Tensor | None:
-        """A gradient fit to go back over the cut (zeros for one that overflowed, remembered for ``adapter``'s step)."""
+        """In float16, a gradient fit to go back over the cut (zeros for one that overflowed, remembered for ``adapter``'s
+        step); otherwise the gradient as it is (a NaN there is a fault the client must hear of, not an overflow)."""
+        if self.party.session.loss_scale == "":
+            return grad
         grad, bad = finite(grad)
         if bad:
             self.overflowed.add(adapter)
