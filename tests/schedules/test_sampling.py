@@ -54,8 +54,8 @@ def test_sampling_every_client_is_the_unsampled_run_and_sampling_fewer_is_not(tm
     assert steady(tmp_path / "all") == steady(tmp_path / "every")
     assert same(adapters(tmp_path / "all"), adapters(tmp_path / "every")) and whole["bytes_up"] == every["bytes_up"]
     assert "sampled" not in every
-    if schedule != "schedule=sfl-v2":
-        return  # (the twin once: a half-sampled run of every schedule is tested below and in tests/deploy)
+    if schedule not in ("schedule=sfl-v2", "schedule=sequential"):
+        return  # (sampled sfl-v1 and FedAvg runs are checked against each other below)
     half = train(load_config(None, [*RUN, schedule, "clients_per_round=0.5"]), tmp_path / "half")  # the twin
     assert half["sampled"] == [Roster(4, 2).of(1), Roster(4, 2).of(2)] and half["clients_per_round"] == 2
     assert not same(adapters(tmp_path / "all"), adapters(tmp_path / "half"))
