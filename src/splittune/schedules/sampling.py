@@ -8,6 +8,7 @@ draws (Flower's and FedAvg's uniform sampling). Without sampling the roster is e
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -33,11 +34,17 @@ class Roster:
         """The clients round ``round_`` (from 1) trains, in index order."""
         if not self.samples:
             return list(range(self.clients))
-        return sorted(random.Random(f"splittune-round:{self.seed}:{round_}").sample(range(self.clients), self.size))
+        return list(_draw(self.seed, self.clients, self.size, round_))
 
     def at(self, step: int, every: int) -> list[int]:
         """The clients that train step ``step`` (rounds of ``every`` steps)."""
         return self.of(round_of(step, every))
+
+
+@functools.lru_cache(maxsize=4096)
+def _draw(seed: int, clients: int, size: int, round_: int) -> tuple[int, ...]:
+    """One round's draw, computed once: the server asks for it with every training message."""
+    return tuple(sorted(random.Random(f"splittune-round:{seed}:{round_}").sample(range(clients), size)))
 
 
 def round_of(step: int, every: int) -> int:
