@@ -1,13 +1,13 @@
 """The ``splittune`` command: one module per command family (``train``, ``serve``, ``study``, ``generate``,
-``privacy``, ``catalog``), their commands registered here, in the order ``--help`` lists them, on the one typer app
+``evaluate``, ``privacy``, ``catalog``), their commands registered here, in the order ``--help`` lists them, on the one typer app
 of ``app.py``."""
 
-from . import catalog, generate, privacy, serve, study, train
+from . import catalog, evaluate, generate, privacy, serve, study, train
 from .app import app, main
 
 for command, name in [(train.train, None), (train.compare, None), (study.bench, None), (serve.serve, None), (serve.certs, None),
                       (serve.health, None), (study.verify, None), (study.plan, None), (generate.export, None),
-                      (generate.generate, None), (catalog.models, None), (privacy.attack, None), (privacy.leak, None),
+                      (generate.generate, None), (evaluate.evaluate, None), (catalog.models, None), (privacy.attack, None), (privacy.leak, None),
                       (privacy.privacy, None), (catalog.config_command, "config"), (catalog.fetch, None)]:
     app.command(name)(command)
 
