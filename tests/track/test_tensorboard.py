@@ -46,7 +46,8 @@ def test_the_event_files_hold_every_step_and_evaluation(tmp_path, clients):
 
 def test_without_report_to_nothing_is_written_and_a_wrong_name_is_refused(tmp_path):
     train(load_config(None, RUN), tmp_path / "run")
-    assert not (tmp_path / "run" / "tensorboard").exists()  # the twin: the writer is what made the files
+    for made in ("tensorboard", "mlruns", "wandb", "tracking.json"):  # the twin: the trackers are what made the files
+        assert not (tmp_path / "run" / made).exists(), made
     with pytest.raises(ConfigError, match="report_to"):
         load_config(None, tiny("report_to=[tensorbord]"))
 

@@ -43,6 +43,21 @@ def attack(
     console.print(f"{escape(attack_name)}: {figures or escape(result.get('scored', ''))} ({result['seconds']} s)", highlight=False)
     where = Path(out) if out is not None else Path(run_dir) / "attacks" / attack_name
     console.print(f"written: [bold green]{where / 'attack.json'}[/] and [bold green]{where / 'attack.html'}[/]")
+    _track_attack(run_dir, attack_name, result)
+
+
+def _track_attack(run_dir: Path, attack_name: str, result: dict) -> None:
+    """The scores into the tracker runs the run logged to (report_to), if any; the attack's files stand either way."""
+    from ..config import warn
+    from ..track import log_attack
+
+    try:
+        logged = log_attack(Path(run_dir), attack_name, result)
+    except user_errors() as err:
+        warn(f"the scores were not added to the run's trackers: {err}")
+        return
+    if logged:
+        console.print(f"scores added to the run's tracking: {', '.join(logged)}", highlight=False)
 
 
 @shows_warnings

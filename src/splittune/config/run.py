@@ -39,10 +39,11 @@ class RunConfig(Section):
         "of clients, drawn from seed and recorded in the summary; the average weighs the sampled clients' data. null: all",
         json_schema_extra={"allowed": "null | an integer 1..clients | a fraction in (0, 1]"})
     partition: Partition = Field("iid", description="how one dataset is split across clients")
-    report_to: list[Literal["tensorboard", "none"]] = Field(
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(
         default_factory=list, description="tracking tools that receive every step, evaluation and the run's outcome, as in "
-        "transformers' report_to (tensorboard: RUN_DIR/tensorboard; pip install 'splittune[tracking]')",
-        json_schema_extra={"allowed": "a list of: tensorboard, none (or one name)"})
+        "transformers' report_to (tensorboard: RUN_DIR/tensorboard; mlflow: RUN_DIR/mlruns or MLFLOW_TRACKING_URI; "
+        "wandb: RUN_DIR/wandb, offline unless logged in; pip install 'splittune[tracking]')",
+        json_schema_extra={"allowed": "a list of: tensorboard, mlflow, wandb, none (or one name)"})
     engine: Literal["local", "ray"] = Field(
         "local", description="where parties execute: local (this process; a client of `splittune serve` with --server) | ray "
         "(the server's trunk in a Ray actor: ray.*; pip install 'splittune[ray]')")

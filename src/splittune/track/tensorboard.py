@@ -2,7 +2,8 @@
 
 Steps go under ``train/…`` (``client{i}/train/…`` when the run has several clients), evaluations under
 ``eval/…``, at the run's step; the resolved config as a text summary and the summary's numbers under
-``summary/…``; the run's plots as images. ``tensorboard --logdir runs`` then compares every run side by side.
+``summary/…``; the run's plots as images; later, an attack's scores under ``attack/NAME/…``. ``tensorboard --logdir
+runs`` then compares every run side by side.
 """
 
 from __future__ import annotations
@@ -11,20 +12,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import Tracker, TrackingError, register, scalars
+from . import Tracker, TrackingError, register, remember, scalars
 
 DIR = "tensorboard"
 
 
 @register("tensorboard")
 class TensorBoard(Tracker):
-    def __init__(self, out: Path, several: bool):
-        super().__init__(out, several)
+    def __init__(self, out: Path, several: bool, resume: bool = False):
+        super().__init__(out, several, resume)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise TrackingError("report_to: tensorboard needs the tensorboard package: pip install 'splittune[tracking]'") from None
         self.writer = SummaryWriter(log_dir=str(out / DIR))
+        if not resume:
+            remember(out, self.name, {"logdir": DIR})
 
     def step(self, row: dict[str, Any]) -> None:
         prefix = f"client{row['client']}/train" if self.several else "train"
@@ -48,6 +51,10 @@ class TensorBoard(Tracker):
 
         with Image.open(path) as image:
             self.writer.add_image(f"plots/{path.stem}", np.asarray(image.convert("RGB")), dataformats="HWC")
+
+    def attack(self, name: str, scores: dict[str, float], step: int) -> None:
+        for key, value in scores.items():
+            self.writer.add_scalar(f"attack/{name}/{key}", value, step)
 
     def close(self) -> None:
         self.writer.close()
