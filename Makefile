@@ -13,7 +13,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_WORKERS ?= 2
 LATEST ?= .venv-latest
 
-.PHONY: setup demo test test-latest lock clean
+.PHONY: setup demo test test-latest lock clean chromium
 
 # $(1): the venv; $(2): pip's extra arguments for the project (the lock's constraint, or none).
 define install
@@ -33,11 +33,18 @@ demo: setup
 	$(BIN)/splittune train --out runs/demo
 	$(BIN)/splittune generate runs/demo --prompt "ROMEO. O, she doth teach the torches" --max-new-tokens 40 --compare-base --temperature 0.8 --top-p 0.95 --seed 1
 
-test: setup
+# The dashboards' tests drive headless Chromium (Debian's chromium): installed when absent (as root; apt's index is
+# refreshed only when the package is unknown); without root, the tests say what is missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; }; } || \
+	  echo "make: chromium is not installed and cannot be here (not root): the dashboard tests will fail until it is"
+
+test: setup chromium
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # The newest releases pyproject.toml allows, in a venv of their own: drift found on purpose, not by users.
-test-latest:
+test-latest: chromium
 	rm -rf $(LATEST)
 	$(call install,$(LATEST),--upgrade --upgrade-strategy eager -c requirements/torch.txt)
 	$(LATEST)/bin/pip list --format=freeze > $(LATEST)/versions.txt

@@ -46,6 +46,9 @@ def serve(
                                                       help="cap on the KV caches of all generation sessions together (bytes, or a size like 2GiB)"),
     inference_timeout: float = typer.Option(600.0, "--inference-timeout", min=1.0,
                                             help="seconds a generation session may stay idle before its cache is freed"),
+    dashboard: Optional[str] = typer.Option(None, "--dashboard", help="HOST:PORT of a live operator page (sessions, traffic, "
+                                            "refusals, memory); off loopback it needs --dashboard-token-file or $SPLITTUNE_DASHBOARD_TOKEN"),
+    dashboard_token_file: Optional[Path] = typer.Option(None, "--dashboard-token-file", help="a file holding the operator page's token"),
 ) -> None:
     """Serve the server's segments to clients over gRPC (TLS by default off loopback)."""
     import logging
@@ -62,7 +65,7 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # before the run package loads opacus, which configures it
     from ..engines.local import server_for
-    bound = locked = recording = None
+    bound = locked = recording = page = None
     try:  # every flag, file and the port first: nothing slow (the model) loads before they are known to work
         address = parse_listen(listen)
         check_server(tls_cert, tls_key, tls_client_ca)
@@ -79,6 +82,8 @@ def serve(
         limits = Limits(FrameLimits(max_frame_bytes=max_frame_mb << 20), max_sessions, max_clients, max_pending, hello_timeout,
                         idle_timeout)
         bound, address = bind(address, tls, insecure, limits.streams)  # port 0: the port the kernel gave
+        if dashboard is not None:  # its port and token checked before the model loads, too
+            page = _operator_page(dashboard, dashboard_token_file)
         if record_tap is not None:
             from ..taps.recording import Recording
 
@@ -90,7 +95,11 @@ def serve(
         if recording is not None:
             recording.attach(party_server, service.link)
         grpc_server = start(service, address, tls, insecure, bound=bound)
+        if page is not None:
+            page.attach(service, recording)
     except user_errors() as err:
+        if page is not None:
+            page.stop()
         if bound is not None:
             release(bound)  # the port is free again when the command returns
         if locked is not None:
@@ -100,6 +109,8 @@ def serve(
     console.print(f"[bold]splittune serve[/] · model [cyan]{model}[/]{' ' + quantize if quantize not in (None, 'none') else ''} on {party_server.device} · listening on {scheme}://{address.target}"
                   f"{' · mutual TLS' if tls_client_ca else ''}{' · tokens for ' + str(len(token_map)) + ' clients' if token_map else ''}",
                   highlight=False)
+    if page is not None:
+        console.print(f"operator page on {page.running.url}", highlight=False)
     signal.signal(signal.SIGTERM, lambda *_: grpc_server.stop(grace=5))
     try:
         grpc_server.wait_for_termination()
@@ -110,6 +121,16 @@ def serve(
             recording.close()
         if locked is not None:
             locked.release()
+
+
+def _operator_page(listen: str, token_file: Optional[Path]):
+    """``serve --dashboard``: the operator's page (deploy/dashboard.py), its token from the file or the environment."""
+    import os
+
+    from ..deploy.dashboard import OperatorPage
+    from ..track.dashboard import read_token
+
+    return OperatorPage(listen, read_token(token_file, dict(os.environ), "--dashboard-token-file"))
 
 
 def _serve_process(state: Optional[Path], threads: str | int):

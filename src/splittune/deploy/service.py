@@ -28,6 +28,7 @@ from ..parties.party import SessionSpec
 from ..parties.protocol import bounded
 from ..parties.server.handler import Server
 from ..cut.link import ServerLink
+from .dashboard import Watch
 from ..cut.transforms import ChainError
 from ..wire import FrameError, FrameLimits, Message, Parsed
 from ..channels.transport import CHUNK_BYTES, HEALTH_METHOD, KEEPALIVE, MAX_CHUNK_BYTES, Address, ChunkError, DeployError, Reassembler, chunks, is_loopback
@@ -104,6 +105,7 @@ class SplitService:
         self.started = time.time()
         self.counts = {"sessions_opened": 0, "messages": 0, "bytes_in": 0, "bytes_out": 0, "refused": 0}
         self.pending = 0  # streams not yet through their hello
+        self.watch = Watch()  # what the operator's dashboard shows (serve --dashboard)
 
     # -- authentication ---------------------------------------------------------------------------------
     def _client(self, context) -> str:
@@ -146,6 +148,7 @@ class SplitService:
     def _event(self, event: str, **fields) -> None:
         if event == "refused":
             self.counts["refused"] += 1
+            self.watch.refused(fields.get("code"), fields.get("reason", ""))
         fields = {k: bounded(v, 200) if isinstance(v, str) else v for k, v in fields.items()}  # ids and reasons a client chose
         log.info(json.dumps({"event": event, "t": round(time.time(), 3), **fields}))
 
@@ -190,6 +193,7 @@ class SplitService:
                         with self._lock:
                             self.pending -= 1
                 out = self.link.reply(request, reply)
+                self.watch.sent(request.session, len(out))
                 self.counts["bytes_in"] += len(frame)
                 self.counts["bytes_out"] += len(out)
                 yield from chunks(out, self.chunk_bytes, corr)
@@ -201,6 +205,7 @@ class SplitService:
                     self.stream_of.pop(session, None)
                     self.link.close_session(session)
             self.server.disconnected(opened)
+            self.watch.disconnected(opened)
             self._event("disconnect", client=client, peer=peer, sessions=sorted(opened))
 
     def _handle(self, frame: bytes, client: str, context) -> tuple[Parsed | Message, Message]:
@@ -260,6 +265,7 @@ class SplitService:
                     self.owner.pop(msg.session, None)
                     self.stream_of.pop(msg.session, None)
         self.counts["messages"] += 1
+        self.watch.message(msg.session, msg.kind, msg.step, len(frame), reply.kind == "error", client, msg.meta)
         fields = {"client": client, "session": msg.session, "kind": msg.kind, "step": msg.step, "micro": msg.micro,
                   "bytes_in": len(frame), "ms": round(1000 * (time.perf_counter() - started), 1)}
         if reply.kind == "error":
