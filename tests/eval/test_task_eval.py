@@ -23,15 +23,20 @@ def jsonl(path, rows):
     return path
 
 
+def teach_yes(data, *sets):
+    """A tiny U-shaped instruction run taught to answer every question "yes"."""
+    return load_config(None, ["model=tiny:llama", "cuts=[1,3]", f"data.source={data}", "train.steps=40", "train.batch_size=4",
+                              "train.seq_len=80", "train.eval_every=20", "train.eval_batches=1", "lora.rank=4", "train.lr=0.01",
+                              "train.warmup_steps=0", "data.max_documents=40", *sets])
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny U-shaped instruction run taught to answer every question "yes", and its export."""
+    """The run (scoring generated answers at each evaluation) and its export."""
     root = tmp_path_factory.mktemp("taskeval")
     data = jsonl(root / "train.jsonl", [{"prompt": f"Is {w} a word?", "response": "yes"} for w in WORDS] * 4)
     out = root / "run"
-    train(load_config(None, ["model=tiny:llama", "cuts=[1,3]", f"data.source={data}", "train.steps=40", "train.batch_size=4",
-                             "train.seq_len=80", "train.eval_every=0", "train.eval_batches=1", "lora.rank=4", "train.lr=0.01",
-                             "train.warmup_steps=0", "data.max_documents=40"]), out)
+    train(teach_yes(data, "train.eval_metrics=[exact_match,accuracy]", "train.eval_generate=2"), out)
     export_run(out, root / "export")
     return out
 
@@ -117,6 +122,31 @@ def test_the_runs_row_cap_does_not_cap_the_held_out_file(run, tmp_path):
                                     "-n", "1", "--no-base", "--limit", "2", "-m", "accuracy", "--out", str(tmp_path)])
     assert json.loads(line.stdout) == {"event": "evaluated", "n": 2, "fine_tuned": {"accuracy": 1.0}, "base": None,
                                        "eval_json": str(tmp_path / "eval.json"), "eval_html": str(tmp_path / "eval.html")}
+
+
+# -- during training -------------------------------------------------------------------------------------------------
+def test_evaluations_during_training_score_generated_answers_and_change_no_loss(run, tmp_path):
+    rows = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 20, 40] and all(r["generated_n"] == 2 for r in rows)
+    assert rows[0]["generated_exact_match"] == 0.0 and rows[0]["generated_accuracy"] == 0.0  # the base says no yes
+    assert rows[-1]["generated_exact_match"] == 1.0 and rows[-1]["generated_accuracy"] == 1.0  # the trained run does
+    assert "generated_rouge_l" not in rows[-1]  # only the metrics asked for
+    plain = tmp_path / "plain"
+    train(teach_yes(run.parent / "train.jsonl"), plain)
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (run, plain)]
+    assert losses[0] == losses[1]  # the generation beside training changed nothing it trained
+    again = [json.loads(line) for line in (plain / "evals.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in again] == [r["loss"] for r in rows] and "generated_n" not in again[-1]
+
+
+def test_data_that_is_not_instruction_data_gets_a_warning_and_no_scores(tmp_path):
+    from splittune.config import SplittuneWarning
+
+    with pytest.warns(SplittuneWarning, match="train.eval_metrics scores generated answers to instruction prompts; this "
+                      "run's data is causal_lm"):
+        train(load_config(None, ["model=tiny:llama", "train.steps=1", "train.seq_len=32", "train.batch_size=2",
+                                 "train.eval_batches=1", "data.max_documents=3", "train.eval_metrics=rouge_l"]), tmp_path)
+    assert "generated_rouge_l" not in (tmp_path / "evals.jsonl").read_text()
 
 
 # -- the metrics on hand-made cases ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from .base import ConfigError, Section, SplittuneDeprecationWarning, warn
 SegmentName = Literal["bottom", "trunk", "top"]
 
 TrainMode = Literal["lora", "frozen", "full"]
+EvalMetric = Literal["exact_match", "rouge_l", "accuracy"]  # scores of generated answers (eval/tasks.py)
 
 class DataConfig(Section):
     """Where the examples come from and how many; a plain string is ``data.source``."""
@@ -70,6 +71,11 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="global clipping across parties; null disables it")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     eval_batches: int | None = Field(None, ge=1, description="cap on evaluation batches")
+    eval_metrics: list[EvalMetric] = Field(
+        default_factory=list, description="instruction data: each evaluation also generates greedy answers to the first "
+        "train.eval_generate held-out prompts through the split and scores them (generated_<metric> in evals.jsonl; "
+        "docs/evaluation.md)", json_schema_extra={"allowed": "a list of: exact_match, rouge_l, accuracy (or one name)"})
+    eval_generate: int = Field(8, ge=1, description="held-out examples train.eval_metrics generates answers for")
     checkpoint_every: int = Field(
         0, ge=0, description="both parties checkpoint every N steps (0: only at the end); the same command resumes"
     )
@@ -115,6 +121,11 @@ class TrainConfig(Section):
     @classmethod
     def _device_name(cls, name: str) -> str:
         return check_name(name)
+
+    @field_validator("eval_metrics", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("loss_scale", mode="before")
     @classmethod

@@ -22,10 +22,11 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
+from ..config.sections import EvalMetric
 from ..data.errors import DataError
 from ..data.files import Reading, read_file
 from ..data.instruction import DEFAULT_LABEL_PROMPT, InstructionFormat
@@ -33,8 +34,7 @@ from ..data.records import Record, record_kind
 from ..dpmath.metrics import rouge_l_f1
 from ..errors import SplittuneError
 
-METRICS = ("exact_match", "rouge_l", "accuracy")
-DEFAULT_METRICS = METRICS
+METRICS: tuple[str, ...] = get_args(EvalMetric)  # declared once, with the config key train.eval_metrics
 
 
 class EvalError(SplittuneError, ValueError):

@@ -21,6 +21,7 @@ import torch
 from ..config import ConfigError, RunConfig, warn
 from ..data import TaskData, merge_tasks
 from ..eval import evaluate
+from ..eval.generative import generated_scores
 from ..models.arch import detect_arch
 from ..models.zoo import ModelSource, resolve_model
 from ..parties import Client
@@ -177,6 +178,8 @@ class Loop:
         if t.warmup_steps >= t.steps:
             warn(f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate is still warming up "
                  "when training ends (the first step has rate 0); lower train.warmup_steps")
+        if t.eval_metrics and self.pooled.kind != "instruction":
+            warn(f"train.eval_metrics scores generated answers to instruction prompts; this run's data is {self.pooled.kind}: none are scored")
         off = self.fleet.clients[0].cache_off
         asked = self.cfg.cache.max_bytes not in (0, type(self.cfg.cache).model_fields["max_bytes"].default)  # not merely a dumped default
         if asked and off and self.fleet.clients[0].split:
@@ -230,7 +233,8 @@ class Loop:
         self.sync_bytes[i][1] += sent.down
 
     # -- evaluation ------------------------------------------------------------------------------------
-    def _evaluate(self, client_index: int, task: TaskData, view=contextlib.nullcontext, label: str = "evaluation") -> dict:
+    def _evaluate(self, client_index: int, task: TaskData, view=contextlib.nullcontext, label: str = "evaluation",
+                  generate: bool = False) -> dict:
         t = self.cfg.train
         i = client_index
 
@@ -242,6 +246,8 @@ class Loop:
         client = self.fleet.clients[i]
         with view(), client.traffic() as sent:
             result = evaluate(client, task, t.batch_size, t.eval_batches, on_batch=on_batch)
+            if generate and t.eval_metrics:  # answers generated and scored (train.eval_metrics, eval/generative.py)
+                result.update(generated_scores(client, self.cfg, task, self.fleet.source.tokenizer()))
         if self.fleet.links[i] is not None:  # evaluation traffic is reported, kept out of the training counts
             result["bytes_up"], result["bytes_down"] = sent.up, sent.down
         self.event("evaluated", label=label, loss=result["loss"], ppl=result["ppl"])
@@ -271,13 +277,11 @@ class Loop:
         if (personal or sampled) and step > 0:
             state = self.fleet.clients[0].global_state(step + 1 if sampled else 0)  # (the average of this step, once in)
             view = lambda: global_view(self.fleet.clients[0], state, personal, sampled)  # noqa: E731
-            result = self._evaluate(0, self.pooled, view, self._label(step))
+            result = self._evaluate(0, self.pooled, view, self._label(step), generate=True)
         else:
-            result = self._evaluate(self.holder, self.pooled, label=self._label(step))
+            result = self._evaluate(self.holder, self.pooled, label=self._label(step), generate=True)
         row = {"step": step, **result, "train_bytes": sum(u + d for u, d in self.train_bytes) + sum(u + d for u, d in self.sync_bytes)}
         self.evals.append(row)
-        with open(self.out / "evals.jsonl", "w") as f:  # as each evaluation ends (the live dashboard reads it)
-            f.writelines(json.dumps(e) + "\n" for e in self.evals)
         for tracker in self.trackers:
             tracker.evaluation(row)
         return row
@@ -366,7 +370,6 @@ class Loop:
 
     def _run(self) -> dict[str, Any]:
         self.opening = opening(self)
-        (self.out / "opening.json").write_text(json.dumps(self.opening))  # the plan and its ε, for the live dashboard
         self.event("start", self.done, self.planned, resume=self.start or None, cuts=self.cfg.cuts,
                    shape=self.fleet.clients[0].plan.shape, threads=torch.get_num_threads(), opening=self.opening)
         if STOP.is_set():  # asked to stop while the parties loaded
