@@ -22,6 +22,7 @@ pytest.importorskip("wandb")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 GAUSS = "defense=[{name: gaussian, sigma: 0.5, clip: 1.0}]"  # a defense that reports the ε it spent
+INVERTER = ["--set", "model=linear", "--set", "epochs=1", "--set", "aux_rows=16", "--set", "random_rows=0"]  # cheap: scores, not quality
 RUN = tiny("cuts=[1,3]", "train.steps=2", "data.max_documents=8", "train.eval_every=1", "clients=2", "schedule=sfl-v1",
            GAUSS, "report_to=[tensorboard, mlflow, wandb]")
 
@@ -58,7 +59,7 @@ def run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         offline_env(mp, home)
         summary = train(load_config(None, RUN), out, record_tap=("server",))
-        attack = CliRunner().invoke(app, ["attack", str(out), "--attack", "inversion", "--set", "epochs=1"])
+        attack = CliRunner().invoke(app, ["attack", str(out), "--attack", "inversion", *INVERTER])
     assert attack.exit_code == 0 and "scores added to the run's tracking: tensorboard, mlflow, wandb" in attack.output, attack.output
     return out, summary, jsonl(out / "metrics.jsonl"), jsonl(out / "evals.jsonl")
 
@@ -142,6 +143,31 @@ def test_a_run_that_logged_nowhere_takes_no_attack_scores(tmp_path):
     (tmp_path / RECORD).write_text(json.dumps({"wandb": {"id": "x", "project": "p", "mode": "offline"}}))
     with pytest.raises(TrackingError, match="has no mlflow run to add to"):  # a backend it did not log to
         recall(tmp_path, "mlflow")
+
+
+def test_a_privacy_grid_adds_the_scores_it_computed_not_those_it_reused(tmp_path):
+    """`splittune privacy`: each setting's run (cells/NAME) gets its fresh attack scores; a resumed grid's reused ones
+    are not logged twice (here through TensorBoard, which a hand-made cell can name without training)."""
+    import os
+    import time
+
+    from splittune.cli.privacy import _track_grid
+
+    since = time.time()
+    for name, fresh in (("none", True), ("gaussian", False)):
+        cell = tmp_path / "cells" / name
+        (cell / "attacks" / "inversion").mkdir(parents=True)
+        (cell / RECORD).write_text(json.dumps({"tensorboard": {"logdir": "tensorboard"}}))
+        (cell / "summary.json").write_text(json.dumps({"steps": 4}))
+        done = cell / "attacks" / "inversion" / "attack.json"
+        done.write_text(json.dumps({"attack": "inversion", "rouge_l_f1": 0.5, "seconds": 1.0}))
+        if not fresh:
+            os.utime(done, (since - 60, since - 60))
+    _track_grid(tmp_path, {"settings": [{"name": "none"}, {"name": "gaussian"}], "attacks": ["inversion"]}, since)
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "cells" / "none" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("attack/inversion/rouge_l_f1")] == [(4, 0.5)]
+    assert not (tmp_path / "cells" / "gaussian" / "tensorboard").exists()  # the twin: reused scores stay where they were
 
 
 def test_wandb_is_offline_unless_logged_in(tmp_path, monkeypatch):

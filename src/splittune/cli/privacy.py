@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -46,7 +47,7 @@ def attack(
     _track_attack(run_dir, attack_name, result)
 
 
-def _track_attack(run_dir: Path, attack_name: str, result: dict) -> None:
+def _track_attack(run_dir: Path, attack_name: str, result: dict, say: bool = True) -> list[str]:
     """The scores into the tracker runs the run logged to (report_to), if any; the attack's files stand either way."""
     from ..config import warn
     from ..track import log_attack
@@ -54,10 +55,27 @@ def _track_attack(run_dir: Path, attack_name: str, result: dict) -> None:
     try:
         logged = log_attack(Path(run_dir), attack_name, result)
     except user_errors() as err:
-        warn(f"the scores were not added to the run's trackers: {err}")
-        return
-    if logged:
+        warn(f"the scores of {attack_name} on {run_dir} were not added to its trackers: {err}")
+        return []
+    if logged and say:
         console.print(f"scores added to the run's tracking: {', '.join(logged)}", highlight=False)
+    return logged
+
+
+def _track_grid(out: Path, result: dict, since: float) -> None:
+    """Each setting's attacks scored by this command (not those a resumed grid reused) into that setting's tracker
+    runs, where its config had report_to."""
+    import json
+
+    tracked = set()
+    for row in result["settings"]:
+        folder = out / "cells" / row["name"]
+        for name in result["attacks"]:
+            done = folder / "attacks" / name / "attack.json"
+            if done.exists() and done.stat().st_mtime >= since and _track_attack(folder, name, json.loads(done.read_text()), say=False):
+                tracked.add(row["name"])
+    if tracked:
+        console.print(f"attack scores added to the tracking of the settings' runs: {', '.join(sorted(tracked))}", highlight=False)
 
 
 @shows_warnings
@@ -156,10 +174,12 @@ def privacy(
     with _phase_bar() as progress:
         try:
             with RunLock(out, "privacy grid"):
+                started = time.time()
                 result = run_grid(cfg, settings, out, names, aux, options, budget, progress)
         except user_errors() as err:
             progress.stop()
             fail(str(err))
+    _track_grid(out, result, started)
     table = Table(title="privacy–utility", show_header=True)
     for col in ("setting", "eval ppl", *result["attacks"], "DCS"):
         table.add_column(col)
