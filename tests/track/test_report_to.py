@@ -195,7 +195,26 @@ def test_a_missing_library_is_one_error_naming_the_extra(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(builtins, "__import__", without)
     with pytest.raises(TrackingError, match=rf"report_to: {backend} needs the {package} package: pip install 'splittune\[tracking\]'"):
-        open_trackers([backend], tmp_path, False)
+        open_trackers(["tensorboard", backend], tmp_path, False)
+    assert not (tmp_path / RECORD).exists()  # the tracker opened before it is closed and forgotten
+
+
+def test_splittune_train_says_it_in_one_error_line(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name == "wandb" or name.startswith("wandb."):
+            raise ImportError("No module named 'wandb'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+    sets = [a for s in tiny("train.steps=1", "report_to=wandb") for a in ("--set", s)]
+    result = CliRunner().invoke(app, ["train", *sets, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: report_to: wandb needs the wandb package: pip install 'splittune[tracking]'"]
 
 
 def test_the_adapter_directory_name_is_the_runs():

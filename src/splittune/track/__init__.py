@@ -116,6 +116,7 @@ def open_trackers(names: list[str], out: Path, several: bool) -> list[Tracker]:
     except BaseException:
         for tracker in opened:
             tracker.close()
+        (out / RECORD).unlink(missing_ok=True)  # a run that never started has no tracker runs to add to
         raise
     return opened
 
