@@ -132,6 +132,9 @@ def generate_answers(model: Any, tokenizer, items: Sequence[Item], *, max_new_to
         width = max(map(len, rows))
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        device = getattr(model, "device", None)  # an unsplit model's (the split moves its inputs itself)
+        if isinstance(device, torch.device):
+            ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
             seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                   temperature=None, top_p=None, top_k=None, pad_token_id=pad)
