@@ -1,4 +1,6 @@
-"""Stage 8 (evaluate): held-out loss, perplexity and, for labelled data, label-word accuracy."""
+"""Stage 8 (evaluate): held-out loss, perplexity and, for labelled data, label-word accuracy (evaluate.py); generated
+answers scored against references (tasks.py, for ``splittune evaluate``; generative.py, during training; page.py,
+``eval.html``)."""
 
 from .evaluate import evaluate
 
