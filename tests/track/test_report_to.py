@@ -180,6 +180,9 @@ def test_wandb_is_offline_unless_logged_in(tmp_path, monkeypatch):
     (tmp_path / "netrc").write_text("")
     monkeypatch.setenv("WANDB_API_KEY", "abc123")
     assert logged_in()
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    with pytest.raises(TrackingError, match="WANDB_MODE='ofline' is not one of online, offline, disabled"):
+        open_trackers(["wandb"], tmp_path, False)
 
 
 @pytest.mark.parametrize("backend, module, package", [("mlflow", "mlflow", "mlflow-skinny"), ("wandb", "wandb", "wandb")])

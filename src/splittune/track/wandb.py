@@ -24,6 +24,7 @@ from . import ADAPTERS, Tracker, TrackingError, flatten, recall, register, remem
 
 PROJECT = "splittune"
 STEP = "step"  # the history key every metric is plotted against
+MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # what wandb.init accepts
 
 
 def logged_in() -> bool:
@@ -47,6 +48,8 @@ class WandB(Tracker):
             raise TrackingError("report_to: wandb needs the wandb package: pip install 'splittune[tracking]'") from None
         self.wandb, self.finished = wandb, False
         mode = os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
+        if mode not in MODES:
+            raise TrackingError(f"report_to: wandb: WANDB_MODE={mode!r} is not one of {', '.join(MODES)}")
         known = recall(out, self.name) if resume else {}
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)  # our output stays ours; no system sampling
         try:
