@@ -73,6 +73,10 @@ def _build(e: Entry, cfg: RunConfig, source, threads: int):
         from .peft_loop import PeftTimed
 
         return PeftTimed.build(e, cfg, source, threads)
+    if e.runs > 1:
+        from .runs import TimedRuns
+
+        return TimedRuns.build(e, cfg, source, threads)
     return Timed.build(e, cfg, source, threads)
 
 

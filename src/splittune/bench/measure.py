@@ -87,11 +87,14 @@ class Timed:
     rounds: list[dict] = field(default_factory=list)
 
     @classmethod
-    def build(cls, entry: Entry, cfg: RunConfig, source: ModelSource, threads: int) -> "Timed":
+    def build(cls, entry: Entry, cfg: RunConfig, source: ModelSource, threads: int, channel_for=None) -> "Timed":
+        """``channel_for(i)``: client ``i``'s channel to a server built elsewhere (else one is built for the entry)."""
         tasks = client_tasks(cfg, source.tokenizer())
         samples = [len(t.train) for t in tasks]
         server = None
-        if entry.grpc:
+        if channel_for is not None:
+            fleet = connect(cfg, source, samples, list(range(len(samples))), channel_for)
+        elif entry.grpc:
             url, server = start_server(cfg.model, threads)
             fleet = connect(cfg, source, samples, list(range(len(samples))), lambda i: GrpcChannel(url))
         else:

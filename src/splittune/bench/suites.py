@@ -21,6 +21,8 @@ class Entry:
     grpc: bool = False  # the server runs in its own process (``splittune serve``), over gRPC on loopback
     memory: bool = False  # also measure each party's peak memory, each party in its own process
     note: str = ""
+    runs: int = 1  # independent runs against one server (``serve --max-runs``), seeds seed, seed+1, …
+    together: bool = False  # those runs' steps at once (else one run's, then the next's)
 
 
 SLOW = ("link.bandwidth_mbps=10", "link.latency_ms=20")
@@ -48,6 +50,9 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("8 clients, sfl-v2", ("clients=8", "schedule=sfl-v2"), "scale", note="a step is a round: 8 client steps, in-process"),
     Entry("8 clients, sfl-v2, Ray", ("clients=8", "schedule=sfl-v2", "engine=ray"), "scale",
           note="the same with the server's trunk in a Ray actor (a local cluster): the Ray engine's overhead"),
+    Entry("2 runs, one after the other", (), "runs", runs=2, note="two one-client runs on one server, taking turns"),
+    Entry("2 runs at once", (), "runs", runs=2, together=True,
+          note="the same two runs stepping at the same time on one server (serve --max-runs 2): one frozen base"),
     Entry("gradient checkpointing", ("train.gradient_checkpointing=true",), "memory", memory=True,
           note="the client recomputes its blocks' activations in backward"),
     Entry("frozen bottom, activation cache", ("segments.bottom=frozen",), "memory",
@@ -73,7 +78,7 @@ class Part:
 # the bench's batch: 4 rows (at most 128 tokens) of labelled snippets, padded to the longest (padding removal shows)
 COMMON = ("train.batch_size=4", "train.seq_len=128", "train.warmup_steps=0", "train.eval_batches=4",
           "data.source=builtin:sentiment", "data.max_train_examples=16")  # 4 steps an epoch: later epochs show the cache
-EVERY = tuple(e.name for e in ENTRIES if e.group != "scale")  # the scale suite's entries start a Ray cluster
+EVERY = tuple(e.name for e in ENTRIES if e.group not in ("scale", "runs"))  # Ray clusters, several runs: suites of their own
 TINY = "tiny:llama,layers=8,hidden=256,heads=8,kv_heads=4,ffn=512"
 
 SUITES: dict[str, tuple[Part, ...]] = {
@@ -85,6 +90,8 @@ SUITES: dict[str, tuple[Part, ...]] = {
     "full": (Part("builtin", "builtin:smollm2-135m", COMMON, EVERY, reps=8),),
     # the Ray engine against in-process, 8 clients (needs ray: pip install 'splittune[ray]')
     "scale": (Part("tiny", TINY, COMMON, ("centralized", "8 clients, sfl-v2", "8 clients, sfl-v2, Ray"), reps=6),),
+    # several runs on one server: at once against one after the other (time per token: the ratio is the gain)
+    "runs": (Part("tiny", TINY, COMMON, ("centralized", "2 runs, one after the other", "2 runs at once"), reps=6),),
 }
 
 

@@ -22,6 +22,7 @@ def serve(
     insecure: bool = typer.Option(False, "--insecure", help="allow plaintext on a non-loopback address"),
     max_sessions: int = typer.Option(64, "--max-sessions", min=1, help="sessions the server accepts"),
     max_clients: int = typer.Option(16, "--max-clients", min=1, help="the most clients a run may have"),
+    max_runs: int = typer.Option(1, "--max-runs", min=1, help="independent runs served at once, on one frozen base"),
     max_pending: int = typer.Option(32, "--max-pending", min=1, help="connections waiting for their hello at once"),
     hello_timeout: float = typer.Option(120.0, "--hello-timeout", min=1.0, help="seconds a connection may wait before its hello"),
     idle_timeout: float = typer.Option(900.0, "--idle-timeout", min=1.0,
@@ -60,6 +61,7 @@ def serve(
     from ..channels.transport import parse_listen
     from ..device import resolve_device
     from ..models.zoo import resolve_model
+    from ..parties.server.host import Host
     from ..parties.server.inference import InferenceLimits
     from ..wire import FrameLimits
 
@@ -88,9 +90,11 @@ def serve(
             from ..taps.recording import Recording
 
             recording = Recording(record_tap, ("server", "aggregator"), tap_max_bytes, truth=False)
-        party_server = server_for(resolve_model(model), wait_s=wait_s, state_dir=state, device=compute, max_cache_bytes=max_cache_bytes,
-                                  quantize=quantize,
-                                  inference=InferenceLimits(max_inference_sessions, max_inference_bytes, inference_timeout))
+        source = resolve_model(model)
+        party_server = Host(lambda bank: server_for(source, wait_s=wait_s, state_dir=state, device=compute, max_cache_bytes=max_cache_bytes,
+                                                    quantize=quantize, bank=bank,
+                                                    inference=InferenceLimits(max_inference_sessions, max_inference_bytes, inference_timeout)),
+                            max_runs)
         service = SplitService(party_server, token_map, limits, bindings=bindings)
         if recording is not None:
             recording.attach(party_server, service.link)

@@ -27,6 +27,7 @@ from ..device import peak_memory
 from ..parties.party import SessionSpec
 from ..parties.protocol import bounded
 from ..parties.server.handler import Server
+from ..parties.server.host import Host
 from ..cut.link import ServerLink
 from .dashboard import Watch
 from ..cut.transforms import ChainError
@@ -90,10 +91,10 @@ class Limits:
 class SplitService:
     """The two RPCs: ``Session`` (a bidirectional stream of chunked frames) and ``Health``."""
 
-    def __init__(self, server: Server, tokens: dict[str, str] | None, limits: Limits | None = None, chunk_bytes: int = CHUNK_BYTES,
+    def __init__(self, server: Server | Host, tokens: dict[str, str] | None, limits: Limits | None = None, chunk_bytes: int = CHUNK_BYTES,
                  bindings: dict[str, int] | None = None):
-        self.server = server
-        self.link = ServerLink(server.handle, (limits or Limits()).frame)
+        self.server = server if isinstance(server, Host) else Host(lambda bank: server)  # the runs it serves (one by default)
+        self.link = ServerLink(self.server.handle, (limits or Limits()).frame)
         self.tokens = tokens
         self.bindings = bindings or {}  # client id -> the one client index it may take in a run
         self.limits = limits or Limits()
@@ -226,11 +227,8 @@ class SplitService:
                             f"client {client!r} may only be client {bound} of a run (the server's tokens file binds it), "
                             f"not client {msg.meta.get('client')!r}")
             others = sorted({c for c in self.owner.values() if c != client})
-            # a client restarting its own run may replace its stale sessions; no one may replace another's run
-            if msg.kind == "hello" and others and self._starts_new_run(msg):
-                self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"the server is serving another run (clients {', '.join(others)}); "
-                            "a new run can start when its clients have disconnected")
+            if msg.kind == "hello" and others and not self._room(msg, client):
+                self._abort(context, client, grpc.StatusCode.RESOURCE_EXHAUSTED, self.server.full(others))
             stale = self._stale_stream(msg) if msg.kind == "hello" else None
             if stale is not None and stale is not context and stale.is_active():
                 self._abort(context, client, grpc.StatusCode.ALREADY_EXISTS,
@@ -250,7 +248,7 @@ class SplitService:
         started = time.perf_counter()
         try:
             msg = self.link.accept(msg, len(frame))
-            reply = self.server.handle(msg)
+            reply = self.server.handle(msg, self._live(client)) if msg.kind == "hello" else self.server.handle(msg)
         except (ChainError, FrameError) as err:  # a chain the server cannot run, a crossing it cannot undo, a payload
             # that would expand past its codec's bound: the session stays usable
             reply = Message("error", msg.session, msg.step, msg.micro, meta={"reason": bounded(str(err)), "code": "INVALID_ARGUMENT"})
@@ -273,13 +271,22 @@ class SplitService:
         self._event("message", **fields)
         return msg, reply
 
-    def _starts_new_run(self, msg: Message) -> bool:
+    def _live(self, client: str):
+        """Whether a session's client is connected, for a hello of ``client``: serving one run at a time, a client
+        restarting its own run may replace its lingering sessions, and no one may replace another's run; serving
+        several, a new run takes a slot only no connected client uses."""
+        if self.server.max_runs == 1:
+            return lambda session: self.owner.get(session, client) != client
+        return lambda session: session in self.owner
+
+    def _room(self, msg: Message, client: str) -> bool:
+        """Whether a hello can be admitted now (inference sessions live beside whatever runs the server serves)."""
         if msg.meta.get("inference") is True:
-            return False  # inference sessions live beside whatever run the server serves
+            return True
         try:
-            return self.server.starts_new_run(SessionSpec.from_meta(msg.meta))
+            return self.server.room_for(SessionSpec.from_meta(msg.meta), self._live(client))
         except (TypeError, ValueError):
-            return False  # a bad proposal: the server refuses it with the reason
+            return True  # a bad proposal: the server refuses it with the reason
 
     def _stale_stream(self, msg: Message):
         """The stream of the session a rejoining hello would replace (None: the hello does not rejoin)."""
@@ -301,7 +308,8 @@ class SplitService:
         body = {"status": "SERVING", "uptime_s": round(time.time() - self.started, 1), "sessions": len(self.owner),
                 "clients": group.n if group else 0, "joined": len(group.members) if group else 0,
                 "schedule": group.schedule if group else None, **self.counts, **self.server.inference.health(),
-                "peak_memory": peak_memory(self.server.device)}  # the process's high-water marks (sizing, the benchmark)
+                "peak_memory": peak_memory(self.server.device),  # the process's high-water marks (sizing, the benchmark)
+                **self.server.health(lambda session: session in self.owner)}
         return json.dumps(body).encode()
 
     def handler(self) -> grpc.GenericRpcHandler:

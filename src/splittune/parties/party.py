@@ -23,6 +23,7 @@ from ..models.partition import DTYPES, PlanError, Segment, SplitPlan, check_trai
 from ..models.recompute import recomputed
 from ..models.routing import RouterAux
 from ..models.segment import SegmentOutput, run_segment
+from ..models.sharing import own
 from ..models.stages import arch_name, loading_stage, segment_failures, stage_errors
 from ..models.zoo import ModelSource
 from .precision import LossScale, autocast, unscale
@@ -290,6 +291,7 @@ class Party:
             raise ValueError(f"this {self.role} holds no LoRA module {module}")
         if is_quantized(layer.get_base_layer()):
             raise QuantizeError(f"cannot fold an averaged update into {module}: its base weight is stored quantized")
+        own(layer.get_base_layer().weight)  # (another run's party may share this base weight: ``models/sharing.py``)
         add_delta(layer.get_base_layer().weight, delta, layer.fan_in_fan_out)
         self.folded[module] = self.folded.get(module, 0) + delta
         with torch.no_grad():
@@ -355,6 +357,7 @@ class Party:
         self.folded = to_device(groups.get("folded", {}), self.device)
         with torch.no_grad():
             for module, weight in groups.get("folded_weights", {}).items():
+                own(layers[module].get_base_layer().weight)
                 layers[module].get_base_layer().weight.copy_(weight)
         for name in self.trainers:
             load_trainable_state(self.model, groups.get(f"state.{name}", {}), name)

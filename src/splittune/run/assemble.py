@@ -23,6 +23,7 @@ from ..cut import CutLink, terms_from
 from ..data import TaskData, build_client_tasks, merge_tasks
 from ..device import resolve_device
 from ..models.arch import check_seq_len, detect_arch
+from ..models.sharing import FrozenBank
 from ..models.partition import PlanError
 from ..models.zoo import ModelSource, resolve_model
 from ..parties import Client, Party, Server, SessionSpec
@@ -119,6 +120,7 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
     terms = terms_from(cfg.codec.model_dump(), cfg.padding_removal, chain_entries(cfg))
     clients, links = [], []
     fleet = Fleet(clients, server, links, source, indices)  # filled as parties are built, so a failure closes them
+    bank = FrozenBank() if len(indices) > 1 else None  # this process's clients hold one copy of the frozen weights
     try:
         for i, count in zip(indices, samples, strict=True):
             session = SessionSpec.from_run(cfg, fingerprint, spec.model_type, i, count, clients=n, model=source.describe(),
@@ -128,6 +130,8 @@ def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: li
                               recompute=cfg.train.gradient_checkpointing)
             except (PlanError, ValueError) as err:
                 raise type(err)(f"client {i}: {err}" if n > 1 else str(err)) from None
+            if bank is not None:
+                bank.share(party.model, fingerprint)
             link = None
             if channel_for is not None and cfg.mode != "centralized":
                 channel = channel_for(i)

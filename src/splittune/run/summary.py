@@ -156,7 +156,8 @@ def client_entry(loop: "Loop", i: int, before: dict, after: dict) -> dict[str, A
         "train_examples": len(task.train),
         "eval_examples": len(task.eval),
         "data": {k: v for k, v in task.stats.items() if k in ("source", "documents", "records", "labels")},
-        "train_loss_last": rows[-1]["loss"],
+        "train_steps": len(rows),
+        "train_loss_last": rows[-1]["loss"] if rows else None,  # (None: no round sampled this client)
         "eval_loss_before": before["loss"],
         "eval_loss_after": after["loss"],
         "bytes_up": loop.train_bytes[i][0] + loop.sync_bytes[i][0],

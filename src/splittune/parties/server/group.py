@@ -28,6 +28,7 @@ from ...device import to_device
 from ...models.partition import DTYPES
 from ...models.arch import ArchSpec, block_of
 from ...models.partition import SplitPlan
+from ...models.sharing import FrozenBank
 from ...models.zoo import ModelSource
 from ...wire.names import FOLD, tag
 from ..cache import ActivationCache
@@ -147,8 +148,9 @@ class Group:
             )
 
     # -- forming ------------------------------------------------------------------------------------
-    def form(self, source: ModelSource, arch: ArchSpec, config, device=None) -> None:
-        """Once every client said hello: load the blocks any of them needs and one adapter per trainer."""
+    def form(self, source: ModelSource, arch: ArchSpec, config, device=None, bank: FrozenBank | None = None) -> None:
+        """Once every client said hello: load the blocks any of them needs and one adapter per trainer (on the frozen
+        weights ``bank`` holds for the other runs of this process, when it is given)."""
         self.arch = arch
         self.blocks_path = arch.blocks_path
         first = self.members[0].spec
@@ -169,6 +171,8 @@ class Group:
             raise ValueError("sfl-v1 keeps one server-side adapter per client; a segment trained in full would need a copy of it per client (use lora or frozen)")
         self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=self.policy.server_steps(first.steps, self.roster.size),
                            device=device, recompute=spec.server_gradient_checkpointing)
+        if bank is not None:
+            bank.share(self.party.model, source.fingerprint())
         for m in self.members.values():
             m.adapter = adapters[m.index] if len(adapters) > 1 else adapters[0]
 

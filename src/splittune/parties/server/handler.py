@@ -23,6 +23,7 @@ from ...device import to_device
 from ...models.arch import ArchSpec
 from ...models.routing import ROUTER
 from ...models.stages import StageError
+from ...models.sharing import FrozenBank
 from ...models.zoo import ModelSource
 from ...wire import Message
 from ...wire.names import FOLD, tag
@@ -40,6 +41,7 @@ from ..protocol import INFERENCE_SCHEMAS, ProtocolError, bounded, hidden_in, lab
 log = logging.getLogger("splittune.serve")
 
 
+REFUSED = (ProtocolError, ValueError, WaitTimeout)  # what a request is answered with an error message for
 REMEMBER_ENDED = 256  # replaced sessions whose end the server can still explain
 
 
@@ -51,8 +53,9 @@ class Server:
 
     def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0, state_dir: Path | None = None,
                  device: torch.device | None = None, *, policies: Mapping, max_cache_bytes: int | None = None,
-                 inference: InferenceLimits | None = None, quantize: str | None = None):
+                 inference: InferenceLimits | None = None, quantize: str | None = None, bank: FrozenBank | None = None):
         self.source = source
+        self.bank = bank  # frozen weights shared with the other runs of this process (``host.py``), or None
         self.quantize = quantize  # serve --quantize: the trunk's quantization, fixed for every client (None: theirs)
         self.device = device if device is not None else torch.device("cpu")
         self.spec = spec
@@ -116,14 +119,18 @@ class Server:
             if self.party is not None:  # tensors arrive on the CPU; the model may be elsewhere
                 msg.tensors = to_device(msg.tensors, self.party.device)
             return self._handlers[msg.kind](member, msg, meta)
-        except (ProtocolError, ValueError, WaitTimeout) as err:
-            if isinstance(err, StageError):  # the model failed inside, not the message: the operator needs the traceback
-                log.warning("%s", err, exc_info=err)
-            meta = {"reason": bounded(str(err)), "code": status_of(err)}
-            rejoin = self.ended.get(msg.session, ("", None))[1]
-            if rejoin is not None:  # a peer restarted and rejoined: this client resumes from the step it came back at
-                meta.update(code="ABORTED", rejoin=rejoin)
-            return Message("error", msg.session, msg.step, msg.micro, meta=meta)
+        except REFUSED as err:
+            return self.refusal(msg, err)
+
+    def refusal(self, msg: Message, err: Exception) -> Message:
+        """The error reply to ``msg``: the reason and its status (and, after a peer rejoined, the step to resume from)."""
+        if isinstance(err, StageError):  # the model failed inside, not the message: the operator needs the traceback
+            log.warning("%s", err, exc_info=err)
+        meta = {"reason": bounded(str(err)), "code": status_of(err)}
+        rejoin = self.ended.get(msg.session, ("", None))[1]
+        if rejoin is not None:  # a peer restarted and rejoined: this client resumes from the step it came back at
+            meta.update(code="ABORTED", rejoin=rejoin)
+        return Message("error", msg.session, msg.step, msg.micro, meta=meta)
 
     def _reply(self, msg: Message, kind: str, tensors=None, **meta) -> Message:
         return Message(kind, msg.session, msg.step, msg.micro, tensors or {}, meta)
@@ -142,6 +149,12 @@ class Server:
         return self._reply(msg, "hello", accepted=True, inference=True, **info)
 
     def _hello(self, msg: Message) -> Message:
+        session, resume = self.proposed(msg)
+        group, member, stale = self.admit(msg, session, resume)
+        return self.welcome(msg, group, member, stale, resume)
+
+    def proposed(self, msg: Message) -> tuple[SessionSpec, int | None]:
+        """A training hello's proposal and the step it resumes from, checked against what this server can run."""
         session = self._proposal(msg)
         if session.schedule not in self.policies:
             raise ProtocolError(f"unknown schedule {session.schedule!r}; schedules: {', '.join(self.policies)}")
@@ -153,11 +166,17 @@ class Server:
         resume = msg.meta.get("resume")
         if resume is not None and (not isinstance(resume, int) or isinstance(resume, bool) or resume < 1):
             raise ProtocolError(f"resume must be a completed step (a positive integer), got {resume!r}")
+        return session, resume
+
+    def admit(self, msg: Message, session: SessionSpec, resume: int | None, fresh: bool | None = None) -> tuple[Group, Member, Member | None]:
+        """Enter the hello's client into the run it starts, joins or rejoins (``fresh``: whether it starts one, when the
+        caller placed it; by default a hello starts a run unless one is forming): its group, its member, the stale member
+        it replaces."""
         with self._lock:
             stale = self.rejoining(session)
             if stale is not None and self.group.formed:
                 self._roll_back(session, resume)
-            elif stale is None and self._fresh_run(session):
+            elif stale is None and (self._fresh_run(session) if fresh is None else fresh):
                 self.group = Group(session, self.wait_s, self.policies)
                 self._end_sessions(self.sessions, "a new run started on this server (a newer hello, from this client id "
                                                   "or another, replaced it)")
@@ -172,6 +191,10 @@ class Server:
                                "process with the same client index, or a restart), which replaced this one")
             group.members[session.client] = member
             self.sessions[msg.session] = member
+        return group, member, stale
+
+    def welcome(self, msg: Message, group: Group, member: Member, stale: Member | None, resume: int | None) -> Message:
+        """Wait until every client of the run said hello (the group forms then), and answer with what was agreed."""
         group.meet.meet("hello", member.index, resume, set(range(group.n)), lambda items: self._form(group, items),
                         replace=stale is not None)
         party = group.party
@@ -230,7 +253,7 @@ class Server:
 
     def _form(self, group: Group, items: dict) -> dict:
         group.formed = True  # every client said hello: a client saying it again now rejoins a run under way
-        self.engine.run(group.form, self.source, self.spec, self.config, self.device)
+        self.engine.run(group.form, self.source, self.spec, self.config, self.device, self.bank)
         self.engine.run(self.engine.reset, group.party, group.batched)
         resumes = set(items.values())
         if len(resumes) > 1:
