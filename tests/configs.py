@@ -24,3 +24,15 @@ def tiny(*sets: str) -> list[str]:
 def small(*sets: str) -> list[str]:
     """``--set`` overrides of a small privacy run, then ``sets``."""
     return [*SMALL_RUN, *sets]
+
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven owners keep their text at home".split()
+
+
+def owners(path, documents: int = 200):
+    """A JSONL file of ``documents`` short texts at ``path`` (two for each of a hundred data owners: one held out)."""
+    import json
+
+    path.write_text("".join(json.dumps({"text": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(30))}) + "\n"
+                            for i in range(documents)))
+    return path

@@ -13,7 +13,7 @@ from splittune.config import ConfigError, load_config
 from splittune.parties.client.pipeline import Client
 from splittune.engines.ray import RayEngineError, RayServer, _reachable, start
 from splittune.run import train
-from configs import tiny
+from configs import owners, tiny
 from interrupt import killed_then_resumed
 
 ray = pytest.importorskip("ray")
@@ -105,3 +105,57 @@ def test_an_address_nothing_listens_on_is_refused_at_once():
         _reachable("127.0.0.1:1")
     with pytest.raises(RayEngineError, match="is not HOST:PORT"):
         _reachable("my-cluster")
+
+
+def _kill_when(folder, rows: int, killed: list) -> None:
+    """SIGKILL the client worker writing ``folder`` once it has written ``rows`` client steps."""
+    import os
+    import signal
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        log = folder / "metrics.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= rows and (folder / "pid").exists():
+            pid = int((folder / "pid").read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.05)
+
+
+def test_a_hundred_clients_on_two_workers_survive_a_killed_worker_and_equal_the_in_process_run(tmp_path, cluster):
+    """100 clients of the tiny model, 10 sampled a round, 3 rounds, on 2 client workers of the local cluster; worker 1's
+    process is killed after the first round: Ray restarts it, its clients rerun from their checkpoint, every client
+    goes back there, and the run ends exactly as the undisturbed in-process run (steps, bytes, adapters)."""
+    import threading
+
+    data = owners(tmp_path / "owners.jsonl")
+    run = [*RUN, f"data.source={data}", "data.max_documents=200", "clients=100", "clients_per_round=10", "schedule=sfl-v2", "train.steps=3",
+           "train.checkpoint_every=1"]
+    local = train(load_config(None, run), tmp_path / "local")
+    from splittune.schedules.sampling import Roster
+
+    drawn = [Roster(100, 10, load_config(None, run).seed).of(r) for r in (1, 2, 3)]
+    assert local["sampled"] == drawn and [sorted(r["client"] for r in steady(tmp_path / "local") if r["step"] == s)
+                                          for s in (1, 2, 3)] == drawn  # each round trains its drawn clients
+
+    first = sum(c % 2 for c in drawn[0])  # worker 1's clients in round 1
+    killed: list = []
+    threading.Thread(target=_kill_when, args=(tmp_path / "ray" / "workers" / "w1", first, killed), daemon=True).start()
+    workers = ["engine=ray", "ray.client_workers=2", "ray.client_resources={num_cpus: 0.5}"]
+    summary = train(load_config(None, [*run, *workers]), tmp_path / "ray")
+    assert killed and int((tmp_path / "ray" / "workers" / "w1" / "pid").read_text()) != killed[0]  # rerun by a new process
+    assert steady(tmp_path / "ray") == steady(tmp_path / "local")
+    a, b = adapters(tmp_path / "ray"), adapters(tmp_path / "local")
+    assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    assert [w["clients"] for w in summary["workers"]] == [list(range(0, 100, 2)), list(range(1, 100, 2))]
+    assert all(w["peak_memory"]["rss_bytes"] < 2**31 for w in summary["workers"])  # 50 clients each, one frozen base
+
+
+def test_client_workers_the_cluster_cannot_place_are_refused_at_once(tmp_path, cluster):
+    cfg = load_config(None, [*RUN, "clients=4", "engine=ray", "ray.client_workers=4"])  # 4 workers of 1 CPU, and the server
+    with pytest.raises(RayEngineError, match=r"ray.client_workers=4 workers of 1 CPUs and 0 GPUs and the server's actor "
+                                             r"\(1 CPUs, 0 GPUs\) need 5 CPUs and 0 GPUs; the Ray cluster has 2 CPUs"):
+        train(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match="ray.client_workers=2 spreads the clients over Ray actors; it needs engine: ray"):
+        load_config(None, [*RUN, "clients=4", "ray.client_workers=2"])

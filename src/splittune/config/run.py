@@ -207,6 +207,12 @@ class RunConfig(Section):
         if self.engine == "ray" and self.mode == "centralized":
             raise ValueError("engine: ray runs the server's trunk in a Ray actor, and mode: centralized has no server; "
                              "use engine: local")
+        if self.ray.client_workers and self.engine != "ray":
+            raise ValueError(f"ray.client_workers={self.ray.client_workers} spreads the clients over Ray actors; it needs "
+                             "engine: ray")
+        if self.ray.client_workers > n:
+            raise ValueError(f"ray.client_workers={self.ray.client_workers} exceeds clients={n}: a worker hosts at least "
+                             "one client")
         if self.samples_clients:
             if self.mode == "centralized":
                 raise ValueError("clients_per_round samples data owners, and mode: centralized pools their data in one party")

@@ -182,6 +182,11 @@ class RayConfig(Section):
                                 "`HOST:6379`); null: start a local cluster of this machine's CPUs for the run")
     server_resources: RayResources = Field(default_factory=lambda: RayResources(),
                                            description="the server's trunk actor: {num_cpus, num_gpus}")
+    client_workers: int = Field(0, ge=0, description="client worker actors the run's clients are spread over (client i on "
+                                "worker i mod K, each worker's clients on one copy of the frozen weights); 0: the clients "
+                                "run in the driver's process")
+    client_resources: RayResources = Field(default_factory=lambda: RayResources(),
+                                           description="each client worker actor: {num_cpus, num_gpus}")
 
 
 Quantize = Literal["none", "nf4", "fp4", "int8"]

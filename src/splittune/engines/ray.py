@@ -114,7 +114,7 @@ class RayServer:
                                  f"{_PLACEMENT_S} s; {free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs are free: "
                                  "lower ray.server_resources, or wait for other jobs") from None
         except ray.exceptions.RayActorError as err:
-            raise RayEngineError(f"the server's Ray actor failed to start: {_first_line(err)}") from None
+            raise RayEngineError(f"the server's Ray actor failed to start: {first_line(err)}") from None
 
     def channel(self) -> RayChannel:
         return RayChannel(self.actor)
@@ -129,6 +129,6 @@ class RayServer:
 _PLACEMENT_S = 300
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     lines = [line for line in str(err).splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(err).__name__

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from .. import checkpoint
 from ..channels import Channel
 from ..config import ConfigError, RunConfig
-from ..data import TaskData
+from ..data import TaskData, merge_tasks
 from ..device import rng_state, set_rng_state
 from ..models.zoo import ModelSource, resolve_model
 from ..taps.recording import SENT, SentLog
@@ -20,47 +20,52 @@ from .resume import CHECKPOINTS, owns_run_dir, prepare_run_dir, rejoin_from, run
 
 
 @owns_run_dir(shared=lambda cfg: False)  # one client process; its server is elsewhere
-def train_remote(cfg: RunConfig, out: Path, client_index: int, channel_for: Callable[[int], Channel],
+def train_remote(cfg: RunConfig, out: Path, client_index: int | list[int], channel_for: Callable[[int], Channel],
                  progress: Callable | None = None) -> dict[str, Any]:
     """One client of a deployed run: this process's data and segments, the server over ``channel_for``.
 
     Everything else is the in-process code path; with the same config the losses, adapters and byte
-    counts equal the in-process run's. Evaluations use this client's held-out data. When a restarted peer
-    rejoins the run, this client goes back to the step it rejoined at and goes on from there.
+    counts equal the in-process run's. Evaluations use this process's held-out data. When a restarted peer
+    rejoins the run, this client goes back to the step it rejoined at and goes on from there. A list of indices runs
+    those clients in this process (a Ray client worker: ``engines/ray_workers.py``).
     """
     from ..channels.base import RemoteError
 
+    indices = [client_index] if isinstance(client_index, int) else sorted(client_index)
     if cfg.mode == "centralized":
         raise ConfigError("mode: centralized trains without a server; drop --server")
-    if not 0 <= client_index < cfg.clients:
-        raise ConfigError(f"--client-index {client_index} is outside this run's clients 0..{cfg.clients - 1}")
+    for i in indices:
+        if not 0 <= i < cfg.clients:
+            raise ConfigError(f"--client-index {i} is outside this run's clients 0..{cfg.clients - 1}")
     started = time.perf_counter()
     set_seed(cfg.seed)
     source = resolve_model(cfg.model)
     cfg = with_defense_seed(resolved(cfg, source), out)
     resume = prepare_run_dir(cfg, out)
-    task = client_tasks(cfg, source.tokenizer())[client_index]
+    every = client_tasks(cfg, source.tokenizer())
+    tasks = [every[i] for i in indices]
     fresh = rng_state()  # a run rolled back to its start begins as this one did
     while True:
         set_rng_state(fresh)  # (a resumed run restores its checkpoint's)
         try:
-            return _train_remote(cfg, out, source, task, client_index, channel_for, progress, started, resume)
+            return _train_remote(cfg, out, source, tasks, indices, channel_for, progress, started, resume)
         except RemoteError as err:
             if err.rejoin is None:
                 raise
             resume = rejoin_from(out, err.rejoin, str(err))
 
 
-def _train_remote(cfg: RunConfig, out: Path, source: ModelSource, task: TaskData, client_index: int,
+def _train_remote(cfg: RunConfig, out: Path, source: ModelSource, tasks: list[TaskData], indices: list[int],
                   channel_for: Callable[[int], Channel], progress: Callable | None, started: float, resume: int | None):
     from ..channels.base import ConnectionLost, RemoteError
 
     ledger = SentLog(out / SENT, append=resume is not None)
     loop = fleet = None
     try:
-        fleet = connect(cfg, source, [len(task.train)], [client_index], channel_for, resume=resume, run_id=run_identity(out),
-                        link_states=saved_link_states(out, resume), ledger=ledger)
-        loop = Loop(cfg, fleet, [task], task, out, progress, started, resume)
+        fleet = connect(cfg, source, [len(task.train) for task in tasks], indices, channel_for, resume=resume,
+                        run_id=run_identity(out), link_states=saved_link_states(out, resume), ledger=ledger)
+        pooled = merge_tasks(tasks) if len(tasks) > 1 else tasks[0]
+        loop = Loop(cfg, fleet, tasks, pooled, out, progress, started, resume)
         return loop.run()
     except RemoteError as err:
         if err.code not in LOST or isinstance(err, ConnectionLost):
