@@ -4,6 +4,7 @@ folder that is no run, an address off loopback without a token, a port in use), 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import urllib.request
@@ -60,12 +61,13 @@ def test_serve_refuses_an_unguarded_operator_page_before_it_loads_a_model():
     assert code == 2 and out.startswith("error: --dashboard 0.0.0.0:0: a dashboard off loopback needs a token"), out
 
 
-def test_the_command_serves_the_run_until_stopped(run_dir):
+def test_the_command_serves_the_run_until_stopped(run_dir, tmp_path):
+    log = tmp_path / "stderr"
     proc = subprocess.Popen([*CLI, "dashboard", str(run_dir), "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=open(log, "w"), text=True, env={**os.environ, "COLUMNS": "60"})  # (a long line stays one)
     try:
         first = proc.stdout.readline()
-        assert "listening on http://127.0.0.1:" in first, first + proc.stderr.read()
+        assert "listening on http://127.0.0.1:" in first, first + log.read_text()
         url = first.split("listening on ")[1].split()[0]
         with urllib.request.urlopen(url + "api/run", timeout=10) as reply:
             state = json.loads(reply.read())

@@ -15,13 +15,14 @@ import pytest
 
 from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
-from splittune.deploy.dashboard import OperatorPage
+from splittune.deploy.dashboard import OperatorPage, snapshot
 from splittune.deploy.service import SplitService
 from splittune.models.arch import detect_arch
 from splittune.models.zoo import resolve_model
 from splittune.parties.server.handler import Server
 from splittune.run import train_remote
 from splittune.schedules.policy import POLICIES
+from splittune.taps.recording import Recording
 from splittune.track.dashboard import RunView, serve
 from splittune.wire import Message
 
@@ -45,12 +46,14 @@ def live(tmp_path):
     """A server with its operator page, a client run held at step 3 with its run page; released at the end."""
     out = tmp_path / "run"
     source = resolve_model("tiny:llama")
-    service = SplitService(Server(source, detect_arch(source.config()), source.config(), wait_s=30, policies=POLICIES),
-                           {"alice": TOKEN})
+    server = Server(source, detect_arch(source.config()), source.config(), wait_s=30, policies=POLICIES)
+    service = SplitService(server, {"alice": TOKEN})
+    recording = Recording(tmp_path / "tap", ("server",), 1 << 20, truth=False)  # serve --record-tap: the page shows its size
+    recording.attach(server, service.link)
     grpc_server, port = serve_here(service)
     url = f"grpc://127.0.0.1:{port}"
     page = OperatorPage("127.0.0.1:0", None)
-    page.attach(service)
+    page.attach(service, recording)
     held, release, result = threading.Event(), threading.Event(), {}
 
     def progress(done, total, row):
@@ -75,12 +78,13 @@ def live(tmp_path):
         assert "summary" in result, result
         return result["summary"]
 
-    yield {"server_url": page.running.url, "run_url": run_page.url, "out": out, "grpc": url, "finish": finish}
+    yield {"service": service, "server_url": page.running.url, "run_url": run_page.url, "out": out, "grpc": url, "finish": finish}
     release.set()
     thread.join(60)
     run_page.stop()
     page.stop()
     grpc_server.stop(None)
+    recording.close()
 
 
 def test_both_pages_follow_a_run_in_a_browser(live):
@@ -119,6 +123,7 @@ def operator_page_shows_the_connected_client(live):
     assert "up: gaussian → padding → int8 · down: padding → raw" in sessions, sessions  # the agreed chain
     assert "gaussian" in sessions and "yes" in sessions  # its announced defense; connected
     assert text_of(dom, "session-count") == "1"
+    assert text_of(dom, "tap").startswith("observer recorded cap records dropped server ")
     assert TOKEN not in dom
 
 
@@ -133,6 +138,8 @@ def operator_endpoint_names_sessions_and_refusals_and_holds_no_secret(live):
     assert session["client_id"] == "alice" and session["client"] == 0 and session["step"] == HOLD_AT and session["connected"]
     assert session["bytes_in"] > 0 and session["bytes_out"] > 0 and len(session["run"]) > 0
     assert [d["name"] for d in session["defenses"]] == ["gaussian"]
+    tap = state["tap"]["observers"]["server"]
+    assert 0 < tap["bytes"] <= tap["max_bytes"] == 1 << 20 and snapshot(live["service"])["tap"] is None  # (twin: not recording)
     body = json.dumps(state)
     assert TOKEN not in body and "not-the-token" not in body
     assert not any(len(v) > 64 for v in _lists(state)), "no tensor content: no long list of numbers"

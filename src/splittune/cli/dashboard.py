@@ -31,10 +31,10 @@ def dashboard(
         running = serve(listen, "run.html", view.endpoints(), token)
     except user_errors() as err:
         fail(str(err))
-    console.print(f"[bold]splittune dashboard[/] · {run_dir} · listening on {running.url}"
-                  f"{' (open it once with ?token=…)' if token else ''}", highlight=False)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # (before the banner: whoever read it may stop us at once)
+    console.print(f"[bold]splittune dashboard[/] · {run_dir} · listening on {running.url}"
+                  f"{' (open it once with ?token=…)' if token else ''}", highlight=False, soft_wrap=True)
     try:
         stop.wait()
     except KeyboardInterrupt:

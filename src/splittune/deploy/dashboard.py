@@ -56,6 +56,8 @@ class Watch:
             entry["errors"] += error
             if kind in ("activations", "gradients", "step") and isinstance(step, int) and step > (entry["step"] or 0):
                 entry["step"] = step
+        if kind == "close" and not error:  # an inference session ended on a stream that stays open
+            self.disconnected([session])
 
     def _hello(self, client: str, session: str, meta: dict) -> None:
         defenses = meta.get("defenses") if isinstance(meta.get("defenses"), list) else []
