@@ -282,6 +282,8 @@ class Loop:
             result = self._evaluate(self.holder, self.pooled, label=self._label(step), generate=True)
         row = {"step": step, **result, "train_bytes": sum(u + d for u, d in self.train_bytes) + sum(u + d for u, d in self.sync_bytes)}
         self.evals.append(row)
+        with open(self.out / "evals.jsonl", "w") as f:  # as each evaluation ends (the live dashboard reads it)
+            f.writelines(json.dumps(e) + "\n" for e in self.evals)
         for tracker in self.trackers:
             tracker.evaluation(row)
         return row
@@ -370,6 +372,7 @@ class Loop:
 
     def _run(self) -> dict[str, Any]:
         self.opening = opening(self)
+        (self.out / "opening.json").write_text(json.dumps(self.opening))  # the plan and its ε, for the live dashboard
         self.event("start", self.done, self.planned, resume=self.start or None, cuts=self.cfg.cuts,
                    shape=self.fleet.clients[0].plan.shape, threads=torch.get_num_threads(), opening=self.opening)
         if STOP.is_set():  # asked to stop while the parties loaded
