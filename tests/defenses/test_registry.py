@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_config_entries_are_the_classes_settings():
     entries = typing.get_args(typing.get_args(DefenseEntry)[0])
     assert entries == tuple(cls.Settings for cls in under("defense"))
-    assert DEFENSE_NAMES == ("dx", "gaussian", "label-noise", "nopeek") and DpSgdConfig is DPSGD.Settings
+    assert {"adversarial", "dx", "gaussian", "label-noise", "mid", "nopeek", "textobfuscator"} <= set(DEFENSE_NAMES)
+    assert DEFENSE_NAMES == tuple(cls.name for cls in under("defense")) and DpSgdConfig is DPSGD.Settings
     for cls in DEFENSES.values():
         assert cls.__doc__ or cls.Settings.__doc__, cls.name
         for name, field in cls.Settings.model_fields.items():
@@ -39,7 +40,8 @@ def test_the_config_entries_are_the_classes_settings():
 
 
 def test_each_defense_acts_where_it_says():
-    assert {n for n, c in DEFENSES.items() if c.crosses} == {"gaussian", "label-noise"}
+    crossing = {n for n, c in DEFENSES.items() if c.crosses}
+    assert {"gaussian", "label-noise", "mid"} <= crossing and not {"dx", "nopeek", "adversarial", "textobfuscator"} & crossing
     for name, cls in DEFENSES.items():
         assert (TRANSFORMS.get(name) is cls) == cls.crosses  # a defense on what crosses is a transform of the chain
     with pytest.raises(NotImplementedError, match="the chain builds it"):
@@ -47,7 +49,7 @@ def test_each_defense_acts_where_it_says():
 
 
 def test_an_unknown_defense_is_refused_with_the_registered_ones():
-    with pytest.raises(DefenseError, match="no defense 'blur'; the defenses are dp_sgd, dx, gaussian, label-noise, nopeek"):
+    with pytest.raises(DefenseError, match=f"no defense 'blur'; the defenses are {', '.join(sorted(DEFENSES))}$"):
         defense("blur")
     with pytest.raises(ValueError, match="registered twice"):
         register(DEFENSES["dx"])

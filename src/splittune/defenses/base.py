@@ -113,6 +113,9 @@ class Defense:
         """Whether it hooks the bottom's forward (its embeddings or its loss)."""
         return False
 
+    def inputs(self, ids: torch.Tensor) -> None:
+        """The token ids entering the bottom's forward that runs now (for a term on the loss that needs them)."""
+
     def embeddings(self, embeds: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         """The bottom's token embeddings of training ``step`` and ``micro``-batch (step 0: an evaluation), changed."""
         return embeds

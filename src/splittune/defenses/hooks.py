@@ -102,6 +102,8 @@ class ClientDefenses:
 
         def hook(module, args, output):
             for d in live:
+                if args:
+                    d.inputs(args[0])
                 output = d.embeddings(output, step, micro)
             box["embeds"] = output
             return output
