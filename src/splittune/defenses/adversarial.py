@@ -120,7 +120,7 @@ class Adversarial(Defense):
         self.trained.step()
 
     def figures(self, penalty):
-        """The step's inverter loss (before its update) and the client's term."""
+        """The step's inverter loss on its own activations (before its update), for the metrics row."""
         out = {"adversarial_inverter_loss": round(sum(self._inverter_loss), 6)} if self._inverter_loss else {}
         self._inverter_loss = []
         return out
