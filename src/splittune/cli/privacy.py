@@ -153,12 +153,7 @@ def privacy(
     from ..rundir import RunLock
 
     try:
-        options: dict[str, dict] = {}
-        for a in attack_set:
-            name, dot, rest = a.partition(".")
-            if not dot or not rest:
-                raise ValueError(f"--attack-set expects attack.option=value, got {a!r}")
-            options.setdefault(name, {}).update(_attack_options([rest]))
+        options = _grid_options(attack_set)
         cfg = load_config(config, set_)
         from ..models.arch import detect_arch
         from ..models.zoo import resolve_model
@@ -210,6 +205,19 @@ def _attack_options(assignments: list[str]) -> dict:
 class _phase_bar:
     """A progress bar for a job of phases (training an inverter, optimising): ``progress(done, total, what)``;
     plain lines, each phase and every tenth of it, when not on a terminal."""
+
+def _grid_options(assignments: list[str]) -> dict[str, dict]:
+    """``--attack-set attack.option=value`` pairs as each attack's options."""
+    options: dict[str, dict] = {}
+    for a in assignments:
+        name, dot, rest = a.partition(".")
+        if not dot or not rest:
+            from ..config import ConfigError
+
+            raise ConfigError(f"--attack-set expects attack.option=value, got {a!r}")
+        options.setdefault(name, {}).update(_attack_options([rest]))
+    return options
+
 
     def __enter__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -175,8 +175,17 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print the choices and their predictions as JSON"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="a base config whose data, LoRA and segments the plan keeps"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a key of the base config, e.g. --set lora.rank=16"),
+    max_leak: Optional[float] = typer.Option(None, "--max-leak", help="privacy target: the most ROUGE-L the strongest adaptive "
+                                             "attack may recover (0..1); picks a defense too, from a leak table measured once per model"),
+    leak_cuts: str = typer.Option("1,2,4,8,15", "--leak-cuts", help="--max-leak: first cuts the leak table measures (those past the model are dropped)"),
+    leak_defenses: Optional[str] = typer.Option(None, "--leak-defenses", help="--max-leak: defenses the table tries, comma-separated "
+                                                "(default: every defense's sweep)"),
+    leak_data: str = typer.Option("builtin:sentiment", "--leak-data", help="--max-leak: private-like text the table's short runs train on"),
+    aux: Optional[str] = typer.Option(None, "--aux", help="--max-leak: the attacker's public text (default: a builtin text other than --leak-data)"),
+    attack_set: list[str] = typer.Option([], "--attack-set", help="--max-leak: an option of the table's attack, e.g. inversion.epochs=2"),
 ) -> None:
-    """Profile the model here and pick cuts, codecs, micro-batches and checkpointing that fit the memory given."""
+    """Profile the model here and pick cuts, codecs, micro-batches and checkpointing that fit the memory given (and, with
+    --max-leak, the defense that keeps the strongest adaptive attack within the target)."""
     quiet_libraries()
     import json
 
@@ -208,13 +217,16 @@ def plan(
         from ..threads import resolve_threads
 
         threads = resolve_threads(t.threads, computes_concurrently(base))  # the count the run itself will compute with
+        table_of_leaks = (_leak_table(base.model, max_leak, leak_cuts, leak_defenses, leak_data, aux, attack_set, quiet=as_json)
+                          if max_leak is not None else None)
         shown = err_console if as_json else console
         with shown.status(f"profiling {escape(base.model)}…") as status:
             profile = profile_model(base.model, batch=t.batch_size, seq_len=t.seq_len, dtype=t.dtype, device=t.device,
                                     cfg=base if (config is not None or set_) else None, estimate=estimate, threads=threads,
                                     progress=lambda what: status.update(escape(what) + "…"))
             status.update(f"weighing every choice for {escape(base.model)}…")
-            result = search(base, profile, client_bytes, server_bytes, mbps, ms, shape, names, server_speed=server_speed)
+            result = search(base, profile, client_bytes, server_bytes, mbps, ms, shape, names, server_speed=server_speed,
+                            leak=table_of_leaks, max_leak=max_leak)
     except user_errors() as err:
         fail(str(err))
     best = result.ranked[:top]
@@ -229,17 +241,24 @@ def plan(
                   f"{link_words(mbps, ms)}", highlight=False)
     table = Table(title=f"the {len(best)} fastest of {len(result.ranked)} choices that fit ({result.considered} weighed)",
                   box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+    guarded = ("defense", "leak", "ppl ×") if max_leak is not None else ()
     for col in ("cuts", "shape", "client\nblocks", "codec\n↑/↓", "micro-\nbatches", "ckpt", "step", "client\npeak",
-                "server\npeak", "↑ per\nstep", "↓ per\nstep"):
-        table.add_column(col, justify="left" if col in ("cuts", "shape", "codec\n↑/↓") else "right", no_wrap=True)
+                "server\npeak", "↑ per\nstep", "↓ per\nstep", *guarded):
+        table.add_column(col, justify="left" if col in ("cuts", "shape", "codec\n↑/↓", "defense") else "right", no_wrap=True)
     lossy = {"bf16", "fp16", "int8", "int4", "topk"}
     for r in best:
         c, p = r.choice, r.prediction
         codecs = "/".join(f"{x}*" if x in lossy else x for x in (c.up, c.down))
         table.add_row(",".join(map(str, c.cuts)), "U" if c.shape == "u-shape" else "2-part", str(p.client_blocks), codecs,
                       str(c.micro_batches), "on" if c.checkpointing else "off", f"{p.step_s:.3g} s", _compact(p.client_peak_bytes),
-                      _compact(p.server_peak_bytes), _compact(p.bytes_up), _compact(p.bytes_down))
+                      _compact(p.server_peak_bytes), _compact(p.bytes_up), _compact(p.bytes_down), *_guard_cells(r))
     console.print(table)
+    if best[0].guard is not None:
+        g = best[0].guard
+        console.print(f"#1 leak: ROUGE-L {g.point.leak:.3f} (upper 95% bound {g.point.leak_hi:.3f}, {g.point.texts} texts) ≤ "
+                      f"{max_leak:g}: {'sure' if g.sure else 'likely (the mean is within the target, its upper bound is not)'}"
+                      f"{' · ' + g.how if g.how else ''} · leak table: {len(table_of_leaks.points)} points in "
+                      f"{escape(str(table_of_leaks.folder))}", highlight=False)
     from ..plan.search import footprint
 
     p = best[0].prediction
@@ -252,6 +271,47 @@ def plan(
         console.print(f"[dim]{escape(note)}[/]", highlight=False)
     if write_config is not None:
         console.print(f"written: [bold green]{escape(str(write_config))}[/] (splittune train --config {escape(str(write_config))})")
+
+
+def _guard_cells(r) -> tuple[str, ...]:
+    """--max-leak's columns: the defense setting, the measured leak (with its bound's sureness), the perplexity cost."""
+    if r.guard is None:
+        return ()
+    p = r.guard.point
+    return (p.setting, f"{p.leak:.2f}{'' if r.guard.sure else '?'}", f"{p.ppl_ratio:.2f}")
+
+
+def _leak_table(model: str, target: float, cuts: str, defenses: str | None, data: str, aux: str | None, attack_set: list[str],
+                quiet: bool = False):
+    """The leak table --max-leak plans from (measured now, with a progress bar, unless the run cache holds it)."""
+    from ..config import ConfigError
+    from ..models.arch import detect_arch
+    from ..models.zoo import resolve_model
+    from ..defenses import DEFENSES
+    from ..privacy.leak_table import measure, table_folder
+    from .privacy import _grid_options, _phase_bar
+
+    if not 0 <= target <= 1:
+        raise ConfigError(f"--max-leak is a ROUGE-L F1 between 0 and 1, got {target:g}")
+    try:
+        wanted = [int(c) for c in cuts.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--leak-cuts takes block indices separated by commas, got {cuts!r}") from None
+    n_blocks = detect_arch(resolve_model(model).config()).n_blocks
+    kept = [c for c in wanted if 1 <= c < n_blocks]
+    if not kept:
+        raise ConfigError(f"none of --leak-cuts {cuts} fits {model}: a first cut is a block index in 1..{n_blocks - 1}")
+    names = [d.strip() for d in defenses.split(",") if d.strip()] if defenses else None
+    unknown = [d for d in names or [] if d not in DEFENSES]
+    if unknown:
+        raise ConfigError(f"--leak-defenses: {', '.join(unknown)} unknown; defenses: {', '.join(DEFENSES)}")
+    options = _grid_options(attack_set)
+    if not (table_folder(model, kept, ["raw"], data, aux, (), names, options) / "table.json").exists():
+        err_console.print(f"measuring the leak table for {escape(model)} once (cuts {kept}; kept in the run cache)…", highlight=False)
+    if quiet:  # (--json: stdout holds the plan only)
+        return measure(model, kept, ["raw"], data, aux, defenses=names, options=options)
+    with _phase_bar() as progress:
+        return measure(model, kept, ["raw"], data, aux, defenses=names, options=options, progress=progress)
 
 
 def _compact(n: float) -> str:

@@ -56,5 +56,15 @@ def plan_json(ranked: list[Ranked], profile: Profile, considered: int, notes: li
         "considered": considered, "fit": len(ranked), "notes": notes,
         "choices": [{"cuts": list(r.choice.cuts), "shape": r.choice.shape, "codec": {"up": r.choice.up, "down": r.choice.down},
                      "micro_batches": r.choice.micro_batches, "gradient_checkpointing": r.choice.checkpointing,
-                     "prediction": r.prediction.to_dict()} for r in ranked],
+                     "prediction": r.prediction.to_dict(), **_guard(r)} for r in ranked],
     }
+
+
+def _guard(r: Ranked) -> dict[str, Any]:
+    """--max-leak: the defense setting and what the leak table says of this choice."""
+    if r.guard is None:
+        return {}
+    p = r.guard.point
+    return {"defense": {"setting": p.setting, **p.overlay}, "leak": {"rouge_l_f1": p.leak, "upper_95": p.leak_hi, "texts": p.texts,
+            "sure": r.guard.sure, "measured_at": {"cut": p.cut, "codec": p.codec}, "how": r.guard.how},
+            "ppl_ratio": p.ppl_ratio, "epsilon": p.epsilon}

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from ..config import CodecConfig, ConfigError, RunConfig
 from ..report.progress import human_bytes
 from .cost import Prediction, predict
 from .profile import Profile
+
+if TYPE_CHECKING:
+    from ..privacy.leak_table import LeakTable
 
 CODECS = ("raw", "bf16", "int8", "int4")
 LOSS = {"raw": 0, "fp16": 1, "bf16": 1, "int8": 2, "int4": 3, "topk": 4}  # how much each codec changes what crosses
@@ -84,6 +88,7 @@ class Ranked:
     choice: Choice
     prediction: Prediction
     config: RunConfig
+    guard: Any = None  # --max-leak: the leak table's point that bounds this choice (``leak.Guard``), its defense in ``config``
 
 
 @dataclass
@@ -116,9 +121,11 @@ def _rank(r: Ranked) -> tuple:
 
 def search(base: RunConfig, profile: Profile, client_memory: int, server_memory: int | None = None,
            bandwidth_mbps: float | None = None, latency_ms: float = 0.0, shape: str = "any",
-           codecs: tuple[str, ...] = CODECS, server_speed: float = 1.0) -> PlanResult:
+           codecs: tuple[str, ...] = CODECS, server_speed: float = 1.0, leak: "LeakTable | None" = None,
+           max_leak: float | None = None) -> PlanResult:
     """Predict every choice on ``base`` (its data, LoRA, segments, steps), keep those within the budgets
-    (bytes), best first; a ``BudgetError`` when none fits."""
+    (bytes), best first; a ``BudgetError`` when none fits. With a leak table and ``max_leak``, only choices (and
+    defense settings) that hold the strongest adaptive attack's ROUGE-L within it (``leak.py``)."""
     def weigh(c: Choice) -> Ranked:
         cfg = c.apply(base)
         return Ranked(c, predict(cfg, profile, bandwidth_mbps, latency_ms, server_speed=server_speed), cfg)
@@ -160,6 +167,10 @@ def search(base: RunConfig, profile: Profile, client_memory: int, server_memory:
     notes = []
     if "topk" not in codecs:
         notes.append("top-k is not searched: on activations it ruined the model (docs/efficiency.md)")
+    if leak is not None and max_leak is not None:
+        from .leak import meet
+
+        return PlanResult(meet(fits, leak, max_leak, _rank), len(every), notes)
     return PlanResult(sorted(fits, key=_rank), len(every), notes)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import SplittuneError
 from .attacks.base import Recovery
-from ..dpmath.metrics import leak_auc, mean_rouge_l_f1, set_scores, token_accuracy
+from ..dpmath.metrics import leak_auc, mean_rouge_l_f1, rouge_l_f1, set_scores, token_accuracy
 from ..taps.tap import Truth
 
 IGNORE = -100
@@ -85,7 +85,9 @@ def _score_tokens(recovery: Recovery, truth: Truth, tokenizer, examples: int) ->
         raise JudgeError("nothing to score: the truth record holds none of the micro-batches the attack recovered")
     hits = sum(s["hit"][0] for s in per_step.values())
     total = sum(s["hit"][1] for s in per_step.values())
-    return {"rouge_l_f1": mean_rouge_l_f1(refs, hyps), "token_accuracy": hits / max(total, 1), "texts": len(refs),
+    per_text = [round(rouge_l_f1(r, h), 4) for r, h in zip(refs, hyps)]  # (how sure a mean is: ``leak_table.py``)
+    return {"rouge_l_f1": mean_rouge_l_f1(refs, hyps), "rouge_l_f1_per_text": per_text,
+            "token_accuracy": hits / max(total, 1), "texts": len(refs),
             "positions": total,
             "per_step": {str(k): {"rouge_l_f1": mean_rouge_l_f1(v["refs"], v["hyps"]), "token_accuracy": v["hit"][0] / max(v["hit"][1], 1),
                                   "texts": len(v["refs"])} for k, v in sorted(per_step.items())},
