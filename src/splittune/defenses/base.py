@@ -113,6 +113,10 @@ class Defense:
         """Whether it hooks the bottom's forward (its embeddings or its loss)."""
         return False
 
+    def tokens(self, ids: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        """The token ids the bottom embeds, changed (a substitution; the labels keep the true tokens)."""
+        return ids
+
     def inputs(self, ids: torch.Tensor) -> None:
         """The token ids entering the bottom's forward that runs now (for a term on the loss that needs them)."""
 

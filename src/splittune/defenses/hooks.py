@@ -108,11 +108,19 @@ class ClientDefenses:
             box["embeds"] = output
             return output
 
-        handle = self.embedding.register_forward_hook(hook) if live else None
+        def substitute(module, args, kwargs):
+            ids = args[0] if args else kwargs["input"]
+            for d in live:
+                ids = d.tokens(ids, step, micro)
+            return ((ids, *args[1:]), kwargs) if args else (args, {**kwargs, "input": ids})
+
+        handles = [self.embedding.register_forward_hook(hook)] if live else []
+        if any(type(d).tokens is not Defense.tokens for d in live):
+            handles.append(self.embedding.register_forward_pre_hook(substitute, with_kwargs=True))
         try:
             yield box
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
 
     def penalty(self, box: dict[str, torch.Tensor], hidden: torch.Tensor, mask: torch.Tensor,

@@ -146,3 +146,67 @@ def marvell_variances(s0: float, s1: float, dim: int, p: float, power: float) ->
         lo, hi = betas[max(i - 1, 0)], betas[min(i + 1, 64)]
     kl, *variances = solve(np.array([betas[i]]))
     return tuple(max(float(v[0]), 0.0) for v in variances), float(kl[0])
+
+
+import math  # noqa: E402  (the analytic Gaussian below)
+
+
+def analytic_gaussian_delta(epsilon: float, sigma: float, sensitivity: float) -> float:
+    """The exact δ of the Gaussian mechanism N(0, σ²I) at ``epsilon`` for an L2 ``sensitivity`` (Balle & Wang, ICML'18,
+    Theorem 8): δ = Φ(Δ/2σ − εσ/Δ) − e^ε·Φ(−Δ/2σ − εσ/Δ), the second term in log space so a large ε cannot overflow."""
+    if sigma <= 0:
+        return 1.0
+    a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
+    return max(0.5 * math.erfc((b - a) / math.sqrt(2)) - math.exp(epsilon + _log_phi_below(a + b)), 0.0)
+
+
+def _log_phi_below(z: float) -> float:
+    """log Φ(−z), the standard normal's lower tail, exact from erfc and by its asymptotic series where erfc
+    underflows (z > 30: the series' error is below 1e-12 there)."""
+    if z < 30:
+        return math.log(0.5 * math.erfc(z / math.sqrt(2)))
+    r = 1 / (z * z)
+    return -z * z / 2 - math.log(z * math.sqrt(2 * math.pi)) + math.log1p(-r + 3 * r * r - 15 * r ** 3 + 105 * r ** 4)
+
+
+def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
+    """The smallest σ whose Gaussian mechanism is (``epsilon``, ``delta``)-DP for an L2 ``sensitivity``: the analytic
+    Gaussian mechanism's calibration (Balle & Wang 2018, Algorithm 1), by bisection on the exact δ of
+    ``analytic_gaussian_delta`` (decreasing in σ) to a relative 1e-12. It holds for every ε > 0, where the classical
+    σ = Δ·√(2 ln(1.25/δ))/ε needs ε < 1 and is larger. ε = ∞ asks for no noise: 0."""
+    if not (epsilon > 0 and 0 < delta < 1 and sensitivity > 0):
+        raise ValueError(f"the analytic Gaussian needs epsilon > 0, 0 < delta < 1 and sensitivity > 0, got "
+                         f"{epsilon}, {delta}, {sensitivity}")
+    if math.isinf(epsilon):
+        return 0.0
+    lo, hi = 0.0, sensitivity
+    while analytic_gaussian_delta(epsilon, hi, sensitivity) > delta:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-12 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if analytic_gaussian_delta(epsilon, mid, sensitivity) > delta else (lo, mid)
+    return hi
+
+
+def clip_matrices(x: torch.Tensor, clip: float) -> torch.Tensor:
+    """Each example's matrix (the last two dimensions: its tokens' rows) scaled to Frobenius norm at most ``clip``;
+    differentiable, and a matrix inside the ball keeps its bits."""
+    norms = torch.linalg.vector_norm(x.float(), dim=(-2, -1), keepdim=True)
+    scale = torch.where(norms > clip, clip / norms.clamp_min(1e-30), torch.ones_like(norms))
+    return (x.float() * scale).to(x.dtype)
+
+
+def analytic_gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1.0) -> float:
+    """The smallest ε at which N(0, σ²I) is (ε, ``delta``)-DP for an L2 ``sensitivity`` (the inverse of
+    ``analytic_gaussian_sigma``: δ(ε) of ``analytic_gaussian_delta`` is decreasing in ε); ∞ without noise."""
+    if sigma <= 0:
+        return math.inf
+    if analytic_gaussian_delta(0.0, sigma, sensitivity) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while analytic_gaussian_delta(hi, sigma, sensitivity) > delta:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-12 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if analytic_gaussian_delta(mid, sigma, sensitivity) > delta else (lo, mid)
+    return hi
