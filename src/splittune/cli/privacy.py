@@ -17,11 +17,13 @@ from .app import console, fail, quiet_libraries, shows_warnings, stops_cleanly, 
 @stops_cleanly("the attack was interrupted; nothing was written (run it again to score it)")
 def attack(
     run_dir: Path = typer.Argument(..., help="a run directory with a recorded tap (train --record-tap), or a serve --record-tap DIR"),
-    attack_name: str = typer.Option(..., "--attack", "-a", help="inversion | optimization | gradient-labels | label-inference | aggregator"),
+    attack_name: str = typer.Option(..., "--attack", "-a", help="inversion | optimization | generation-inversion | gradient-labels | label-inference | aggregator"),
     aux: Optional[str] = typer.Option(None, "--aux", help="public auxiliary text (a data source); default: a builtin text the run did not train on"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="where attack.json and attack.html go (default: RUN_DIR/attacks/NAME)"),
     set_: list[str] = typer.Option([], "--set", "-s", help="an attack option, e.g. --set epochs=5 (see docs/privacy.md)"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="the public base model (default: the run's `model:`)"),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="generation-inversion: the client's `splittune generate --json` "
+                                         "output, to score the recovered prompts and responses against"),
 ) -> None:
     """How much of the client's text could an observer reconstruct? Run one attack on a run's tap and score it."""
     quiet_libraries()
@@ -35,11 +37,13 @@ def attack(
     shown = _phase_bar()
     with shown as progress:
         try:
-            result = attack_run(run_dir, attack_name, aux, out, options, model, progress)
+            result = attack_run(run_dir, attack_name, aux, out, options, model, progress, truth)
         except user_errors() as err:
             progress.stop()
             fail(str(err))
-    figures = " · ".join(f"{k} {result[k]:.3f}" for k in ("rouge_l_f1", "token_accuracy", "leak_auc", "precision", "recall", "f1")
+    figures = " · ".join(f"{k} {result[k]:.3f}" for k in ("rouge_l_f1", "token_accuracy", "leak_auc", "precision", "recall", "f1",
+                                                          "prompt_rouge_l_f1", "prompt_token_accuracy", "response_rouge_l_f1",
+                                                          "response_token_accuracy")
                          if isinstance(result.get(k), (int, float)))
     console.print(f"{escape(attack_name)}: {figures or escape(result.get('scored', ''))} ({result['seconds']} s)", highlight=False)
     where = Path(out) if out is not None else Path(run_dir) / "attacks" / attack_name
@@ -202,10 +206,6 @@ def _attack_options(assignments: list[str]) -> dict:
     return options
 
 
-class _phase_bar:
-    """A progress bar for a job of phases (training an inverter, optimising): ``progress(done, total, what)``;
-    plain lines, each phase and every tenth of it, when not on a terminal."""
-
 def _grid_options(assignments: list[str]) -> dict[str, dict]:
     """``--attack-set attack.option=value`` pairs as each attack's options."""
     options: dict[str, dict] = {}
@@ -218,6 +218,10 @@ def _grid_options(assignments: list[str]) -> dict[str, dict]:
         options.setdefault(name, {}).update(_attack_options([rest]))
     return options
 
+
+class _phase_bar:
+    """A progress bar for a job of phases (training an inverter, optimising): ``progress(done, total, what)``;
+    plain lines, each phase and every tenth of it, when not on a terminal."""
 
     def __enter__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

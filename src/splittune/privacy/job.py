@@ -62,9 +62,13 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def attack_run(run_dir: Path, name: str, aux: str | None = None, out: Path | None = None, options: dict | None = None,
-               model: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Run attack ``name`` on ``run_dir``'s tap; write ``out/attack.json`` and ``out/attack.html``; return the result."""
+               model: str | None = None, progress: Progress | None = None, truth: Path | None = None) -> dict[str, Any]:
+    """Run attack ``name`` on ``run_dir``'s tap; write ``out/attack.json`` and ``out/attack.html``; return the result.
+    ``truth``: for a generation attack, the client's ``generate --json`` output it is scored against."""
     attack = make_attack(name, options)
+    if truth is not None and attack.target != "generation":
+        raise TapError(f"--truth scores a generation attack (generation-inversion); {name} is scored against the run's "
+                       "own tap/truth")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise TapError(f"{run_dir} is not a run directory")
@@ -88,7 +92,14 @@ def attack_run(run_dir: Path, name: str, aux: str | None = None, out: Path | Non
         "info": recovery.info,
     }
     truth_dir = tap.folder.parent / TRUTH
-    if (truth_dir / "tap.json").exists():
+    if recovery.target == "generation" and truth is not None:
+        from .judge_generation import read_generations, score_generation
+
+        result.update(score_generation(recovery, read_generations(truth, public.tokenizer), public.tokenizer))
+    elif recovery.target == "generation":
+        result["scored"] = "no truth: give the client's `splittune generate --json` output with --truth to score it"
+        result["examples"] = unscored(recovery, public.tokenizer)
+    elif (truth_dir / "tap.json").exists():
         result.update(score(recovery, Truth.open(truth_dir), public.tokenizer))
     else:
         result["scored"] = "no truth: the client's record of what it sent is not beside this tap (a served tap), so " \

@@ -98,8 +98,8 @@ class PublicKnowledge:
                                    "another source (e.g. builtin:shakespeare for a run on builtin:sentiment)")
 
     @functools.lru_cache(maxsize=8)
-    def segment(self, start: int, end: int) -> PretrainedSegment:
-        return PretrainedSegment(self.source, start, end)
+    def segment(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> PretrainedSegment:
+        return PretrainedSegment(self.source, start, end, dtype)
 
     def embeddings(self) -> torch.Tensor:
         """The pretrained input embedding matrix [vocab, width]."""

@@ -15,7 +15,8 @@ table{border-collapse:collapse;width:100%}td,th{border:1px solid #ccc;padding:.4
 th{background:#f3f3f3}.hit{background:#c8f0c8}.miss{background:#f8d0d0}.figs td{font-variant-numeric:tabular-nums}
 .tok{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.9em}small{color:#666}"""
 
-FIGURES = ("rouge_l_f1", "token_accuracy", "leak_auc", "precision", "recall", "f1")
+FIGURES = ("rouge_l_f1", "token_accuracy", "leak_auc", "precision", "recall", "f1", "prompt_rouge_l_f1", "prompt_token_accuracy",
+           "response_rouge_l_f1", "response_token_accuracy")
 
 
 def _tokens(tokens: list[str], marks: list[bool]) -> str:

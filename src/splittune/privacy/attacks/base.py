@@ -7,7 +7,9 @@ returns a :class:`Recovery`: what it claims each observed row held, in one of fo
 - ``inputs``: a token id per position of the row (-1 where it claims nothing);
 - ``labels``: a label per position, i.e. the token that *follows* each position (-1: none claimed);
 - ``class``: one score per row for the positive class (``Recovery.positive`` names it);
-- ``bag``: the set of token ids one client trained on in an aggregation round.
+- ``bag``: the set of token ids one client trained on in an aggregation round;
+- ``generation``: a token id per position of one generation call, the prompt then the response (the judge scores
+  the two parts apart, against the client's own record of what it generated).
 
 :func:`run_attack` is the only way to run one: it takes a recorded :class:`~..tap.Tap` and
 :class:`~..knowledge.PublicKnowledge` and refuses anything else (DESIGN.md contract 6). The judge
@@ -32,7 +34,7 @@ from ...wire.codecs import make_codec_with_feedback
 from ..knowledge import PublicKnowledge, ThreatModelError
 from ...taps.tap import Tap
 
-TARGETS = ("inputs", "labels", "class", "bag")
+TARGETS = ("inputs", "labels", "class", "bag", "generation")
 Progress = Callable[[int, int, str], None]  # (done, total, what): training or optimising steps
 
 
@@ -78,6 +80,7 @@ class Attack(ABC):
     target: ClassVar[str]
     summary: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
+    learns: ClassVar[bool] = False  # trains on public data: it must then be adaptive (trained through the defenses)
 
     def __init__(self, options: dict[str, Any] | None = None):
         try:
@@ -89,6 +92,14 @@ class Attack(ABC):
             if first["type"] == "extra_forbidden":
                 raise AttackError(f"attack {self.name}: unknown option {key!r} (options: {allowed})") from None
             raise AttackError(f"attack {self.name}: option {key!r}: {first['msg']} (got {first.get('input')!r})") from None
+
+    @property
+    def adaptive(self) -> bool | None:
+        """Whether what it learns from goes through the client's announced defenses (None: it learns nothing)."""
+        inner = getattr(self, "inversion", None)  # an attack started from the learned inverter
+        if inner is not None:
+            return inner.adaptive
+        return bool(self.options.adaptive) if "adaptive" in type(self.options).model_fields else None
 
     def check(self, tap: Tap) -> None:
         """Refuse a tap this attack cannot use, naming what it needs."""

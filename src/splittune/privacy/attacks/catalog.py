@@ -3,10 +3,10 @@ and ``make_attack``, which builds one by name."""
 
 from typing import Any
 
-from . import aggregator, gradient_labels, inversion, label_inference, optimization  # noqa: F401  (each registers itself)
+from . import aggregator, generation, gradient_labels, inversion, label_inference, optimization  # noqa: F401  (each registers itself)
 from .base import REGISTRY, Attack, AttackError
 
-NAMES = ("inversion", "optimization", "gradient-labels", "label-inference", "aggregator")
+NAMES = ("inversion", "optimization", "generation-inversion", "gradient-labels", "label-inference", "aggregator")
 
 
 def make_attack(name: str, options: dict[str, Any] | None = None) -> Attack:

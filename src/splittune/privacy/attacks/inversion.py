@@ -22,7 +22,6 @@ the output layer on the activation alone). Public knowledge closes the gap betwe
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Literal
 
@@ -32,8 +31,8 @@ from torch.nn import functional as F
 from pydantic import Field
 
 from ..knowledge import PublicKnowledge
-from ...dpmath.mechanisms import dx_release
 from ...taps.tap import Tap
+from .adaptive import replayed_bottom
 from .base import Attack, AttackError, Options, Progress, Recovered, Recovery, observed, register, rows_of, wire_transform
 
 
@@ -54,22 +53,6 @@ class InversionOptions(Options):
     seed: int = Field(0, description="seeds the auxiliary sample, the inverter's initialisation and its batches")
     adaptive: bool = Field(True, description="train on auxiliary activations through the client's announced defenses (its "
                            "noise drawn afresh): an attacker who knows the defense trains against it")
-
-
-@contextlib.contextmanager
-def embedding_noise(bottom, dx: dict | None, seed: int):
-    """The client's announced dχ defense on the public bottom's embeddings, with the attacker's own noise."""
-    if dx is None:
-        yield
-        return
-    embedding = bottom.model.get_input_embeddings()
-    generator = torch.Generator().manual_seed(seed)
-    table = embedding.weight if dx.get("snap") else None
-    handle = embedding.register_forward_hook(lambda m, a, out: dx_release(out, float(dx["epsilon"]), table, generator))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def activation_records(tap: Tap, steps: list[int] | None = None) -> list:
@@ -138,6 +121,7 @@ class Inversion(Attack):
     target = "inputs"
     summary = "SIP: an inverter trained on public text through the pretrained bottom maps smashed activations to tokens"
     Options = InversionOptions
+    learns = True
 
     def fit(self, tap: Tap, public: PublicKnowledge, progress: Progress, seq_len: int, micro: int) -> Inverter:
         """The inverter trained on auxiliary (and random) rows through the pretrained bottom and the uplink codec."""
@@ -150,8 +134,8 @@ class Inversion(Attack):
         if o.random_rows:
             ids = torch.cat([ids, torch.randint(0, public.vocab, (o.random_rows, seq_len), generator=g)])
             mask = torch.cat([mask, torch.ones(o.random_rows, seq_len, dtype=mask.dtype)])
-        dx = next((d for d in tap.proposal().get("defenses", []) if d.get("name") == "dx"), None) if o.adaptive else None
-        with torch.no_grad(), embedding_noise(bottom, dx, o.seed):  # in micro-batches of the run's size, as the codec saw them
+        # in micro-batches of the run's size, as the codec saw them; the in-bottom defenses replayed (adaptive)
+        with torch.no_grad(), replayed_bottom(bottom, tap.proposal(), o.seed, o.adaptive) as replay:
             hidden = torch.cat([transform(bottom(mask[i:i + micro], input_ids=ids[i:i + micro]).float())
                                 for i in range(0, len(ids), micro)])
         keep = mask.bool()
@@ -181,7 +165,8 @@ class Inversion(Attack):
                 progress(epoch * batches + b + 1, total, f"{self.name}: training the inverter")
             losses.append(running / batches)
         inverter.eval()
-        self.info = {"cut": cut, "codec": transform.codec, "defenses": transform.defenses + ([dx] if dx else []), "aux": public.aux, "aux_rows": int(len(ids) - o.random_rows),
+        self.info = {"cut": cut, "codec": transform.codec, "defenses": transform.defenses + replay.replayed,
+                     "not_replayed": replay.skipped, "aux": public.aux, "aux_rows": int(len(ids) - o.random_rows),
                      "random_rows": o.random_rows, "model": o.model, "head": o.head, "epoch_losses": losses}
         return inverter
 

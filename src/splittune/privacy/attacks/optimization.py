@@ -54,6 +54,7 @@ class Optimization(Attack):
     target = "inputs"
     summary = "relaxed tokens optimised so the pretrained bottom's activations match the observed ones"
     Options = OptimizationOptions
+    learns = True
 
     def __init__(self, options: dict[str, Any] | None = None):
         super().__init__(options)
@@ -106,6 +107,7 @@ class Optimization(Attack):
         info: dict[str, Any] = {"cut": cut, "steps": steps, "init": o.init, "objective": o.objective, "final_loss": {}}
         if inversion is not None:
             info["inversion"] = inversion.info
+            info["defenses"] = inversion.info["defenses"]  # its start is adaptive; the matching aims at the noise's centre
         recovery = Recovery(self.name, self.target, info=info)
         total, done = len(records) * o.iterations, 0
         for record in records:
