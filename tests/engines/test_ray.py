@@ -159,3 +159,36 @@ def test_client_workers_the_cluster_cannot_place_are_refused_at_once(tmp_path, c
         train(cfg, tmp_path / "run")
     with pytest.raises(ConfigError, match="ray.client_workers=2 spreads the clients over Ray actors; it needs engine: ray"):
         load_config(None, [*RUN, "clients=4", "ray.client_workers=2"])
+
+
+def test_a_trunk_in_two_span_actors_trains_as_the_trunk_in_one(tmp_path, cluster, monkeypatch):
+    """The server's blocks [1, 3) as two span actors (block 1 in the trunk's actor, block 2 in another), the hidden state
+    and its gradient handed between them: every step's loss, bytes and every adapter tensor as the in-process run's
+    (the two-client run killed before step 3 and resumed: each span restores its own part of the checkpoint)."""
+    run = [*RUN, "clients=2", "schedule=sfl-v2", "train.checkpoint_every=1", "train.steps=3"]
+    train(load_config(None, run), tmp_path / "local")
+    spans = ["engine=ray", "ray.trunk_spans=2", "ray.server_resources={num_cpus: 0.5}"]
+    summary = killed_then_resumed(monkeypatch, 3, lambda: train(load_config(None, [*run, *spans]), tmp_path / "ray"))
+    got, want = steady(tmp_path / "ray"), steady(tmp_path / "local")
+    assert [(r["step"], r["client"], r["bytes_up"], r["bytes_down"]) for r in got] == \
+           [(r["step"], r["client"], r["bytes_up"], r["bytes_down"]) for r in want]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5, abs=1e-6)
+    a, b = adapters(tmp_path / "ray"), adapters(tmp_path / "local")
+    assert a.keys() == b.keys() and all(torch.allclose(a[f][k], b[f][k], rtol=1e-4, atol=1e-6) for f in a for k in a[f])
+    assert any("layers.2." in k for f in a for k in a[f])  # the second span's adapters came back with the first's
+    assert summary["server_params"] > 0
+    (saved,) = (tmp_path / "ray" / "checkpoint" / "server").glob("run-*/step-3/tensors.safetensors")
+    keys = list(load_file(saved))  # block 2 is the second span's, checkpointed apart
+    assert any(k.startswith("span1.") and "layers.2." in k for k in keys)
+    assert not any(k.startswith(("state.", "optimizer.")) and "layers.2." in k for k in keys)  # not the first span's
+
+
+def test_trunk_spans_the_split_cannot_take_are_refused():
+    from splittune.parties.server.spans import bounds
+
+    with pytest.raises(ConfigError, match=r"ray.trunk_spans=2 cuts the server's trunk into Ray actors: it needs engine: ray and a "
+                                          r"U-shaped split \(cuts: \[a, b\]\)"):
+        load_config(None, [*RUN, "cuts=[2]", "engine=ray", "ray.trunk_spans=2"])
+    assert bounds(1, 3, 2) == [(1, 2), (2, 3)] and bounds(2, 29, 4) == [(2, 9), (9, 16), (16, 23), (23, 29)]
+    with pytest.raises(ValueError, match=r"ray.trunk_spans=3 cannot cut the server's 2 block\(s\) \[1, 3\)"):
+        bounds(1, 3, 3)

@@ -207,6 +207,9 @@ class RunConfig(Section):
         if self.engine == "ray" and self.mode == "centralized":
             raise ValueError("engine: ray runs the server's trunk in a Ray actor, and mode: centralized has no server; "
                              "use engine: local")
+        if self.ray.trunk_spans > 1 and (self.engine != "ray" or (self.cuts is not None and len(self.cuts) != 2)):
+            raise ValueError(f"ray.trunk_spans={self.ray.trunk_spans} cuts the server's trunk into Ray actors: it needs "
+                             "engine: ray and a U-shaped split (cuts: [a, b])")
         if self.ray.client_workers and self.engine != "ray":
             raise ValueError(f"ray.client_workers={self.ray.client_workers} spreads the clients over Ray actors; it needs "
                              "engine: ray")

@@ -182,6 +182,9 @@ class RayConfig(Section):
                                 "`HOST:6379`); null: start a local cluster of this machine's CPUs for the run")
     server_resources: RayResources = Field(default_factory=lambda: RayResources(),
                                            description="the server's trunk actor: {num_cpus, num_gpus}")
+    trunk_spans: int = Field(1, ge=1, description="the server's trunk cut into this many consecutive spans, each a Ray actor "
+                             "on ray.server_resources (its own GPU when there are GPUs), exact across spans; U-shaped splits "
+                             "whose clients share the server's adapter and cuts")
     client_workers: int = Field(0, ge=0, description="client worker actors the run's clients are spread over (client i on "
                                 "worker i mod K, each worker's clients on one copy of the frozen weights); 0: the clients "
                                 "run in the driver's process")

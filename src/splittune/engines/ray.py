@@ -70,7 +70,8 @@ def _reachable(address: str) -> None:
 class _TrunkActor:
     """The server party inside a Ray actor (a threaded actor: a handler waits for other clients' messages)."""
 
-    def __init__(self, model: str, state_dir: str | None, device: str, threads: int):
+    def __init__(self, model: str, state_dir: str | None, device: str, threads: int, spans: int = 1,
+                 resources: dict[str, float] | None = None):
         import torch
 
         from ..device import resolve_device
@@ -79,8 +80,13 @@ class _TrunkActor:
         from .local import server_for
 
         torch.set_num_threads(max(1, threads))
+        later = None
+        if spans > 1:  # the trunk's later spans: actors of their own (``ray_spans.py``)
+            from .ray_spans import RaySpans
+
+            later = RaySpans(spans, model, device, resources or {})
         self.server = server_for(resolve_model(model), state_dir=Path(state_dir) if state_dir else None,
-                                 device=resolve_device(device))
+                                 device=resolve_device(device), spans=later)
         self.link = ServerLink(self.server.handle)
 
     def serve(self, frame: bytes) -> bytes:
@@ -96,15 +102,16 @@ class _TrunkActor:
 class RayServer:
     """The driver's handle on the trunk actor: what a ``Fleet`` asks of its server (channels, cancel, close)."""
 
-    def __init__(self, model: str, state_dir: Path | None, device: str, resources: dict[str, float]):
+    def __init__(self, model: str, state_dir: Path | None, device: str, resources: dict[str, float], spans: int = 1):
         ray = ray_module()
         cpus, gpus = float(resources.get("num_cpus", 1)), float(resources.get("num_gpus", 0))
         total = ray.cluster_resources()
-        if cpus > total.get("CPU", 0) or gpus > total.get("GPU", 0):
-            raise RayEngineError(f"ray.server_resources asks for {cpus:g} CPUs and {gpus:g} GPUs, and the Ray cluster has "
+        if spans * cpus > total.get("CPU", 0) or spans * gpus > total.get("GPU", 0):
+            each = f" for each of its {spans} trunk spans" if spans > 1 else ""
+            raise RayEngineError(f"ray.server_resources asks for {cpus:g} CPUs and {gpus:g} GPUs{each}, and the Ray cluster has "
                                  f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs in all; lower them or add nodes")
         actor = ray.remote(_TrunkActor).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=1024, name=None)
-        self.actor = actor.remote(model, str(state_dir) if state_dir else None, device, max(1, int(cpus)))
+        self.actor = actor.remote(model, str(state_dir) if state_dir else None, device, max(1, int(cpus)), spans, dict(resources))
         try:
             ray.get(self.actor.ready.remote(), timeout=_PLACEMENT_S)
         except ray.exceptions.GetTimeoutError:

@@ -85,7 +85,7 @@ def ray_server(cfg: RunConfig, state_dir: Path | None):
     from ..engines.ray import RayServer, start
 
     start(cfg.ray.address)
-    return RayServer(cfg.model, state_dir, cfg.train.device, cfg.ray.server_resources.model_dump())
+    return RayServer(cfg.model, state_dir, cfg.train.device, cfg.ray.server_resources.model_dump(), cfg.ray.trunk_spans)
 
 
 def connect(cfg: RunConfig, source: ModelSource, samples: list[int], indices: list[int] | None = None,

@@ -76,7 +76,8 @@ def train_on_workers(cfg: RunConfig, out: Path, progress: Callable | None = None
     _check_room(ray, cfg)
     threads = max(1, int(res.num_cpus))  # each worker computes with the CPUs it asked for
     config = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": threads})}).model_dump_json()
-    server = RayServer(cfg.model, out / CHECKPOINTS / "server", cfg.train.device, cfg.ray.server_resources.model_dump())
+    server = RayServer(cfg.model, out / CHECKPOINTS / "server", cfg.train.device, cfg.ray.server_resources.model_dump(),
+                       cfg.ray.trunk_spans)
     actor = ray.remote(_ClientWorker).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=RESTARTS,
                                               max_task_retries=RESTARTS)
     workers = []

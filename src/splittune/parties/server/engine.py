@@ -217,6 +217,8 @@ class TrunkEngine:
         trainer = self.party.trainers[adapter] if self.party else None
         if trainer is not None and trainer.optimizer is not None:
             trainer.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.party, "spans"):  # a spanned trunk: its later spans too (``spans.py``)
+            self.party.forget(adapter)
 
     def step(self, adapter: str, client_sq: float, scale: float | None = None, overflow: bool = False,
              catch_up: int | None = None) -> tuple[float, float, bool]:

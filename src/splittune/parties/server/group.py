@@ -35,6 +35,7 @@ from ..cache import ActivationCache
 from ..party import Party, SessionSpec
 from ..protocol import ProtocolError
 from .meet import Rendezvous, Turnstile
+from .spans import SpannedParty, bounds
 from ..secure import SecureRounds
 
 log = logging.getLogger("splittune.serve")
@@ -148,9 +149,11 @@ class Group:
             )
 
     # -- forming ------------------------------------------------------------------------------------
-    def form(self, source: ModelSource, arch: ArchSpec, config, device=None, bank: FrozenBank | None = None) -> None:
+    def form(self, source: ModelSource, arch: ArchSpec, config, device=None, bank: FrozenBank | None = None,
+             spans=None) -> None:
         """Once every client said hello: load the blocks any of them needs and one adapter per trainer (on the frozen
-        weights ``bank`` holds for the other runs of this process, when it is given)."""
+        weights ``bank`` holds for the other runs of this process, when it is given; the later trunk spans through
+        ``spans``, a ``SpanMaker``, when the trunk is cut into several: ``spans.py``)."""
         self.arch = arch
         self.blocks_path = arch.blocks_path
         first = self.members[0].spec
@@ -169,12 +172,27 @@ class Group:
         adapters = tuple(f"client{m}" for m in sorted(self.members)) if self.batched else ("default",)
         if self.batched and "full" in {first.segments[s.name] for s in spec.plan(arch.n_blocks).party_segments("server")}:
             raise ValueError("sfl-v1 keeps one server-side adapter per client; a segment trained in full would need a copy of it per client (use lora or frozen)")
-        self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=self.policy.server_steps(first.steps, self.roster.size),
-                           device=device, recompute=spec.server_gradient_checkpointing)
+        total = self.policy.server_steps(first.steps, self.roster.size)
+        if spans is not None and spans.count > 1:
+            self.party = self._spanned(source, arch, spec, config, adapters, total, device, spans, ranges)
+        else:
+            self.party = Party("server", source, arch, spec, config, adapters=adapters, total_steps=total, device=device,
+                               recompute=spec.server_gradient_checkpointing)
         if bank is not None:
             bank.share(self.party.model, source.fingerprint())
         for m in self.members.values():
             m.adapter = adapters[m.index] if len(adapters) > 1 else adapters[0]
+
+    def _spanned(self, source, arch, spec, config, adapters, total, device, spans, ranges) -> SpannedParty:
+        """The trunk [a, b) in ``spans.count`` spans: the first here, the later ones made by ``spans``."""
+        if len(spec.cuts) != 2 or self.batched or len(set(ranges.values())) > 1 or spec.loss_scale:
+            raise ValueError(f"ray.trunk_spans={spans.count} runs a U-shaped split (cuts: [a, b]) whose clients share the "
+                             "server's adapter and cuts, without float16 loss scaling (a two-part split's head, sfl-v1's "
+                             "adapters per client, per-client cuts and loss scaling need ray.trunk_spans: 1)")
+        (a, m), *later = bounds(spec.cuts[0], spec.cuts[1], spans.count)
+        local = Party("server", source, arch, replace(spec, cuts=[a, m]), config, adapters=adapters, total_steps=total,
+                      device=device, recompute=spec.server_gradient_checkpointing)
+        return SpannedParty(local, [spans.make(replace(spec, cuts=[lo, hi]), lo, hi, adapters, total) for lo, hi in later])
 
     def _check_modes(self, first: SessionSpec) -> None:
         """Blocks that change hands between clients must train the same way on either side."""

@@ -53,9 +53,11 @@ class Server:
 
     def __init__(self, source: ModelSource, spec: ArchSpec, config=None, wait_s: float = 600.0, state_dir: Path | None = None,
                  device: torch.device | None = None, *, policies: Mapping, max_cache_bytes: int | None = None,
-                 inference: InferenceLimits | None = None, quantize: str | None = None, bank: FrozenBank | None = None):
+                 inference: InferenceLimits | None = None, quantize: str | None = None, bank: FrozenBank | None = None,
+                 spans=None):
         self.source = source
         self.bank = bank  # frozen weights shared with the other runs of this process (``host.py``), or None
+        self.spans = spans  # a ``spans.SpanMaker`` when the trunk is cut into spans elsewhere (``ray.trunk_spans``), or None
         self.quantize = quantize  # serve --quantize: the trunk's quantization, fixed for every client (None: theirs)
         self.device = device if device is not None else torch.device("cpu")
         self.spec = spec
@@ -253,7 +255,7 @@ class Server:
 
     def _form(self, group: Group, items: dict) -> dict:
         group.formed = True  # every client said hello: a client saying it again now rejoins a run under way
-        self.engine.run(group.form, self.source, self.spec, self.config, self.device, self.bank)
+        self.engine.run(group.form, self.source, self.spec, self.config, self.device, self.bank, self.spans)
         self.engine.run(self.engine.reset, group.party, group.batched)
         resumes = set(items.values())
         if len(resumes) > 1:
