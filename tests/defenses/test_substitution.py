@@ -76,6 +76,30 @@ def test_custext_sets_partition_the_vocabulary_with_an_epsilon_bound_inside_each
     assert _worst_ratio(*full) == math.inf
 
 
+def test_the_batched_grouping_is_the_one_anchor_at_a_time_greedy():
+    """Each candidate of a batch is the next anchor only if no group before it took it: the partition is exactly the
+    sequential greedy's (the twin: skipping that check gives overlapping sets, so the comparison can fail)."""
+    from splittune.defenses.vocabulary import _greedy
+
+    def one_at_a_time(t, k, check=True):
+        sq, taken, out = (t * t).sum(1), torch.zeros(len(t), dtype=torch.bool), []
+        candidates = list(range(len(t)))
+        while not bool(taken.all()):
+            first = int((~taken).nonzero()[0]) if check else candidates.pop(0)
+            d2 = (sq - 2 * t @ t[first]).masked_fill(taken, math.inf)
+            d2[first] = -math.inf
+            pick = d2.topk(min(k, int((~taken).sum())), largest=False).indices
+            taken[pick] = True
+            out.append(pick)
+        return out
+
+    table = _table(vocab=700, width=12)
+    batched, sequential = _greedy(table, 9, batch=16), one_at_a_time(table, 9)
+    assert len(batched) == len(sequential) and all(torch.equal(a, b) for a, b in zip(batched, sequential))
+    unchecked = one_at_a_time(table, 9, check=False)  # anchors taken in id order whether grouped already or not
+    assert len(unchecked) != len(sequential) or any(not torch.equal(a, b) for a, b in zip(unchecked, sequential))
+
+
 def test_a_50k_vocabulary_costs_memory_per_token_seen():
     table = _table(vocab=50_000, width=16)
     rows = ExponentialRows(table, 2.0, k=32)
