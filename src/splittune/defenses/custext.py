@@ -18,7 +18,7 @@ class CusTextDefense(Settings):
 
     name: Literal["custext"]
     epsilon: float = Field(..., gt=0.0, description="ε between any two tokens of one output set; inf: off")
-    top: int = Field(20, ge=2, le=1024, description="K: the size of each token's customised output set")
+    top: int = Field(20, ge=2, le=256, description="K: the size of each token's customised output set")
 
 
 @register

@@ -95,8 +95,9 @@ class ClientDefenses:
 
     @contextlib.contextmanager
     def bottom(self, step: int = 0, micro: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Around one bottom forward (of training ``step`` and ``micro``-batch; step 0: an evaluation): the embedding
-        output through every defense, kept in the yielded box for their terms on the loss."""
+        """Around one bottom forward (of training ``step`` and ``micro``-batch; step 0: an evaluation): the ids the
+        embedding layer reads through every defense's ``tokens`` (a substitution), then its output through every
+        defense, kept in the yielded box for their terms on the loss."""
         box: dict[str, torch.Tensor] = {}
         live = [d for d in self.defenses if d.active and not self.paused]
 

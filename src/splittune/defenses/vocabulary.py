@@ -141,13 +141,15 @@ class Groups:
         members = torch.full((len(groups), self.k), -1, dtype=torch.long)
         for g, m in enumerate(groups):
             members[g, :len(m)] = m
-        e = t.cpu().double()[members.clamp_min(0)]  # [G, k, d]
-        dist = torch.cdist(e, e)
-        real = members >= 0
-        dist = dist.masked_fill(~real[:, None, :], 0.0)
-        far = dist.max(2, keepdim=True).values.clamp_min(1e-30)
-        score = (0.5 * float(epsilon) * (1 - dist / far)).masked_fill(~real[:, None, :], -float("inf"))
-        logp = score - torch.logsumexp(score, 2, keepdim=True)  # [G, k (input), k (output)]
+        logp = torch.empty(len(groups), self.k, self.k, dtype=torch.float64)  # [G, k (input), k (output)]
+        for start in range(0, len(groups), 256):  # a few groups' rows at a time: bounded memory
+            part = members[start:start + 256]
+            e = t.cpu()[part.clamp_min(0)].double()
+            real = (part >= 0)[:, None, :]
+            dist = torch.cdist(e, e).masked_fill(~real, 0.0)
+            far = dist.max(2, keepdim=True).values.clamp_min(1e-30)
+            score = (0.5 * float(epsilon) * (1 - dist / far)).masked_fill(~real, -float("inf"))
+            logp[start:start + 256] = score - torch.logsumexp(score, 2, keepdim=True)
         self.group = torch.zeros(vocab, dtype=torch.long)
         self.row = torch.zeros(vocab, dtype=torch.long)
         for g, m in enumerate(groups):
