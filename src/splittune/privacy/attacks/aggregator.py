@@ -102,6 +102,43 @@ def token_inputs(model: torch.nn.Module, vocab: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def input_table(public: PublicKnowledge) -> tuple[str, torch.Tensor]:
+    """The pretrained input embedding table and its name in a client's state (what a bottom trained in full sends)."""
+    seg = public.segment(0, 0)
+    weight = seg.model.get_input_embeddings().weight
+    name = next(n for n, p in seg.model.named_parameters() if p is weight)
+    return name, weight.detach().float()
+
+
+def changed_rows(delta: torch.Tensor, start: torch.Tensor, before: torch.Tensor | None, tol: float = 1e-6,
+                 rank: int = 32, outside: float = 0.65) -> list[int]:
+    """The tokens whose embedding row a client's round update moved for their own sake.
+
+    Sparse update (an embedding of its own): a row gets a gradient only when its token is in the batch, and Adam
+    leaves a row whose gradient was always 0 where it was (weight decay, the same factor on every row, is fitted and
+    removed), so the moved rows are the bag. Dense update (an embedding tied to the head, as SmolLM2's: the head's
+    gradient reaches every row, and Adam's per-entry normalisation makes them all move): the rows of tokens that
+    were not in the batch move alike, each a mixture of the same final hidden states, so they share a few
+    directions; a batch token's row also carries its own input and label gradient. The bag is then the rows with
+    more than ``outside`` of their update outside the top-``rank`` subspace of all rows (at most an eighth of the
+    width, so that a random row is far outside it). A pick of most rows is no
+    bag (masked words under secure aggregation look like that): empty. A row that moves exactly as in the client's
+    previous round (cosine > 1 − 1e-4) is Adam's momentum repeating that round's step, not this round's token."""
+    c = float(((delta * start).sum(1) / (start * start).sum(1).clamp_min(1e-30)).median())
+    own = delta - c * start
+    moved = own.norm(dim=1)
+    bag = moved > tol * start.norm(dim=1).clamp_min(1e-12)
+    if bag.float().mean() > 0.5:  # dense: the rows that leave the directions every row shares
+        _, _, basis = torch.svd_lowrank(delta, q=max(min(rank, delta.shape[1] // 8), 1), niter=3)
+        bag = (delta - (delta @ basis) @ basis.T).norm(dim=1) > outside * delta.norm(dim=1).clamp_min(1e-30)
+    if bag.float().mean() > 0.5:  # a round's batches never hold most of a vocabulary: masked words or noise
+        return []
+    if before is not None:
+        stale = torch.nn.functional.cosine_similarity(delta, before, dim=1) > 1 - 1e-4
+        bag &= ~stale
+    return bag.nonzero().flatten().tolist()
+
+
 def pursuit(groups: list[tuple[torch.Tensor, torch.Tensor]], candidates: torch.Tensor, ratio: float,
             top_k: int | None, max_bag: int) -> list[int]:
     """Greedy simultaneous OMP: tokens whose inputs (``X`` rows, unit norm) span the update rows ``R`` of each group."""
@@ -148,9 +185,13 @@ class AggregatorInversion(Attack):
         inputs = token_inputs(model, public.vocab)
         modules = [m for m in sorted(inputs) if f"{m}.lora_A.weight" in init]
         names = {k for k in init if lora_module(k) and lora_module(k)[0] in modules}
-        if not modules or not any(names & set(r.entries) for r in ups):
+        table_name, table = input_table(public)
+        if any(table_name in r.entries for r in ups):  # a bottom trained in full sends its embedding table
+            names, init = names | {table_name}, {**init, table_name: table}
+        elif not modules or not any(names & set(r.entries) for r in ups):
             raise AttackError("the clients send no LoRA factors of a first-block module whose input is one token "
-                              f"(first block's LoRA modules: {sorted(lora_layers(model))}); adapt the bottom with LoRA")
+                              f"(first block's LoRA modules: {sorted(lora_layers(model))}) and no embedding table; adapt "
+                              "the bottom with LoRA, or train it in full")
         groups_of: dict[str, list[str]] = collections.defaultdict(list)  # modules with the same input, stacked
         for m in modules:
             key = next((k for k in groups_of if torch.equal(inputs[k], inputs[m])), m)
@@ -164,6 +205,7 @@ class AggregatorInversion(Attack):
             candidates &= seen
         personal = "bottom" in tap.proposal().get("personal", [])
         start = {s: {k: v for k, v in init.items() if k in names} for s in {r.session for r in ups}}
+        before: dict[str, torch.Tensor] = {}  # each client's previous table update (what Adam's momentum repeats)
         items, empty = [], 0
         for i, step in enumerate(rounds):
             sent = {r.session: {k: as_values(r.tensor(k)) for k in names if k in r.entries}
@@ -177,13 +219,19 @@ class AggregatorInversion(Attack):
                                 if f"{m}.lora_A.weight" in tensors]
                         if rows and torch.cat(rows).abs().max() > 0:
                             groups.append((torch.cat(rows), unit[key]))
-                    bag = pursuit(groups, candidates, opts.ratio, opts.top_k, opts.max_bag) if groups else []
+                    if table_name in tensors:
+                        delta = tensors[table_name] - start[session][table_name]
+                        bag = changed_rows(delta, start[session][table_name], before.get(session))
+                        before[session] = delta
+                    else:
+                        bag = pursuit(groups, candidates, opts.ratio, opts.top_k, opts.max_bag) if groups else []
                     empty += not bag
                     items.append(Recovered(session, step, 0, rows=[], bag=bag))
                 start[session] = {**start[session], **shares.get(session, {})}
             progress(i + 1, len(rounds), "aggregation rounds")
+        signal = "embedding rows that moved" if table_name in names else "first-block LoRA A update (span pursuit)"
         return Recovery(self.name, "bag", items, info={"rounds": len(rounds), "modules": modules, "empty_bags": empty,
-                                                       "signal": "first-block LoRA A update (span pursuit)"})
+                                                       "signal": signal})
 
     @staticmethod
     def _shares(tap, step, records, sent, downs, personal) -> dict[str, dict[str, torch.Tensor]]:

@@ -59,43 +59,48 @@ def refine_row(op, norm: torch.nn.Module, head: torch.Tensor, e: torch.Tensor, g
     pool = torch.cat([candidates.clamp_min(0), (norm(x) @ head.T).topk(candidates.shape[1], -1).indices], dim=1)
     labels = candidates[:, 0].clone()
     d = directions(norm, head, x, labels[:, None])[:, 0]
-    keep, s = explained(e, d, where)
-    info: dict = {"rounds": 0, "unexplained": [int((where & ~keep).sum())]}
-    if s == 0.0 or keep.sum() < 0.5 * where.sum():  # refinement anchors on a mostly right solve; noise has none
+    active, s = explained(e, d, where)  # the positions believed to carry these labels
+    info: dict = {"rounds": 0, "unexplained": [int((where & ~active).sum())]}
+    if s == 0.0:
         return labels, info
-    silent = torch.zeros_like(where)  # positions found to carry no loss
     scale = g.norm(dim=-1).clamp_min(g.norm(dim=-1)[where].median() if where.any() else 1e-30)
+    off = (g - s * op.At(torch.where(active[:, None], d, 0.0)[None])[0]).norm(dim=-1)
+    if (off / scale)[where].median() > 0.5:  # the kept labels explain g at few positions: no anchor (noise)
+        return labels, info
     # a label the solved e seemed to explain may still be wrong: the exact gradient of the kept labels says where
-    todo = where & (~keep | ((g - s * op.At(torch.where(keep[:, None], d, 0.0)[None])[0]).norm(dim=-1) > tol * scale))
+    todo = where & (~active | (off > tol * scale))
     info["unexplained"].append(int(todo.sum()))
     for _ in range(rounds):
         order = todo.nonzero().flatten()
         if order.numel() == 0:
             break
         info["rounds"] += 1
-        base = torch.where((where & ~silent & ~todo)[:, None], s * d, 0.0)
+        order = order[off[order].argsort(descending=True)][: max(max_columns // (2 * pool.shape[1] + 1), 1)]
+        examined = torch.zeros_like(where)
+        examined[order] = True
+        base = torch.where((active & ~examined)[:, None], s * d, 0.0)
         resid = g - op.At(base[None])[0]
         # with the settled positions exact, e at the others is a small system: solve it, rank their labels afresh
-        local = solve(resid, todo)
+        local = solve(resid, examined)
         fresh = decode(x[order], local[order])
-        resid = resid.flatten()
         cols, owners = [], []
-        for i, t in enumerate(order[: max(max_columns // (2 * pool.shape[1] + 1), 1)].tolist()):
+        for i, t in enumerate(order.tolist()):
             options = torch.unique(torch.cat([labels[t:t + 1], pool[t], fresh[i]]).clamp_min(0))
             for c, dc in zip(options.tolist(), directions(norm, head, x[t:t + 1], options[None])[0]):
                 placed = torch.zeros_like(e)
                 placed[t] = s * dc
                 cols.append(op.At(placed[None])[0].flatten())
                 owners.append((t, c))
-        alpha = torch.linalg.lstsq(torch.stack(cols, 1), resid[:, None]).solution[:, 0]
-        for t in sorted({t for t, _ in owners}):
+        alpha = torch.linalg.lstsq(torch.stack(cols, 1), resid.flatten()[:, None]).solution[:, 0]
+        for t in order.tolist():
             weight, c = max((float(alpha[j]), c) for j, (tt, c) in enumerate(owners) if tt == t)
-            silent[t] = weight < 0.5
+            active[t] = weight >= 0.5  # below: no loss there (a prompt position), or no candidate fits
             if weight >= 0.5:
                 labels[t] = c
         d = directions(norm, head, x, labels[:, None])[:, 0]
-        model = op.At(torch.where((where & ~silent)[:, None], d, 0.0)[None])[0]
+        model = op.At(torch.where(active[:, None], d, 0.0)[None])[0]
         s = float((model * g).sum() / (model * model).sum().clamp_min(1e-300))  # the one scale 1/N, fitted in g's space
-        todo = where & ((g - s * model).norm(dim=-1) > tol * scale)
+        off = (g - s * model).norm(dim=-1)
+        todo = where & (off > tol * scale)
         info["unexplained"].append(int(todo.sum()))
     return labels, info
