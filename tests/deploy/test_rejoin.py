@@ -17,9 +17,9 @@ from configs import tiny
 
 RUN = tiny("cuts=[1,3]", "train.steps=4", "data.max_documents=8", "train.eval_every=0", "train.lr=0.01",
            "train.warmup_steps=0", "train.checkpoint_every=1")
+# (sfl-v2's rejoin runs in tests/engines/test_ray.py: a killed Ray client worker rejoins the same way)
 CASES = {
     "sfl-v1-secure": ["clients=3", "schedule=sfl-v1", "aggregate_every=1", "secure_aggregation=true"],
-    "sfl-v2": ["clients=2", "schedule=sfl-v2", "aggregate_every=2"],
     "sequential": ["clients=2", "schedule=sequential"],
 }
 
