@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from ..dpmath.accounting import gaussian_epsilon
 from ..dpmath.mechanisms import analytic_gaussian_epsilon, analytic_gaussian_sigma, clip_matrices, clip_rows, gaussian_noise
 from .base import Defense, DefenseError, Guarantee, Settings, finite, register
-from .noise import NoiseStream
+from .noise import DrawsNoise, NoiseStream
 
 
 class DpForwardDefense(Settings):
@@ -38,7 +38,7 @@ class DpForwardDefense(Settings):
 
 
 @register
-class DpForward(Defense):
+class DpForward(DrawsNoise, Defense):
     """DP-Forward (Du, Yue, Chow, Wang, Huang, Sun: "DP-Forward: Fine-tuning and Inference on Language Models with
     Differential Privacy in Forward Pass", CCS 2023): the output of a chosen sub-layer of the client's bottom is
     normalised and perturbed with matrix Gaussian noise, so everything after it, what crosses the cut included, is
@@ -130,12 +130,6 @@ class DpForward(Defense):
 
     def resolved(self):
         return {"sigma_per_sensitivity": self.unit}
-
-    def state_dict(self):
-        return self.noise.state_dict()
-
-    def load_state_dict(self, state):
-        self.noise.load_state_dict(state)
 
     @classmethod
     def guarantee(cls, entry, usage):

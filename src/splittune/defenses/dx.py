@@ -8,7 +8,7 @@ from pydantic import Field
 
 from ..dpmath.mechanisms import dx_release
 from .base import Defense, Guarantee, Settings, register
-from .noise import NoiseStream
+from .noise import DrawsNoise, NoiseStream
 
 
 class DxDefense(Settings):
@@ -21,7 +21,7 @@ class DxDefense(Settings):
 
 
 @register
-class Dx(Defense):
+class Dx(DrawsNoise, Defense):
     """The embedding output noised while the bottom runs (the U-shaped top runs the same model from dummy ids and
     stays untouched); its noise is drawn from the client's secret like the chain's defenses."""
 
@@ -45,12 +45,6 @@ class Dx(Defense):
 
     def varies_bottom(self):
         return "the dx defense draws new noise on the embeddings at every forward"
-
-    def state_dict(self):
-        return self.noise.state_dict()
-
-    def load_state_dict(self, state):
-        self.noise.load_state_dict(state)
 
     @classmethod
     def guarantee(cls, entry, usage):

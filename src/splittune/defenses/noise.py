@@ -43,6 +43,18 @@ class NoiseStream:
             self.count = int(state["count"][0])
 
 
+class DrawsNoise:
+    """A client-side defense whose only state is its noise stream (``self.noise``), checkpointed with the client."""
+
+    noise: NoiseStream
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.noise.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.noise.load_state_dict(state)
+
+
 class NoisyTransform(Transform):
     """A transform of the chain's defense slot: the sending end binds its secret (the chain does, ``Chain(secret=)``);
     the receiving end builds the same transform to know what it receives, and draws nothing."""

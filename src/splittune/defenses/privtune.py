@@ -11,7 +11,7 @@ from pydantic import Field
 
 from ..dpmath.mechanisms import dx_noise, nearest_rows
 from .base import Defense, Guarantee, Settings, register
-from .noise import NoiseStream
+from .noise import DrawsNoise, NoiseStream
 from .vocabulary import Neighbours
 
 
@@ -30,7 +30,7 @@ class PrivTuneDefense(Settings):
 
 
 @register
-class PrivTune(Defense):
+class PrivTune(DrawsNoise, Defense):
     """PrivTune (Liu, Han, Cai et al.: "PrivTune: Efficient and Privacy-Preserving Fine-Tuning of Large Language Models
     via Device-Cloud Collaboration", arXiv 2512.08809, 2025): each token's representation gets dχ-privacy noise whose
     mean is moved toward the token's n-hop indirect neighbours (so it resembles them) and whose magnitude is scaled
@@ -99,12 +99,6 @@ class PrivTune(Defense):
 
     def varies_bottom(self):
         return "the privtune defense draws new noise on the embeddings at every forward"
-
-    def state_dict(self):
-        return self.noise.state_dict()
-
-    def load_state_dict(self, state):
-        self.noise.load_state_dict(state)
 
     @classmethod
     def guarantee(cls, entry, usage):

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from ..dpmath.mechanisms import nearest_rows
 from .base import Defense, Guarantee, Settings, register
-from .noise import NoiseStream
+from .noise import DrawsNoise, NoiseStream
 
 ROUNDS = 25
 _CLUSTERS: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # (table digest, k, seed)
@@ -83,7 +83,7 @@ def obfuscate(embeds: torch.Tensor, found: tuple[torch.Tensor, torch.Tensor, tor
 
 
 @register
-class TextObfuscator(Defense):
+class TextObfuscator(DrawsNoise, Defense):
     """The embedding output obfuscated while the bottom runs (the U-shaped top runs from dummy ids, untouched)."""
 
     name = "textobfuscator"
@@ -111,12 +111,6 @@ class TextObfuscator(Defense):
 
     def varies_bottom(self):
         return "the textobfuscator defense draws new noise on the embeddings at every forward" if self.noise_scale > 0 else None
-
-    def state_dict(self):
-        return self.noise.state_dict()
-
-    def load_state_dict(self, state):
-        self.noise.load_state_dict(state)
 
     @classmethod
     def guarantee(cls, entry, usage):

@@ -16,7 +16,7 @@ import hashlib
 import torch
 
 from ..dpmath.mechanisms import nearest_rows
-from .noise import NoiseStream
+from .noise import DrawsNoise, NoiseStream
 
 
 def distances(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -206,7 +206,7 @@ def _greedy(t: torch.Tensor, k: int, batch: int = 64) -> list[torch.Tensor]:
     return groups
 
 
-class Substitution:
+class Substitution(DrawsNoise):
     """The shared body of a token-substitution defense (``santext``, ``custext``; mixed into a registered ``Defense``):
     each input token the bottom embeds is replaced by a draw from ``sampler`` (built lazily on first use: the
     tables are a function of the public embedding matrix only); the labels keep the true tokens, since only the
@@ -243,9 +243,3 @@ class Substitution:
 
     def varies_bottom(self):
         return f"the {self.label} defense draws new substitutes for the tokens at every forward"
-
-    def state_dict(self):
-        return self.noise.state_dict()
-
-    def load_state_dict(self, state):
-        self.noise.load_state_dict(state)
