@@ -70,7 +70,7 @@ def test_the_refined_solve_recovers_the_labels_the_stalled_solve_misses(case):
     plain, _ = _recover(case, rounds=0)
     assert (plain[misled] != labels[misled]).all() and (plain[~misled] == labels[~misled]).all()  # the twin
     refined, info = _recover(case, rounds=3)
-    assert torch.equal(refined, labels)
+    assert torch.equal(refined, labels), info
     assert info["unexplained"][1] >= 5 and info["unexplained"][-1] == 0
 
 

@@ -34,17 +34,18 @@ def directions(norm: torch.nn.Module, head: torch.Tensor, x: torch.Tensor, label
     return a[:, None] - u
 
 
-def explained(e: torch.Tensor, d: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, float]:
+def explained(e: torch.Tensor, d: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """Which positions' ``e`` [T, d] the structured ``d`` [T, d] explains (same direction, the common scale within a
-    factor 2), and that scale s."""
+    factor 2), that scale s, and the median cosine over them (near 1 for a real solve, near ½ for noise)."""
     dot, dd = (e * d).sum(-1), (d * d).sum(-1).clamp_min(1e-300)
     cos = dot / (e.norm(dim=-1) * dd.sqrt()).clamp_min(1e-300)
     fits = where & (cos > 0.5)
     if not fits.any():
-        return fits, 0.0
+        return fits, 0.0, 0.0
     s = float(dot[fits].sum() / dd[fits].sum())
     ratio = dot / dd / s
-    return fits & (ratio > 0.5) & (ratio < 2), s
+    keep = fits & (ratio > 0.5) & (ratio < 2)
+    return keep, s, float(cos[keep].median()) if keep.any() else 0.0
 
 
 @torch.no_grad()
@@ -59,16 +60,19 @@ def refine_row(op, norm: torch.nn.Module, head: torch.Tensor, e: torch.Tensor, g
     pool = torch.cat([candidates.clamp_min(0), (norm(x) @ head.T).topk(candidates.shape[1], -1).indices], dim=1)
     labels = candidates[:, 0].clone()
     d = directions(norm, head, x, labels[:, None])[:, 0]
-    active, s = explained(e, d, where)  # the positions believed to carry these labels
+    active, s, agree = explained(e, d, where)  # the positions believed to carry these labels
     info: dict = {"rounds": 0, "unexplained": [int((where & ~active).sum())]}
-    if s == 0.0:
+    if s == 0.0 or agree < 0.8:  # what it explains, it explains loosely: no anchor (noise, not a gradient)
         return labels, info
     scale = g.norm(dim=-1).clamp_min(g.norm(dim=-1)[where].median() if where.any() else 1e-30)
-    off = (g - s * op.At(torch.where(active[:, None], d, 0.0)[None])[0]).norm(dim=-1)
-    if (off / scale)[where].median() > 0.5:  # the kept labels explain g at few positions: no anchor (noise)
-        return labels, info
-    # a label the solved e seemed to explain may still be wrong: the exact gradient of the kept labels says where
-    todo = where & (~active | (off > tol * scale))
+    model = op.At(torch.where(active[:, None], d, 0.0)[None])[0]
+    s = float((model * g).sum() / (model * model).sum().clamp_min(1e-300))  # the scale refitted where it is exact: g
+    off = (g - s * model).norm(dim=-1)
+    # first the unexplained positions; when the solved e seemed to explain every one, the exact gradient of the
+    # kept labels says where one is still wrong (later rounds ask it every time)
+    todo = where & ~active
+    if not todo.any():
+        todo = where & (off > tol * scale)
     info["unexplained"].append(int(todo.sum()))
     for _ in range(rounds):
         order = todo.nonzero().flatten()
