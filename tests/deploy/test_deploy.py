@@ -97,23 +97,6 @@ def test_grpc_processes_equal_the_in_process_run(tmp_path, serve_process):
             assert all(torch.equal(x.tensors()[k], y.tensors()[k]) for k in y.entries)
 
 
-def test_two_client_processes_under_sfl_v1(tmp_path, serve_process):
-    """Processes over gRPC equal the in-process run, with a defense and secure aggregation too (the same secret gives
-    the same noise, the masked sum is the same sum). Plain processes: the sampled test below."""
-    url = serve_process()
-    run = [*RUN, "clients=2", "schedule=sfl-v1", "aggregate_every=2", "defense=[{name: gaussian, sigma: 0.3, clip: 0.5}]",
-           "defense_seed=5", "secure_aggregation=true"]
-    finish(launch_clients(tmp_path, url, run, 2))
-    train(load_config(None, run), tmp_path / "local")
-    local = rows(tmp_path / "local")
-    for i in range(2):
-        assert [r["loss"] for r in rows(tmp_path / f"c{i}")] == pytest.approx([r["loss"] for r in local if r["client"] == i], abs=1e-6)
-        assert [r["bytes_up"] for r in rows(tmp_path / f"c{i}")] == [r["bytes_up"] for r in local if r["client"] == i]
-    a = load_file(tmp_path / "c0/adapters/global.safetensors")
-    b = load_file(tmp_path / "local/adapters/global.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-6
-
-
 def test_sampled_client_processes_equal_the_in_process_run(tmp_path, serve_process):
     """Two sfl-v1 processes, one sampled a round: the process its round left out runs ahead to the next round it is in,
     and the server makes it wait for the average it missed; the result is the in-process run's."""

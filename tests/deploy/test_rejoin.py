@@ -17,10 +17,12 @@ from configs import tiny
 
 RUN = tiny("cuts=[1,3]", "train.steps=4", "data.max_documents=8", "train.eval_every=0", "train.lr=0.01",
            "train.warmup_steps=0", "train.checkpoint_every=1")
-# (sfl-v2's rejoin runs in tests/engines/test_ray.py: a killed Ray client worker rejoins the same way)
+# sfl-v1 with secure aggregation and a defense (the same secret gives the same noise in every process, the masked sum is
+# the same sum); sfl-v2's rejoin runs in tests/engines/test_ray.py (a killed Ray client worker rejoins the same way); the
+# sequential relay resumes exactly in tests/run/test_resume.py (one case here keeps the suite within its time)
 CASES = {
-    "sfl-v1-secure": ["clients=3", "schedule=sfl-v1", "aggregate_every=1", "secure_aggregation=true"],
-    "sequential": ["clients=2", "schedule=sequential"],
+    "sfl-v1-secure": ["clients=3", "schedule=sfl-v1", "aggregate_every=1", "secure_aggregation=true",
+                      "defense=[{name: gaussian, sigma: 0.3, clip: 0.5}]", "defense_seed=5"],
 }
 
 

@@ -96,7 +96,7 @@ def test_killed_client_and_server_processes_resume_exactly(tmp_path):
     from served import free_port
 
     rng = random.Random(1)
-    run = [*RUN, "train.steps=12", "train.checkpoint_every=1"]
+    run = [*RUN, "train.steps=8", "train.checkpoint_every=1"]
     sets = [a for item in run for a in ("--set", item)]
     port = free_port()
     url = f"grpc://127.0.0.1:{port}"
@@ -128,11 +128,11 @@ def test_killed_client_and_server_processes_resume_exactly(tmp_path):
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         proc.wait(timeout=60)  # a client whose server died exits with an error
-        assert steps_done() < 12
+        assert steps_done() < 8
 
     server = start_server()
-    run_until("client", rng.randint(2, 4))
-    run_until("server", rng.randint(6, 9))
+    run_until("client", rng.randint(2, 3))
+    run_until("server", rng.randint(5, 6))
     server = start_server()
     final = subprocess.run(client, capture_output=True, text=True, timeout=300)
     server.terminate()

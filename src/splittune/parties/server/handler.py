@@ -33,9 +33,9 @@ from .engine import Rows, TrunkEngine
 from .group import Group, Member
 from .meet import WaitTimeout
 from ..party import SessionSpec
-from ..secure import SecureRounds
 from .inference import InferenceLimits, InferenceSessions
 from .proposal import read_proposal
+from .secure_handlers import SecureAggregation
 from ..protocol import INFERENCE_SCHEMAS, ProtocolError, bounded, hidden_in, labels_in, mask_in, parse_meta, router_in, scores_in, status_of
 
 log = logging.getLogger("splittune.serve")
@@ -45,7 +45,7 @@ REFUSED = (ProtocolError, ValueError, WaitTimeout)  # what a request is answered
 REMEMBER_ENDED = 256  # replaced sessions whose end the server can still explain
 
 
-class Server:
+class Server(SecureAggregation):
     """``policies`` maps schedule names to their policy objects (``schedules.POLICIES``: this layer
     cannot import the policies, which sit above it); ``max_cache_bytes`` caps the activation cache a
     client may ask for (None: what the client asks); ``inference`` bounds the inference sessions served beside
@@ -415,32 +415,6 @@ class Server:
         share = group.meet.meet(("aggregate", msg.step), member.index, (dict(msg.tensors), meta.weight),
                                 group.expected(msg.step), lambda items: self.engine.run(group.aggregate, items, msg.step),
                                 group.drop)
-        return self._reply(msg, "state", share)
-
-    def _secure(self) -> "SecureRounds":
-        if self.group.secure is None:
-            raise ProtocolError("this run does not aggregate securely (secure_aggregation: false)")
-        return self.group.secure
-
-    def _secagg_keys(self, member: Member, msg: Message, meta) -> Message:
-        rounds, group = self._secure(), self.group
-        advert = msg.tensors.get("advert")
-        if advert is None or advert.dtype != torch.uint8 or tuple(advert.shape) != (64,):
-            raise ProtocolError("secagg_keys: tensor 'advert' must be 64 bytes (uint8), the client's two public keys")
-        roster = group.meet.meet(("secagg_keys", msg.step), member.index, advert, group.active,
-                                 lambda items: rounds.keys(msg.step, items), group.drop)
-        return self._reply(msg, "state", roster)
-
-    def _secagg_shares(self, member: Member, msg: Message, meta) -> Message:
-        rounds, group = self._secure(), self.group
-        inbox = group.meet.meet(("secagg_shares", msg.step), member.index, dict(msg.tensors), group.active,
-                                lambda items: rounds.shares(msg.step, items), group.drop)
-        return self._reply(msg, "state", inbox)
-
-    def _secagg_unmask(self, member: Member, msg: Message, meta) -> Message:
-        rounds, group = self._secure(), self.group
-        share = group.meet.meet(("secagg_unmask", msg.step), member.index, dict(msg.tensors), group.active,
-                                lambda items: self.engine.run(group.aggregate_sum, *rounds.finish(msg.step, items)), group.drop)
         return self._reply(msg, "state", share)
 
     def _checkpoint(self, member: Member, msg: Message, meta) -> Message:

@@ -57,7 +57,7 @@ class Host:
 
     @property
     def group(self):
-        """The group of the run started last (``health`` reports it; ``runs`` reports them all)."""
+        """The first run's group that exists (``health`` reports it as before; ``runs`` reports every run)."""
         return max(self.runs, key=lambda r: r.group is not None).group if len(self.runs) > 1 else self.runs[0].group
 
     @property
