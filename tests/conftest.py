@@ -35,6 +35,16 @@ def _cores_of_this_worker() -> None:
 
 _cores_of_this_worker()
 
+# The slowest tests (20-45 s each: served processes, Ray clusters, the bench) start first, so that the two workers end
+# on short tests together rather than one of them finishing a long test alone (`make test` prints the slowest).
+FIRST = ("tests/deploy/test_soak.py", "tests/engines/test_ray.py", "tests/bench/test_bench.py::test_quick_suite_smoke",
+         "tests/deploy/test_rejoin.py", "tests/run/test_resume.py::test_killed_client_and_server_processes_resume_exactly",
+         "tests/plan/test_max_leak.py", "tests/bench/test_footprint.py", "tests/deploy/test_deploy.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    items.sort(key=lambda item: next((k for k, prefix in enumerate(FIRST) if item.nodeid.startswith(prefix)), len(FIRST)))
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
