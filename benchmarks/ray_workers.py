@@ -19,7 +19,7 @@ from splittune.config import load_config
 from splittune.engines.ray import start
 from splittune.run import train
 
-SHORT, LONG = 2, 8
+SHORT, LONG = 2, 26
 WORDS = "the quick brown fox jumps over a lazy dog while seven owners keep their text at home".split()
 
 
