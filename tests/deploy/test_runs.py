@@ -10,7 +10,7 @@ import pytest
 from splittune.channels import RemoteError
 from splittune.channels.grpc import GrpcChannel
 from splittune.config import load_config
-from splittune.deploy.service import SplitService, health
+from splittune.deploy.service import SplitService
 from splittune.engines.local import server_for
 from splittune.models.partition import is_placeholder
 from splittune.models.zoo import resolve_model
