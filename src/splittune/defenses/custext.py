@@ -41,10 +41,6 @@ class CusText(Substitution, Defense):
         super().__init__(settings.epsilon, table, secret, lambda t: Groups(t, settings.epsilon, settings.top))
 
     @classmethod
-    def create(cls, settings, at):
-        return cls(settings, at.party.model.get_input_embeddings().weight, at.secret)
-
-    @classmethod
     def guarantee(cls, entry, usage):
         """ε-LDP per token among the members of its output set (tokens of different sets are told apart: CusText's
         threat model), composing linearly over the releases of a token."""

@@ -43,10 +43,6 @@ class SanText(Substitution, Defense):
         super().__init__(settings.epsilon, table, secret, lambda t: ExponentialRows(t, settings.epsilon, settings.top))
 
     @classmethod
-    def create(cls, settings, at):
-        return cls(settings, at.party.model.get_input_embeddings().weight, at.secret)
-
-    @classmethod
     def guarantee(cls, entry, usage):
         """Metric local DP per token (ε·distance), composing linearly over the releases of a token."""
         eps = entry["epsilon"]

@@ -219,6 +219,11 @@ class Substitution(DrawsNoise):
         self._substituted = False  # ``tokens`` ran for the forward now embedding
         self.noise = NoiseStream(secret, self.label)
 
+    @classmethod
+    def create(cls, settings, at):
+        """On one client: the tables come from its own (public, pretrained) input embeddings."""
+        return cls(settings, at.party.model.get_input_embeddings().weight, at.secret)
+
     @property
     def active(self):
         return self.epsilon != float("inf")

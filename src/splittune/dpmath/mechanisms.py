@@ -179,12 +179,18 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
                          f"{epsilon}, {delta}, {sensitivity}")
     if math.isinf(epsilon):
         return 0.0
-    lo, hi = 0.0, sensitivity
-    while analytic_gaussian_delta(epsilon, hi, sensitivity) > delta:
+    return _least(lambda sigma: analytic_gaussian_delta(epsilon, sigma, sensitivity) <= delta, sensitivity)
+
+
+def _least(holds, start: float) -> float:
+    """The least x > 0 at which the monotone ``holds(x)`` is true (false below it), to a relative 1e-12: doubling from
+    ``start``, then bisection."""
+    lo, hi = 0.0, start
+    while not holds(hi):
         lo, hi = hi, 2 * hi
     while hi - lo > 1e-12 * hi:
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if analytic_gaussian_delta(epsilon, mid, sensitivity) > delta else (lo, mid)
+        lo, hi = (lo, mid) if holds(mid) else (mid, hi)
     return hi
 
 
@@ -203,10 +209,4 @@ def analytic_gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1
         return math.inf
     if analytic_gaussian_delta(0.0, sigma, sensitivity) <= delta:
         return 0.0
-    lo, hi = 0.0, 1.0
-    while analytic_gaussian_delta(hi, sigma, sensitivity) > delta:
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1e-12 * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if analytic_gaussian_delta(mid, sigma, sensitivity) > delta else (lo, mid)
-    return hi
+    return _least(lambda epsilon: analytic_gaussian_delta(epsilon, sigma, sensitivity) <= delta, 1.0)
