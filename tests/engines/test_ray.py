@@ -192,3 +192,15 @@ def test_trunk_spans_the_split_cannot_take_are_refused():
     assert bounds(1, 3, 2) == [(1, 2), (2, 3)] and bounds(2, 29, 4) == [(2, 9), (9, 16), (16, 23), (23, 29)]
     with pytest.raises(ValueError, match=r"ray.trunk_spans=3 cannot cut the server's 2 block\(s\) \[1, 3\)"):
         bounds(1, 3, 3)
+
+
+def test_progress_reads_only_what_a_worker_appended(tmp_path):
+    from splittune.run.ray_clients import _tail
+
+    log, state = tmp_path / "metrics.jsonl", [0, 0, None]
+    log.write_text('{"step": 1}\n{"step"')  # a row being written waits for the next look
+    assert _tail(log, state)[1:] == [1, {"step": 1}]
+    log.write_text('{"step": 1}\n{"step": 2}\n')
+    assert _tail(log, state)[1:] == [2, {"step": 2}] and state[0] == log.stat().st_size
+    log.write_text('{"step": 1}\n')  # a resumed worker rewrote it: read again from the start
+    assert _tail(log, state)[1:] == [1, {"step": 1}]

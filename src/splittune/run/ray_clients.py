@@ -119,14 +119,38 @@ def _follow(ray, futures: list, cfg: RunConfig, out: Path, progress: Callable | 
     policy = policy_for(cfg.mode, cfg.schedule)
     roster = policy.roster(cfg.clients, cfg.round_size if cfg.samples_clients else None, cfg.seed)
     planned = sum(len(steps) for rnd in policy.rounds(roster, cfg.train.steps, cfg.aggregate_every) for _, steps in rnd.turns)
-    pending, seen = list(futures), 0
+    pending, seen, tails = list(futures), 0, {}
     while pending:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-        rows = _rows(out)
-        if progress is not None and len(rows) != seen:
-            seen = len(rows)
-            progress(min(seen, planned), planned, rows[-1])
+        if progress is None:
+            continue
+        last = None
+        for path in sorted((out / WORKERS).glob("w*/metrics.jsonl")):
+            last = _tail(path, tails.setdefault(path, [0, 0, None]))[2] or last
+        done = sum(t[1] for t in tails.values())
+        if done != seen and last is not None:
+            seen = done
+            progress(min(seen, planned), planned, last)
     return ray.get(futures)
+
+
+def _tail(path: Path, state: list) -> list:
+    """``state`` ([bytes read, rows, last row]) brought up to what ``path`` holds now, reading only what was appended
+    (a worker that resumes rewrites its file shorter: then it is read again from the start). For progress only: the
+    run's rows are gathered from the finished files."""
+    size = path.stat().st_size
+    if size < state[0]:
+        state[:] = [0, 0, None]
+    with open(path, "rb") as f:
+        f.seek(state[0])
+        chunk = f.read(size - state[0])
+    complete = chunk[:chunk.rfind(b"\n") + 1]  # (a row being written waits for the next look)
+    lines = [line for line in complete.decode().splitlines() if line.strip()]
+    state[0] += len(complete)
+    state[1] += len(lines)
+    if lines:
+        state[2] = json.loads(lines[-1])
+    return state
 
 
 def _rows(out: Path) -> list[dict]:
